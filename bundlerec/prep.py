@@ -1,0 +1,165 @@
+"""The prep stage: raw clickstream -> validated events -> sessions -> split examples + tokenized items.
+
+Output layout under ``data.output_dir``::
+
+    items/              tokenized catalog (item_idx, item_id, text fields, input_ids, attention_mask)
+    examples/{train,val,test,latest}/   Parquet shards (see bundlerec.sessionize)
+    quarantine/events/  rejected rows with quarantine_reason and the raw source row
+    manifest.json       row counts, quarantine counts, schema hash, model/tokenizer id, config
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bundlerec import catalog as catalog_lib
+from bundlerec.config import PipelineConfig, to_dict
+from bundlerec.readers import read_dataset
+from bundlerec.sessionize import SPLITS, build_examples
+from bundlerec.storage import join, reset_dir, write_text
+from bundlerec.validate import KEPT_COLUMNS, REASON_COL, normalize_events, summarize
+
+log = logging.getLogger(__name__)
+
+EXAMPLE_ARROW = pa.schema([
+    ("user_id", pa.string()), ("split", pa.string()), ("target_time", pa.timestamp("us", tz="UTC")),
+    ("targets", pa.list_(pa.int64())), ("hist_items", pa.list_(pa.int64())),
+    ("hist_types", pa.list_(pa.int64())), ("hist_age_hours", pa.list_(pa.float64())),
+    ("n_events", pa.int64()), ("n_sessions", pa.int64()),
+])
+
+
+class PrepError(RuntimeError):
+    """Prep refused the input (too many bad rows, no usable examples, ...)."""
+
+
+def _examples_udf(batch: pd.DataFrame, **kw) -> pa.Table:
+    df = build_examples(batch, **kw)
+    return pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False)
+
+
+def _only(batch: pd.DataFrame, col: str, value) -> pd.DataFrame:
+    if value is None:
+        return batch[batch[col].notna()]
+    return batch[batch[col] == value]
+
+
+def _split_rows(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch["split"], split))
+
+
+def _good(batch: pd.DataFrame) -> pd.DataFrame:
+    return batch[batch[REASON_COL].isna()][list(KEPT_COLUMNS)]
+
+
+def run_prep(cfg: PipelineConfig) -> dict:
+    """Run prep on the current Ray cluster; returns the manifest (also written to manifest.json)."""
+    import ray.data
+
+    t0 = time.time()
+    d = cfg.data
+    out = d.output_dir
+    events_path, catalog_path = d.events, d.catalog
+    synthetic = None
+    if events_path is None:
+        from bundlerec.synthetic import generate
+
+        raw_dir = join(out, "raw")
+        reset_dir(raw_dir)
+        synthetic = generate(d.synthetic, raw_dir)
+        events_path, catalog_path = join(raw_dir, "events"), join(raw_dir, "catalog.parquet")
+        log.info("prep: generated synthetic clickstream: %s", synthetic)
+
+    # ---- catalog (small: collected to the driver for the id -> index map)
+    catalog_counts: dict = {}
+    catalog = None
+    if catalog_path is not None:
+        raw_catalog = read_dataset(catalog_path, "auto").to_pandas()
+        catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, d.catalog_columns)
+        log.info("prep: catalog %d items from %s", len(catalog), catalog_path)
+
+    # ---- validate: every row is kept or quarantined with a reason
+    raw = read_dataset(events_path, d.format)
+    tagged = raw.map_batches(
+        normalize_events, batch_format="pandas",
+        fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
+                       catalog_ids=catalog_lib.catalog_ids(catalog))).materialize()
+    n_input = tagged.count()
+    bad = tagged.map_batches(_only, batch_format="pandas", fn_kwargs={"col": REASON_COL, "value": None})
+    bad_reasons = bad.select_columns([REASON_COL]).to_pandas()
+    reasons = {} if bad_reasons.empty else {
+        str(k): int(v) for k, v in bad_reasons[REASON_COL].value_counts().items()}
+    quarantine_dir = join(out, "quarantine", "events")
+    reset_dir(quarantine_dir)
+    if reasons:
+        bad.write_parquet(quarantine_dir)
+    q = summarize(reasons, n_input, d.max_bad_fraction)
+    q["path"] = quarantine_dir
+    log.info("prep: %d input rows, %d quarantined %s", n_input, q["quarantined"], q["by_reason"])
+    if q["bad_fraction"] > d.max_bad_fraction:
+        raise PrepError(
+            f"{q['bad_fraction']:.1%} of {n_input} event rows are invalid (limit data.max_bad_fraction="
+            f"{d.max_bad_fraction:.1%}): {q['by_reason']}. The rows are kept in {quarantine_dir} with a "
+            f"quarantine_reason; fix the input or the column mapping (data.columns / data.event_type_map).")
+    good = tagged.map_batches(_good, batch_format="pandas").materialize()
+    n_good = good.count()
+    if n_good == 0:
+        raise PrepError(f"no valid events in {events_path}; quarantine: {q['by_reason']}")
+
+    if catalog is None:
+        catalog = catalog_lib.from_events(good.select_columns(
+            ["event_time", "item_id", "title", "category", "brand", "price"]).to_pandas())
+        log.info("prep: derived a catalog of %d items from the event columns", len(catalog))
+
+    # ---- items: text + tokenization in map_batches
+    items_dir = join(out, "items")
+    reset_dir(items_dir)
+    items = ray.data.from_pandas(catalog).map_batches(
+        catalog_lib.tokenize_batch, batch_format="pandas", batch_size=4096,
+        fn_kwargs={"model_name": cfg.model.name_or_path, "max_tokens": d.item_max_tokens})
+    items.repartition(1).write_parquet(items_dir)
+
+    # ---- sessions -> sequences -> split examples (all rows of a user in one block)
+    index = catalog_lib.item_lookup(catalog)
+    examples = good.repartition(d.num_shards, keys=["user_id"]).map_batches(
+        _examples_udf, batch_format="pandas", batch_size=None,
+        fn_kwargs=dict(item_index=index, gap_minutes=d.session_gap_minutes, history_len=d.history_len,
+                       target_event=d.target_event, val_baskets=d.val_baskets,
+                       test_baskets=d.test_baskets)).materialize()
+    counts = {}
+    for split in SPLITS:
+        split_dir = join(out, "examples", split)
+        reset_dir(split_dir)
+        part = examples.map_batches(_split_rows, batch_format="pyarrow", fn_kwargs={"split": split})
+        part.write_parquet(split_dir)
+        counts[split] = part.count()
+    latest = examples.select_columns(["n_sessions"]).sum("n_sessions")
+    if counts["train"] == 0 or counts["test"] == 0:
+        raise PrepError(f"not enough baskets to train and test: {counts}. Users need >= 2 sessions with a "
+                        f"'{d.target_event}' event (data.target_event).")
+
+    schema_str = json.dumps({"examples": str(EXAMPLE_ARROW), "items": str(items.schema())}, sort_keys=True)
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(),
+        "events_path": events_path, "catalog_path": catalog_path, "synthetic": synthetic,
+        "rows": {"input": n_input, "kept": n_good, "quarantined": q["quarantined"]},
+        "quarantine": q, "catalog": {"items": len(catalog), **catalog_counts},
+        "sessions": int(latest or 0), "users": counts["latest"],
+        "examples": counts,
+        "schema_hash": hashlib.sha256(schema_str.encode()).hexdigest()[:16],
+        "model": cfg.model.name_or_path, "tokenizer": cfg.model.name_or_path,
+        "item_max_tokens": d.item_max_tokens,
+        "config": to_dict(d),
+        "seconds": round(time.time() - t0, 2),
+    }
+    write_text(join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
+    log.info("prep: done in %.1fs: %s", manifest["seconds"], counts)
+    return manifest

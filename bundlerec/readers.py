@@ -1,0 +1,95 @@
+"""Read clickstream files (Parquet, CSV(.gz), JSONL(.gz)) as sharded Ray Datasets.
+
+Paths may be a file, a directory, a glob (``logs/2026-*/*.csv.gz``) or any URI a pyarrow
+filesystem understands (``s3://bucket/events/``, ``gs://...``). CSV is read with every column as
+a string so one malformed value quarantines one row instead of failing a whole file; validation
+parses the types.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import gzip
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from bundlerec.schema import SchemaError
+
+_EXT = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
+        ".json": "jsonl", ".ndjson": "jsonl"}
+
+
+def _format_of(path: str) -> str:
+    name = path[:-3] if path.endswith(".gz") else path
+    for ext, fmt in _EXT.items():
+        if name.endswith(ext):
+            return fmt
+    raise SchemaError(f"cannot tell the format of {path!r} from its extension; set data.format")
+
+
+def expand(path: str) -> list[str]:
+    """Expand a path/dir/glob/URI to a sorted list of files (URIs keep their scheme)."""
+    has_glob = any(ch in path for ch in "*?[")
+    if "://" not in path:
+        if has_glob:
+            files = sorted(p for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        elif Path(path).is_dir():
+            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
+        elif Path(path).is_file():
+            files = [path]
+        else:
+            files = []
+        if not files:
+            raise SchemaError(f"no input files found at {path!r}")
+        return files
+    fs, root = pafs.FileSystem.from_uri(path.split("*")[0].rsplit("/", 1)[0] if has_glob else path)
+    scheme = path.split("://", 1)[0]
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File and not has_glob:
+        return [path]
+    sel = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+    pattern = path.split("://", 1)[1]
+    files = [f"{scheme}://{i.path}" for i in fs.get_file_info(sel) if i.type == pafs.FileType.File
+             and (not has_glob or fnmatch.fnmatch(i.path, pattern))
+             and not Path(i.path).name.startswith((".", "_"))]
+    if not files:
+        raise SchemaError(f"no input files found at {path!r}")
+    return sorted(files)
+
+
+def _csv_header(path: str) -> list[str]:
+    if "://" in path:
+        fs, p = pafs.FileSystem.from_uri(path)
+        f = fs.open_input_stream(p, compression="detect")
+        line = f.read(65536).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    else:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            line = f.readline()
+    return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")]
+
+
+def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None):
+    """Read ``path`` as a Ray Dataset, one or more blocks per file."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    files = expand(path)
+    fmts = {(_format_of(f) if fmt == "auto" else fmt) for f in files}
+    if len(fmts) != 1:
+        raise SchemaError(f"{path!r} mixes formats {sorted(fmts)}; point at one format or set data.format")
+    fmt = fmts.pop()
+    kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
+    if fmt == "parquet":
+        return ray.data.read_parquet(files, **kw)
+    if fmt == "csv":
+        header = _csv_header(files[0])
+        return ray.data.read_csv(
+            files,
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                 strings_can_be_null=True),
+            **kw)
+    return ray.data.read_json(files, lines=True, **kw)

@@ -1,0 +1,53 @@
+"""Paths that may be local directories or object-store URIs (s3://, gs://), via pyarrow filesystems."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+
+import pyarrow.fs as pafs
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    """Absolute local path (Ray Train storage and Ray Data writers need one), URIs unchanged."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def reset_dir(path: str) -> None:
+    """Empty ``path`` (create it if needed) so a re-run never mixes old and new shards."""
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        fs.create_dir(p, recursive=True)
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+
+
+def write_text(path: str, text: str) -> None:
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def read_text(path: str) -> str:
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        with fs.open_input_stream(p) as f:
+            return f.read().decode()
+    with open(path) as f:
+        return f.read()

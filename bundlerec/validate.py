@@ -1,0 +1,90 @@
+"""Validation: every input row is either kept (typed, canonical) or quarantined with a reason.
+
+Nothing is dropped silently: ``kept + quarantined == input`` always. Quarantined rows keep their
+original values (``raw`` holds the source row as JSON) and are written beside the prep output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from bundlerec.schema import EVENT_TYPES, REQUIRED_EVENT_COLUMNS, clean_id, parse_time, rename_columns
+
+REASON_COL = "quarantine_reason"
+# Not an error, but not an interaction we model (e.g. REES46 remove_from_cart mapped to null):
+# quarantined for the record, excluded from the bad-row fraction.
+IGNORED = "ignored_event_type"
+EXTRA_ITEM_COLUMNS = ("title", "category", "brand")
+
+KEPT_COLUMNS = ("event_time", "event_type", "user_id", "session_id", "item_id", "price", "quantity",
+                *EXTRA_ITEM_COLUMNS)
+
+
+def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, time_unit: str,
+                     catalog_ids: Optional[pd.Index]) -> pd.DataFrame:
+    """Map a raw batch to the canonical event schema and tag each row with a quarantine reason.
+
+    Returns the canonical columns plus ``quarantine_reason`` (None for good rows) and ``raw``
+    (the source row as JSON, only on quarantined rows).
+    """
+    source = batch.reset_index(drop=True)
+    df = rename_columns(source.copy(), columns, REQUIRED_EVENT_COLUMNS, "events")
+    n = len(df)
+    out = pd.DataFrame(index=df.index)
+    out["event_time"] = parse_time(df["event_time"], time_unit)
+    et = df["event_type"].astype("string").str.strip().str.lower()
+    mapping = {str(k).lower(): v for k, v in event_type_map.items()}
+    mapped = et.map(lambda v: mapping.get(v, v) if v is not pd.NA else None)
+    out["event_type"] = mapped.astype("string")
+    out["user_id"] = clean_id(df["user_id"])
+    out["session_id"] = clean_id(df["session_id"]) if "session_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    out["item_id"] = clean_id(df["item_id"])
+    price = pd.to_numeric(df["price"], errors="coerce") if "price" in df else pd.Series(np.nan, index=df.index)
+    out["price"] = price.astype("float64")
+    qty = pd.to_numeric(df["quantity"], errors="coerce") if "quantity" in df else pd.Series(np.nan, index=df.index)
+    out["quantity"] = qty.astype("float64")
+    for c in EXTRA_ITEM_COLUMNS:
+        out[c] = df[c].astype("string") if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
+
+    reason = np.full(n, None, dtype=object)
+
+    def tag(mask, name):
+        m = np.asarray(mask, dtype=bool) & (reason == None)  # noqa: E711 (elementwise)
+        reason[m] = name
+
+    tag(out["user_id"].isna(), "missing_user_id")
+    tag(out["item_id"].isna(), "missing_item_id")
+    tag(out["event_time"].isna(), "unparseable_time")
+    explicitly_ignored = et.isin([k for k, v in mapping.items() if v is None]).fillna(False)
+    tag(explicitly_ignored, IGNORED)
+    tag(~out["event_type"].isin(EVENT_TYPES).fillna(False), "unknown_event_type")
+    if "price" in df:
+        raw_price = df["price"]
+        unparseable = raw_price.notna() & (raw_price.astype("string").str.strip() != "") & price.isna()
+        tag(unparseable, "unparseable_price")
+        tag(price < 0, "negative_price")
+        tag(~np.isfinite(price.fillna(0.0)), "unparseable_price")
+    if catalog_ids is not None:
+        tag(~out["item_id"].isin(catalog_ids).fillna(False), "item_not_in_catalog")
+
+    out[REASON_COL] = pd.Series(reason, dtype="string")
+    bad = out[REASON_COL].notna().to_numpy()
+    raw = pd.Series(pd.NA, index=df.index, dtype="string")
+    if bad.any():
+        raw[bad] = [json.dumps({str(k): (None if pd.isna(v) else str(v)) for k, v in rec.items()})
+                    for rec in source[bad].to_dict("records")]
+    out["raw"] = raw
+    return out
+
+
+def summarize(reason_counts: dict, n_input: int, max_bad_fraction: float) -> dict:
+    """Counts per reason and the bad fraction (ignored event types are not 'bad')."""
+    n_bad = sum(v for k, v in reason_counts.items() if k != IGNORED)
+    frac = n_bad / n_input if n_input else 0.0
+    return {"input_rows": n_input, "quarantined": sum(reason_counts.values()),
+            "by_reason": dict(sorted(reason_counts.items())), "bad_fraction": frac,
+            "max_bad_fraction": max_bad_fraction}

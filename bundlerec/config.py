@@ -173,6 +173,9 @@ class TrainConfig:
     """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster."""
     seed: int = 0
     """Seed for model init and data order."""
+    deepspeed: dict = field(default_factory=dict)
+    """Extra DeepSpeed engine knobs (e.g. {zero_optimization: {offload_optimizer: {device: cpu}}});
+    batch-size keys are derived from the fields above and may not be set here."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
@@ -227,6 +230,24 @@ class PipelineConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     results_path: str = "runs/demo/results.json"
     """The stage hand-off file (run id, model path, metrics)."""
+    output_root: Optional[str] = None
+    """Base directory for the relative output paths above (a `ray job submit` job runs in a copy of
+    the working dir, so the Makefile points this at the project); None = current directory."""
+
+    def __post_init__(self) -> None:
+        if self.output_root:
+            root = self.output_root
+
+            def fix(p: str) -> str:
+                return p if ("://" in p or p.startswith("/")) else f"{root.rstrip('/')}/{p}"
+
+            self.data.output_dir = fix(self.data.output_dir)
+            self.train.storage_path = fix(self.train.storage_path)
+            self.results_path = fix(self.results_path)
+            if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
+                self.data.events = fix(self.data.events)
+            if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):
+                self.data.catalog = fix(self.data.catalog)
 
 
 # ---------------------------------------------------------------- loading / overrides

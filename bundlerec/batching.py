@@ -1,0 +1,70 @@
+"""Example batches -> model tensors. No tokenization here: items were tokenized once in prep.
+
+``Collator`` holds the tokenized catalog (N, L) of one worker; for a training batch it collects
+the distinct items (history + targets + sampled negatives), so each item is encoded once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def pad_history(hist_items, hist_types, hist_age, history_len: int):
+    """Ragged lists -> left-aligned (B, H) arrays plus a validity mask (most recent last)."""
+    B = len(hist_items)
+    H = max(1, min(history_len, max((len(h) for h in hist_items), default=1)))
+    items = np.full((B, H), -1, dtype=np.int64)
+    types = np.zeros((B, H), dtype=np.int64)
+    age = np.zeros((B, H), dtype=np.float32)
+    for i, (hi, ht, ha) in enumerate(zip(hist_items, hist_types, hist_age)):
+        hi, ht, ha = list(hi)[-H:], list(ht)[-H:], list(ha)[-H:]
+        n = len(hi)
+        items[i, :n], types[i, :n], age[i, :n] = hi, ht, ha
+    return items, types, age, items >= 0
+
+
+def history_tensors(batch: dict, history_len: int, device) -> dict:
+    items, types, age, valid = pad_history(batch["hist_items"], batch["hist_types"], batch["hist_age_hours"], history_len)
+    return {"hist_items": torch.as_tensor(items, device=device), "hist_types": torch.as_tensor(types, device=device),
+            "hist_age": torch.as_tensor(age, device=device), "hist_valid": torch.as_tensor(valid, device=device)}
+
+
+class Collator:
+    def __init__(self, input_ids: np.ndarray, attention_mask: np.ndarray, popularity: np.ndarray,
+                 history_len: int, sampled_negatives: int = 0, logq: bool = True, seed: int = 0,
+                 device: Optional[torch.device] = None):
+        self.ids = torch.as_tensor(input_ids)
+        self.mask = torch.as_tensor(attention_mask)
+        p = popularity.astype(np.float64) + 1.0  # add-one: every item can be sampled
+        self.q = p / p.sum()  # sampling distribution of in-batch targets ~ popularity
+        self.log_q = np.log(self.q).astype(np.float32)
+        self.history_len = history_len
+        self.n_sampled = sampled_negatives
+        self.logq = logq
+        self.rng = np.random.default_rng(seed)
+        self.device = device or torch.device("cpu")
+
+    def __call__(self, batch: dict) -> dict:
+        """``batch``: numpy columns of train examples (one target each)."""
+        dev = self.device
+        items, types, age, valid = pad_history(batch["hist_items"], batch["hist_types"],
+                                               batch["hist_age_hours"], self.history_len)
+        target = np.array([t[0] for t in batch["targets"]], dtype=np.int64)  # (B,)
+        sampled = (self.rng.choice(len(self.q), size=self.n_sampled, p=self.q).astype(np.int64)
+                   if self.n_sampled else np.zeros(0, dtype=np.int64))
+        cand = np.concatenate([target, sampled])  # (C,)
+        uniq, inv = np.unique(np.concatenate([items[valid], cand]), return_inverse=True)
+        n_hist = int(valid.sum())
+        hist_pos = np.zeros_like(items)
+        hist_pos[valid] = inv[:n_hist]
+        cand_pos = inv[n_hist:]
+        mask = self.mask[uniq]
+        L = int(mask.sum(1).max())
+        log_q = self.log_q[cand] if self.logq else np.zeros(len(cand), dtype=np.float32)
+        t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
+        return {"tokens": t(self.ids[uniq][:, :L]), "token_mask": t(mask[:, :L]),
+                "hist_pos": t(hist_pos), "hist_types": t(types), "hist_age": t(age), "hist_valid": t(valid),
+                "cand_pos": t(cand_pos), "cand_log_q": t(log_q), "cand_item": t(cand), "target_item": t(target)}

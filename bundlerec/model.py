@@ -1,0 +1,213 @@
+"""The two-tower model and its contract: ``loss(batch)``, ``score(batch)``, ``topk(batch, k)``.
+
+* Item tower: the pretrained transformer over item text, mean-pooled and L2-normalised.
+* User tower: the user's recent events -- item-tower embeddings of the history items plus
+  event-type, position and recency embeddings -- pooled by additive attention, with a residual
+  projection. All user-tower weights that shape the output start at zero, so the untrained model
+  scores with the mean of the history embeddings: exactly the zero-shot baseline.
+* Score: cosine(user, item) / temperature.
+
+Training (``loss``) encodes every distinct item of a batch (history, targets, sampled negatives)
+in **one** encoder forward -- ZeRO-3 gathers parameters per forward, and DDP requires one.
+Scoring (``score``/``topk``) uses a precomputed item index (``index_items``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bundlerec.schema import EVENT_TYPES
+
+N_RECENCY = 16  # log2(1 + hours) buckets: up to ~2^15 h ≈ 3.7 years
+MAX_POSITIONS = 512
+
+
+def recency_bucket(age_hours: torch.Tensor) -> torch.Tensor:
+    return torch.log2(1.0 + age_hours.clamp(min=0)).floor().long().clamp(0, N_RECENCY - 1)
+
+
+def build_encoder(model_dir: str, random_init: bool = False, freeze_layers: int = 0, lora_rank: int = 0):
+    """HF encoder without the pooler (unused -> DDP/ZeRO reduction errors), optionally frozen / LoRA."""
+    from transformers import AutoConfig, AutoModel
+
+    if random_init:
+        enc = AutoModel.from_config(AutoConfig.from_pretrained(model_dir), add_pooling_layer=False)
+    else:
+        enc = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+    if freeze_layers:
+        for p in enc.embeddings.parameters():
+            p.requires_grad_(False)
+        for layer in enc.encoder.layer[:freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        enc = get_peft_model(enc, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                             target_modules=["query", "key", "value", "dense"]))
+    return enc
+
+
+class UserTower(nn.Module):
+    """Attention pooling over history item embeddings + event-type/position/recency embeddings."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.type_emb = nn.Embedding(len(EVENT_TYPES), d)
+        self.pos_emb = nn.Embedding(MAX_POSITIONS, d)
+        self.rec_emb = nn.Embedding(N_RECENCY, d)
+        self.attn = nn.Linear(d, d)
+        self.attn_v = nn.Linear(d, 1)
+        self.proj = nn.Linear(d, d)
+        for m in (self.type_emb, self.pos_emb, self.rec_emb):
+            nn.init.zeros_(m.weight)
+        for m in (self.attn_v, self.proj):  # zero -> uniform attention, identity output at init
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, hist_emb, hist_types, hist_age, hist_valid):
+        # hist_emb (B, H, d); hist_types (B, H) long; hist_age (B, H) hours; hist_valid (B, H) bool
+        B, H, _ = hist_emb.shape
+        pos = (hist_valid.long().sum(1, keepdim=True) - 1 - torch.arange(H, device=hist_emb.device)).clamp(0, MAX_POSITIONS - 1)
+        h = hist_emb + self.type_emb(hist_types) + self.pos_emb(pos) + self.rec_emb(recency_bucket(hist_age))
+        logits = self.attn_v(torch.tanh(self.attn(h))).squeeze(-1)  # (B, H)
+        logits = logits.float().masked_fill(~hist_valid, -1e4)
+        a = torch.softmax(logits, dim=-1).to(h.dtype).unsqueeze(-1)  # (B, H, 1)
+        pooled = (a * h).sum(1)  # (B, d)
+        return F.normalize(pooled + self.proj(pooled), dim=-1)
+
+
+class TwoTower(nn.Module):
+    def __init__(self, encoder: nn.Module, temperature: float = 0.05):
+        super().__init__()
+        self.encoder = encoder
+        self.user_tower = UserTower(encoder.config.hidden_size)
+        self.temperature = temperature
+        self._index: Optional[torch.Tensor] = None  # (N, d) item embeddings for score/topk
+
+    # ---------------------------------------------------------------- towers
+    def encode_items(self, input_ids, attention_mask) -> torch.Tensor:
+        """(N, L) tokens -> (N, d) normalised mean-pooled embeddings."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, d)
+        m = attention_mask.unsqueeze(-1).to(out.dtype)
+        return F.normalize((out * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+
+    def user_embed(self, hist_emb, batch) -> torch.Tensor:
+        return self.user_tower(hist_emb, batch["hist_types"], batch["hist_age"], batch["hist_valid"])
+
+    # ---------------------------------------------------------------- contract
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss(batch)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Softmax over in-batch (+ sampled) negatives, logQ-corrected, accidental hits masked.
+
+        batch (see bundlerec.batching.Collator): ``tokens``/``token_mask`` (U, L) for the U distinct
+        items of the batch; ``hist_pos`` (B, H) and ``target_pos`` (B,) index into them;
+        ``cand_pos`` (C,) candidate columns (targets then sampled), ``cand_log_q`` (C,),
+        ``cand_item`` (C,) global ids and ``target_item`` (B,).
+        """
+        emb = self.encode_items(batch["tokens"], batch["token_mask"])  # (U, d): the single forward
+        user = self.user_embed(emb[batch["hist_pos"]], batch)  # (B, d)
+        cand = emb[batch["cand_pos"]]  # (C, d)
+        logits = (user @ cand.T).float() / self.temperature  # (B, C)
+        logits = logits - batch["cand_log_q"].unsqueeze(0)
+        B = logits.shape[0]
+        own = torch.arange(B, device=logits.device)
+        hit = batch["cand_item"].unsqueeze(0) == batch["target_item"].unsqueeze(1)  # (B, C)
+        hit[own, own] = False
+        logits = logits.masked_fill(hit, -1e4)
+        return F.cross_entropy(logits, own)
+
+    @torch.no_grad()
+    def index_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Encode the whole catalog into the item index used by score/topk. Returns (N, d) float32."""
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for i in range(0, input_ids.shape[0], batch_size):
+            ids, m = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
+            L = int(m.sum(1).max())
+            chunks.append(self.encode_items(ids[:, :L], m[:, :L]).float())
+        self._index = torch.cat(chunks)
+        self.train(was_training)
+        return self._index
+
+    def set_index(self, index: torch.Tensor) -> None:
+        self._index = index
+
+    @torch.no_grad()
+    def score(self, batch: dict) -> torch.Tensor:
+        """(B, N) scores of every catalog item for each user; ``hist_items`` (B, H) are item ids."""
+        if self._index is None:
+            raise RuntimeError("call index_items() (or set_index) before score()")
+        idx = self._index
+        hist = idx[batch["hist_items"].clamp(min=0)]
+        user = self.user_embed(hist.to(next(self.user_tower.parameters()).dtype), batch).float()
+        return user @ idx.T / self.temperature
+
+    @torch.no_grad()
+    def topk(self, batch: dict, k: int):
+        """(scores, item ids), each (B, k)."""
+        s = self.score(batch)
+        return torch.topk(s, min(k, s.shape[1]), dim=1)
+
+
+# -------------------------------------------------------------------- export / load
+
+def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
+    """Consolidated export: HF encoder dir + user tower weights + metadata."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = model.encoder
+    if hasattr(enc, "merge_and_unload"):  # LoRA -> plain weights for serving
+        enc = enc.merge_and_unload()
+    enc.save_pretrained(out / "encoder")
+    tokenizer.save_pretrained(out / "encoder")
+    torch.save(model.user_tower.state_dict(), out / "user_tower.pt")
+    (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature}, indent=2))
+
+
+def load_export(export_dir: str) -> tuple[TwoTower, dict]:
+    from transformers import AutoModel
+
+    d = Path(export_dir)
+    meta = json.loads((d / "bundlerec.json").read_text())
+    enc = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+    model = TwoTower(enc, temperature=meta["temperature"])
+    model.user_tower.load_state_dict(torch.load(d / "user_tower.pt", map_location="cpu"))
+    model.eval()
+    return model, meta
+
+
+def param_groups(model: TwoTower, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """Encoder at `lr`, user tower at `head_lr`; no decay on biases/LayerNorm/embeddings."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = name.startswith("user_tower.")
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "emb" in name.split(".")[-2:][0]
+        key = (head, no_decay)
+        groups.setdefault(key, []).append(p)
+    return [{"params": ps, "lr": head_lr if head else lr, "weight_decay": 0.0 if nd else weight_decay}
+            for (head, nd), ps in groups.items()]
+
+
+def cosine_schedule(total_steps: int, warmup_frac: float):
+    warm = max(1, int(total_steps * warmup_frac))
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        prog = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * prog))
+
+    return fn

@@ -1,0 +1,80 @@
+"""Full-catalog ranking metrics, registered under their common names (``ndcg@10``).
+
+For one example with target set T and ranked list r (no sampled negatives; every catalog item is
+ranked):
+
+* ``recall@K``  = |T ∩ r[:K]| / |T|
+* ``hitrate@K`` = 1 if T ∩ r[:K] ≠ ∅
+* ``ndcg@K``    = Σ_{i<K, r_i∈T} 1/log2(i+2)  /  Σ_{i<min(|T|,K)} 1/log2(i+2)
+* ``mrr@K``     = 1/(rank of the first hit) if it is within K, else 0
+* ``coverage@K`` (per run) = distinct items in all top-K lists / catalog size
+"""
+
+from __future__ import annotations
+
+import torch
+
+PER_EXAMPLE = ("recall", "ndcg", "mrr", "hitrate")
+
+
+def pad_targets(targets: list, device=None) -> torch.Tensor:
+    T = max(1, max(len(t) for t in targets))
+    out = torch.full((len(targets), T), -1, dtype=torch.long, device=device)
+    for i, t in enumerate(targets):
+        out[i, :len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+    return out
+
+
+def hits_at(topk_idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, K) ranked ids vs (B, T) targets (-1 padded) -> (B, K) bool."""
+    return (topk_idx.unsqueeze(-1) == targets.unsqueeze(1)).any(-1)
+
+
+def batch_metrics(topk_idx: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> dict[str, torch.Tensor]:
+    """Per-example metric values, {'ndcg@10': (B,), ...}."""
+    hits = hits_at(topk_idx, targets).float()  # (B, Kmax)
+    n_t = (targets >= 0).sum(1).clamp(min=1).float()  # (B,)
+    disc = 1.0 / torch.log2(torch.arange(hits.shape[1], device=hits.device, dtype=torch.float) + 2.0)
+    first = torch.where(hits.any(1), hits.argmax(1).float() + 1.0, torch.full_like(n_t, float("inf")))
+    out = {}
+    for k in ks:
+        h = hits[:, :k]
+        out[f"recall@{k}"] = h.sum(1) / n_t
+        out[f"hitrate@{k}"] = (h.sum(1) > 0).float()
+        ideal = torch.stack([disc[:int(min(n, k))].sum() for n in n_t.tolist()])
+        out[f"ndcg@{k}"] = (h * disc[:k]).sum(1) / ideal
+        out[f"mrr@{k}"] = torch.where(first <= k, 1.0 / first, torch.zeros_like(first))
+    return out
+
+
+class MetricAccumulator:
+    """Streams batches of rankings; ``result()`` gives means plus catalog coverage."""
+
+    def __init__(self, ks: list[int], n_items: int):
+        self.ks = sorted(int(k) for k in ks)
+        self.n_items = n_items
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.seen = {k: torch.zeros(n_items, dtype=torch.bool) for k in self.ks}
+
+    def update(self, scores: torch.Tensor, targets: list) -> None:
+        kmax = min(max(self.ks), scores.shape[1])
+        top = torch.topk(scores, kmax, dim=1).indices.cpu()
+        tg = pad_targets(targets)
+        for name, v in batch_metrics(top, tg, self.ks).items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
+        for k in self.ks:
+            self.seen[k][top[:, :k].reshape(-1)] = True
+        self.n += len(targets)
+
+    def result(self) -> dict[str, float]:
+        out = {name: s / max(1, self.n) for name, s in sorted(self.sums.items())}
+        for k in self.ks:
+            out[f"coverage@{k}"] = float(self.seen[k].float().mean())
+        out["n_examples"] = self.n
+        return out
+
+
+def mlflow_name(metric: str) -> str:
+    """MLflow metric names cannot hold '@': ndcg@10 -> ndcg_at_10."""
+    return metric.replace("@", "_at_")

@@ -1,0 +1,99 @@
+"""MLflow tracking: one run per pipeline run, params from the resolved config, per-epoch metrics
+from rank 0, test metrics of the model and every baseline, the exported model as an artifact.
+
+MLflow metric names cannot hold ``@``: ``ndcg@10`` is logged as ``ndcg_at_10``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail before any compute is spent when an HTTP tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return
+    except Exception as e:
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({e}). Start it with "
+                            f"`make services` (cluster/local.sh start) or set mlflow.tracking_uri.") from None
+    raise TrackingError(f"MLflow tracking server {uri} answered /health with an error")
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: Optional[str], params: dict, tags: dict) -> str:
+    import mlflow
+
+    check_server(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    exp = mlflow.set_experiment(experiment)
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.create_run(exp.experiment_id, run_name=run_name, tags=tags)
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # log_batch accepts at most 100 params per call
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    return run.info.run_id
+
+
+class RunLogger:
+    """Metric logging with retries; metrics are buffered (not lost) while the server is away."""
+
+    def __init__(self, tracking_uri: str, run_id: str, retries: int = 5):
+        import mlflow
+
+        self.client = mlflow.MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.retries = retries
+        self.pending: list = []
+
+    def log(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
+        self.flush()
+
+    def flush(self) -> None:
+        for attempt in range(self.retries):
+            try:
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                    self.pending = self.pending[1000:]
+                return
+            except Exception as e:  # server hiccup: keep the buffer, back off
+                log.warning("mlflow logging failed (%s); retry %d/%d", e, attempt + 1, self.retries)
+                time.sleep(min(30, 2 ** attempt))
+
+
+def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optional[str],
+                files: Optional[dict] = None) -> None:
+    """Test metrics as ``test/<method>/<metric>`` (+ model metrics unprefixed), model artifacts."""
+    import mlflow
+
+    from bundlerec.ranking_metrics import mlflow_name
+
+    client = mlflow.MlflowClient(tracking_uri)
+    flat = {}
+    for method, m in metrics.items():
+        for k, v in m.items():
+            flat[f"test/{method}/{mlflow_name(k)}"] = v
+            if method == "bundlerec":
+                flat[f"test_{mlflow_name(k)}"] = v
+    RunLogger(tracking_uri, run_id).log(flat, step=0)
+    if export_dir:
+        client.log_artifacts(run_id, export_dir, artifact_path="model")
+    for name, path in (files or {}).items():
+        client.log_artifact(run_id, path, artifact_path=name)

@@ -1,0 +1,117 @@
+"""The train stage on the driver: build the TorchTrainer, fit, export the best checkpoint.
+
+    result = fit(cfg, prep_dir, run_id)   # {"export_dir", "checkpoint", "metrics", ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from bundlerec.config import PipelineConfig, to_dict
+from bundlerec.storage import absolute, join
+
+log = logging.getLogger(__name__)
+
+
+def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_dir: str | None = None) -> dict:
+    """Fine-tune on ``prep_dir`` with Ray Train + DeepSpeed; export the best epoch for serving."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from bundlerec.baselines import popularity
+    from bundlerec.evaluate import load_split
+    from bundlerec.train_loop import train_loop_per_worker
+
+    tc = cfg.train
+    t0 = time.time()
+    train_ds = ray.data.read_parquet(join(prep_dir, "examples", "train"))
+    val_ds = ray.data.read_parquet(join(prep_dir, "examples", "val"))
+    if val_ds.count() == 0:  # tiny data: fall back to test for model selection, say so
+        log.warning("train: empty val split; using the test split for early stopping")
+        val_ds = ray.data.read_parquet(join(prep_dir, "examples", "test"))
+    n_train = train_ds.count()
+    steps = n_train // (tc.micro_batch * tc.num_workers)
+    if tc.max_steps_per_epoch:
+        steps = min(steps, tc.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"{n_train} training examples are fewer than one global batch "
+                         f"({tc.micro_batch} x {tc.num_workers} workers); lower train.micro_batch")
+    from bundlerec.catalog import load_items
+
+    n_items = len(load_items(prep_dir))
+    loop_config = {
+        **to_dict(cfg), "prep_dir": absolute(prep_dir), "steps_per_epoch": steps,
+        "popularity": popularity(load_split(prep_dir, "train"), n_items).tolist(),
+        "run_id": run_id, "mlflow_uri": cfg.mlflow.tracking_uri,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                               resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.name}-{run_id[:8] if run_id else int(t0)}",
+            storage_path=absolute(tc.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_ndcg_at_10", checkpoint_score_order="max"),
+        ),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank sees all of val
+    )
+    log.info("train: %d examples, %d steps/epoch/worker, %d workers, ZeRO-%d", n_train, steps,
+             tc.num_workers, tc.zero_stage)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_ndcg_at_10", -1))
+    export_dir = export_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "export")
+    with best_ckpt.as_directory() as d:
+        export(cfg, d, prep_dir, export_dir)
+    return {"export_dir": export_dir, "checkpoint": best_ckpt.path, "best_epoch_metrics": best_metrics,
+            "last_metrics": result.metrics, "train_seconds": time.time() - t0, "steps_per_epoch": steps,
+            "n_train": n_train}
+
+
+def consolidated_state_dict(ckpt_dir: str) -> dict:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    files = os.listdir(os.path.join(ckpt_dir, tag))
+    if any("optim_states" in f and "zero" in f for f in files):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    state = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
+    """Checkpoint -> HF encoder dir + user tower + item index (N, d) + items table."""
+    from bundlerec.catalog import load_items, padded_tokens
+    from bundlerec.model import TwoTower, build_encoder, save_export
+    from bundlerec.pretrained import load_tokenizer, resolve_model_path
+
+    mc = cfg.model
+    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank),
+                     mc.temperature)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.eval()
+    save_export(model, load_tokenizer(mc.name_or_path), export_dir,
+                {"base_model": mc.name_or_path, "history_len": cfg.data.history_len,
+                 "item_max_tokens": cfg.data.item_max_tokens})
+    items = load_items(prep_dir)
+    ids, mask = padded_tokens(items)
+    index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+    np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
+    items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
+    log.info("train: exported %s (%d items indexed)", export_dir, len(items))
+    return export_dir

@@ -1,0 +1,169 @@
+"""``train_loop_per_worker``: the code every Ray Train worker runs (DeepSpeed ZeRO, CPU or GPU).
+
+Contract (Ray Train V2): data only from ``ray.train.get_dataset_shard``, results only through
+``ray.train.report``. Every rank saves its DeepSpeed shard into a local directory and reports it
+(Ray merges the ranks' files into one checkpoint); on restart ``ray.train.get_checkpoint()`` gives
+the last one back and training continues with the next epoch. Side effects (printing, MLflow) are
+rank 0 only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, use_gpu: bool,
+                     extra: dict | None = None) -> dict:
+    """DeepSpeed config derived from the training config, so batch sizes can never disagree."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "bf16": {"enabled": use_gpu},  # fp32 on CPU: gloo has no bf16 reductions worth using
+        "zero_allow_untested_optimizer": True,  # our client AdamW (param groups, no JIT build on CPU)
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in (extra or {}).items():  # engine knobs only; batch keys stay derived
+        if k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+            raise ValueError(f"train.deepspeed may not set {k}: it is derived from train.micro_batch/grad_accum")
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import torch
+
+    use_gpu = config["train"]["use_gpu"]
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from bundlerec.batching import Collator, history_tensors
+    from bundlerec.catalog import load_items, padded_tokens
+    from bundlerec.model import TwoTower, build_encoder, cosine_schedule, param_groups
+    from bundlerec.pretrained import resolve_model_path
+    from bundlerec.ranking_metrics import MetricAccumulator, mlflow_name
+    from bundlerec.tracking import RunLogger
+
+    tc, mc, dc = config["train"], config["model"], config["data"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank0 = rank == 0
+    torch.manual_seed(tc["seed"])
+    device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
+
+    # ---- model + engine
+    encoder = build_encoder(resolve_model_path(mc["name_or_path"]), mc["random_init"], mc["freeze_layers"], mc["lora_rank"])
+    model = TwoTower(encoder, mc["temperature"])
+    steps_per_epoch = config["steps_per_epoch"]  # micro-steps per worker per epoch (same on all ranks)
+    total_opt_steps = max(1, steps_per_epoch * tc["epochs"] // tc["grad_accum"])
+    optimizer = torch.optim.AdamW(param_groups(model, tc["lr"], tc["head_lr"], tc["weight_decay"]))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_opt_steps, tc["warmup_frac"]))
+    ds_cfg = deepspeed_config(tc["micro_batch"], tc["grad_accum"], world, tc["zero_stage"], use_gpu, tc.get("deepspeed"))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+
+    # ---- catalog tokens (pre-tokenized in prep) and popularity for logQ / sampled negatives
+    items = load_items(config["prep_dir"])
+    ids, mask = padded_tokens(items)
+    ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
+    collate = Collator(ids, mask, np.asarray(config["popularity"]), dc["history_len"], mc["sampled_negatives"],
+                       mc["logq_correction"], seed=tc["seed"] + rank, device=device)
+
+    # ---- resume
+    start_epoch, best, bad_epochs, global_step = 0, -1.0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            _, state = engine.load_checkpoint(d)
+        start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
+        global_step = state["global_step"]
+        if rank0:
+            print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})", flush=True)
+
+    logger = RunLogger(config["mlflow_uri"], config["run_id"]) if rank0 and config.get("run_id") else None
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    mb = tc["micro_batch"]
+    stop = False
+    for epoch in range(start_epoch, tc["epochs"]):
+        if stop:
+            break
+        engine.train()
+        t0, losses, n_seen = time.time(), [], 0
+        batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
+                                           local_shuffle_buffer_size=max(4 * mb, 1024),
+                                           local_shuffle_seed=tc["seed"] + epoch)
+        data_wait = 0.0
+        tw = time.time()
+        for step, raw in enumerate(batches):
+            if step >= steps_per_epoch:  # identical step count on every rank (ZeRO collectives)
+                break
+            batch = collate(raw)
+            data_wait += time.time() - tw
+            loss = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            n_seen += mb
+            global_step += 1
+            if rank0 and (step + 1) % tc["log_every_steps"] == 0:
+                el = time.time() - t0
+                sps = n_seen * world / el
+                eta = (steps_per_epoch - step - 1) * el / (step + 1)
+                print(f"[bundlerec] epoch {epoch + 1}/{tc['epochs']} step {step + 1}/{steps_per_epoch} "
+                      f"loss {np.mean(losses[-tc['log_every_steps']:]):.4f} {sps:.1f} samples/s "
+                      f"eta(epoch) {eta:.0f}s", flush=True)
+            tw = time.time()
+        epoch_s = time.time() - t0
+
+        # ---- validation: every rank runs identical forwards (ZeRO-3 gathers need all ranks)
+        engine.eval()
+        with torch.no_grad():
+            engine.module.index_items(ids_t, mask_t)
+            acc = MetricAccumulator([10, 20], len(items))
+            for vb in val_shard.iter_batches(batch_size=256, batch_format="numpy"):
+                hb = history_tensors(vb, dc["history_len"], device)
+                acc.update(engine.module.score(hb).float().cpu(), list(vb["targets"]))
+        val = acc.result()
+        score = torch.tensor([val.get("ndcg@10", 0.0)], device=device)
+        dist.broadcast(score, src=0)  # rank 0 decides: identical early-stopping on all ranks
+        val_ndcg = float(score)
+        improved = val_ndcg > best
+        best, bad_epochs = (val_ndcg, 0) if improved else (best, bad_epochs + 1)
+        stop = bad_epochs >= tc["early_stop_patience"]
+        metrics = {
+            "epoch": epoch + 1, "step": global_step,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "samples_per_s": n_seen * world / max(epoch_s, 1e-9),
+            "samples_per_s_per_worker": n_seen / max(epoch_s, 1e-9),
+            "epoch_seconds": epoch_s, "data_wait_frac": data_wait / max(epoch_s, 1e-9),
+            "lr": float(scheduler.get_last_lr()[0]),
+            **{f"val_{mlflow_name(k)}": v for k, v in val.items() if k != "n_examples"},
+            "best_val_ndcg_at_10": best, "early_stop": int(stop),
+        }
+        if rank0:
+            print(f"[bundlerec] epoch {epoch + 1} done: loss {metrics['train_loss']:.4f} "
+                  f"val ndcg@10 {val.get('ndcg@10', 0):.4f} recall@10 {val.get('recall@10', 0):.4f} "
+                  f"{metrics['samples_per_s']:.1f} samples/s ({epoch_s:.0f}s)", flush=True)
+            if logger:
+                logger.log(metrics, step=epoch + 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=f"epoch{epoch + 1}",
+                                   client_state={"epoch": epoch, "best": best, "bad_epochs": bad_epochs,
+                                                 "global_step": global_step})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if logger:
+        logger.flush()

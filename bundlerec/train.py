@@ -75,7 +75,8 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     with best_ckpt.as_directory() as d:
         export(cfg, d, prep_dir, export_dir)
     return {"export_dir": export_dir, "checkpoint": best_ckpt.path, "best_epoch_metrics": best_metrics,
-            "last_metrics": result.metrics, "train_seconds": time.time() - t0, "steps_per_epoch": steps,
+            "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
+            "history": result.metrics.get("history", []), "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
 
 

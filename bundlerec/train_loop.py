@@ -83,13 +83,14 @@ def train_loop_per_worker(config: dict) -> None:
                        mc["logq_correction"], seed=tc["seed"] + rank, device=device)
 
     # ---- resume
-    start_epoch, best, bad_epochs, global_step = 0, -1.0, 0, 0
+    start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             _, state = engine.load_checkpoint(d)
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
-        global_step = state["global_step"]
+        global_step, resumes = state["global_step"], state.get("resumes", 0) + 1
+        history = state.get("history", [])
         if rank0:
             print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})", flush=True)
 
@@ -152,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": epoch_s, "data_wait_frac": data_wait / max(epoch_s, 1e-9),
             "lr": float(scheduler.get_last_lr()[0]),
             **{f"val_{mlflow_name(k)}": v for k, v in val.items() if k != "n_examples"},
-            "best_val_ndcg_at_10": best, "early_stop": int(stop),
+            "best_val_ndcg_at_10": best, "early_stop": int(stop), "resumes": resumes,
         }
         if rank0:
             print(f"[bundlerec] epoch {epoch + 1} done: loss {metrics['train_loss']:.4f} "
@@ -160,10 +161,12 @@ def train_loop_per_worker(config: dict) -> None:
                   f"{metrics['samples_per_s']:.1f} samples/s ({epoch_s:.0f}s)", flush=True)
             if logger:
                 logger.log(metrics, step=epoch + 1)
+        history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "val_ndcg_at_10": val_ndcg})
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=f"epoch{epoch + 1}",
                                    client_state={"epoch": epoch, "best": best, "bad_epochs": bad_epochs,
-                                                 "global_step": global_step})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                                                 "global_step": global_step, "resumes": resumes,
+                                                 "history": history})
+            ray.train.report({**metrics, "history": list(history)}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if logger:
         logger.flush()

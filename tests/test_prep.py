@@ -1,0 +1,96 @@
+"""Ray Data prep on a real local Ray cluster: synthetic input, malformed input, foreign (REES46) logs."""
+
+import gzip
+import json
+
+import pandas as pd
+import pytest
+
+from bundlerec.config import load_config
+from bundlerec.prep import PrepError, run_prep
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_prep_on_synthetic_writes_splits_items_and_manifest(tiny_prep):
+    cfg, m = tiny_prep
+    out = cfg.data.output_dir
+    assert m["rows"]["input"] == m["rows"]["kept"] > 0 and m["rows"]["quarantined"] == 0
+    assert m["examples"]["train"] > 0 and m["examples"]["test"] > 0 and m["examples"]["latest"] == 300
+    assert json.load(open(f"{out}/manifest.json"))["schema_hash"] == m["schema_hash"]
+    items = pd.read_parquet(f"{out}/items")
+    assert len(items) == 120 and items.input_ids.map(len).max() <= cfg.data.item_max_tokens
+    assert (items.item_idx.sort_values().to_numpy() == range(120)).all()
+    test = pd.read_parquet(f"{out}/examples/test")
+    train = pd.read_parquet(f"{out}/examples/train")
+    # leakage: for every user the test basket is later than all of their training baskets
+    last_train = train.groupby("user_id").target_time.max()
+    joined = test.set_index("user_id").target_time.to_frame().join(last_train.rename("train_t"), how="inner")
+    assert (joined.target_time > joined.train_t).all()
+
+
+def _write_malformed(d):
+    rows = [
+        "event_time,event_type,user_id,item_id,price",
+        "2026-01-01T10:00:00Z,view,u1,a,1.0",
+        "2026-01-01T10:01:00Z,view,u1,b,2.0",
+        "2026-01-01T10:02:00Z,purchase,u1,b,2.0",
+        "2026-01-02T10:00:00Z,view,u1,a,1.0",
+        "2026-01-02T10:01:00Z,purchase,u1,a,1.0",
+        "2026-01-03T10:00:00Z,view,u1,c,3.0",
+        "2026-01-03T10:01:00Z,purchase,u1,c,3.0",
+        "yesterday-ish,view,u1,a,1.0",                 # unparseable_time
+        "2026-01-01T10:00:00Z,teleport,u1,a,1.0",      # unknown_event_type
+        "2026-01-01T10:00:00Z,view,,a,1.0",            # missing_user_id
+        "2026-01-01T10:00:00Z,view,u1,,1.0",           # missing_item_id
+        "2026-01-01T10:00:00Z,view,u1,a,-5",           # negative_price
+        "2026-01-01T10:00:00Z,view,u1,ghost,1.0",      # item_not_in_catalog
+        "2026-01-01T10:00:00Z,view,u1,a,cheap",        # unparseable_price
+    ]
+    with gzip.open(d / "events.csv.gz", "wt") as f:
+        f.write("\n".join(rows) + "\n")
+    pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["apple", "banana", "cherry"], "category": ["f"] * 3,
+                  "brand": ["x"] * 3, "price": [1.0, 2.0, 3.0]}).to_json(d / "catalog.jsonl", orient="records", lines=True)
+
+
+def test_prep_quarantines_malformed_rows_with_exact_counts(ray_cluster, tmp_path):
+    _write_malformed(tmp_path)
+    base = [f"data.events={tmp_path}/events.csv.gz", f"data.catalog={tmp_path}/catalog.jsonl",
+            f"data.output_dir={tmp_path}/out", "data.num_shards=1", "data.val_baskets=0"]
+    with pytest.raises(PrepError, match="max_bad_fraction") as e:
+        run_prep(load_config(None, base))  # 7 of 14 rows are bad: far above the 5% default
+    assert "quarantine" in str(e.value)
+    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")  # written before failing: nothing lost
+    assert len(q) == 7
+    m = run_prep(load_config(None, base + ["data.max_bad_fraction=0.6"]))
+    assert m["quarantine"]["by_reason"] == {"unparseable_time": 1, "unknown_event_type": 1, "missing_user_id": 1,
+                                            "missing_item_id": 1, "negative_price": 1, "item_not_in_catalog": 1,
+                                            "unparseable_price": 1}
+    assert m["rows"] == {"input": 14, "kept": 7, "quarantined": 7}
+    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")
+    assert json.loads(q.set_index("quarantine_reason").loc["unparseable_time", "raw"])["event_time"] == "yesterday-ish"
+    assert m["examples"]["test"] == 1 and m["examples"]["train"] == 2
+
+
+def test_prep_maps_rees46_logs_without_code(ray_cluster, tmp_path):
+    rows = []
+    for u in range(6):
+        for day in range(3):
+            t = f"2019-10-0{day + 1} 0{u}:00:00 UTC"
+            rows.append((t, "view", 1000 + day, "electronics.smartphone", "acme", 99.5, 500 + u, f"s{u}{day}"))
+            rows.append((t.replace(":00:00", ":05:00"), "cart", 2000 + day, "electronics.audio.headphone", "sono", 25.0, 500 + u, f"s{u}{day}"))
+            rows.append((t.replace(":00:00", ":06:00"), "remove_from_cart", 2000 + day, "electronics.audio.headphone", "sono", 25.0, 500 + u, f"s{u}{day}"))
+            rows.append((t.replace(":00:00", ":07:00"), "purchase", 2000 + day, "electronics.audio.headphone", "sono", 25.0, 500 + u, f"s{u}{day}"))
+    df = pd.DataFrame(rows, columns=["event_time", "event_type", "product_id", "category_code", "brand", "price",
+                                     "user_id", "user_session"])
+    (tmp_path / "logs").mkdir()
+    df.iloc[:36].to_csv(tmp_path / "logs/2019-Oct-a.csv.gz", index=False)
+    df.iloc[36:].to_csv(tmp_path / "logs/2019-Oct-b.csv.gz", index=False)
+    cfg = load_config("jobs/configs/rees46.yaml", [f"data.events={tmp_path}/logs/*.csv.gz",
+                                                   f"data.output_dir={tmp_path}/out", "data.num_shards=1"])
+    m = run_prep(cfg)
+    assert m["rows"]["input"] == 72 and m["quarantine"]["by_reason"] == {"ignored_event_type": 18}
+    assert m["quarantine"]["bad_fraction"] == 0.0  # ignored types are recorded, not counted as bad
+    items = pd.read_parquet(f"{tmp_path}/out/items")
+    assert len(items) == 6 and items.text.str.contains("electronics > audio > headphone").any()
+    assert m["examples"]["test"] == 6

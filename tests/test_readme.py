@@ -1,0 +1,27 @@
+"""The README's Quick start is exactly the two commands the Makefile provides."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_start_commands_are_make_targets():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```(?:bash|sh)?\n(.*?)```", section, re.S).group(1)
+    commands = [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert commands == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("setup", "demo", "test", "stop"):
+        assert re.search(rf"^{target}:", makefile, re.M), target
+    # both quick-start targets create the venv first
+    assert re.search(r"^demo: .*services", makefile, re.M) and re.search(r"^services: setup", makefile, re.M)
+    assert re.search(r"^test: setup", makefile, re.M)
+    assert (ROOT / ".ci/run").read_text().strip().endswith("make test")
+
+
+def test_top_level_layout():
+    for name in ("pyproject.toml", "cluster", "jobs", "bundlerec", "serve", "tests", "README.md", "Makefile",
+                 "requirements.lock"):
+        assert (ROOT / name).exists(), name

@@ -218,6 +218,54 @@ class MlflowConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Ray Tune sweep: each trial is a full Ray Train + DeepSpeed run."""
+
+    space: str = "default"
+    """Named search space in bundlerec.tune.SEARCH_SPACES."""
+    num_samples: int = 8
+    """Trials to run."""
+    max_concurrent_trials: int = 1
+    """Trials at once (each takes 1 driver CPU + num_workers x cpus_per_worker)."""
+    search_alg: str = "optuna"
+    """optuna (TPE) | random."""
+    grace_period: int = 1
+    """Epochs every trial runs before ASHA may stop it."""
+    reduction_factor: int = 2
+    """ASHA keeps 1/reduction_factor of the trials at each rung."""
+    trial_cpus: float = 1.0
+    """Logical CPUs of each trial's driver (which starts the TorchTrainer)."""
+    storage_path: str = "runs/demo/tune"
+    """Tune experiment storage (resume state, per-trial checkpoints and exports)."""
+    resume: bool = True
+    """Restore an interrupted sweep of the same name instead of starting over."""
+    seed: int = 0
+    """Search-algorithm seed."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 1, "tune.num_samples must be >= 1")
+        _check(self.max_concurrent_trials >= 1, "tune.max_concurrent_trials must be >= 1")
+        _check(self.search_alg in {"optuna", "random"}, "tune.search_alg must be optuna or random")
+        _check(self.grace_period >= 1 and self.reduction_factor >= 2, "tune.grace_period>=1, reduction_factor>=2")
+
+
+@dataclass
+class ServeConfig:
+    """Deployment of the registered model (serve/config.yaml holds the Serve-side settings)."""
+
+    model_name: str = "bundlerec"
+    """Registered model name."""
+    config_path: str = "serve/config.yaml"
+    """Ray Serve config deployed by jobs.deploy (args below override its application args)."""
+    url: str = "http://127.0.0.1:8000"
+    """Where the endpoint answers once deployed."""
+    dashboard_url: str = "http://127.0.0.1:8265"
+    """Ray dashboard (Serve REST API) that receives the deployment."""
+    poll_s: float = 10.0
+    """Seconds between champion-alias checks in each replica."""
+
+
+@dataclass
 class PipelineConfig:
     """Everything one pipeline run needs."""
 
@@ -228,6 +276,10 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    stages: list = field(default_factory=lambda: ["prep", "train"])
+    """Pipeline stages in order: prep, then train or tune, then optionally register and deploy."""
     results_path: str = "runs/demo/results.json"
     """The stage hand-off file (run id, model path, metrics)."""
     output_root: Optional[str] = None
@@ -235,6 +287,9 @@ class PipelineConfig:
     the working dir, so the Makefile points this at the project); None = current directory."""
 
     def __post_init__(self) -> None:
+        unknown = set(self.stages) - {"prep", "train", "tune", "register", "deploy"}
+        _check(not unknown, f"stages: unknown {sorted(unknown)}")
+        _check(not {"train", "tune"} <= set(self.stages), "stages: choose train or tune, not both")
         if self.output_root:
             root = self.output_root
 
@@ -243,6 +298,7 @@ class PipelineConfig:
 
             self.data.output_dir = fix(self.data.output_dir)
             self.train.storage_path = fix(self.train.storage_path)
+            self.tune.storage_path = fix(self.tune.storage_path)
             self.results_path = fix(self.results_path)
             if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
                 self.data.events = fix(self.data.events)

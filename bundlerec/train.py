@@ -18,8 +18,12 @@ from bundlerec.storage import absolute, join
 log = logging.getLogger(__name__)
 
 
-def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_dir: str | None = None) -> dict:
-    """Fine-tune on ``prep_dir`` with Ray Train + DeepSpeed; export the best epoch for serving."""
+def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_dir: str | None = None,
+        callbacks: list | None = None, name: str | None = None, storage_path: str | None = None) -> dict:
+    """Fine-tune on ``prep_dir`` with Ray Train + DeepSpeed; export the best epoch for serving.
+
+    ``callbacks`` go to the Train RunConfig (a Tune trial passes TuneReportCallback).
+    """
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -56,8 +60,9 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=f"{cfg.name}-{run_id[:8] if run_id else int(t0)}",
-            storage_path=absolute(tc.storage_path),
+            name=name or f"{cfg.name}-{run_id[:8] if run_id else int(t0)}",
+            storage_path=absolute(storage_path or tc.storage_path),
+            callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_ndcg_at_10", checkpoint_score_order="max"),
@@ -114,5 +119,12 @@ def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -
     index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
     np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
     items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
+    # serving needs: training popularity (cold start) and each user's latest history (user_id lookups)
+    from bundlerec.baselines import popularity
+    from bundlerec.evaluate import load_split
+
+    np.save(os.path.join(export_dir, "popularity.npy"), popularity(load_split(prep_dir, "train"), len(items)))
+    latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
+    latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
     log.info("train: exported %s (%d items indexed)", export_dir, len(items))
     return export_dir

@@ -23,6 +23,19 @@ def _ckpts(root):
     return sorted(p for p in glob.glob(f"{root}/ray/*/checkpoint_*") if os.path.isdir(p))
 
 
+def _registered(root) -> int:
+    """Checkpoints Ray Train has registered (not merely started uploading)."""
+    import json
+
+    n = 0
+    for snap in glob.glob(f"{root}/ray/*/checkpoint_manager_snapshot.json"):
+        try:
+            n += len(json.load(open(snap))["checkpoint_results"])
+        except (ValueError, KeyError, OSError):
+            pass
+    return n
+
+
 def _cfg(prep_cfg, tmp_path, *extra):
     return load_config(str(ROOT / "jobs/configs/tiny.yaml"),
                        [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
@@ -68,9 +81,9 @@ def test_zero3_resumes_after_a_worker_is_killed(tiny_prep, tmp_path, mlflow_serv
     th = threading.Thread(target=run, daemon=True)
     th.start()
     deadline = time.time() + 400
-    while not _ckpts(tmp_path) and time.time() < deadline:
-        time.sleep(1)
-    assert _ckpts(tmp_path), "first checkpoint never appeared"
+    while not _registered(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _registered(tmp_path), "first checkpoint never registered"
     workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "RayTrainWorker"]
     assert len(workers) == 2
     os.kill(workers[1].pid, signal.SIGKILL)  # a worker dies mid-run

@@ -1,0 +1,63 @@
+"""HTTP request/response schema of the recommendation endpoint (the Serve side of bundlerec.schema).
+
+Event types and field names are the ones prep validates, so a live session sent to the endpoint
+looks exactly like a clickstream row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from bundlerec.schema import EVENT_TYPES
+
+MAX_K = 100
+MAX_EVENTS = 512
+
+EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]  # view | click | cart | purchase
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item_id: str = Field(min_length=1, max_length=128)
+    event_type: EventType
+    event_time: datetime
+
+
+class RecommendationRequest(BaseModel):
+    """Either ``user_id`` (history from the training snapshot) or ``events`` (a live session)."""
+
+    model_config = ConfigDict(extra="forbid")
+    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    events: Optional[list[Event]] = Field(default=None, max_length=MAX_EVENTS)
+    k: int = Field(default=10, ge=1, le=MAX_K)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.user_id is None) == (self.events is None):
+            raise ValueError("give exactly one of user_id or events")
+        return self
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float
+    title: str
+    price: Optional[float] = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: Optional[str] = None
+    alias: Optional[str] = None
+    uri: str
+
+
+class RecommendationResponse(BaseModel):
+    items: list[RecommendedItem]
+    cold_start: bool = Field(description="no usable history: the answer is the most popular items")
+    unknown_items: list[str] = Field(default_factory=list, description="request items not in the catalog (ignored)")
+    history_source: str
+    model: ModelInfo

@@ -1,0 +1,127 @@
+"""Inference core shared by the MLflow pyfunc model, the Ray Serve app and the load test.
+
+A :class:`Recommender` wraps one exported model (``bundlerec.train.export``): the two-tower model,
+the precomputed item index, the item table, training popularity (cold start) and the per-user
+``latest`` histories of the data snapshot the model was trained with.
+
+    rec = Recommender.from_export("runs/demo/export")
+    rec.recommend(user_id="U0000007", k=10)
+    rec.recommend(events=[{"item_id": "I000001", "event_type": "view", "event_time": "2026-03-01T10:00:00Z"}])
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bundlerec.batching import pad_history
+from bundlerec.schema import EVENT_TYPE_ID
+
+
+@dataclass
+class History:
+    items: list
+    types: list
+    ages: list
+    unknown_items: list = field(default_factory=list)
+    source: str = "events"  # events | user | cold_start
+
+
+class Recommender:
+    def __init__(self, model, items: pd.DataFrame, index: torch.Tensor, popularity: np.ndarray,
+                 latest: Optional[pd.DataFrame], meta: dict):
+        self.model = model.eval()
+        self.model.set_index(index)
+        self.items = items.reset_index(drop=True)
+        self.item_pos = {k: i for i, k in enumerate(self.items.item_id)}
+        self.titles = self.items.title.astype(str).tolist()
+        self.prices = self.items.price.astype(float).fillna(-1.0).tolist()
+        self.item_ids = self.items.item_id.astype(str).tolist()
+        self.popularity = torch.as_tensor(popularity, dtype=torch.float32)
+        self.meta = meta
+        self.history_len = int(meta.get("history_len", 10))
+        self.latest = {}
+        if latest is not None:
+            for r in latest.itertuples(index=False):
+                self.latest[str(r.user_id)] = (list(r.hist_items), list(r.hist_types), list(r.hist_age_hours),
+                                               r.target_time)
+
+    @classmethod
+    def from_export(cls, export_dir: str) -> "Recommender":
+        from bundlerec.model import load_export
+
+        model, meta = load_export(export_dir)
+        items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))
+        index = torch.as_tensor(np.load(os.path.join(export_dir, "item_index.npy")))
+        pop_path = os.path.join(export_dir, "popularity.npy")
+        pop = np.load(pop_path) if os.path.exists(pop_path) else np.zeros(len(items))
+        latest_path = os.path.join(export_dir, "latest.parquet")
+        latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
+        return cls(model, items, index, pop, latest, meta)
+
+    # ---------------------------------------------------------------- histories
+    def history_for_user(self, user_id: str) -> History:
+        """The user's most recent events in the training snapshot; cold start if unknown."""
+        hit = self.latest.get(str(user_id))
+        if not hit or not hit[0]:
+            return History([], [], [], source="cold_start")
+        items, types, ages, _ = hit
+        return History(items, types, ages, source="user")
+
+    def history_from_events(self, events: list[dict], now: Optional[datetime] = None) -> History:
+        """Events of a live session (item_id, event_type, event_time); unknown items are ignored."""
+        now = now or datetime.now(timezone.utc)
+        rows, unknown = [], []
+        for e in events:
+            pos = self.item_pos.get(str(e["item_id"]))
+            if pos is None:
+                unknown.append(str(e["item_id"]))
+                continue
+            t = pd.Timestamp(e["event_time"])
+            t = t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+            rows.append((t, pos, EVENT_TYPE_ID[e["event_type"]]))
+        rows.sort(key=lambda r: r[0])
+        rows = rows[-self.history_len:]
+        ages = [max(0.0, (pd.Timestamp(now) - t).total_seconds() / 3600.0) for t, _, _ in rows]
+        h = History([r[1] for r in rows], [r[2] for r in rows], ages, unknown_items=unknown)
+        if not h.items:
+            h.source = "cold_start"
+        return h
+
+    # ---------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def recommend_histories(self, histories: list[History], k: int) -> list[list[tuple[int, float]]]:
+        """Top-k (item position, score) per history; one batched forward for all warm histories."""
+        out: list = [None] * len(histories)
+        warm = [i for i, h in enumerate(histories) if h.items]
+        if warm:
+            items, types, age, valid = pad_history([histories[i].items for i in warm], [histories[i].types for i in warm],
+                                                   [histories[i].ages for i in warm], self.history_len)
+            batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
+                     "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
+            scores, idx = self.model.topk(batch, k)
+            for j, i in enumerate(warm):
+                out[i] = list(zip(idx[j].tolist(), scores[j].tolist()))
+        cold = [i for i, h in enumerate(histories) if not h.items]
+        if cold:
+            s, idx = torch.topk(self.popularity, min(k, len(self.popularity)))
+            top = list(zip(idx.tolist(), s.tolist()))
+            for i in cold:
+                out[i] = top
+        return out
+
+    def describe(self, ranked: list[tuple[int, float]]) -> list[dict]:
+        return [{"item_id": self.item_ids[p], "score": float(s), "title": self.titles[p],
+                 "price": None if self.prices[p] < 0 else self.prices[p]} for p, s in ranked]
+
+    def recommend(self, user_id: Optional[str] = None, events: Optional[list[dict]] = None, k: int = 10) -> dict:
+        h = self.history_from_events(events) if events is not None else self.history_for_user(user_id)
+        ranked = self.recommend_histories([h], k)[0]
+        return {"items": self.describe(ranked), "cold_start": h.source == "cold_start",
+                "unknown_items": h.unknown_items, "history_source": h.source}

@@ -1,0 +1,144 @@
+"""Ray Serve application: the registered champion answers recommendations over HTTP.
+
+    serve run serve/config.yaml                     # foreground, local
+    serve deploy serve/config.yaml                  # to the running cluster (same as python -m jobs.deploy)
+    curl -s -X POST http://127.0.0.1:8000/v1/recommendations -H 'content-type: application/json' \
+         -d '{"user_id": "U0000007", "k": 5}'
+
+The model is loaded once per replica (MLflow registry alias, version or a local export dir), the
+item index is precomputed at export time, and requests are micro-batched with ``@serve.batch``.
+A background thread polls the alias; when it moves, the new version is loaded beside the old one and
+swapped in atomically, so in-flight requests finish on the model they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import FastAPI, HTTPException
+from ray import serve
+
+from bundlerec.api import ModelInfo, RecommendationRequest, RecommendationResponse
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="bundlerec", version="0.1.0",
+              description="Personalized recommendations from the bundlerec champion model.")
+
+
+@dataclass
+class Loaded:
+    rec: Any  # bundlerec.recommend.Recommender
+    info: ModelInfo
+
+
+def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
+    """models:/name@alias -> (models:/name/<version>, version, alias); other URIs unchanged."""
+    if not model_uri.startswith("models:/"):
+        return model_uri, None, None
+    import mlflow
+
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    if ref:
+        mv = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ref)
+        return f"models:/{name}/{mv.version}", str(mv.version), ref
+    name, _, version = model_uri[len("models:/"):].partition("/")
+    return model_uri, version or None, None
+
+
+def load(model_uri: str, tracking_uri: Optional[str]) -> Loaded:
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    uri, version, alias = _resolve(model_uri, tracking_uri)
+    if uri.startswith("models:/") or uri.startswith("runs:/"):
+        import mlflow
+
+        rec = mlflow.pyfunc.load_model(uri).unwrap_python_model().rec
+        name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
+    else:
+        from bundlerec.recommend import Recommender
+
+        rec, name = Recommender.from_export(uri), os.path.basename(os.path.normpath(uri))
+    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
+class Recommender:
+    def __init__(self, model_uri: str, tracking_uri: Optional[str] = None, poll_s: float = 10.0,
+                 torch_threads: int = 1):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self.current: Loaded = load(model_uri, tracking_uri)
+        self.reloads = 0
+        self._stop = threading.Event()
+        if poll_s > 0 and "@" in model_uri:
+            threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
+
+    def _watch(self, poll_s: float) -> None:
+        """Follow the alias: load a moved champion beside the old one, then swap the reference."""
+        while not self._stop.wait(poll_s):
+            try:
+                _, version, _ = _resolve(self.model_uri, self.tracking_uri)
+                if version and version != self.current.info.version:
+                    new = load(self.model_uri, self.tracking_uri)
+                    self.current = new  # atomic: requests in flight keep the object they hold
+                    self.reloads += 1
+                    log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
+            except Exception as e:  # registry hiccup: keep serving the loaded model
+                log.warning("bundlerec: alias check failed: %s", e)
+
+    def __del__(self):
+        self._stop.set()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score(self, models: list, histories: list, ks: list) -> list:
+        out: list = [None] * len(models)
+        for m in {id(x): x for x in models}.values():  # normally one model; two only during a swap
+            idx = [i for i, x in enumerate(models) if x is m]
+            ranked = m.rec.recommend_histories([histories[i] for i in idx], max(ks[i] for i in idx))
+            for i, r in zip(idx, ranked):
+                out[i] = r[:ks[i]]
+        return out
+
+    @api.post("/v1/recommendations", response_model=RecommendationResponse)
+    async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
+        m = self.current  # pinned for this request
+        if req.events is not None:
+            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+        else:
+            h = m.rec.history_for_user(req.user_id)
+        ranked = await self._score(m, h, req.k)
+        return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
+                                      unknown_items=h.unknown_items, history_source=h.source, model=m.info)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    def readyz(self) -> dict:
+        if self.current is None:
+            raise HTTPException(503, "model not loaded")
+        return {"status": "ready", "model": self.current.info.model_dump()}
+
+    @api.get("/v1/model")
+    def model(self) -> dict:
+        m = self.current
+        return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
+                "reloads": self.reloads, "base_model": m.rec.meta.get("base_model")}
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for serve/config.yaml (``import_path: serve.app:build_app``)."""
+    return Recommender.bind(model_uri=args["model_uri"], tracking_uri=args.get("tracking_uri"),
+                            poll_s=float(args.get("poll_s", 10.0)), torch_threads=int(args.get("torch_threads", 1)))

@@ -30,58 +30,129 @@ def _versions() -> dict:
             "transformers": transformers.__version__, "mlflow": mlflow.__version__}
 
 
-def run_train_stage(cfg: PipelineConfig, manifest: dict | None = None) -> dict:
-    """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
+def require_prep(cfg: PipelineConfig) -> dict:
+    """The prep manifest, or a clear error saying how to produce it."""
+    path = join(cfg.data.output_dir, "manifest.json")
+    try:
+        return json.loads(read_text(path))
+    except (FileNotFoundError, OSError):
+        raise FileNotFoundError(f"no prepared data at {cfg.data.output_dir} ({path} missing): run "
+                                f"`python -m jobs.prep` with the same config first, or jobs.pipeline") from None
+
+
+def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None) -> dict:
+    """Test metrics of the export and of every baseline -> results.json + the MLflow run."""
     from bundlerec.evaluate import evaluate_run, format_table
-    from bundlerec.tracking import check_server, log_results, start_run
-    from bundlerec.train import fit
+    from bundlerec.tracking import log_results
 
     prep_dir = cfg.data.output_dir
-    manifest = manifest or json.loads(read_text(join(prep_dir, "manifest.json")))
-    check_server(cfg.mlflow.tracking_uri)  # fail before any compute is spent
-    params = {k: v for k, v in flatten(to_dict(cfg)).items()}
-    tags = {"bundlerec.config_hash": config_hash(cfg), "bundlerec.schema_hash": manifest["schema_hash"],
-            "bundlerec.stage": "train", **{f"version.{k}": v for k, v in _versions().items()}}
-    run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, params, tags)
-    log.info("train: MLflow run %s (experiment %s at %s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-
-    trained = fit(cfg, prep_dir, run_id)
+    manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
     t = time.time()
-    metrics = evaluate_run(prep_dir, trained["export_dir"], cfg, split="test")
-    eval_s = time.time() - t
+    metrics = evaluate_run(prep_dir, export_dir, cfg, split="test")
     print("\n" + format_table(metrics, SUMMARY_METRICS) + "\n", flush=True)
-    results = {
-        "run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
-        "export_dir": trained["export_dir"], "checkpoint": trained["checkpoint"],
-        "metrics": metrics, "train": {k: v for k, v in trained.items() if k not in ("export_dir", "checkpoint")},
-        "eval_seconds": eval_s, "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")},
-    }
+    results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
+               "export_dir": export_dir, "metrics": metrics, "eval_seconds": time.time() - t,
+               "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")}, **(extra or {})}
     os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
     with open(cfg.results_path, "w") as f:
         json.dump(results, f, indent=2, default=str)
-    log_results(cfg.mlflow.tracking_uri, run_id, metrics, trained["export_dir"],
+    log_results(cfg.mlflow.tracking_uri, run_id, metrics, export_dir,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
     return results
 
 
+def run_train_stage(cfg: PipelineConfig) -> dict:
+    """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
+    from bundlerec.tracking import check_server, start_run
+    from bundlerec.train import fit
+
+    prep_dir = cfg.data.output_dir
+    manifest = require_prep(cfg)
+    check_server(cfg.mlflow.tracking_uri)  # fail before any compute is spent
+    tags = {"bundlerec.config_hash": config_hash(cfg), "bundlerec.schema_hash": manifest["schema_hash"],
+            "bundlerec.stage": "train", **{f"version.{k}": v for k, v in _versions().items()}}
+    run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
+                       flatten(to_dict(cfg)), tags)
+    log.info("train: MLflow run %s (experiment %s at %s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
+    trained = fit(cfg, prep_dir, run_id)
+    return evaluate_and_log(cfg, trained["export_dir"], run_id, {
+        "checkpoint": trained["checkpoint"],
+        "train": {k: v for k, v in trained.items() if k not in ("export_dir", "checkpoint")}})
+
+
+def run_tune_stage(cfg: PipelineConfig) -> dict:
+    """Sweep, then evaluate the best trial's export on the test split (logged to its child run)."""
+    import mlflow
+
+    from bundlerec.tune import run_sweep, trial_summary
+
+    require_prep(cfg)
+    sweep = run_sweep(cfg)
+    print("\n" + trial_summary(sweep) + "\n", flush=True)
+    best = sweep["best"]
+    results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {
+        "sweep_run_id": sweep["parent_run_id"], "best_trial": best, "sweep_seconds": sweep["seconds"]})
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    client.log_metric(sweep["parent_run_id"], "best_test_ndcg_at_10", results["metrics"]["bundlerec"]["ndcg@10"])
+    client.set_terminated(sweep["parent_run_id"], "FINISHED")
+    return results
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """prep -> train -> evaluate -> MLflow; writes summary.json next to results.json."""
+    """The configured stages (prep -> train|tune -> register -> deploy); writes summary.json."""
     from bundlerec.prep import run_prep
     from bundlerec.tracking import check_server
 
     t0 = time.time()
     check_server(cfg.mlflow.tracking_uri)
-    manifest = run_prep(cfg)
-    results = run_train_stage(cfg, manifest)
-    summary = {
-        "mlflow_url": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment, "run_id": results["run_id"],
+    summary: dict = {"mlflow_url": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment,
+                     "prep_dir": cfg.data.output_dir, "stages": list(cfg.stages)}
+    if "prep" in cfg.stages:
+        run_prep(cfg)
+    results = None
+    if "train" in cfg.stages:
+        results = run_train_stage(cfg)
+    elif "tune" in cfg.stages:
+        results = run_tune_stage(cfg)
+        summary["sweep_run_id"] = results["sweep_run_id"]
+    else:
+        results = json.load(open(cfg.results_path))
+    summary.update({
+        "run_id": results["run_id"], "export_dir": results["export_dir"],
         "metrics": {m: {k: v[k] for k in SUMMARY_METRICS if k in v} for m, v in results["metrics"].items()},
-        "export_dir": results["export_dir"], "prep_dir": cfg.data.output_dir,
-        "pipeline_seconds": round(time.time() - t0, 1),
-        "train_samples_per_s_per_worker": results["train"]["last_metrics"].get("samples_per_s_per_worker"),
-    }
+    })
+    last = results.get("train", {}).get("last_metrics") or {}
+    if last:
+        summary["train_samples_per_s_per_worker"] = last.get("samples_per_s_per_worker")
+    if "register" in cfg.stages:
+        from bundlerec.registry import register
+
+        reg = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+                       run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
+        print(f"registry: {reg['model_name']} v{reg['version']} -> {reg['alias']} ({reg['reason']})", flush=True)
+        summary.update({"registered_version": reg["version"], "registered_alias": reg["alias"],
+                        "champion_version": reg["champion_version"]})
+    if "deploy" in cfg.stages:
+        from bundlerec.deploy import deploy, http_json
+
+        dep = deploy(cfg, version=summary.get("champion_version"))
+        body = sample_request(cfg)
+        response = http_json(f"{dep['serve_url']}/v1/recommendations", body)
+        print(f"POST {dep['serve_url']}/v1/recommendations {json.dumps(body)}\n{json.dumps(response, indent=2)}",
+              flush=True)
+        summary.update({"serve_url": f"{dep['serve_url']}/v1/recommendations", "sample_request": body,
+                        "sample_response": response})
+    summary["pipeline_seconds"] = round(time.time() - t0, 1)
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "summary.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2, default=str)
     log.info("pipeline: done in %.0fs; summary at %s", summary["pipeline_seconds"], path)
     return summary
+
+
+def sample_request(cfg: PipelineConfig, k: int = 5) -> dict:
+    """A real user of the test split: their id plus k (the response lists items under "items")."""
+    from bundlerec.evaluate import load_split
+
+    test = load_split(cfg.data.output_dir, "test")
+    return {"user_id": str(test.user_id.iloc[0]), "k": k}

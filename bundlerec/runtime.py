@@ -41,11 +41,12 @@ def check_versions() -> None:
                            f"run `make setup` (or `uv pip install -r requirements.lock`)")
 
 
-def init_ray(num_cpus: int = 4, object_store_bytes: int = 1 << 30) -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one.
+def init_ray(num_cpus: int = 6, object_store_bytes: int = 1 << 30) -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it), else to a running local
+    cluster (`make services`), else start a private local instance.
 
-    A local instance declares 4 logical CPUs: Ray Data tasks need a slot beside 2 train workers
-    (with 2 they starve and the run hangs).
+    A private instance declares 6 logical CPUs: Ray Data tasks need slots beside 2 train workers, a
+    Tune trial driver and a Serve replica (with only 2 logical CPUs Data + Train hang).
     """
     import ray
 
@@ -55,8 +56,11 @@ def init_ray(num_cpus: int = 4, object_store_bytes: int = 1 << 30) -> None:
     ctx.enable_progress_bars = False  # progress lines flood `ray job logs`; stages log their own
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=True,
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+    except ConnectionError:
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=True,
                  dashboard_host="127.0.0.1", runtime_env={"env_vars": WORKER_ENV})
 
 

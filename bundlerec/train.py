@@ -34,6 +34,7 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
 
     tc = cfg.train
     t0 = time.time()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per process (Tune trial drivers too)
     train_ds = ray.data.read_parquet(join(prep_dir, "examples", "train"))
     val_ds = ray.data.read_parquet(join(prep_dir, "examples", "val"))
     if val_ds.count() == 0:  # tiny data: fall back to test for model selection, say so
@@ -99,10 +100,9 @@ def consolidated_state_dict(ckpt_dir: str) -> dict:
 
 
 def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
-    """Checkpoint -> HF encoder dir + user tower + item index (N, d) + items table."""
-    from bundlerec.catalog import load_items, padded_tokens
-    from bundlerec.model import TwoTower, build_encoder, save_export
-    from bundlerec.pretrained import load_tokenizer, resolve_model_path
+    """DeepSpeed checkpoint -> consolidated model -> serving export (see :func:`write_export`)."""
+    from bundlerec.model import TwoTower, build_encoder
+    from bundlerec.pretrained import resolve_model_path
 
     mc = cfg.model
     model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank),
@@ -110,19 +110,27 @@ def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -
     missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    return write_export(model, cfg, prep_dir, export_dir)
+
+
+def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> str:
+    """Everything serving needs, in one directory: HF encoder + tokenizer, user tower, metadata,
+    item index (N, d), items table, training popularity (cold start), users' latest histories."""
+    from bundlerec.baselines import popularity
+    from bundlerec.catalog import load_items, padded_tokens
+    from bundlerec.evaluate import load_split
+    from bundlerec.model import save_export
+    from bundlerec.pretrained import load_tokenizer
+
     model.eval()
-    save_export(model, load_tokenizer(mc.name_or_path), export_dir,
-                {"base_model": mc.name_or_path, "history_len": cfg.data.history_len,
+    save_export(model, load_tokenizer(cfg.model.name_or_path), export_dir,
+                {"base_model": cfg.model.name_or_path, "history_len": cfg.data.history_len,
                  "item_max_tokens": cfg.data.item_max_tokens})
     items = load_items(prep_dir)
     ids, mask = padded_tokens(items)
     index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
     np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
     items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
-    # serving needs: training popularity (cold start) and each user's latest history (user_id lookups)
-    from bundlerec.baselines import popularity
-    from bundlerec.evaluate import load_split
-
     np.save(os.path.join(export_dir, "popularity.npy"), popularity(load_split(prep_dir, "train"), len(items)))
     latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
     latest.to_parquet(os.path.join(export_dir, "latest.parquet"))

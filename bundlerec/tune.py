@@ -108,6 +108,10 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     check_server(cfg.mlflow.tracking_uri)
     sweep_name = f"{cfg.name}-sweep"
     sweep_dir = os.path.join(absolute(tc.storage_path), sweep_name)
+    if not tc.resume and os.path.exists(sweep_dir):
+        import shutil
+
+        shutil.rmtree(sweep_dir)  # a fresh sweep never mixes with an old one
     os.makedirs(sweep_dir, exist_ok=True)
     state_path = os.path.join(sweep_dir, "bundlerec_sweep_state.json")
     restoring = tc.resume and tune.Tuner.can_restore(os.path.join(sweep_dir, "tuner")) and os.path.exists(state_path)
@@ -128,7 +132,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
                              experiment_id=state["experiment_id"], sweep_dir=sweep_dir),
         {"cpu": tc.trial_cpus})
     if restoring:
-        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "tuner"), trainable=trainable, resume_errored=True,
+        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "tuner"), trainable=trainable, resume_errored=False,
                                    param_space=space)
     else:
         search = None
@@ -136,7 +140,9 @@ def run_sweep(cfg: PipelineConfig) -> dict:
             from ray.tune.search.optuna import OptunaSearch
 
             search = ConcurrencyLimiter(OptunaSearch(seed=tc.seed), max_concurrent=tc.max_concurrent_trials)
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=tc.grace_period,
+        # max_t one past the last epoch: at max_t ASHA would stop the trial at its final report, before
+        # the trial function exports its model
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 1, grace_period=tc.grace_period,
                                   reduction_factor=tc.reduction_factor)
         tuner = tune.Tuner(
             trainable, param_space=space,

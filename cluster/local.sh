@@ -9,7 +9,7 @@ VENV="${VENV:-$ROOT/.venv}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-NUM_CPUS="${NUM_CPUS:-4}"          # logical CPUs: Ray Data needs a slot beside 2 train workers
+NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs: 2 train workers + a Tune trial driver + a Serve replica + Ray Data tasks
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
 export PATH="$VENV/bin:$PATH"      # workers and job drivers must run the venv's python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"

@@ -11,7 +11,6 @@ A background thread polls the alias; when it moves, the new version is loaded be
 swapped in atomically, so in-flight requests finish on the model they started with.
 """
 
-from __future__ import annotations
 
 import logging
 import os

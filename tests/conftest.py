@@ -45,11 +45,11 @@ def wait_http(url: str, timeout_s: float) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A fresh local Ray instance (4 logical CPUs, 1 GiB object store, dashboard + job API)."""
+    """A fresh local Ray instance (6 logical CPUs: 2 train workers + a Tune trial driver + a Serve replica + Ray Data, 1 GiB object store, dashboard + job API)."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
-    ctx = ray.init(address="local", num_cpus=4, object_store_memory=1 << 30, include_dashboard=True,
+    ctx = ray.init(address="local", num_cpus=6, object_store_memory=1 << 30, include_dashboard=True,
                    dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,
                    runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -110,3 +110,17 @@ def tiny_prep(ray_cluster, tmp_path_factory):
     cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [f"output_root={root}"])
     manifest = run_prep(cfg)
     return cfg, manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_prep, tmp_path_factory):
+    """A 2-worker ZeRO-2 fine-tuning of the tiny data (3 epochs), exported for serving."""
+    from bundlerec.config import load_config
+    from bundlerec.train import fit
+
+    prep_cfg, _ = tiny_prep
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+                      [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={root}/ray",
+                       f"results_path={root}/results.json", "train.zero_stage=2", "train.epochs=3"])
+    return cfg, fit(cfg, cfg.data.output_dir), root

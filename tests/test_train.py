@@ -42,11 +42,9 @@ def _cfg(prep_cfg, tmp_path, *extra):
                         f"results_path={tmp_path}/results.json", *extra])
 
 
-def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_prep, tmp_path):
-    prep_cfg, _ = tiny_prep
-    cfg = _cfg(prep_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3")
-    out = fit(cfg, cfg.data.output_dir)
-    ckpts = _ckpts(tmp_path)
+def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
+    cfg, out, root = tiny_trained
+    ckpts = _ckpts(root)
     assert ckpts, "no checkpoint reported"
     last = ckpts[-1]
     tag = open(f"{last}/latest").read().strip()

@@ -1,0 +1,67 @@
+"""Deploy the Serve application (serve/config.yaml) to the running cluster and wait until it answers.
+
+Uses the same REST API as ``serve deploy``; the registry URI and tracking server come from the
+pipeline config so the endpoint serves what was just registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from typing import Optional
+
+import yaml
+
+from bundlerec.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+
+def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None) -> dict:
+    from urllib.parse import urlparse
+
+    conf = yaml.safe_load(open(cfg.serve.config_path))
+    url = urlparse(cfg.serve.url)  # the proxy listens where the config says the endpoint is
+    conf.setdefault("http_options", {}).update({"host": url.hostname, "port": url.port or 80})
+    app = conf["applications"][0]
+    app["args"].update({"model_uri": model_uri or f"models:/{cfg.serve.model_name}@champion",
+                        "tracking_uri": cfg.mlflow.tracking_uri, "poll_s": cfg.serve.poll_s})
+    return conf
+
+
+def http_json(url: str, body: Optional[dict] = None, timeout: float = 30.0) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_ready(url: str, timeout_s: float = 300.0, version: Optional[str] = None) -> dict:
+    """Poll /readyz (and /v1/model for ``version``) until the app answers."""
+    deadline = time.time() + timeout_s
+    last: Exception | None = None
+    while time.time() < deadline:
+        try:
+            http_json(f"{url}/readyz", timeout=5)
+            info = http_json(f"{url}/v1/model", timeout=5)
+            if version is None or str(info.get("version")) == str(version):
+                return info
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(1.0)
+    raise TimeoutError(f"Serve app at {url} not ready after {timeout_s:.0f}s (last error: {last})")
+
+
+def deploy(cfg: PipelineConfig, model_uri: Optional[str] = None, version: Optional[str] = None,
+           timeout_s: float = 300.0) -> dict:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    conf = serve_config(cfg, model_uri)
+    t0 = time.time()
+    ServeSubmissionClient(cfg.serve.dashboard_url).deploy_applications(conf)
+    info = wait_ready(cfg.serve.url, timeout_s, version)
+    log.info("deploy: %s ready in %.1fs: %s", cfg.serve.url, time.time() - t0, info)
+    return {"serve_url": cfg.serve.url, "model": info, "seconds": round(time.time() - t0, 1)}

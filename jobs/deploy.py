@@ -1,0 +1,26 @@
+"""Deploy: put serve/config.yaml on the running cluster (as `serve deploy` does) serving
+models:/bundlerec@champion, wait until it answers, print its model info.
+
+    python -m jobs.deploy --config jobs/configs/demo.yaml
+    curl -s -X POST http://127.0.0.1:8000/v1/recommendations -H 'content-type: application/json' -d '{"user_id": "U0000007"}'
+"""
+
+from __future__ import annotations
+
+import json
+
+from bundlerec.cli import parse
+from bundlerec.deploy import deploy
+from bundlerec.runtime import setup_env
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_env()
+    cfg = parse(argv, "bundlerec Serve deployment")
+    out = deploy(cfg)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Register: log the model in results.json (from jobs.train or jobs.tune) as an MLflow pyfunc and register a
+new version of `bundlerec`; the alias `champion` moves only if it beats the current champion on the same
+validation data, otherwise the version becomes `challenger` (the reason is on the version).
+
+    python -m jobs.register --config jobs/configs/demo.yaml output_root=$PWD
+"""
+
+from __future__ import annotations
+
+import json
+
+from bundlerec.cli import parse
+from bundlerec.registry import register
+from bundlerec.runtime import setup_env
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_env()
+    cfg = parse(argv, "bundlerec model registration")
+    results = json.load(open(cfg.results_path))
+    out = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+                   run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
+    print(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Registry and Serve against real services: MLflow server, MLflow registry, Ray Serve over HTTP.
+
+* registration sets `champion`; a worse model does not take it (it becomes `challenger`);
+* `mlflow.pyfunc.load_model("models:/bundlerec@champion")` works in a fresh process without Ray;
+* the endpoint: response schema, 422 on bad input, cold-start flag, unknown items listed, and a
+  reload when the alias moves with no failed request during the move.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bundlerec.config import load_config
+from tests.conftest import ROOT, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def _post(url, body, timeout=30):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read()) if "json" in r.headers.get("content-type", "") else r.read()
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_trained, mlflow_server, tmp_path_factory):
+    """v1 = the fine-tuned export (champion); v2 = a random-init export (worse -> challenger)."""
+    import mlflow
+
+    from bundlerec.model import TwoTower, build_encoder
+    from bundlerec.pretrained import resolve_model_path
+    from bundlerec.registry import register
+    from bundlerec.train import write_export
+
+    cfg, trained, _ = tiny_trained
+    name = "bundlerec-test"
+    prep = cfg.data.output_dir
+    v1 = register(trained["export_dir"], prep, mlflow_server, "registry-test", model_name=name,
+                  history_len=cfg.data.history_len)
+    worse_dir = str(tmp_path_factory.mktemp("worse") / "export")
+    torch_model = TwoTower(build_encoder(resolve_model_path(cfg.model.name_or_path), random_init=True),
+                           cfg.model.temperature)
+    write_export(torch_model, cfg, prep, worse_dir)
+    v2 = register(worse_dir, prep, mlflow_server, "registry-test", model_name=name, history_len=cfg.data.history_len)
+    return {"cfg": cfg, "name": name, "v1": v1, "v2": v2, "client": mlflow.MlflowClient(mlflow_server),
+            "uri": mlflow_server}
+
+
+def test_champion_only_moves_on_merit(registered):
+    v1, v2, client, name = registered["v1"], registered["v2"], registered["client"], registered["name"]
+    assert v1["alias"] == "champion" and v1["version"] == "1"
+    assert v2["alias"] == "challenger" and v2["val_ndcg_at_10"] < v2["champion_val_ndcg_at_10"]
+    assert client.get_model_version_by_alias(name, "champion").version == "1"
+    assert client.get_model_version_by_alias(name, "challenger").version == "2"
+    reason = client.get_model_version(name, "2").tags["alias_reason"]
+    assert "does not beat champion v1" in reason
+
+
+def test_pyfunc_loads_in_a_fresh_process_without_ray(registered):
+    name = registered["name"]
+    users = registered["v1"]  # noqa: F841 (ordering: registered first)
+    code = f"""
+import json, sys, mlflow, pandas as pd
+m = mlflow.pyfunc.load_model("models:/{name}@champion")
+items = m.unwrap_python_model().rec.item_ids
+df = pd.DataFrame({{"user_id": ["live", "live", "ghost"], "item_id": [items[0], items[1], None],
+                    "event_type": ["view", "cart", None], "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z", None]}})
+out = m.predict(df, params={{"k": 4}})
+print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist()),
+                  "cold": out.groupby("user_id").cold_start.first().to_dict(), "ray": "ray" in sys.modules}}))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180, cwd="/tmp")
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["rows"] == 8 and res["users"] == ["ghost", "live"]
+    assert res["cold"] == {"ghost": True, "live": False}
+    assert res["ray"] is False
+
+
+def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster):
+    from ray import serve
+
+    from bundlerec.deploy import deploy
+
+    name, client = registered["name"], registered["client"]
+    port = free_port()
+    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+                      [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
+                       f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
+                       f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1"])
+    base = cfg.serve.url
+    try:
+        dep = deploy(cfg, version="1", timeout_s=240)
+        assert dep["model"]["version"] == "1" and dep["model"]["n_items"] == 120
+
+        # --- schema of a normal answer
+        from bundlerec.evaluate import load_split
+
+        user = str(load_split(cfg.data.output_dir, "test").user_id.iloc[0])
+        code, body = _post(f"{base}/v1/recommendations", {"user_id": user, "k": 5})
+        assert code == 200, body
+        assert len(body["items"]) == 5 and body["cold_start"] is False and body["history_source"] == "user"
+        assert set(body["items"][0]) == {"item_id", "score", "title", "price"}
+        assert body["model"]["name"] == name and body["model"]["version"] == "1" and body["model"]["alias"] == "champion"
+        scores = [i["score"] for i in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+
+        # --- a live session with an unknown item; an unknown user (cold start)
+        known = body["items"][0]["item_id"]
+        events = [{"item_id": known, "event_type": "view", "event_time": "2026-01-01T10:00:00Z"},
+                  {"item_id": "NOPE", "event_type": "cart", "event_time": "2026-01-01T10:01:00Z"}]
+        code, body = _post(f"{base}/v1/recommendations", {"events": events, "k": 3})
+        assert code == 200 and body["unknown_items"] == ["NOPE"] and body["cold_start"] is False
+        code, body = _post(f"{base}/v1/recommendations", {"user_id": "never-seen", "k": 3})
+        assert code == 200 and body["cold_start"] is True and len(body["items"]) == 3
+
+        # --- bad input: clear 422s
+        for bad in ({"user_id": user, "k": 0}, {"user_id": user, "k": 10_000}, {},
+                    {"user_id": user, "events": events}, {"events": [{"item_id": "x", "event_type": "teleport",
+                                                                      "event_time": "2026-01-01T10:00:00Z"}]},
+                    {"user_id": user, "surprise": 1}):
+            code, body = _post(f"{base}/v1/recommendations", bad)
+            assert code == 422 and body["detail"], (bad, body)
+        assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
+        assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
+
+        # --- the alias moves: the app follows it while requests keep flowing, none fails
+        failures, versions, stop = [], set(), threading.Event()
+
+        def load():
+            while not stop.is_set():
+                c, b = _post(f"{base}/v1/recommendations", {"user_id": user, "k": 5})
+                if c != 200:
+                    failures.append((c, b))
+                else:
+                    versions.add(b["model"]["version"])
+
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(2)
+        client.set_registered_model_alias(name, "champion", "2")
+        deadline = time.time() + 120
+        while time.time() < deadline and _get(f"{base}/v1/model")[1]["version"] != "2":
+            time.sleep(0.5)
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert _get(f"{base}/v1/model")[1]["version"] == "2", "app did not follow the alias"
+        assert failures == [], failures[:3]
+        assert versions == {"1", "2"}
+    finally:
+        serve.shutdown()  # frees the replica's CPU for the training tests

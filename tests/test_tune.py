@@ -1,0 +1,75 @@
+"""A 3-trial Ray Tune sweep with ASHA on the tiny data: every trial is a 2-worker DeepSpeed run, each
+with its own MLflow child run nested under the sweep's parent run (asserted over the REST API), and
+the MLflow UI, opened in headless Chromium, shows the sweep (a screenshot is kept as an artefact)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bundlerec.config import load_config
+from tests.conftest import ROOT, mlflow_get, mlflow_post
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+ARTIFACTS = ROOT / "runs" / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_prep, mlflow_server, tmp_path_factory):
+    from bundlerec.tune import run_sweep
+
+    prep_cfg, _ = tiny_prep
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+                      [f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={root}/tune",
+                       f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-test", "tune.num_samples=3"])
+    return cfg, run_sweep(cfg)
+
+
+def test_sweep_trials_are_nested_mlflow_runs(sweep, mlflow_server):
+    cfg, s = sweep
+    assert len(s["trials"]) == 3 and s["best"]["export_dir"]
+    assert Path(s["best"]["export_dir"], "item_index.npy").exists()
+    found = mlflow_post(mlflow_server, "runs/search", {
+        "experiment_ids": [s["experiment_id"]],
+        "filter": f"tags.`mlflow.parentRunId` = '{s['parent_run_id']}'"})["runs"]
+    assert len(found) == 3
+    assert len({r["info"]["run_id"] for r in found}) == 3  # no two trials share a run
+    trial_ids = {t["trial_id"] for t in s["trials"]}
+    for r in found:
+        tags = {t["key"]: t["value"] for t in r["data"]["tags"]}
+        params = {p["key"]: p["value"] for p in r["data"]["params"]}
+        assert tags["bundlerec.trial_id"] in trial_ids
+        assert "train.lr" in params and "model.temperature" in params
+        hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=r["info"]["run_id"], metric_key="val_ndcg_at_10")
+        steps = [m["step"] for m in hist["metrics"]]
+        assert steps and steps == sorted(set(steps))  # per-epoch, no duplicates
+    lrs = {float({p["key"]: p["value"] for p in r["data"]["params"]}["train.lr"]) for r in found}
+    assert len(lrs) == 3  # the search proposed distinct configurations
+    parent = mlflow_get(mlflow_server, "runs/get", run_id=s["parent_run_id"])["run"]
+    assert "best_val_ndcg_at_10" in {m["key"] for m in parent["data"]["metrics"]}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
+def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
+    cfg, s = sweep
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = f"{mlflow_server}/#/experiments/{s['experiment_id']}/runs"
+    common = [CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path}/chrome", "--virtual-time-budget=20000",
+              "--window-size=1600,1000"]
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert "sweep-test" in dom or "Runs" in dom
+    assert s["sweep_name"] in dom, "the sweep's parent run is not listed in the MLflow UI"
+    shot = ARTIFACTS / "mlflow_ui_sweep.png"
+    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    # the parent run's page lists every trial as a child run
+    run_url = f"{mlflow_server}/#/experiments/{s['experiment_id']}/runs/{s['parent_run_id']}"
+    dom = subprocess.run([*common, "--dump-dom", run_url], capture_output=True, text=True, timeout=120).stdout
+    assert "Child runs" in dom
+    for t in s["trials"]:
+        assert f"trial-{t['trial_id']}" in dom

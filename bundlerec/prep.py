@@ -25,7 +25,7 @@ from bundlerec.config import PipelineConfig, to_dict
 from bundlerec.readers import read_dataset
 from bundlerec.sessionize import SPLITS, build_examples
 from bundlerec.storage import join, reset_dir, write_text
-from bundlerec.validate import KEPT_COLUMNS, REASON_COL, normalize_events, summarize
+from bundlerec.validate import KEPT_COLUMNS, REASON_COL, normalize_events, summarize, tagged_schema
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,20 @@ def _examples_udf(batch: pd.DataFrame, **kw) -> pa.Table:
     return pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False)
 
 
-def _only(batch: pd.DataFrame, col: str, value) -> pd.DataFrame:
-    if value is None:
-        return batch[batch[col].notna()]
-    return batch[batch[col] == value]
+def _tag(batch: pd.DataFrame, **kw) -> pa.Table:
+    return pa.Table.from_pandas(normalize_events(batch, **kw), schema=tagged_schema(), preserve_index=False)
+
+
+def _quarantined(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch[REASON_COL]))
 
 
 def _split_rows(batch: pa.Table, split: str) -> pa.Table:
     return batch.filter(pc.equal(batch["split"], split))
 
 
-def _good(batch: pd.DataFrame) -> pd.DataFrame:
-    return batch[batch[REASON_COL].isna()][list(KEPT_COLUMNS)]
+def _good(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch[REASON_COL])).select(list(KEPT_COLUMNS))
 
 
 def run_prep(cfg: PipelineConfig) -> dict:
@@ -89,11 +91,11 @@ def run_prep(cfg: PipelineConfig) -> dict:
     # ---- validate: every row is kept or quarantined with a reason
     raw = read_dataset(events_path, d.format)
     tagged = raw.map_batches(
-        normalize_events, batch_format="pandas",
+        _tag, batch_format="pandas",
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
                        catalog_ids=catalog_lib.catalog_ids(catalog))).materialize()
     n_input = tagged.count()
-    bad = tagged.map_batches(_only, batch_format="pandas", fn_kwargs={"col": REASON_COL, "value": None})
+    bad = tagged.map_batches(_quarantined, batch_format="pyarrow")
     bad_reasons = bad.select_columns([REASON_COL]).to_pandas()
     reasons = {} if bad_reasons.empty else {
         str(k): int(v) for k, v in bad_reasons[REASON_COL].value_counts().items()}
@@ -109,7 +111,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
             f"{q['bad_fraction']:.1%} of {n_input} event rows are invalid (limit data.max_bad_fraction="
             f"{d.max_bad_fraction:.1%}): {q['by_reason']}. The rows are kept in {quarantine_dir} with a "
             f"quarantine_reason; fix the input or the column mapping (data.columns / data.event_type_map).")
-    good = tagged.map_batches(_good, batch_format="pandas").materialize()
+    good = tagged.map_batches(_good, batch_format="pyarrow").materialize()
     n_good = good.count()
     if n_good == 0:
         raise PrepError(f"no valid events in {events_path}; quarantine: {q['by_reason']}")

@@ -24,6 +24,16 @@ KEPT_COLUMNS = ("event_time", "event_type", "user_id", "session_id", "item_id", 
                 *EXTRA_ITEM_COLUMNS)
 
 
+def tagged_schema():
+    """Arrow schema of normalize_events' output: fixed, so every block (even an all-null one) agrees."""
+    import pyarrow as pa
+
+    s = pa.string()
+    return pa.schema([("event_time", pa.timestamp("us", tz="UTC")), ("event_type", s), ("user_id", s),
+                      ("session_id", s), ("item_id", s), ("price", pa.float64()), ("quantity", pa.float64()),
+                      ("title", s), ("category", s), ("brand", s), (REASON_COL, s), ("raw", s)])
+
+
 def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, time_unit: str,
                      catalog_ids: Optional[pd.Index]) -> pd.DataFrame:
     """Map a raw batch to the canonical event schema and tag each row with a quarantine reason.

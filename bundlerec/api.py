@@ -41,6 +41,33 @@ class RecommendationRequest(BaseModel):
         return self
 
 
+class BundleRequest(RecommendationRequest):
+    """Same history sources as recommendations, plus the bundle constraints."""
+
+    n: int = Field(default=3, ge=1, le=10, description="bundles to return")
+    max_size: int = Field(default=4, ge=2, le=8, description="items per bundle, at most")
+    budget: Optional[float] = Field(default=None, gt=0, description="maximum list price of a bundle")
+    allow_repeats: bool = Field(default=False, description="allow an item in several bundles")
+
+
+class BundleItem(BaseModel):
+    item_id: str
+    title: str
+    price: Optional[float] = None
+    reason: str
+
+
+class Bundle(BaseModel):
+    name: str
+    score: float
+    items: list[BundleItem]
+    list_price: Optional[float] = None
+    bundle_price: Optional[float] = None
+    discount: Optional[float] = None
+    expected_revenue: Optional[float] = None
+    expected_revenue_separately: Optional[float] = None
+
+
 class RecommendedItem(BaseModel):
     item_id: str
     score: float
@@ -59,5 +86,13 @@ class RecommendationResponse(BaseModel):
     items: list[RecommendedItem]
     cold_start: bool = Field(description="no usable history: the answer is the most popular items")
     unknown_items: list[str] = Field(default_factory=list, description="request items not in the catalog (ignored)")
+    history_source: str
+    model: ModelInfo
+
+
+class BundleResponse(BaseModel):
+    bundles: list[Bundle]
+    cold_start: bool
+    unknown_items: list[str] = Field(default_factory=list)
     history_source: str
     model: ModelInfo

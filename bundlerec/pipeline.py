@@ -142,6 +142,15 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
               flush=True)
         summary.update({"serve_url": f"{dep['serve_url']}/v1/recommendations", "sample_request": body,
                         "sample_response": response})
+        bundle_body = {**body, "n": 1, "max_size": 3}
+        bundle = http_json(f"{dep['serve_url']}/v1/bundles", bundle_body)
+        for b in bundle["bundles"][:1]:
+            print(f"\nbundle for {body['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
+                  f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off)", flush=True)
+            for it in b["items"]:
+                print(f"  - {it['title']} ({it['price']}): {it['reason']}", flush=True)
+        summary.update({"bundles_url": f"{dep['serve_url']}/v1/bundles", "sample_bundle_request": bundle_body,
+                        "sample_bundle": bundle["bundles"][0] if bundle["bundles"] else None})
     summary["pipeline_seconds"] = round(time.time() - t0, 1)
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "summary.json")
     with open(path, "w") as f:

@@ -63,7 +63,31 @@ class Recommender:
         pop = np.load(pop_path) if os.path.exists(pop_path) else np.zeros(len(items))
         latest_path = os.path.join(export_dir, "latest.parquet")
         latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
-        return cls(model, items, index, pop, latest, meta)
+        rec = cls(model, items, index, pop, latest, meta)
+        rec.load_bundle_data(export_dir)
+        return rec
+
+    def load_bundle_data(self, export_dir: str) -> None:
+        """Co-purchase statistics + pricing model for bundles (absent in old exports: text only)."""
+        import pickle
+
+        import scipy.sparse as sp
+
+        from bundlerec.bundles import Compatibility
+        from bundlerec.pricing import PricingModel
+
+        n = len(self.item_ids)
+        path = os.path.join(export_dir, "copurchase.npz")
+        if os.path.exists(path):
+            pairs = sp.load_npz(path)
+            counts = np.load(os.path.join(export_dir, "copurchase_items.npy"))
+            groups = int(open(os.path.join(export_dir, "copurchase_groups.txt")).read())
+        else:
+            pairs, counts, groups = sp.csr_matrix((n, n), dtype=np.float32), np.zeros(n), 1
+        self.compat = Compatibility(pairs, counts, groups, self.model._index.numpy())
+        pricing = os.path.join(export_dir, "pricing.pkl")
+        self.pricing = pickle.load(open(pricing, "rb")) if os.path.exists(pricing) else PricingModel()
+        self.categories = self.items.category.astype(str).tolist()
 
     # ---------------------------------------------------------------- histories
     def history_for_user(self, user_id: str) -> History:
@@ -115,6 +139,49 @@ class Recommender:
             for i in cold:
                 out[i] = top
         return out
+
+    @torch.no_grad()
+    def full_scores(self, h: History) -> np.ndarray:
+        """(N,) scores of every item for one history (popularity for a cold start)."""
+        if not h.items:
+            return self.popularity.numpy().astype(np.float64)
+        items, types, age, valid = pad_history([h.items], [h.types], [h.ages], self.history_len)
+        batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
+                 "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
+        return self.model.score(batch)[0].numpy().astype(np.float64)
+
+    def bundles(self, h: History, n: int = 3, max_size: int = 4, budget: Optional[float] = None,
+                allow_repeats: bool = False, exclude_purchased: bool = True) -> list[dict]:
+        """Personalized, priced bundles for one history (see bundlerec.bundles / bundlerec.pricing)."""
+        from bundlerec.bundles import BundleConstraints, bundle_name, generate
+
+        bought = tuple(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"]) if exclude_purchased else ()
+        c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats)
+        raw = generate(self.full_scores(h), self.compat, self.categories, self.prices, c)
+        seen = set(h.items)
+        out = []
+        for b in raw:
+            items = b["items"]
+            prices = [max(self.prices[i], 0.0) for i in items]
+            priced = self.pricing.price(prices, [self.titles[i] for i in items]) if sum(prices) > 0 else {}
+            out.append({"name": bundle_name([self.categories[i] for i in items]), "score": b["score"],
+                        "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
+                                   "price": None if self.prices[i] < 0 else self.prices[i],
+                                   "reason": self._reason(i, items, seen)} for i in items],
+                        **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
+                                                       "expected_revenue_separately")}})
+        return out
+
+    def _reason(self, item: int, bundle: list, seen: set) -> str:
+        if item in seen:
+            return "you looked at it recently"
+        others = [j for j in bundle if j != item]
+        if others:
+            pmi = self.compat.spmi(np.array([item]), np.array(others))[0]
+            if pmi.max() > 0:
+                return f"often bought with {self.titles[others[int(pmi.argmax())]]}"
+        cat = self.categories[item].replace(".", " > ").split(" > ")[-1]
+        return f"matches your interest in {cat}"
 
     def describe(self, ranked: list[tuple[int, float]]) -> list[dict]:
         return [{"item_id": self.item_ids[p], "score": float(s), "title": self.titles[p],

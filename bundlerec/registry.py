@@ -9,6 +9,7 @@ version becomes ``challenger`` and the reason is recorded on the version. Aliase
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Optional
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "bundlerec"
 PREDICT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "cold_start"]
+BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "bundle_price", "discount", "cold_start"]
+PARAMS = {"k": 10, "output": "items", "n": 3, "max_size": 4, "budget": 0.0}
 
 
 class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
@@ -29,7 +32,8 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
 
     Input columns: ``user_id`` and optionally ``item_id, event_type, event_time``. Rows of a user
     with events are that user's live session; a user with only a ``user_id`` row (item_id null) is
-    looked up in the training snapshot. Output: one row per (user, rank).
+    looked up in the training snapshot. Output: one row per (user, rank); with
+    ``params={"output": "bundles", "n": 3, "max_size": 4, "budget": 0}`` one row per priced bundle.
     """
 
     def load_context(self, context) -> None:
@@ -50,6 +54,15 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
             else:
                 histories.append(self.rec.history_for_user(str(uid)))
             users.append(uid)
+        p = {**PARAMS, **(params or {})}
+        if p["output"] == "bundles":
+            rows = []
+            for uid, h in zip(users, histories):
+                for r, b in enumerate(self.rec.bundles(h, n=int(p["n"]), max_size=int(p["max_size"]),
+                                                       budget=float(p["budget"]) or None), 1):
+                    rows.append((uid, r, b["name"], json.dumps([i["item_id"] for i in b["items"]]), b["list_price"],
+                                 b["bundle_price"], b["discount"], not h.items))
+            return pd.DataFrame(rows, columns=BUNDLE_COLUMNS)
         rows = []
         for uid, h, ranked in zip(users, histories, self.rec.recommend_histories(histories, k)):
             for r, item in enumerate(self.rec.describe(ranked), 1):
@@ -112,7 +125,7 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
                             "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:05:00Z"]})
     pyfunc = BundlerecPyfunc()
     pyfunc.rec = cand
-    signature = infer_signature(example, pyfunc.predict(None, example, {"k": 10}), params={"k": 10})
+    signature = infer_signature(example, pyfunc.predict(None, example, {"k": 10}), params=PARAMS)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
         info = mlflow.pyfunc.log_model(

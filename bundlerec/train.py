@@ -134,5 +134,17 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     np.save(os.path.join(export_dir, "popularity.npy"), popularity(load_split(prep_dir, "train"), len(items)))
     latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
     latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
+    # co-purchase statistics for bundle compatibility: items bought in the same training basket
+    import scipy.sparse as sp
+
+    from bundlerec.bundles import cooccurrence_counts, item_counts
+
+    train = load_split(prep_dir, "train")
+    baskets = train.assign(t0=train["targets"].map(lambda x: int(x[0]))).groupby(["user_id", "target_time"])["t0"].agg(list)
+    groups = [g for g in baskets.tolist() if g]
+    sp.save_npz(os.path.join(export_dir, "copurchase.npz"), cooccurrence_counts(groups, len(items)))
+    np.save(os.path.join(export_dir, "copurchase_items.npy"), item_counts(groups, len(items)))
+    with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
+        f.write(str(len(groups)))
     log.info("train: exported %s (%d items indexed)", export_dir, len(items))
     return export_dir

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, HTTPException
 from ray import serve
 
-from bundlerec.api import ModelInfo, RecommendationRequest, RecommendationResponse
+from bundlerec.api import BundleRequest, BundleResponse, ModelInfo, RecommendationRequest, RecommendationResponse
 
 log = logging.getLogger("ray.serve")
 
@@ -119,6 +119,18 @@ class Recommender:
         ranked = await self._score(m, h, req.k)
         return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
                                       unknown_items=h.unknown_items, history_source=h.source, model=m.info)
+
+    @api.post("/v1/bundles", response_model=BundleResponse)
+    def bundles(self, req: BundleRequest) -> BundleResponse:
+        """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
+        m = self.current
+        if req.events is not None:
+            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+        else:
+            h = m.rec.history_for_user(req.user_id)
+        out = m.rec.bundles(h, n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats)
+        return BundleResponse(bundles=out, cold_start=not h.items, unknown_items=h.unknown_items,
+                              history_source=h.source, model=m.info)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

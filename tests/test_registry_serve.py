@@ -39,13 +39,14 @@ def _get(url):
 
 @pytest.fixture(scope="module")
 def registered(tiny_trained, mlflow_server, tmp_path_factory):
-    """v1 = the fine-tuned export (champion); v2 = a random-init export (worse -> challenger)."""
-    import mlflow
+    """v1 = the fine-tuned export (champion); v2 = the same model with a shuffled item index, i.e. a
+    model whose scores no longer match the items (clearly worse -> challenger)."""
+    import shutil
 
-    from bundlerec.model import TwoTower, build_encoder
-    from bundlerec.pretrained import resolve_model_path
+    import mlflow
+    import numpy as np
+
     from bundlerec.registry import register
-    from bundlerec.train import write_export
 
     cfg, trained, _ = tiny_trained
     name = "bundlerec-test"
@@ -53,9 +54,9 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     v1 = register(trained["export_dir"], prep, mlflow_server, "registry-test", model_name=name,
                   history_len=cfg.data.history_len)
     worse_dir = str(tmp_path_factory.mktemp("worse") / "export")
-    torch_model = TwoTower(build_encoder(resolve_model_path(cfg.model.name_or_path), random_init=True),
-                           cfg.model.temperature)
-    write_export(torch_model, cfg, prep, worse_dir)
+    shutil.copytree(trained["export_dir"], worse_dir)
+    index = np.load(f"{worse_dir}/item_index.npy")
+    np.save(f"{worse_dir}/item_index.npy", index[np.random.default_rng(0).permutation(len(index))])
     v2 = register(worse_dir, prep, mlflow_server, "registry-test", model_name=name, history_len=cfg.data.history_len)
     return {"cfg": cfg, "name": name, "v1": v1, "v2": v2, "client": mlflow.MlflowClient(mlflow_server),
             "uri": mlflow_server}
@@ -81,8 +82,11 @@ items = m.unwrap_python_model().rec.item_ids
 df = pd.DataFrame({{"user_id": ["live", "live", "ghost"], "item_id": [items[0], items[1], None],
                     "event_type": ["view", "cart", None], "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z", None]}})
 out = m.predict(df, params={{"k": 4}})
+b = m.predict(df, params={{"output": "bundles", "n": 2, "max_size": 3}})
 print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist()),
-                  "cold": out.groupby("user_id").cold_start.first().to_dict(), "ray": "ray" in sys.modules}}))
+                  "cold": out.groupby("user_id").cold_start.first().to_dict(), "ray": "ray" in sys.modules,
+                  "bundle_sizes": [len(json.loads(x)) for x in b.item_ids], "bundle_prices_ok":
+                  bool((b.bundle_price <= b.list_price).all())}}))
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
     env.pop("RAY_ADDRESS", None)
@@ -92,6 +96,7 @@ print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist
     assert res["rows"] == 8 and res["users"] == ["ghost", "live"]
     assert res["cold"] == {"ghost": True, "live": False}
     assert res["ray"] is False
+    assert res["bundle_sizes"] and all(2 <= n <= 3 for n in res["bundle_sizes"]) and res["bundle_prices_ok"]
 
 
 def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster):
@@ -130,6 +135,17 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert code == 200 and body["unknown_items"] == ["NOPE"] and body["cold_start"] is False
         code, body = _post(f"{base}/v1/recommendations", {"user_id": "never-seen", "k": 3})
         assert code == 200 and body["cold_start"] is True and len(body["items"]) == 3
+
+        # --- priced bundles under constraints
+        code, body = _post(f"{base}/v1/bundles", {"user_id": user, "n": 2, "max_size": 3, "budget": 400})
+        assert code == 200, body
+        assert 1 <= len(body["bundles"]) <= 2
+        ids = [i["item_id"] for b in body["bundles"] for i in b["items"]]
+        assert len(ids) == len(set(ids))
+        for b in body["bundles"]:
+            assert 2 <= len(b["items"]) <= 3 and b["list_price"] <= 400
+            assert b["bundle_price"] <= b["list_price"] and all(i["reason"] for i in b["items"])
+        assert _post(f"{base}/v1/bundles", {"user_id": user, "max_size": 1})[0] == 422
 
         # --- bad input: clear 422s
         for bad in ({"user_id": user, "k": 0}, {"user_id": user, "k": 10_000}, {},

@@ -1,0 +1,206 @@
+"""Train on one bundlerec_intent directory, evaluate bundle completion and generation on another.
+
+Training is the normal Ray Train + DeepSpeed loop with a *bundle-completion* objective: each
+training bundle becomes examples whose "history" is part of the bundle and whose target is one of
+the remaining items (so in-batch softmax learns "what completes this bundle"). Nothing from the
+evaluation directory is used for training or for choosing thresholds.
+
+Completion: for each evaluation bundle, given its first item (and, separately, half of its items),
+rank the domain's catalog (inputs excluded) for the rest. Generation: given a session's items,
+partition them into bundles and match them one-to-one to the annotated bundles by Jaccard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from bundlerec import bundles as bl
+from bundlerec.config import PipelineConfig
+from bundlerec.intent_data import Domain, load
+from bundlerec.ranking_metrics import MetricAccumulator
+
+log = logging.getLogger(__name__)
+METHODS = ("bundlerec", "popular", "itemknn", "zeroshot")
+COMPLETION_METRICS = ("recall@10", "ndcg@10", "recall@20")
+
+
+def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, split: str) -> list[tuple]:
+    rows = []
+    t = pd.Timestamp("2014-01-01", tz="UTC")
+    for items in bundles["items"]:
+        ids = [index[i] for i in items]
+        if split == "train":  # every item is once the target of a random part of the rest
+            for k, tgt in enumerate(ids):
+                rest = ids[:k] + ids[k + 1:]
+                part = list(rng.permutation(rest)[: rng.integers(1, len(rest) + 1)])
+                rows.append(("b", split, t, [tgt], part, [3] * len(part), [0.0] * len(part), len(ids), 0))
+        else:
+            rows.append(("b", split, t, ids[1:], ids[:1], [3], [0.0], len(ids), 0))
+    return rows
+
+
+def write_training_data(train: dict[str, Domain], items: pd.DataFrame, out: str, cfg: PipelineConfig,
+                        val_frac: float = 0.1, seed: int = 0) -> str:
+    """A prep-format directory (items + examples) for the bundle-completion objective."""
+    import ray.data
+
+    from bundlerec import catalog as catalog_lib
+    from bundlerec.prep import EXAMPLE_ARROW
+    from bundlerec.storage import reset_dir
+
+    rng = np.random.default_rng(seed)
+    index = dict(zip(items.item_id, items.item_idx))
+    rows = {"train": [], "val": [], "test": [], "latest": []}
+    for d in train.values():
+        b = d.bundles.sample(frac=1.0, random_state=seed)
+        n_val = int(len(b) * val_frac)
+        rows["train"] += _example_rows(b.iloc[n_val:], index, rng, "train")
+        rows["val"] += _example_rows(b.iloc[:n_val], index, rng, "val")
+    rows["test"] = rows["val"]
+    cols = [f.name for f in EXAMPLE_ARROW]
+    for split, r in rows.items():
+        reset_dir(os.path.join(out, "examples", split))
+        df = pd.DataFrame(r, columns=cols)
+        pq.write_table(pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False),
+                       os.path.join(out, "examples", split, "part-0.parquet"))
+    reset_dir(os.path.join(out, "items"))
+    ray.data.from_pandas(items).map_batches(
+        catalog_lib.tokenize_batch, batch_format="pandas", batch_size=4096,
+        fn_kwargs={"model_name": cfg.model.name_or_path, "max_tokens": cfg.data.item_max_tokens},
+    ).repartition(1).write_parquet(os.path.join(out, "items"))
+    return out
+
+
+class _Masked:
+    """Scores restricted to one domain's items, inputs excluded."""
+
+    def __init__(self, scorer, allowed: np.ndarray):
+        self.scorer, self.allowed = scorer, allowed
+
+    def score(self, batch):
+        s = self.scorer.score(batch).float().clone()
+        s[:, ~torch.as_tensor(self.allowed)] = -1e9
+        hist = batch["hist_items"].clamp(min=0)
+        s.scatter_(1, hist, torch.full(hist.shape, -1e9))
+        return s
+
+
+def _completion(scorer, bundles: pd.DataFrame, index: dict, allowed: np.ndarray, mode: str, n_items: int) -> dict:
+    from bundlerec.batching import history_tensors
+
+    acc = MetricAccumulator([10, 20], n_items)
+    masked = _Masked(scorer, allowed)
+    rows = []
+    for items in bundles["items"]:
+        ids = [index[i] for i in items]
+        k = 1 if mode == "first" else math.ceil(len(ids) / 2)
+        if len(ids) - k >= 1:
+            rows.append((ids[:k], ids[k:]))
+    for i in range(0, len(rows), 256):
+        chunk = rows[i:i + 256]
+        hist = [r[0] for r in chunk]
+        batch = history_tensors({"hist_items": hist, "hist_types": [[3] * len(h) for h in hist],
+                                 "hist_age_hours": [[0.0] * len(h) for h in hist]}, 64, "cpu")
+        acc.update(masked.score(batch), [r[1] for r in chunk])
+    res = acc.result()
+    return {m: res[m] for m in COMPLETION_METRICS}
+
+
+def _generation(domain: Domain, index: dict, method: str, compat, pop: np.ndarray, threshold: float,
+                max_size: int) -> dict:
+    truth = domain.bundles.groupby("session_id")["items"].agg(list)
+    tot = [0.0, 0, 0]
+    for sess in domain.sessions.itertuples():
+        if sess.session_id not in truth.index:
+            continue
+        ids = [index[i] for i in sess.items if i in index]
+        if method == "popular":  # the session's most popular items as one bundle
+            top = sorted(ids, key=lambda i: -pop[i])[:max_size]
+            gen = [top] if len(top) >= 2 else []
+        else:
+            gen = bl.partition(ids, compat, threshold, max_size)
+        j, g, t = bl.match(gen, [[index[i] for i in b] for b in truth[sess.session_id]])
+        tot[0] += j
+        tot[1] += g
+        tot[2] += t
+    return bl.prf(*tot)
+
+
+def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str) -> dict:
+    from bundlerec.catalog import finalize, load_items, padded_tokens
+    from bundlerec.evaluate import zeroshot_model
+    from bundlerec.model import load_export
+    from bundlerec.train import fit
+
+    t0 = time.time()
+    train, evald = load(train_dir), load(eval_dir)
+    cat = pd.concat([d.items for d in list(train.values()) + list(evald.values())]).drop_duplicates("item_id")
+    items = finalize(cat)
+    prep_dir = write_training_data(train, items, os.path.join(work_dir, "prep"), cfg, seed=cfg.train.seed)
+    items = load_items(prep_dir)
+    index = dict(zip(items.item_id, items.item_idx))
+    n = len(items)
+    cfg.data.output_dir = prep_dir
+    trained = fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
+    ids, mask = padded_tokens(items)
+    model, _ = load_export(trained["export_dir"])
+    emb_ft = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask))
+    zs = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
+    emb_zs = zs._index
+
+    groups = [[index[i] for i in b] for d in train.values() for b in d.bundles["items"]]
+    groups += [[index[i] for i in s if i in index] for d in train.values() for s in d.sessions["items"]]
+    pairs, counts = bl.cooccurrence_counts(groups, n), bl.item_counts(groups, n)
+    pop = bl.item_counts([[index[i] for i in b] for d in train.values() for b in d.bundles["items"]], n)
+
+    class _KNN:
+        def score(self, batch):
+            h = batch["hist_items"].numpy()
+            v = batch["hist_valid"].numpy()
+            q = sp_rows(h, v, n)
+            return torch.as_tensor((q @ pairs).toarray(), dtype=torch.float32) + torch.as_tensor(pop * 1e-6, dtype=torch.float32)
+
+    class _Pop:
+        def score(self, batch):
+            return torch.as_tensor(pop, dtype=torch.float32).unsqueeze(0).expand(batch["hist_items"].shape[0], -1)
+
+    scorers = {"bundlerec": model, "popular": _Pop(), "itemknn": _KNN(), "zeroshot": zs}
+    compats = {"bundlerec": bl.Compatibility(pairs, counts, len(groups), emb_ft.numpy()),
+               "itemknn": bl.Compatibility(pairs, counts, len(groups), None, w_text=0.0),
+               "zeroshot": bl.Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0),
+               "popular": None}
+    out: dict = {"completion": {}, "completion_half": {}, "generation": {}, "thresholds": {}}
+    for dname, d in evald.items():
+        allowed = items.item_id.str.startswith(dname + ":").to_numpy()
+        out["completion"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "first", n) for m in METHODS}
+        out["completion_half"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "half", n) for m in METHODS}
+        out["generation"][dname], out["thresholds"][dname] = {}, {}
+        for m in METHODS:
+            thr = 0.0
+            if m != "popular" and dname in train:  # threshold chosen on the *training* sessions
+                grid = np.quantile(compats[m].matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 12))
+                thr = max(grid, key=lambda th: _generation(train[dname], index, m, compats[m], pop, th, 8)["f1"])
+            out["thresholds"][dname][m] = float(thr)
+            out["generation"][dname][m] = _generation(d, index, m, compats[m], pop, thr, 8)
+    out["seconds"] = round(time.time() - t0, 1)
+    out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds")}
+    out["train"]["last_metrics"] = trained["last_metrics"]
+    return out
+
+
+def sp_rows(h: np.ndarray, valid: np.ndarray, n: int):
+    import scipy.sparse as sp
+
+    rows = np.repeat(np.arange(h.shape[0]), h.shape[1])[valid.ravel()]
+    q = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, h.ravel()[valid.ravel()])), shape=(h.shape[0], n))
+    q.data[:] = 1.0
+    return q

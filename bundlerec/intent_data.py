@@ -1,0 +1,78 @@
+"""Loader for the bundlerec_intent format (Amazon sessions split into crowd-annotated bundles).
+
+A directory holds one folder per domain (``electronic/``, ``clothing/``, ``food/``) or is itself one
+domain; each folder has ``items, session_item, session_bundle, bundle_item, bundle_intent`` as
+``.csv.gz`` (see ../shared/data/bundlerec_intent/README.md). Any directory of that format works:
+evaluation never assumes a particular user set. ``user_item`` is deliberately not read: it is the
+union of each user's bundle items, so feeding it as history would leak the targets.
+
+Item ids are prefixed with the domain (``food:123``) so domains can share one model and catalog.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+from dataclasses import dataclass
+
+import pandas as pd
+
+REQUIRED = ("items", "session_item", "session_bundle", "bundle_item")
+
+
+@dataclass
+class Domain:
+    name: str
+    items: pd.DataFrame  # item_id, title, category, brand, price, description
+    bundles: pd.DataFrame  # bundle_id, session_id, items (list), intent
+    sessions: pd.DataFrame  # session_id, items (list)
+
+
+def _category(raw: str) -> str:
+    """'[[Clothing, Shoes & Jewelry,Women,Shoes]]' -> 'Women > Shoes' (levels split on ',' without a space)."""
+    first = re.split(r"\]\s*,\s*\[", str(raw).strip("[]"))[0]
+    path = [p.strip() for p in re.split(r",(?! )", first) if p.strip()]
+    return " > ".join(path[1:4] or path[:1])
+
+
+def domain_dirs(path: str) -> dict[str, str]:
+    if all(os.path.exists(os.path.join(path, f"{f}.csv.gz")) for f in REQUIRED):
+        return {os.path.basename(os.path.normpath(path)): path}
+    out = {d: os.path.join(path, d) for d in sorted(os.listdir(path))
+           if all(os.path.exists(os.path.join(path, d, f"{f}.csv.gz")) for f in REQUIRED)}
+    if not out:
+        raise FileNotFoundError(f"{path}: no bundlerec_intent domain folders (need {', '.join(REQUIRED)} .csv.gz)")
+    return out
+
+
+def load_domain(name: str, path: str) -> Domain:
+    r = lambda f: pd.read_csv(os.path.join(path, f"{f}.csv.gz"))  # noqa: E731
+    pre = lambda s: name + ":" + s.astype(str)  # noqa: E731
+    items = r("items")
+    items = pd.DataFrame({"item_id": pre(items.item_id), "title": items.title.astype(str).map(html.unescape),
+                          "category": items.categories.map(_category), "brand": pd.NA, "price": float("nan"),
+                          "description": pd.NA})
+    bi = r("bundle_item")
+    bi["item_id"] = pre(bi.item_id)
+    sb = r("session_bundle")
+    bundles = (bi.groupby("bundle_id").item_id.agg(lambda s: list(dict.fromkeys(s))).rename("items").reset_index()
+                 .merge(sb, on="bundle_id", how="left"))
+    intent_path = os.path.join(path, "bundle_intent.csv.gz")
+    if os.path.exists(intent_path):
+        bundles = bundles.merge(pd.read_csv(intent_path), on="bundle_id", how="left")
+    else:
+        bundles["intent"] = pd.NA
+    bundles["bundle_id"] = name + ":" + bundles.bundle_id.astype(str)
+    bundles["session_id"] = name + ":" + bundles.session_id.astype(str)
+    si = r("session_item")
+    si["item_id"] = pre(si.item_id)
+    sessions = si.groupby("session_id").item_id.agg(lambda s: list(dict.fromkeys(s))).rename("items").reset_index()
+    sessions["session_id"] = name + ":" + sessions.session_id.astype(str)
+    known = set(items.item_id)
+    bundles = bundles[bundles["items"].map(lambda xs: len(xs) >= 2 and all(x in known for x in xs))]
+    return Domain(name, items, bundles.reset_index(drop=True), sessions)
+
+
+def load(path: str) -> dict[str, Domain]:
+    return {name: load_domain(name, p) for name, p in domain_dirs(path).items()}

@@ -1,0 +1,33 @@
+"""Bundle-pricing evaluation on real Steam bundles: out-of-sample (k-fold) discount MAE and final-price
+MAPE of bundlerec's revenue-optimal prices against the median and median-by-size baselines.
+
+    python -m jobs.eval_pricing --data-dir ../shared/data/steam_bundles --out runs/eval_pricing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from bundlerec.pricing import evaluate_pricing
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="bundlerec pricing evaluation (Steam bundles format)")
+    p.add_argument("--data-dir", required=True, help="folder with bundles.csv.gz and bundle_items.csv.gz")
+    p.add_argument("--out", required=True)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--s", type=float, default=0.3, help="assumed logistic scale of willingness to pay")
+    args = p.parse_args(argv)
+    res = evaluate_pricing(args.data_dir, folds=args.folds, s=args.s)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    for metric in ("discount_mae", "final_price_mape"):
+        print(metric, "  ".join(f"{k} {v:.4f}" for k, v in res[metric].items()))
+    return res
+
+
+if __name__ == "__main__":
+    main()

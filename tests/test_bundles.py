@@ -1,0 +1,111 @@
+"""Bundles and pricing: constraints, the pricing optimiser against a hand-solved case, the matching
+metric, and a behaviour check on synthetic data with planted bundles."""
+
+import math
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from bundlerec import bundles as bl
+from bundlerec.pricing import FEATURES, PricingModel, bundle_features, evaluate_pricing
+
+STEAM = "/work/shared/data/steam_bundles"
+
+
+def _compat(n=12, seed=0, groups=None):
+    rng = np.random.default_rng(seed)
+    E = rng.normal(size=(n, 8))
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    groups = groups or [[0, 1, 2], [3, 4], [5, 6, 7]]
+    return bl.Compatibility(bl.cooccurrence_counts(groups, n), bl.item_counts(groups, n), len(groups), E)
+
+
+@pytest.mark.parametrize("budget,max_size", [(None, 4), (50.0, 3), (20.0, 2)])
+def test_generate_respects_constraints(budget, max_size):
+    n = 12
+    rng = np.random.default_rng(1)
+    prices = rng.uniform(5, 30, n).round(2).tolist()
+    cats = [f"c{i % 4}" for i in range(n)]
+    c = bl.BundleConstraints(n=4, min_size=2, max_size=max_size, budget=budget, exclude=(0, 5), max_per_category=1)
+    out = bl.generate(rng.normal(size=n), _compat(n), cats, prices, c)
+    assert out, "no bundle generated"
+    seen = []
+    for b in out:
+        assert 2 <= len(b["items"]) <= max_size
+        assert len(set(b["items"])) == len(b["items"])                       # no duplicates inside
+        assert not {0, 5} & set(b["items"])                                   # excluded items never appear
+        assert len({cats[i] for i in b["items"]}) == len(b["items"])          # category diversity
+        if budget is not None:
+            assert sum(prices[i] for i in b["items"]) <= budget + 1e-9        # budget never exceeded
+        assert b["list_price"] == pytest.approx(sum(prices[i] for i in b["items"]), abs=0.01)
+        seen += b["items"]
+    assert len(seen) == len(set(seen))                                        # no item repeated across bundles
+
+
+def test_pricing_optimum_matches_hand_solved_case():
+    # s = 0.5 makes the offset s*logit(1-s) zero; an unfitted model assumes the optimal discount 0.2,
+    # so mu = log(0.8): revenue p * sigmoid((log 0.8 - log(p/L)) / 0.5) peaks at p = 0.8 L with P(buy) = 0.5.
+    m = PricingModel(s=0.5, default_discount=0.2)
+    r = m.price([30.0, 20.0, 50.0], max_discount=0.6, grid=4001)
+    assert r["list_price"] == 100.0
+    assert r["bundle_price"] == pytest.approx(80.0, abs=0.05) and r["discount"] == pytest.approx(0.2, abs=5e-4)
+    assert r["purchase_probability"] == pytest.approx(0.5, abs=1e-3)
+    assert r["expected_revenue"] == pytest.approx(40.0, abs=0.05)
+    # brute force of the same objective, independently
+    ps = np.linspace(40, 100, 60001)
+    rev = ps / (1 + np.exp(-(math.log(0.8) - np.log(ps / 100)) / 0.5))
+    assert r["bundle_price"] == pytest.approx(ps[rev.argmax()], abs=0.05)
+
+
+def test_pricing_constraints_bind():
+    m = PricingModel(s=0.5, default_discount=0.2)
+    assert m.price([60.0, 40.0], max_discount=0.1)["bundle_price"] == pytest.approx(90.0)   # max discount
+    margin = m.price([60.0, 40.0], costs=[50.0, 35.0], min_margin=0.1)
+    assert margin["bundle_price"] >= 85.0 * 1.1 - 1e-9                                       # minimum margin
+    ending = m.price([60.0, 40.0], price_ending=0.99)
+    assert round(ending["bundle_price"] % 1, 2) == 0.99 and ending["bundle_price"] <= 100
+    with pytest.raises(ValueError, match="no feasible price"):
+        m.price([10.0], costs=[20.0], min_margin=0.0)
+
+
+def test_best_jaccard_matching():
+    total, g, t = bl.match([[1, 2, 3], [4, 5]], [[1, 2], [4, 5], [6, 7]])
+    assert (g, t) == (2, 3) and total == pytest.approx(2 / 3 + 1.0)
+    p = bl.prf(total, g, t)
+    assert p["precision"] == pytest.approx((5 / 3) / 2) and p["recall"] == pytest.approx((5 / 3) / 3)
+    assert bl.prf(*bl.match([], [[1, 2]]))["f1"] == 0.0
+
+
+def test_partition_recovers_planted_groups_better_than_one_big_bundle():
+    # synthetic: items in planted bundles co-occur in training groups; a session mixes two bundles
+    rng = np.random.default_rng(0)
+    n, planted = 60, [list(range(i, i + 3)) for i in range(0, 60, 3)]
+    train_groups = [list(rng.permutation(b)[: rng.integers(2, 4)]) for b in planted for _ in range(5)]
+    compat = bl.Compatibility(bl.cooccurrence_counts(train_groups, n), bl.item_counts(train_groups, n),
+                              len(train_groups), None, w_text=0.0)
+    ours, naive = [0.0, 0, 0], [0.0, 0, 0]
+    for k in range(0, 20, 2):
+        session = planted[k] + planted[k + 1]
+        for acc, gen in ((ours, bl.partition(session, compat, threshold=0.5)), (naive, [session])):
+            j, g, t = bl.match(gen, [planted[k], planted[k + 1]])
+            acc[0] += j
+            acc[1] += g
+            acc[2] += t
+    assert bl.prf(*ours)["f1"] > 0.9 and bl.prf(*ours)["f1"] > 2 * bl.prf(*naive)["f1"]
+
+
+def test_features_and_names():
+    x = bundle_features([9.99, 2.99], ["Game", "Game - Soundtrack"], ["Action, Indie", "Action"], "Game Complete")
+    assert x.shape == (len(FEATURES),)
+    assert bl.bundle_name(["photography.cameras", "photography.tripods"]) == "Photography bundle"
+
+
+@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
+def test_pricing_beats_the_median_on_real_steam_bundles():
+    r = evaluate_pricing(STEAM, folds=5)
+    assert r["n_bundles"] == 615
+    assert r["discount_mae"]["bundlerec"] < r["discount_mae"]["median"]
+    assert r["discount_mae"]["bundlerec"] < r["discount_mae"]["median_by_size"]

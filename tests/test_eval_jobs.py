@@ -1,0 +1,70 @@
+"""The two evaluation commands, end to end, on small slices of the shared datasets (as users run them)."""
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+DATA = "/work/shared/data"
+INTENT = f"{DATA}/bundlerec_intent"
+pytestmark = [pytest.mark.skipif(not os.path.exists(INTENT), reason="shared data not present")]
+FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
+         "user_bundle")
+
+
+def _slice(dst, domain, sessions, extra_items=150, seed=0):
+    """Same format, fewer sessions: their bundles, items, plus some catalog-only items."""
+    src = f"{INTENT}/{domain}"
+    t = {f: pd.read_csv(f"{src}/{f}.csv.gz") for f in FILES}
+    sb = t["session_bundle"][t["session_bundle"].session_id.isin(sessions)]
+    keep_items = set(t["session_item"][t["session_item"].session_id.isin(sessions)].item_id)
+    extra = t["items"][~t["items"].item_id.isin(keep_items)].sample(extra_items, random_state=seed).item_id
+    out = {
+        "items": t["items"][t["items"].item_id.isin(keep_items | set(extra))],
+        "session_item": t["session_item"][t["session_item"].session_id.isin(sessions)],
+        "session_bundle": sb,
+        "bundle_item": t["bundle_item"][t["bundle_item"].bundle_id.isin(sb.bundle_id)],
+        "bundle_intent": t["bundle_intent"][t["bundle_intent"].bundle_id.isin(sb.bundle_id)],
+        "user_session": t["user_session"][t["user_session"].session_id.isin(sessions)],
+    }
+    users = set(out["user_session"].user_id)
+    out["user_bundle"] = t["user_bundle"][t["user_bundle"].user_id.isin(users)]
+    out["user_item"] = t["user_item"][t["user_item"].user_id.isin(users)]
+    os.makedirs(f"{dst}/{domain}", exist_ok=True)
+    for f, df in out.items():
+        df.to_csv(f"{dst}/{domain}/{f}.csv.gz", index=False)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_eval_bundles_command(ray_cluster, tmp_path):
+    from jobs.eval_bundles import main
+
+    for domain in ("electronic", "food"):
+        s = pd.read_csv(f"{INTENT}/{domain}/session_bundle.csv.gz").session_id.drop_duplicates().sample(frac=1, random_state=0)
+        _slice(tmp_path / "train", domain, set(s.iloc[:120]))
+        _slice(tmp_path / "eval", domain, set(s.iloc[120:170]))
+    out = tmp_path / "bundles.json"
+    res = main(["--train-dir", str(tmp_path / "train"), "--eval-dir", str(tmp_path / "eval"), "--out", str(out),
+                "--work-dir", str(tmp_path / "work"), "train.epochs=1", "train.max_steps_per_epoch=4",
+                "train.micro_batch=8", "model.freeze_layers=4", "data.item_max_tokens=32"])
+    assert json.loads(out.read_text())["completion"] == res["completion"]
+    for domain in ("electronic", "food"):
+        for method in ("bundlerec", "popular", "itemknn", "zeroshot"):
+            c = res["completion"][domain][method]
+            g = res["generation"][domain][method]
+            assert set(c) == {"recall@10", "ndcg@10", "recall@20"} and set(g) == {"precision", "recall", "f1"}
+            assert 0 <= c["recall@10"] <= c["recall@20"] <= 1 and 0 <= g["f1"] <= 1
+        # the text encoder knows what goes together: better than popularity on unseen sessions
+        assert res["completion"][domain]["zeroshot"]["recall@20"] > res["completion"][domain]["popular"]["recall@20"]
+
+
+def test_eval_pricing_command(tmp_path):
+    from jobs.eval_pricing import main
+
+    out = tmp_path / "pricing.json"
+    res = main(["--data-dir", f"{DATA}/steam_bundles", "--out", str(out)])
+    assert set(res["discount_mae"]) == {"bundlerec", "median", "median_by_size"}
+    assert set(res["final_price_mape"]) == {"bundlerec", "median", "median_by_size"}
+    assert json.loads(out.read_text())["discount_mae"] == res["discount_mae"]

@@ -76,3 +76,35 @@ def load_domain(name: str, path: str) -> Domain:
 
 def load(path: str) -> dict[str, Domain]:
     return {name: load_domain(name, p) for name, p in domain_dirs(path).items()}
+
+
+def split_by_user(src: str, out: str, fold: int = 1, mod: int = 5) -> dict:
+    """Write ``out/train`` and ``out/eval`` copies of ``src`` split by user, like the upstream hold-out:
+    a user goes to eval iff ``int(sha1(f"{domain}:{user_id}"), 16) % mod == fold`` (with all of their
+    sessions and bundles). Use a fold other than the one already held out upstream (0)."""
+    import hashlib
+
+    counts = {}
+    for name, path in domain_dirs(src).items():
+        r = lambda f: pd.read_csv(os.path.join(path, f"{f}.csv.gz"))  # noqa: E731
+        us = r("user_session")
+        ev_users = {u for u in us.user_id.unique()
+                    if int(hashlib.sha1(f"{name}:{u}".encode()).hexdigest(), 16) % mod == fold}
+        for side in ("train", "eval"):
+            keep_users = (us.user_id.isin(ev_users)) if side == "eval" else ~us.user_id.isin(ev_users)
+            sessions = set(us[keep_users].session_id)
+            sb = r("session_bundle")
+            sb = sb[sb.session_id.isin(sessions)]
+            users = set(us[keep_users].user_id)
+            tables = {"items": r("items"), "user_session": us[keep_users],
+                      "session_item": r("session_item").query("session_id in @sessions"),
+                      "session_bundle": sb, "bundle_item": r("bundle_item").query("bundle_id in @sb.bundle_id"),
+                      "bundle_intent": r("bundle_intent").query("bundle_id in @sb.bundle_id"),
+                      "user_bundle": r("user_bundle").query("user_id in @users"),
+                      "user_item": r("user_item").query("user_id in @users")}
+            d = os.path.join(out, side, name)
+            os.makedirs(d, exist_ok=True)
+            for f, df in tables.items():
+                df.to_csv(os.path.join(d, f"{f}.csv.gz"), index=False)
+            counts[f"{side}/{name}"] = {"users": len(users), "bundles": len(sb)}
+    return counts

@@ -1,0 +1,70 @@
+"""The model contract (loss / score / topk), zero-shot equivalence at init, freezing and LoRA."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bundlerec.batching import Collator, history_tensors
+from bundlerec.model import TwoTower, build_encoder
+from bundlerec.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_path
+
+MODEL = "all-MiniLM-L6-v2"
+TEXTS = ["Lumix pro zoom lens | category: photography > camera lenses", "Kestrel travel tripod | category: tripods",
+         "Crema espresso roast beans | category: coffee beans", "Bruhaus burr grinder | category: coffee grinders",
+         "Stride trail running shoes | category: running shoes", "Velo compression socks | category: sports socks"]
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    enc = load_tokenizer(MODEL)(TEXTS, padding=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def _batch(collate, hist, targets):
+    return collate({"hist_items": hist, "hist_types": [[0] * len(h) for h in hist],
+                    "hist_age_hours": [[1.0] * len(h) for h in hist], "targets": [[t] for t in targets]})
+
+
+def test_untrained_model_is_the_zero_shot_mean_of_history(tokens):
+    torch.manual_seed(0)
+    m = TwoTower(build_encoder(resolve_model_path(MODEL)), 0.05).eval()
+    ids, mask = map(torch.as_tensor, tokens)
+    idx = m.index_items(ids, mask)
+    b = history_tensors({"hist_items": [[0, 1]], "hist_types": [[0, 2]], "hist_age_hours": [[5.0, 1.0]]}, 4, "cpu")
+    expected = F.normalize(idx[[0, 1]].mean(0), dim=0) @ idx.T / 0.05
+    assert torch.allclose(m.score(b)[0], expected, atol=1e-4)
+    scores, top = m.topk(b, 3)
+    assert top.shape == (1, 3) and torch.all(scores[:, :-1] >= scores[:, 1:])
+
+
+def test_loss_falls_on_a_fixed_batch_and_grads_reach_both_towers(tokens):
+    torch.manual_seed(0)
+    m = TwoTower(build_encoder(resolve_model_path(MODEL), freeze_layers=4), 0.05)
+    collate = Collator(*tokens, popularity=np.ones(6), history_len=4, sampled_negatives=2)
+    batch = _batch(collate, [[0], [2], [4]], [1, 3, 5])  # lens -> tripod, beans -> grinder, shoes -> socks
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = m.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] * 0.7, losses
+    assert m.user_tower.proj.weight.grad is not None and m.encoder.encoder.layer[5].attention.self.query.weight.grad is not None
+    assert all(p.grad is None for p in m.encoder.embeddings.parameters())  # frozen
+
+
+def test_lora_trains_adapters_only():
+    enc = build_encoder(resolve_model_path(MODEL), lora_rank=4)
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for n, p in enc.named_parameters() if p.requires_grad) < 0.05 * sum(p.numel() for p in enc.parameters())
+
+
+def test_missing_model_gives_a_clear_hint(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="local copy|does not exist"):
+        resolve_model_path("some-org/not-in-cache-model")
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))

@@ -121,9 +121,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         "run_id": results["run_id"], "export_dir": results["export_dir"],
         "metrics": {m: {k: v[k] for k in SUMMARY_METRICS if k in v} for m, v in results["metrics"].items()},
     })
-    last = results.get("train", {}).get("last_metrics") or {}
-    if last:
-        summary["train_samples_per_s_per_worker"] = last.get("samples_per_s_per_worker")
+    last = results.get("train", {}).get("last_metrics") or results.get("best_trial") or {}
+    if last.get("samples_per_s_per_worker"):
+        summary["train_samples_per_s_per_worker"] = last["samples_per_s_per_worker"]
     if "register" in cfg.stages:
         from bundlerec.registry import register
 

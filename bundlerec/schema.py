@@ -119,13 +119,20 @@ def clean_id(col: pd.Series) -> pd.Series:
     return s.mask(s == "")
 
 
+def _present(v) -> bool:
+    try:
+        return v is not None and not pd.isna(v) and str(v) != ""
+    except (TypeError, ValueError):  # list-like values
+        return True
+
+
 def item_text(title, category, brand, price) -> str:
     """The text the item tower reads. One function, used by prep, evaluation and serving."""
-    parts = [str(title) if title is not None and title == title else ""]
-    if category is not None and category == category and str(category):
+    parts = [str(title) if _present(title) else ""]
+    if _present(category):
         parts.append(f"category: {str(category).replace('.', ' > ')}")
-    if brand is not None and brand == brand and str(brand):
+    if _present(brand):
         parts.append(f"brand: {brand}")
-    if price is not None and price == price and np.isfinite(price) and price >= 0:
+    if _present(price) and np.isfinite(float(price)) and float(price) >= 0:
         parts.append(f"price: {float(price):.2f}")
     return " | ".join(p for p in parts if p)

@@ -166,6 +166,8 @@ def run_sweep(cfg: PipelineConfig) -> dict:
         if run_id and not done:
             client.set_terminated(run_id, "KILLED")  # stopped early by ASHA
         trials.append({"trial_id": tid, "config": r.config, METRIC: best_val, "epochs": r.metrics.get("epoch"),
+                       "samples_per_s_per_worker": r.metrics.get("samples_per_s_per_worker"),
+                       "trial_seconds": r.metrics.get("time_total_s"),
                        "run_id": run_id, "export_dir": export_dir if done else None,
                        "stopped_early": not done, "error": str(r.error) if r.error else None})
     trials.sort(key=lambda t: -(t[METRIC] or -1))

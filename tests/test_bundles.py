@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from bundlerec import bundles as bl
 from bundlerec.pricing import FEATURES, PricingModel, bundle_features, evaluate_pricing
 
-STEAM = "/work/shared/data/steam_bundles"
+STEAM = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "steam_bundles")
 
 
 def _compat(n=12, seed=0, groups=None):

@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 
-DATA = "/work/shared/data"
+DATA = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data")
 INTENT = f"{DATA}/bundlerec_intent"
 pytestmark = [pytest.mark.skipif(not os.path.exists(INTENT), reason="shared data not present")]
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",

@@ -89,6 +89,10 @@ class DataConfig:
     """Token budget for one item's text (title, category, brand, price)."""
     max_bad_fraction: float = 0.05
     """Prep fails when more than this fraction of rows is quarantined."""
+    max_future_skew_hours: float = 24.0
+    """Events later than prep time + this are quarantined as clock skew (future_time)."""
+    max_price: float = 1.0e7
+    """Prices above this are quarantined as implausible (implausible_price)."""
     num_shards: int = 4
     """Parquet shards per output split (and partitions for the per-user shuffle)."""
     output_dir: str = "runs/demo/prep"
@@ -106,6 +110,7 @@ class DataConfig:
         _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
         _check(self.num_shards >= 1, "data.num_shards must be >= 1")
+        _check(self.max_future_skew_hours >= 0 and self.max_price > 0, "data.max_future_skew_hours>=0, max_price>0")
         for v in self.event_type_map.values():
             _check(v in {None, "view", "click", "cart", "purchase"}, f"data.event_type_map value {v!r}")
 
@@ -263,6 +268,10 @@ class ServeConfig:
     """Ray dashboard (Serve REST API) that receives the deployment."""
     poll_s: float = 10.0
     """Seconds between champion-alias checks in each replica."""
+    auth: bool = False
+    """Require a bearer token on the API (the deploy stage writes a fresh one to token_file, mode 0600)."""
+    token_file: str = "runs/demo/api_token"
+    """Secret file with the accepted tokens, one per line (several = rotation)."""
 
 
 @dataclass
@@ -300,6 +309,7 @@ class PipelineConfig:
             self.train.storage_path = fix(self.train.storage_path)
             self.tune.storage_path = fix(self.tune.storage_path)
             self.results_path = fix(self.results_path)
+            self.serve.token_file = fix(self.serve.token_file)
             if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
                 self.data.events = fix(self.data.events)
             if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.request
 from typing import Optional
@@ -19,7 +20,7 @@ from bundlerec.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 
-def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None) -> dict:
+def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_file: Optional[str] = None) -> dict:
     from urllib.parse import urlparse
 
     conf = yaml.safe_load(open(cfg.serve.config_path))
@@ -28,25 +29,34 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None) -> dict:
     app = conf["applications"][0]
     app["args"].update({"model_uri": model_uri or f"models:/{cfg.serve.model_name}@champion",
                         "tracking_uri": cfg.mlflow.tracking_uri, "poll_s": cfg.serve.poll_s})
+    if cfg.serve.auth:
+        app["args"].update({"auth": True, "auth_token_file": os.path.abspath(token_file or cfg.serve.token_file)})
     return conf
 
 
-def http_json(url: str, body: Optional[dict] = None, timeout: float = 30.0) -> dict:
+def read_token(token_file: Optional[str]) -> Optional[str]:
+    from bundlerec.auth import read_token_file
+
+    return read_token_file(token_file)[0] if token_file else None
+
+
+def http_json(url: str, body: Optional[dict] = None, timeout: float = 30.0, token: Optional[str] = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
-                                 method="GET" if body is None else "POST")
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, version: Optional[str] = None) -> dict:
-    """Poll /readyz (and /v1/model for ``version``) until the app answers."""
+    """Poll /readyz (open even with authentication on) until the app answers with ``version``."""
     deadline = time.time() + timeout_s
     last: Exception | None = None
     while time.time() < deadline:
         try:
-            http_json(f"{url}/readyz", timeout=5)
-            info = http_json(f"{url}/v1/model", timeout=5)
+            info = http_json(f"{url}/readyz", timeout=5)["model"]
             if version is None or str(info.get("version")) == str(version):
                 return info
         except Exception as e:  # not up yet
@@ -56,12 +66,13 @@ def wait_ready(url: str, timeout_s: float = 300.0, version: Optional[str] = None
 
 
 def deploy(cfg: PipelineConfig, model_uri: Optional[str] = None, version: Optional[str] = None,
-           timeout_s: float = 300.0) -> dict:
+           timeout_s: float = 300.0, token_file: Optional[str] = None) -> dict:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    conf = serve_config(cfg, model_uri)
+    conf = serve_config(cfg, model_uri, token_file)
     t0 = time.time()
     ServeSubmissionClient(cfg.serve.dashboard_url).deploy_applications(conf)
-    info = wait_ready(cfg.serve.url, timeout_s, version)
+    wait_ready(cfg.serve.url, timeout_s, version)
+    info = http_json(f"{cfg.serve.url}/v1/model", token=read_token(conf["applications"][0]["args"].get("auth_token_file")))
     log.info("deploy: %s ready in %.1fs: %s", cfg.serve.url, time.time() - t0, info)
     return {"serve_url": cfg.serve.url, "model": info, "seconds": round(time.time() - t0, 1)}

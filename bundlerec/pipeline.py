@@ -135,15 +135,21 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if "deploy" in cfg.stages:
         from bundlerec.deploy import deploy, http_json
 
+        token = None
+        if cfg.serve.auth:  # a fresh token per deploy, readable by its owner only
+            from bundlerec.auth import write_token_file
+
+            token = write_token_file(cfg.serve.token_file)
+            summary["api_token_file"] = os.path.abspath(cfg.serve.token_file)
         dep = deploy(cfg, version=summary.get("champion_version"))
         body = sample_request(cfg)
-        response = http_json(f"{dep['serve_url']}/v1/recommendations", body)
+        response = http_json(f"{dep['serve_url']}/v1/recommendations", body, token=token)
         print(f"POST {dep['serve_url']}/v1/recommendations {json.dumps(body)}\n{json.dumps(response, indent=2)}",
               flush=True)
         summary.update({"serve_url": f"{dep['serve_url']}/v1/recommendations", "sample_request": body,
                         "sample_response": response})
         bundle_body = {**body, "n": 1, "max_size": 3}
-        bundle = http_json(f"{dep['serve_url']}/v1/bundles", bundle_body)
+        bundle = http_json(f"{dep['serve_url']}/v1/bundles", bundle_body, token=token)
         for b in bundle["bundles"][:1]:
             print(f"\nbundle for {body['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
                   f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off)", flush=True)

@@ -93,7 +93,9 @@ def run_prep(cfg: PipelineConfig) -> dict:
     tagged = raw.map_batches(
         _tag, batch_format="pandas",
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
-                       catalog_ids=catalog_lib.catalog_ids(catalog))).materialize()
+                       catalog_ids=catalog_lib.catalog_ids(catalog), max_price=d.max_price,
+                       max_time=pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=d.max_future_skew_hours)),
+    ).materialize()
     n_input = tagged.count()
     bad = tagged.map_batches(_quarantined, batch_format="pyarrow")
     bad_reasons = bad.select_columns([REASON_COL]).to_pandas()

@@ -34,9 +34,16 @@ def tagged_schema():
                       ("title", s), ("category", s), ("brand", s), (REASON_COL, s), ("raw", s)])
 
 
+MAX_ID_CHARS = 128  # ids longer than this are not ids (the Serve API refuses them too)
+
+
 def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, time_unit: str,
-                     catalog_ids: Optional[pd.Index]) -> pd.DataFrame:
+                     catalog_ids: Optional[pd.Index], max_time: Optional[pd.Timestamp] = None,
+                     max_price: float = float("inf")) -> pd.DataFrame:
     """Map a raw batch to the canonical event schema and tag each row with a quarantine reason.
+
+    ``max_time``: events after it are clock skew (``future_time``); ``max_price``: larger prices are
+    ``implausible_price``. A row gets the first reason that applies.
 
     Returns the canonical columns plus ``quarantine_reason`` (None for good rows) and ``raw``
     (the source row as JSON, only on quarantined rows).
@@ -68,7 +75,11 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
 
     tag(out["user_id"].isna(), "missing_user_id")
     tag(out["item_id"].isna(), "missing_item_id")
+    tag((out["user_id"].str.len() > MAX_ID_CHARS).fillna(False) | (out["item_id"].str.len() > MAX_ID_CHARS).fillna(False),
+        "id_too_long")
     tag(out["event_time"].isna(), "unparseable_time")
+    if max_time is not None:
+        tag((out["event_time"] > max_time).fillna(False), "future_time")
     explicitly_ignored = et.isin([k for k, v in mapping.items() if v is None]).fillna(False)
     tag(explicitly_ignored, IGNORED)
     tag(~out["event_type"].isin(EVENT_TYPES).fillna(False), "unknown_event_type")
@@ -78,6 +89,7 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
         tag(unparseable, "unparseable_price")
         tag(price < 0, "negative_price")
         tag(~np.isfinite(price.fillna(0.0)), "unparseable_price")
+        tag((price > max_price).fillna(False), "implausible_price")
     if catalog_ids is not None:
         tag(~out["item_id"].isin(catalog_ids).fillna(False), "item_not_in_catalog")
 

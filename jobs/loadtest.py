@@ -26,12 +26,14 @@ def _pcts(lat_ms: list[float]) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
 
 
-def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int) -> dict:
+def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
+               token: str | None = None) -> dict:
     """n_requests POSTs split over `concurrency` keep-alive connections."""
     u = urlparse(url)
     lat: list[float] = []
     errors: list = []
     lock = threading.Lock()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     per = [n_requests // concurrency + (1 if i < n_requests % concurrency else 0) for i in range(concurrency)]
 
     def worker(i: int) -> None:
@@ -41,7 +43,7 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
             body = json.dumps({"user_id": users[(i * 7919 + j) % len(users)], "k": k})
             t = time.perf_counter()
             try:
-                conn.request("POST", "/v1/recommendations", body, {"Content-Type": "application/json"})
+                conn.request("POST", "/v1/recommendations", body, headers)
                 r = conn.getresponse()
                 r.read()
                 if r.status != 200:
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=400, help="requests per concurrency level")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--token-file", default=None, help="bearer token file when the endpoint requires auth")
     p.add_argument("--build-catalog", type=int, default=0, metavar="N",
                    help="only build a copy of --export grown to N items into --to, then exit")
     p.add_argument("--to", default=None, help="destination export dir for --build-catalog")
@@ -149,10 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.build_catalog:
         print(build_large_catalog(args.export, args.to, args.build_catalog))
         return {}
+    from bundlerec.deploy import read_token
+
+    token = read_token(args.token_file)
     users = pd.read_parquet(f"{args.export}/latest.parquet").user_id.astype(str).tolist()
     for _ in range(20):  # warm the replica and the proxy
-        http_level(args.url, users, 1, 1, args.k)
-    levels = [http_level(args.url, users, c, args.requests, args.k) for c in args.concurrency]
+        http_level(args.url, users, 1, 1, args.k, token)
+    levels = [http_level(args.url, users, c, args.requests, args.k, token) for c in args.concurrency]
     local = in_process(args.export, users, args.requests, args.k)
     out = {"date": datetime.now(timezone.utc).isoformat(), "url": args.url, "k": args.k, "levels": levels,
            "in_process": local, "serve_overhead_p50_ms": levels[0]["p50_ms"] - local["p50_ms"],

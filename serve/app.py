@@ -9,6 +9,11 @@ The model is loaded once per replica (MLflow registry alias, version or a local 
 item index is precomputed at export time, and requests are micro-batched with ``@serve.batch``.
 A background thread polls the alias; when it moves, the new version is loaded beside the old one and
 swapped in atomically, so in-flight requests finish on the model they started with.
+
+Guards: bearer-token authentication (``auth: true`` + ``auth_token_file`` or $BUNDLEREC_API_TOKENS;
+401 without a token, 403 with a wrong one; /healthz and /readyz stay open for probes), a request-body
+limit (413), pydantic bounds on k/n/bundle size/history length (422), and overload answered by Serve
+itself with 503 + Retry-After once ``max_queued_requests`` is reached (serve/config.yaml).
 """
 
 
@@ -19,15 +24,46 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from bundlerec.api import BundleRequest, BundleResponse, ModelInfo, RecommendationRequest, RecommendationResponse
+from bundlerec.auth import TokenAuth
 
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="bundlerec", version="0.1.0",
               description="Personalized recommendations from the bundlerec champion model.")
+
+
+MAX_BODY_BYTES = 256 * 1024
+_guard: dict = {"auth": None, "max_body_bytes": MAX_BODY_BYTES}  # set per replica in Recommender.__init__
+_bearer = HTTPBearer(auto_error=False, description="API token (serve args auth_token_file / $BUNDLEREC_API_TOKENS)")
+
+
+def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    """401 without a bearer token, 403 with a wrong one; a no-op when authentication is off."""
+    auth: Optional[TokenAuth] = _guard["auth"]
+    if auth is None:
+        return
+    err = auth.check(request.headers.get("authorization"))
+    if err:
+        raise HTTPException(err[0], err[1], headers={"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+
+
+@api.middleware("http")
+async def limit_body(request: Request, call_next):
+    """413 for bodies above the limit (declared or actual), before any parsing."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit = _guard["max_body_bytes"]
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+        if declared is None and len(await request.body()) > limit:
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+    return await call_next(request)
 
 
 @dataclass
@@ -72,10 +108,19 @@ def load(model_uri: str, tracking_uri: Optional[str]) -> Loaded:
 @serve.ingress(api)
 class Recommender:
     def __init__(self, model_uri: str, tracking_uri: Optional[str] = None, poll_s: float = 10.0,
-                 torch_threads: int = 1):
+                 torch_threads: int = 1, auth: bool = False, auth_token_file: Optional[str] = None,
+                 max_body_bytes: int = MAX_BODY_BYTES):
         import torch
 
         torch.set_num_threads(torch_threads)
+        # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
+        if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
+            _guard["auth"] = TokenAuth(auth_token_file)
+            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(_guard["auth"]))
+        else:
+            _guard["auth"] = None
+            log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
+        _guard["max_body_bytes"] = int(max_body_bytes)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.current: Loaded = load(model_uri, tracking_uri)
         self.reloads = 0
@@ -109,7 +154,7 @@ class Recommender:
                 out[i] = r[:ks[i]]
         return out
 
-    @api.post("/v1/recommendations", response_model=RecommendationResponse)
+    @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)])
     async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
         m = self.current  # pinned for this request
         if req.events is not None:
@@ -120,7 +165,7 @@ class Recommender:
         return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
                                       unknown_items=h.unknown_items, history_source=h.source, model=m.info)
 
-    @api.post("/v1/bundles", response_model=BundleResponse)
+    @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)])
     def bundles(self, req: BundleRequest) -> BundleResponse:
         """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
         m = self.current
@@ -140,9 +185,10 @@ class Recommender:
     def readyz(self) -> dict:
         if self.current is None:
             raise HTTPException(503, "model not loaded")
-        return {"status": "ready", "model": self.current.info.model_dump()}
+        info = self.current.info  # open endpoint (probes): name/version only, no paths
+        return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias}}
 
-    @api.get("/v1/model")
+    @api.get("/v1/model", dependencies=[Depends(require_token)])
     def model(self) -> dict:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
@@ -152,4 +198,6 @@ class Recommender:
 def build_app(args: dict) -> serve.Application:
     """Application builder for serve/config.yaml (``import_path: serve.app:build_app``)."""
     return Recommender.bind(model_uri=args["model_uri"], tracking_uri=args.get("tracking_uri"),
-                            poll_s=float(args.get("poll_s", 10.0)), torch_threads=int(args.get("torch_threads", 1)))
+                            poll_s=float(args.get("poll_s", 10.0)), torch_threads=int(args.get("torch_threads", 1)),
+                            auth=bool(args.get("auth", False)), auth_token_file=args.get("auth_token_file"),
+                            max_body_bytes=int(args.get("max_body_bytes", MAX_BODY_BYTES)))

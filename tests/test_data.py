@@ -109,3 +109,13 @@ def test_ranking_metrics_by_hand():
     acc.update(torch.tensor([[0.0, 3.0, 2.0] + [0.0] * 7]), [[1]])
     r = acc.result()
     assert r["ndcg@2"] == 1.0 and r["coverage@2"] == pytest.approx(0.2)
+
+
+def test_clock_skew_enormous_values_and_long_ids_are_quarantined():
+    raw = pd.DataFrame({"event_time": ["2026-01-01T10:00:00Z", "2099-01-01T00:00:00Z", "2026-01-01T10:00:00Z",
+                                       "2026-01-01T10:00:00Z", "2026-01-01T10:00:00Z"],
+                        "event_type": ["view"] * 5, "user_id": ["u1", "u1", "u1", "u" * 500, "u1"],
+                        "item_id": ["a", "a", "a", "a", "b"], "price": ["1", "1", "1e15", "1", ""]})
+    out = normalize_events(raw, {}, {}, "s", CATALOG, max_time=pd.Timestamp("2027-01-01", tz="UTC"), max_price=1e7)
+    reasons = [None if pd.isna(r) else r for r in out[REASON_COL]]
+    assert reasons == [None, "future_time", "implausible_price", "id_too_long", None]

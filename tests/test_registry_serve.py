@@ -23,8 +23,12 @@ from tests.conftest import ROOT, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def _post(url, body, timeout=30):
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+AUTH: dict = {}  # the bearer header of the deployed test app (auth is on, as in the demo)
+
+
+def _post(url, body, timeout=30, headers=None, raw=None):
+    hdrs = {"Content-Type": "application/json", **(AUTH if headers is None else headers)}
+    req = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(), headers=hdrs)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -32,9 +36,13 @@ def _post(url, body, timeout=30):
         return e.code, json.loads(e.read() or b"{}")
 
 
-def _get(url):
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return r.status, json.loads(r.read()) if "json" in r.headers.get("content-type", "") else r.read()
+def _get(url, headers=None):
+    req = urllib.request.Request(url, headers=AUTH if headers is None else headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()) if "json" in r.headers.get("content-type", "") else r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +107,45 @@ print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist
     assert res["bundle_sizes"] and all(2 <= n <= 3 for n in res["bundle_sizes"]) and res["bundle_prices_ok"]
 
 
-def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster):
+def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path):
     from ray import serve
 
+    from bundlerec.auth import write_token_file
     from bundlerec.deploy import deploy
 
     name, client = registered["name"], registered["client"]
     port = free_port()
+    token_file = tmp_path / "api_token"
+    token = write_token_file(str(token_file))
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
                       [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
                        f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
-                       f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1"])
+                       f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1",
+                       "serve.auth=true", f"serve.token_file={token_file}"])
     base = cfg.serve.url
+    AUTH.clear()
+    AUTH["Authorization"] = f"Bearer {token}"
     try:
         dep = deploy(cfg, version="1", timeout_s=240)
         assert dep["model"]["version"] == "1" and dep["model"]["n_items"] == 120
+
+        # --- authentication: 401 without a token, 403 with a wrong one, probes open, rotation by file
+        ok_body = {"user_id": "anyone", "k": 2}
+        code, body = _post(f"{base}/v1/recommendations", ok_body, headers={})
+        assert code == 401 and "bearer" in body["detail"].lower()
+        assert _post(f"{base}/v1/recommendations", ok_body, headers={"Authorization": "Bearer wrong"})[0] == 403
+        assert _post(f"{base}/v1/bundles", ok_body, headers={})[0] == 401
+        assert _get(f"{base}/v1/model", headers={})[0] == 401
+        assert _get(f"{base}/healthz", headers={})[0] == 200 and _get(f"{base}/readyz", headers={})[0] == 200
+        new = "rotated-" + token[:8]
+        token_file.write_text(f"{token}\n{new}\n")  # rotation: both valid until the old one is removed
+        os.utime(token_file, (time.time() + 5, time.time() + 5))
+        assert _post(f"{base}/v1/recommendations", ok_body, headers={"Authorization": f"Bearer {new}"})[0] == 200
+        assert _post(f"{base}/v1/recommendations", ok_body)[0] == 200
+        # --- request size limit: 413 before parsing
+        code, body = _post(f"{base}/v1/recommendations", None, raw=b'{"user_id": "' + b"x" * 300_000 + b'"}')
+        assert code == 413, body
 
         # --- schema of a normal answer
         from bundlerec.evaluate import load_split

@@ -1,0 +1,102 @@
+"""Bearer-token authentication and request guards for the Serve endpoint.
+
+Tokens come from configuration only: an environment variable (comma-separated) and/or a secret file
+(one token per line, ``#`` comments allowed). Several tokens may be valid at once, so a token is
+rotated by adding the new one, moving clients over, then removing the old one; the file is re-read
+when its modification time changes, so rotation needs no redeploy. Tokens are kept only as SHA-256
+digests and compared in constant time. No token, user id or request body is ever logged in clear:
+:func:`hash_id` gives the short digest that logs use instead.
+
+    401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
+    403 -- a token that is not one of the configured ones
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+from typing import Optional
+
+TOKENS_ENV = "BUNDLEREC_API_TOKENS"
+
+
+class AuthConfigError(ValueError):
+    """Authentication was asked for but no usable token is configured."""
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def hash_id(value: object) -> str:
+    """Short stable digest of a user id (or any identifier) for logs."""
+    return hashlib.sha256(str(value).encode()).hexdigest()[:12]
+
+
+def read_token_file(path: str) -> list[str]:
+    with open(path) as f:
+        return [t.strip() for t in f if t.strip() and not t.lstrip().startswith("#")]
+
+
+def write_token_file(path: str, token: Optional[str] = None) -> str:
+    """Write a fresh (or the given) token to ``path`` with mode 0600; returns the token."""
+    token = token or secrets.token_urlsafe(32)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if os.path.exists(path):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class TokenAuth:
+    """The set of accepted tokens (environment + secret file), re-read when the file changes."""
+
+    def __init__(self, token_file: Optional[str] = None, env_var: str = TOKENS_ENV):
+        self.token_file, self.env_var = token_file, env_var
+        self._lock = threading.Lock()
+        self._mtime: Optional[float] = None
+        self._digests: list[bytes] = []
+        self._reload(force=True)
+        if not self._digests:
+            raise AuthConfigError(f"authentication is on but no token is configured: set {env_var} "
+                                  f"or give a token file (got {token_file!r})")
+
+    def _reload(self, force: bool = False) -> None:
+        mtime = os.path.getmtime(self.token_file) if self.token_file and os.path.exists(self.token_file) else None
+        if not force and mtime == self._mtime:
+            return
+        tokens = [t.strip() for t in os.environ.get(self.env_var, "").split(",") if t.strip()]
+        if self.token_file:
+            if mtime is None:
+                raise AuthConfigError(f"token file {self.token_file} does not exist")
+            tokens += read_token_file(self.token_file)
+        with self._lock:
+            self._digests, self._mtime = [_digest(t) for t in tokens], mtime
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def verify(self, token: str) -> bool:
+        try:
+            self._reload()
+        except (OSError, AuthConfigError):
+            pass  # file briefly missing during a rotation: keep the tokens already loaded
+        d = _digest(token)
+        ok = False
+        for known in self._digests:  # no early exit: time does not depend on which token matched
+            ok |= hmac.compare_digest(d, known)
+        return ok
+
+    def check(self, authorization: Optional[str]) -> Optional[tuple[int, str]]:
+        """None if allowed, else (status, message) for the HTTP error."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return 401, "missing bearer token (send 'Authorization: Bearer <token>')"
+        if not self.verify(token.strip()):
+            return 403, "invalid token"
+        return None

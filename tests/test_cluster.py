@@ -35,6 +35,11 @@ def test_kuberay_manifest(path):
     if doc["kind"] == "RayService":
         serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
         assert serve["applications"][0]["import_path"] == "serve.app:build_app"
+        assert serve["applications"][0]["args"]["auth"] is True  # never an open endpoint on a cluster
+        envs = [e["name"] for p in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+                for c in p["spec"]["containers"] for e in c.get("env", [])]
+        assert envs.count("BUNDLEREC_API_TOKENS") == 1 + len(spec["workerGroupSpecs"])
+    assert "LoadBalancer" not in path.read_text() and "NodePort" not in path.read_text()
     if doc["kind"] == "RayCluster":
         gpu = [g for g in spec["workerGroupSpecs"]
                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
@@ -57,4 +62,9 @@ def test_serve_config_is_valid_for_ray_serve():
     conf = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(conf) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(conf)
     assert schema.http_options.host == "127.0.0.1"
+    dep = schema.applications[0].deployments[0]
+    assert dep.max_queued_requests > 0 and dep.backpressure_config.status_code == 503  # no unbounded queue
+    assert dep.backpressure_config.retry_after_s
+    local = (ROOT / "cluster/local.sh").read_text()
+    assert "--dashboard-host=127.0.0.1" in local and "--host 127.0.0.1" in local
     assert conf["applications"][0]["import_path"] == "serve.app:build_app"

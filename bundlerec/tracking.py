@@ -49,33 +49,47 @@ def start_run(tracking_uri: str, experiment: str, run_name: Optional[str], param
 
 
 class RunLogger:
-    """Metric logging with retries; metrics are buffered (not lost) while the server is away."""
+    """Metric logging that survives a tracking-server outage: a failed write keeps the metrics in a
+    buffer (with their original step and timestamp) and training goes on; every later ``log`` sends
+    the backlog first, and ``flush`` at the end retries with backoff until the buffer is empty."""
 
-    def __init__(self, tracking_uri: str, run_id: str, retries: int = 5):
+    def __init__(self, tracking_uri: str, run_id: str, retries: int = 6):
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri)
         self.run_id = run_id
         self.retries = retries
         self.pending: list = []
+        self.failures = 0
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int) -> bool:
+        """Buffer and try one send (no waiting); True when nothing is left pending."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
-        self.flush()
+        return self._send()
 
-    def flush(self) -> None:
-        for attempt in range(self.retries):
-            try:
-                while self.pending:
-                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
-                    self.pending = self.pending[1000:]
-                return
-            except Exception as e:  # server hiccup: keep the buffer, back off
-                log.warning("mlflow logging failed (%s); retry %d/%d", e, attempt + 1, self.retries)
-                time.sleep(min(30, 2 ** attempt))
+    def _send(self) -> bool:
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                self.pending = self.pending[1000:]
+            return True
+        except Exception as e:  # server away: keep the buffer
+            self.failures += 1
+            log.warning("mlflow logging failed (%s); %d metric values buffered", type(e).__name__, len(self.pending))
+            return False
+
+    def flush(self, retries: Optional[int] = None) -> bool:
+        """Send the backlog, retrying with backoff (1, 2, 4, ... s); True when the buffer is empty."""
+        for attempt in range(self.retries if retries is None else retries):
+            if self._send():
+                return True
+            time.sleep(min(30, 2 ** attempt))
+        if self.pending:
+            log.error("mlflow: %d metric values could not be sent to run %s", len(self.pending), self.run_id)
+        return not self.pending
 
 
 def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optional[str],
@@ -92,7 +106,8 @@ def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optio
             flat[f"test/{method}/{mlflow_name(k)}"] = v
             if method == "bundlerec":
                 flat[f"test_{mlflow_name(k)}"] = v
-    RunLogger(tracking_uri, run_id).log(flat, step=0)
+    rl = RunLogger(tracking_uri, run_id)
+    rl.log(flat, step=0) or rl.flush()
     if export_dir:
         client.log_artifacts(run_id, export_dir, artifact_path="model")
     for name, path in (files or {}).items():

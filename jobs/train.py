@@ -12,12 +12,14 @@ from __future__ import annotations
 from bundlerec.cli import parse
 from bundlerec.pipeline import run_train_stage
 from bundlerec.runtime import check_versions, init_ray, setup_env
+from bundlerec.tracking import check_server
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
     cfg = parse(argv, "bundlerec train stage")
     check_versions()
+    check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
     init_ray()
     return run_train_stage(cfg)
 

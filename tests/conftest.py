@@ -60,27 +60,40 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (sqlite backend, local artifacts) on a free loopback port."""
-    d = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(d / "server.log", "w")
+def start_mlflow(d, port: int) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` (sqlite backend in ``d``, local artifacts) on 127.0.0.1:``port``."""
+    log = open(d / "server.log", "a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
          "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(uri + "/health", 120)
+    except BaseException:
+        stop_mlflow(proc)
+        raise
+    return proc, uri
+
+
+def stop_mlflow(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn/job-runner children
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, local artifacts) on a free loopback port."""
+    proc, uri = start_mlflow(tmp_path_factory.mktemp("mlflow"), free_port())
+    try:
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn/job-runner children
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop_mlflow(proc)
 
 
 def mlflow_post(uri: str, endpoint: str, body: dict) -> dict:

@@ -1,0 +1,57 @@
+"""MLflow faults against a real `mlflow server`: down at start -> a clear error before any compute;
+an outage mid-run -> metrics are buffered and arrive once the server is back (none lost, none doubled)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, free_port, mlflow_get, start_mlflow, stop_mlflow
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_tracking_server_down_fails_fast_before_compute(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    out_dir = tmp_path / "prep"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "jobs/configs/tiny.yaml",
+                        f"mlflow.tracking_uri={dead}", f"data.output_dir={out_dir}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"MLflow tracking server {dead} is not reachable" in r.stderr and "make services" in r.stderr
+    assert not out_dir.exists()  # nothing ran: no prep output, no Ray started
+    assert "Started a local Ray instance" not in r.stderr + r.stdout
+    assert time.time() - t0 < 60
+
+
+def test_outage_mid_run_buffers_metrics_and_loses_none(tmp_path, monkeypatch):
+    import mlflow
+
+    from bundlerec.tracking import RunLogger, start_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast while down; RunLogger buffers
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()
+    proc, uri = start_mlflow(tmp_path, port)
+    try:
+        run_id = start_run(uri, "outage", "outage-run", {"a": 1}, {})
+        rl = RunLogger(uri, run_id, retries=8)
+        assert rl.log({"loss": 1.0}, step=1)
+        stop_mlflow(proc)  # outage: two epochs are logged while the server is away
+        t0 = time.time()
+        assert not rl.log({"loss": 0.9}, step=2)
+        assert not rl.log({"loss": 0.8}, step=3)
+        assert time.time() - t0 < 30, "logging must not stall training while the server is down"
+        assert len(rl.pending) == 2 and rl.failures >= 2
+        proc, uri = start_mlflow(tmp_path, port)  # back (same store)
+        assert rl.log({"loss": 0.7}, step=4) and not rl.pending
+        assert rl.flush()
+        hist = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted((m.step, m.value) for m in hist) == [(1, 1.0), (2, 0.9), (3, 0.8), (4, 0.7)]
+        # and through the REST API, as the UI reads it
+        got = mlflow_get(uri, "metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+        assert [m["step"] for m in sorted(got, key=lambda m: m["step"])] == [1, 2, 3, 4]
+    finally:
+        stop_mlflow(proc)

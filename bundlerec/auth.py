@@ -100,3 +100,16 @@ class TokenAuth:
         if not self.verify(token.strip()):
             return 403, "invalid token"
         return None
+
+
+class EndpointGuards:
+    """Per-process guard settings of the Serve app. Lives here, in an importable module, because Ray
+    Serve ships the deployment class by value: module globals of serve/app.py seen from the replica's
+    ``__init__`` would be a copy, while FastAPI dependencies read the real module."""
+
+    def __init__(self) -> None:
+        self.auth: Optional[TokenAuth] = None
+        self.max_body_bytes: int = 256 * 1024
+
+
+GUARDS = EndpointGuards()

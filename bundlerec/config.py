@@ -260,6 +260,8 @@ class ServeConfig:
 
     model_name: str = "bundlerec"
     """Registered model name."""
+    model_uri: Optional[str] = None
+    """What to serve: None = models:/<model_name>@champion; or a registry URI or a local export dir."""
     config_path: str = "serve/config.yaml"
     """Ray Serve config deployed by jobs.deploy (args below override its application args)."""
     url: str = "http://127.0.0.1:8000"

@@ -27,7 +27,7 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
     url = urlparse(cfg.serve.url)  # the proxy listens where the config says the endpoint is
     conf.setdefault("http_options", {}).update({"host": url.hostname, "port": url.port or 80})
     app = conf["applications"][0]
-    app["args"].update({"model_uri": model_uri or f"models:/{cfg.serve.model_name}@champion",
+    app["args"].update({"model_uri": model_uri or cfg.serve.model_uri or f"models:/{cfg.serve.model_name}@champion",
                         "tracking_uri": cfg.mlflow.tracking_uri, "poll_s": cfg.serve.poll_s})
     if cfg.serve.auth:
         app["args"].update({"auth": True, "auth_token_file": os.path.abspath(token_file or cfg.serve.token_file)})
@@ -71,8 +71,22 @@ def deploy(cfg: PipelineConfig, model_uri: Optional[str] = None, version: Option
 
     conf = serve_config(cfg, model_uri, token_file)
     t0 = time.time()
-    ServeSubmissionClient(cfg.serve.dashboard_url).deploy_applications(conf)
-    wait_ready(cfg.serve.url, timeout_s, version)
+    client = ServeSubmissionClient(cfg.serve.dashboard_url)
+    client.deploy_applications(conf)
+    app = conf["applications"][0]
+    deadline = time.time() + timeout_s
+    while True:  # until the app runs *this* config (the previous one keeps answering meanwhile)
+        details = client.get_serve_details().get("applications", {}).get(app["name"], {})
+        live_args = (details.get("deployed_app_config") or {}).get("args")
+        if details.get("status") == "DEPLOY_FAILED" and live_args == app["args"]:
+            raise RuntimeError(f"Serve deployment of {app['name']} failed: {details.get('message')}")
+        if details.get("status") == "RUNNING" and live_args == app["args"]:
+            break
+        if time.time() > deadline:
+            raise TimeoutError(f"Serve app {app['name']} not running the new config after {timeout_s:.0f}s: "
+                               f"{details.get('status')} {details.get('message')}")
+        time.sleep(1.0)
+    wait_ready(cfg.serve.url, max(5.0, deadline - time.time()), version)
     info = http_json(f"{cfg.serve.url}/v1/model", token=read_token(conf["applications"][0]["args"].get("auth_token_file")))
     log.info("deploy: %s ready in %.1fs: %s", cfg.serve.url, time.time() - t0, info)
     return {"serve_url": cfg.serve.url, "model": info, "seconds": round(time.time() - t0, 1)}

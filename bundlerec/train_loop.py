@@ -56,6 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
     from bundlerec.model import TwoTower, build_encoder, cosine_schedule, param_groups
     from bundlerec.pretrained import resolve_model_path
     from bundlerec.ranking_metrics import MetricAccumulator, mlflow_name
+    from bundlerec.checkpoints import write_manifest
     from bundlerec.tracking import RunLogger
 
     tc, mc, dc = config["train"], config["model"], config["data"]
@@ -85,9 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
     ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            _, state = engine.load_checkpoint(d)
+    state = _restore(engine, ckpt, world, rank0) if ckpt else None
+    if state is not None:
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         global_step, resumes = state["global_step"], state.get("resumes", 0) + 1
         history = state.get("history", [])
@@ -167,6 +167,32 @@ def train_loop_per_worker(config: dict) -> None:
                                    client_state={"epoch": epoch, "best": best, "bad_epochs": bad_epochs,
                                                  "global_step": global_step, "resumes": resumes,
                                                  "history": history})
+            write_manifest(tmp, rank, world)  # written last: a half-written checkpoint has none
             ray.train.report({**metrics, "history": list(history)}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if logger:
         logger.flush()
+
+
+def _restore(engine, ckpt, world: int, rank0: bool):
+    """Load the newest *verified* checkpoint (the reported one, or an earlier one when it is damaged);
+    returns its client state, or None to start over when none verifies."""
+    from pyarrow.fs import LocalFileSystem
+
+    from bundlerec.checkpoints import newest_valid, verify
+
+    if isinstance(ckpt.filesystem, LocalFileSystem):
+        path = newest_valid(ckpt.path, world)
+        if path is None:
+            if rank0:
+                print(f"[bundlerec] no intact checkpoint under {os.path.dirname(ckpt.path)}; starting over", flush=True)
+            return None
+        if rank0 and path != ckpt.path:
+            print(f"[bundlerec] checkpoint {ckpt.path} is damaged; resuming from {path}", flush=True)
+        _, state = engine.load_checkpoint(path)
+        return state
+    with ckpt.as_directory() as d:  # remote storage: verify the downloaded copy
+        ok, why = verify(d, world)
+        if not ok:
+            raise RuntimeError(f"checkpoint {ckpt.path} is damaged ({why}); delete it to resume from the previous one")
+        _, state = engine.load_checkpoint(d)
+        return state

@@ -30,6 +30,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from bundlerec.api import BundleRequest, BundleResponse, ModelInfo, RecommendationRequest, RecommendationResponse
+from bundlerec import auth as guards
 from bundlerec.auth import TokenAuth
 
 log = logging.getLogger("ray.serve")
@@ -39,13 +40,12 @@ api = FastAPI(title="bundlerec", version="0.1.0",
 
 
 MAX_BODY_BYTES = 256 * 1024
-_guard: dict = {"auth": None, "max_body_bytes": MAX_BODY_BYTES}  # set per replica in Recommender.__init__
 _bearer = HTTPBearer(auto_error=False, description="API token (serve args auth_token_file / $BUNDLEREC_API_TOKENS)")
 
 
 def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
     """401 without a bearer token, 403 with a wrong one; a no-op when authentication is off."""
-    auth: Optional[TokenAuth] = _guard["auth"]
+    auth: Optional[TokenAuth] = guards.GUARDS.auth  # set per replica in Recommender.__init__
     if auth is None:
         return
     err = auth.check(request.headers.get("authorization"))
@@ -57,7 +57,7 @@ def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials]
 async def limit_body(request: Request, call_next):
     """413 for bodies above the limit (declared or actual), before any parsing."""
     if request.method in ("POST", "PUT", "PATCH"):
-        limit = _guard["max_body_bytes"]
+        limit = guards.GUARDS.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
@@ -115,12 +115,12 @@ class Recommender:
         torch.set_num_threads(torch_threads)
         # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
         if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
-            _guard["auth"] = TokenAuth(auth_token_file)
-            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(_guard["auth"]))
+            guards.GUARDS.auth = TokenAuth(auth_token_file)
+            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(guards.GUARDS.auth))
         else:
-            _guard["auth"] = None
+            guards.GUARDS.auth = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
-        _guard["max_body_bytes"] = int(max_body_bytes)
+        guards.GUARDS.max_body_bytes = int(max_body_bytes)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.current: Loaded = load(model_uri, tracking_uri)
         self.reloads = 0

@@ -1,0 +1,54 @@
+"""Checkpoint manifests: a half-written or damaged checkpoint is detected and an earlier intact one used."""
+
+import os
+import shutil
+
+from bundlerec.checkpoints import MANIFEST_DIR, newest_valid, verify, write_manifest
+
+
+def _ckpt(root, name, world=2, payload=b"x" * 1000):
+    d = root / name
+    for r in range(world):  # each rank writes its shard and its manifest (Ray merges the dirs)
+        rank_dir = root / f".rank{r}-{name}"
+        (rank_dir / "epoch1").mkdir(parents=True)
+        (rank_dir / "epoch1" / f"zero_pp_rank_{r}_optim_states.pt").write_bytes(payload + bytes([r]))
+        if r == 0:
+            (rank_dir / "latest").write_text("epoch1")
+        write_manifest(str(rank_dir), r, world)
+        shutil.copytree(rank_dir, d, dirs_exist_ok=True)
+    return d
+
+
+def test_intact_checkpoint_verifies(tmp_path):
+    d = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-01")
+    assert verify(str(d), 2) == (True, "ok")
+
+
+def test_damage_is_detected(tmp_path):
+    d = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-01")
+    f = d / "epoch1" / "zero_pp_rank_1_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:10])  # truncated
+    ok, why = verify(str(d), 2)
+    assert not ok and "zero_pp_rank_1" in why and "bytes" in why
+    d2 = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-02")
+    f = d2 / "epoch1" / "zero_pp_rank_0_optim_states.pt"
+    f.write_bytes(b"y" * len(f.read_bytes()))  # same size, other content
+    assert verify(str(d2), 2) == (False, "epoch1/zero_pp_rank_0_optim_states.pt: content hash differs")
+    d3 = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-03")
+    os.remove(d3 / MANIFEST_DIR / "rank1.json")  # a rank never finished
+    assert not verify(str(d3), 2)[0]
+    d4 = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-04", world=1)
+    assert not verify(str(d4), 2)[0]  # written by another world size
+
+
+def test_newest_valid_falls_back_to_the_previous_good_one(tmp_path):
+    a = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-01")
+    b = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-02")
+    c = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-03")
+    assert newest_valid(str(c), 2) == str(c)
+    (c / "latest").unlink()  # half-written latest
+    assert newest_valid(str(c), 2) == str(b)
+    (b / MANIFEST_DIR / "rank0.json").write_text("{not json")
+    assert newest_valid(str(c), 2) == str(a)
+    (a / "epoch1" / "zero_pp_rank_0_optim_states.pt").unlink()
+    assert newest_valid(str(c), 2) is None

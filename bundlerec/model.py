@@ -148,10 +148,15 @@ class TwoTower(nn.Module):
         """(B, N) scores of every catalog item for each user; ``hist_items`` (B, H) are item ids."""
         if self._index is None:
             raise RuntimeError("call index_items() (or set_index) before score()")
-        idx = self._index
-        hist = idx[batch["hist_items"].clamp(min=0)]
-        user = self.user_embed(hist.to(next(self.user_tower.parameters()).dtype), batch).float()
-        return user @ idx.T / self.temperature
+        return self.user_vectors(batch) @ self._index.T / self.temperature
+
+    @torch.no_grad()
+    def user_vectors(self, batch: dict) -> torch.Tensor:
+        """(B, d) user embeddings from item-id histories (score = user . item / temperature)."""
+        if self._index is None:
+            raise RuntimeError("call index_items() (or set_index) before user_vectors()")
+        hist = self._index[batch["hist_items"].clamp(min=0)]
+        return self.user_embed(hist.to(next(self.user_tower.parameters()).dtype), batch).float()
 
     @torch.no_grad()
     def topk(self, batch: dict, k: int):

@@ -46,6 +46,7 @@ class Recommender:
         self.popularity = torch.as_tensor(popularity, dtype=torch.float32)
         self.meta = meta
         self.history_len = int(meta.get("history_len", 10))
+        self.ann = None  # IVF index for large catalogs (configure_ann)
         self.latest = {}
         if latest is not None:
             for r in latest.itertuples(index=False):
@@ -66,6 +67,13 @@ class Recommender:
         rec = cls(model, items, index, pop, latest, meta)
         rec.load_bundle_data(export_dir)
         return rec
+
+    def configure_ann(self, min_items: int = 50_000, nprobe: int = 48, threads: int = 1) -> None:
+        """Approximate top-k (bundlerec.ann) when the catalog has at least ``min_items`` items (0 = never)."""
+        from bundlerec.ann import IVFIndex
+
+        n = len(self.item_ids)
+        self.ann = IVFIndex(self.model._index.numpy(), nprobe=nprobe, threads=threads) if 0 < min_items <= n else None
 
     def load_bundle_data(self, export_dir: str) -> None:
         """Co-purchase statistics + pricing model for bundles (absent in old exports: text only)."""
@@ -129,9 +137,15 @@ class Recommender:
                                                    [histories[i].ages for i in warm], self.history_len)
             batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
                      "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
-            scores, idx = self.model.topk(batch, k)
-            for j, i in enumerate(warm):
-                out[i] = list(zip(idx[j].tolist(), scores[j].tolist()))
+            if self.ann is not None:
+                ip, ids = self.ann.search(self.model.user_vectors(batch).numpy(), k)
+                for j, i in enumerate(warm):
+                    keep = ids[j] >= 0
+                    out[i] = list(zip(ids[j][keep].tolist(), (ip[j][keep] / self.model.temperature).tolist()))
+            else:
+                scores, idx = self.model.topk(batch, k)
+                for j, i in enumerate(warm):
+                    out[i] = list(zip(idx[j].tolist(), scores[j].tolist()))
         cold = [i for i, h in enumerate(histories) if not h.items]
         if cold:
             s, idx = torch.topk(self.popularity, min(k, len(self.popularity)))

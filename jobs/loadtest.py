@@ -70,13 +70,15 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
             "throughput_rps": len(lat) / wall, **_pcts(lat)}
 
 
-def in_process(export_dir: str, users: list[str], n_requests: int, k: int) -> dict:
+def in_process(export_dir: str, users: list[str], n_requests: int, k: int, ann_min_items: int = 50_000,
+               ann_nprobe: int = 48) -> dict:
     import torch
 
     from bundlerec.recommend import Recommender
 
     torch.set_num_threads(1)  # like one Serve replica (num_cpus: 1)
     rec = Recommender.from_export(export_dir)
+    rec.configure_ann(ann_min_items, ann_nprobe)  # as the Serve replica does (serve/config.yaml)
     for u in users[:5]:
         rec.recommend(user_id=u, k=k)  # warm-up
     lat = []
@@ -84,7 +86,8 @@ def in_process(export_dir: str, users: list[str], n_requests: int, k: int) -> di
         t = time.perf_counter()
         rec.recommend(user_id=users[j % len(users)], k=k)
         lat.append((time.perf_counter() - t) * 1000)
-    return {"requests": n_requests, "n_items": len(rec.item_ids), **_pcts(lat)}
+    return {"requests": n_requests, "n_items": len(rec.item_ids), "ann": rec.ann is not None,
+            "ann_nprobe": rec.ann.nprobe if rec.ann else None, **_pcts(lat)}
 
 
 def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: int = 1) -> str:

@@ -86,7 +86,7 @@ def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional
     return model_uri, version or None, None
 
 
-def load(model_uri: str, tracking_uri: Optional[str]) -> Loaded:
+def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None) -> Loaded:
     if tracking_uri:
         import mlflow
 
@@ -101,6 +101,7 @@ def load(model_uri: str, tracking_uri: Optional[str]) -> Loaded:
         from bundlerec.recommend import Recommender
 
         rec, name = Recommender.from_export(uri), os.path.basename(os.path.normpath(uri))
+    rec.configure_ann(**(ann or {}))  # approximate top-k for large catalogs (bundlerec.ann)
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
 
 
@@ -109,7 +110,7 @@ def load(model_uri: str, tracking_uri: Optional[str]) -> Loaded:
 class Recommender:
     def __init__(self, model_uri: str, tracking_uri: Optional[str] = None, poll_s: float = 10.0,
                  torch_threads: int = 1, auth: bool = False, auth_token_file: Optional[str] = None,
-                 max_body_bytes: int = MAX_BODY_BYTES):
+                 max_body_bytes: int = MAX_BODY_BYTES, ann_min_items: int = 50_000, ann_nprobe: int = 48):
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -122,7 +123,8 @@ class Recommender:
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
-        self.current: Loaded = load(model_uri, tracking_uri)
+        self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
+        self.current: Loaded = load(model_uri, tracking_uri, self.ann)
         self.reloads = 0
         self._stop = threading.Event()
         if poll_s > 0 and "@" in model_uri:
@@ -134,7 +136,7 @@ class Recommender:
             try:
                 _, version, _ = _resolve(self.model_uri, self.tracking_uri)
                 if version and version != self.current.info.version:
-                    new = load(self.model_uri, self.tracking_uri)
+                    new = load(self.model_uri, self.tracking_uri, self.ann)
                     self.current = new  # atomic: requests in flight keep the object they hold
                     self.reloads += 1
                     log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
@@ -144,7 +146,7 @@ class Recommender:
     def __del__(self):
         self._stop.set()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005)
     async def _score(self, models: list, histories: list, ks: list) -> list:
         out: list = [None] * len(models)
         for m in {id(x): x for x in models}.values():  # normally one model; two only during a swap
@@ -200,4 +202,6 @@ def build_app(args: dict) -> serve.Application:
     return Recommender.bind(model_uri=args["model_uri"], tracking_uri=args.get("tracking_uri"),
                             poll_s=float(args.get("poll_s", 10.0)), torch_threads=int(args.get("torch_threads", 1)),
                             auth=bool(args.get("auth", False)), auth_token_file=args.get("auth_token_file"),
-                            max_body_bytes=int(args.get("max_body_bytes", MAX_BODY_BYTES)))
+                            max_body_bytes=int(args.get("max_body_bytes", MAX_BODY_BYTES)),
+                            ann_min_items=int(args.get("ann_min_items", 50_000)),
+                            ann_nprobe=int(args.get("ann_nprobe", 48)))

@@ -96,3 +96,17 @@ class BundleResponse(BaseModel):
     unknown_items: list[str] = Field(default_factory=list)
     history_source: str
     model: ModelInfo
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+# Error answers every protected route can give (documented in the OpenAPI schema; 422 is FastAPI's own).
+ERROR_RESPONSES = {
+    400: {"model": ErrorResponse, "description": "body is not valid JSON"},
+    401: {"model": ErrorResponse, "description": "missing bearer token"},
+    403: {"model": ErrorResponse, "description": "invalid token"},
+    413: {"model": ErrorResponse, "description": "request body too large"},
+    503: {"model": ErrorResponse, "description": "overloaded (Retry-After) or model not loaded"},
+}

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
-from bundlerec.api import BundleRequest, BundleResponse, ModelInfo, RecommendationRequest, RecommendationResponse
+from bundlerec.api import ERROR_RESPONSES, BundleRequest, BundleResponse, ModelInfo, RecommendationRequest, RecommendationResponse
 from bundlerec import auth as guards
 from bundlerec.auth import TokenAuth
 
@@ -156,7 +156,8 @@ class Recommender:
                 out[i] = r[:ks[i]]
         return out
 
-    @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)])
+    @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
     async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
         m = self.current  # pinned for this request
         if req.events is not None:
@@ -167,7 +168,8 @@ class Recommender:
         return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
                                       unknown_items=h.unknown_items, history_source=h.source, model=m.info)
 
-    @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)])
+    @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
     def bundles(self, req: BundleRequest) -> BundleResponse:
         """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
         m = self.current
@@ -183,14 +185,14 @@ class Recommender:
     def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", responses={503: ERROR_RESPONSES[503]})
     def readyz(self) -> dict:
         if self.current is None:
             raise HTTPException(503, "model not loaded")
         info = self.current.info  # open endpoint (probes): name/version only, no paths
         return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias}}
 
-    @api.get("/v1/model", dependencies=[Depends(require_token)])
+    @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def model(self) -> dict:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,

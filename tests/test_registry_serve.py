@@ -146,6 +146,14 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         # --- request size limit: 413 before parsing
         code, body = _post(f"{base}/v1/recommendations", None, raw=b'{"user_id": "' + b"x" * 300_000 + b'"}')
         assert code == 413, body
+        # --- schemathesis against the app's own OpenAPI schema: no 5xx; invalid input -> documented 4xx
+        st = subprocess.run([os.path.join(os.path.dirname(sys.executable), "st"), "run", f"{base}/openapi.json",
+                             "-H", f"Authorization: Bearer {token}", "--checks",
+                             "not_a_server_error,negative_data_rejection,status_code_conformance,"
+                             "content_type_conformance,response_schema_conformance",
+                             "-n", "30", "--phases", "coverage,fuzzing", "--seed", "20261124"],
+                            capture_output=True, text=True, timeout=300)
+        assert st.returncode == 0 and "No issues found" in st.stdout, st.stdout[-3000:]
 
         # --- schema of a normal answer
         from bundlerec.evaluate import load_split

@@ -14,6 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from bundlerec.bundles import cooccurrence_counts
+
 
 def popularity(train: pd.DataFrame, n_items: int) -> np.ndarray:
     """Purchase counts per item in the training targets. Shape (N,)."""
@@ -39,17 +41,11 @@ def cooccurrence(train: pd.DataFrame, n_items: int) -> sp.csr_matrix:
         for t in tg:
             rows.append(h)
             cols.append(np.full(len(h), t, dtype=np.int64))
-    baskets = train.assign(t0=train["targets"].map(lambda x: int(x[0]))).groupby(["user_id", "target_time"])["t0"].agg(list)
-    for items in baskets:
-        items = np.unique(np.asarray(items, dtype=np.int64))
-        if len(items) > 1:
-            a, b = np.meshgrid(items, items)
-            off = a != b
-            rows.append(a[off])
-            cols.append(b[off])
     r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    return sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n_items, n_items))
+    after = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n_items, n_items))
+    baskets = train.assign(t0=train["targets"].map(lambda x: int(x[0]))).groupby(["user_id", "target_time"])["t0"].agg(list)
+    return after + cooccurrence_counts(baskets.tolist(), n_items)
 
 
 class ItemKNN:

@@ -13,3 +13,20 @@ def parse(argv: list[str] | None, description: str) -> PipelineConfig:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 data.history_len=20")
     args = p.parse_args(argv)
     return load_config(args.config, args.overrides)
+
+
+def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tracking: bool = True) -> PipelineConfig:
+    """The preamble every config-driven job shares: environment, config + overrides, the version
+    check, the MLflow server check (before any compute is spent) and the Ray connection."""
+    from bundlerec.runtime import check_versions, init_ray, setup_env
+    from bundlerec.tracking import check_server
+
+    setup_env()
+    cfg = parse(argv, description)
+    if ray:
+        check_versions()
+    if tracking:
+        check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
+    if ray:
+        init_ray()
+    return cfg

@@ -11,7 +11,6 @@ import argparse
 import http.client
 import json
 import platform
-import statistics
 import threading
 import time
 from datetime import datetime, timezone
@@ -27,8 +26,9 @@ def _pcts(lat_ms: list[float]) -> dict:
 
 
 def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
-               token: str | None = None) -> dict:
-    """n_requests POSTs split over `concurrency` keep-alive connections."""
+               token: str | None = None, progress: list | None = None) -> dict:
+    """n_requests POSTs split over `concurrency` keep-alive connections (``progress`` gets one entry
+    per finished request, for a fault injector watching from another thread)."""
     u = urlparse(url)
     lat: list[float] = []
     errors: list = []
@@ -49,13 +49,19 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
                 if r.status != 200:
                     with lock:
                         errors.append(r.status)
+                    if progress is not None:
+                        progress.append(0)
                     continue
             except Exception as e:
                 with lock:
                     errors.append(repr(e))
+                if progress is not None:
+                    progress.append(0)
                 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
                 continue
             mine.append((time.perf_counter() - t) * 1000)
+            if progress is not None:
+                progress.append(1)
         with lock:
             lat.extend(mine)
 
@@ -67,7 +73,48 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
         t.join()
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": n_requests, "errors": len(errors),
+            "error_kinds": sorted({str(e)[:80] for e in errors}),
             "throughput_rps": len(lat) / wall, **_pcts(lat)}
+
+
+def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
+                       token: str | None, at: float, app: str = "bundlerec") -> dict:
+    """Bounded load; after ``at`` of the requests, SIGKILL one Serve replica of ``app`` (found through
+    the Ray state API) and measure failed requests and the time until Serve has replaced it."""
+    import os
+    import signal
+
+    import ray
+    from ray.util.state import list_actors
+
+    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+
+    def replicas():
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                if a.class_name.startswith(f"ServeReplica:{app}:")]
+
+    before = replicas()
+    if not before:
+        raise RuntimeError(f"no live replica of Serve app {app!r}")
+    progress: list = []
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(http_level(url, users, concurrency, n_requests, k, token, progress)))
+    th.start()
+    while len(progress) < at * n_requests and th.is_alive():
+        time.sleep(0.005)
+    victim = before[0]
+    t_kill = time.time()
+    os.kill(victim.pid, signal.SIGKILL)
+    recovered_s = None
+    while time.time() - t_kill < 120:
+        alive = [a for a in replicas() if a.actor_id != victim.actor_id]
+        if len(alive) >= len(before):
+            recovered_s = time.time() - t_kill
+            break
+        time.sleep(0.2)
+    th.join()
+    return {**box, "replicas": len(before), "killed_after_requests": int(at * n_requests),
+            "failed_fraction": box["errors"] / n_requests, "replica_replaced_s": recovered_s}
 
 
 def in_process(export_dir: str, users: list[str], n_requests: int, k: int, ann_min_items: int = 50_000,
@@ -148,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--out", default=None)
     p.add_argument("--token-file", default=None, help="bearer token file when the endpoint requires auth")
+    p.add_argument("--kill-replica-at", type=float, default=None, metavar="FRACTION",
+                   help="fault injection: SIGKILL one replica after this fraction of the requests (one level)")
     p.add_argument("--build-catalog", type=int, default=0, metavar="N",
                    help="only build a copy of --export grown to N items into --to, then exit")
     p.add_argument("--to", default=None, help="destination export dir for --build-catalog")
@@ -161,6 +210,14 @@ def main(argv: list[str] | None = None) -> dict:
     users = pd.read_parquet(f"{args.export}/latest.parquet").user_id.astype(str).tolist()
     for _ in range(20):  # warm the replica and the proxy
         http_level(args.url, users, 1, 1, args.k, token)
+    if args.kill_replica_at is not None:
+        res = kill_replica_level(args.url, users, args.concurrency[0], args.requests, args.k, token, args.kill_replica_at)
+        res["date"] = datetime.now(timezone.utc).isoformat()
+        print(json.dumps(res, indent=2))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
     levels = [http_level(args.url, users, c, args.requests, args.k, token) for c in args.concurrency]
     local = in_process(args.export, users, args.requests, args.k)
     out = {"date": datetime.now(timezone.utc).isoformat(), "url": args.url, "k": args.k, "levels": levels,

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import json
 
-from bundlerec.cli import parse
+from bundlerec.cli import config_job
 from bundlerec.pipeline import run_pipeline
-from bundlerec.runtime import check_versions, init_ray, setup_env
-from bundlerec.tracking import check_server
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_env()
-    cfg = parse(argv, "bundlerec pipeline: prep + train + evaluate")
-    check_versions()
-    check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
-    init_ray()
+    cfg = config_job(argv, "bundlerec pipeline: prep + train + evaluate")
     summary = run_pipeline(cfg)
     print(json.dumps(summary, indent=2))
     return summary

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 
-from bundlerec.cli import parse
+from bundlerec.cli import config_job
 from bundlerec.prep import run_prep
-from bundlerec.runtime import check_versions, init_ray, setup_env
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_env()
-    cfg = parse(argv, "bundlerec prep stage")
-    check_versions()
-    init_ray()
+    cfg = config_job(argv, "bundlerec prep stage", tracking=False)
     manifest = run_prep(cfg)
     print(json.dumps({k: manifest[k] for k in ("rows", "quarantine", "examples", "schema_hash")}, indent=2))
     return manifest

@@ -9,18 +9,12 @@ Needs the output of jobs.prep (data.output_dir) and a tracking server (mlflow.tr
 
 from __future__ import annotations
 
-from bundlerec.cli import parse
+from bundlerec.cli import config_job
 from bundlerec.pipeline import run_train_stage
-from bundlerec.runtime import check_versions, init_ray, setup_env
-from bundlerec.tracking import check_server
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_env()
-    cfg = parse(argv, "bundlerec train stage")
-    check_versions()
-    check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
-    init_ray()
+    cfg = config_job(argv, "bundlerec train stage")
     return run_train_stage(cfg)
 
 

@@ -9,18 +9,12 @@ with the baselines and written to results.json. Re-running the same command resu
 
 from __future__ import annotations
 
-from bundlerec.cli import parse
+from bundlerec.cli import config_job
 from bundlerec.pipeline import run_tune_stage
-from bundlerec.runtime import check_versions, init_ray, setup_env
-from bundlerec.tracking import check_server
 
 
 def main(argv: list[str] | None = None) -> dict:
-    setup_env()
-    cfg = parse(argv, "bundlerec hyperparameter sweep")
-    check_versions()
-    check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
-    init_ray()
+    cfg = config_job(argv, "bundlerec hyperparameter sweep")
     return run_tune_stage(cfg)
 
 

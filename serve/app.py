@@ -20,7 +20,6 @@ itself with 503 + Retry-After once ``max_queued_requests`` is reached (serve/con
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Optional
 

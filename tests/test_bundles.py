@@ -5,9 +5,7 @@ import math
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from bundlerec import bundles as bl
 from bundlerec.pricing import FEATURES, PricingModel, bundle_features, evaluate_pricing

@@ -68,3 +68,18 @@ def test_missing_model_gives_a_clear_hint(tmp_path):
         resolve_model_path("some-org/not-in-cache-model")
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model_path(str(tmp_path / "nope"))
+
+
+def test_itemknn_cooccurrence_counts_history_to_target_and_same_basket():
+    import pandas as pd
+
+    from bundlerec.baselines import cooccurrence
+
+    t = pd.Timestamp("2026-01-01", tz="UTC")
+    train = pd.DataFrame({"user_id": ["u", "u", "v"], "target_time": [t, t, t],
+                          "hist_items": [[0, 1, 1], [0, 1, 1], [2]], "targets": [[3], [4], [3]]})
+    C = cooccurrence(train, 5).toarray()
+    expected = np.zeros((5, 5))
+    expected[[0, 1, 0, 1, 2], [3, 3, 4, 4, 3]] = 1  # history item -> bought item (duplicates in a history count once)
+    expected[3, 4] = expected[4, 3] = 1  # 3 and 4 were bought in the same basket of u
+    np.testing.assert_array_equal(C, expected)

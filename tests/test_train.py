@@ -36,6 +36,36 @@ def _registered(root) -> int:
     return n
 
 
+def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=None) -> dict:
+    """Run fit() in a thread; once ``after_checkpoints`` checkpoints are registered, call
+    ``before_kill`` (e.g. damage one), then SIGKILL one of the two Train workers; wait for the end."""
+    from ray.util.state import list_actors
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fit(cfg, cfg.data.output_dir, run_id=run_id)
+        except BaseException as e:  # surfaced below
+            box["err"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    deadline = time.time() + 400
+    while _registered(root) < after_checkpoints and time.time() < deadline and th.is_alive():
+        time.sleep(0.1)
+    assert _registered(root) == after_checkpoints, "checkpoint never registered (or the run ended first)"
+    if before_kill:
+        before_kill()
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000)
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)  # a worker dies mid-run
+    th.join(timeout=480)
+    assert not th.is_alive(), "training did not finish after the kill"
+    assert "err" not in box, box.get("err")
+    return box["out"]
+
+
 def _cfg(prep_cfg, tmp_path, *extra):
     return load_config(str(ROOT / "jobs/configs/tiny.yaml"),
                        [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
@@ -60,35 +90,13 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
 
 
 def test_zero3_resumes_after_a_worker_is_killed(tiny_prep, tmp_path, mlflow_server):
-    import ray
-    from ray.util.state import list_actors
-
     from bundlerec.tracking import start_run
 
     prep_cfg, _ = tiny_prep
     cfg = _cfg(prep_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero3-kill", {"zero_stage": 3}, {})
-    box: dict = {}
-
-    def run():
-        try:
-            box["out"] = fit(cfg, cfg.data.output_dir, run_id=run_id)
-        except BaseException as e:  # surfaced below
-            box["err"] = e
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    deadline = time.time() + 400
-    while not _registered(tmp_path) and time.time() < deadline:
-        time.sleep(0.5)
-    assert _registered(tmp_path), "first checkpoint never registered"
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000)
-    assert len(workers) == 2
-    os.kill(workers[1].pid, signal.SIGKILL)  # a worker dies mid-run
-    th.join(timeout=480)
-    assert not th.is_alive(), "training did not finish after the kill"
-    assert "err" not in box, box.get("err")
-    m = box["out"]["last_metrics"]
+    out = _fit_with_a_fault(cfg, run_id, tmp_path, after_checkpoints=1)
+    m = out["last_metrics"]
     assert m["epoch"] == 3 and m["resumes"] >= 1
     # the MLflow run continued: one value per epoch, none duplicated, none missing
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
@@ -100,40 +108,21 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     is registered, the test damages it (a truncated shard: a half-written checkpoint) and SIGKILLs a
     worker. The restart must detect the damage, resume from the 1st checkpoint, finish, and end close
     to the uninterrupted run; MLflow holds every epoch (the redone one twice, in order)."""
-    from ray.util.state import list_actors
-
     from bundlerec.tracking import start_run
 
     ref_cfg, ref_out, _ = tiny_trained
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero2-kill-damaged", {"zero_stage": 2}, {})
-    box: dict = {}
 
-    def run():
-        try:
-            box["out"] = fit(cfg, cfg.data.output_dir, run_id=run_id)
-        except BaseException as e:  # surfaced below
-            box["err"] = e
+    def damage_latest():
+        shard = sorted(glob.glob(f"{_ckpts(tmp_path)[-1]}/*/zero_pp_rank_1_*optim_states.pt"))[0]
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)  # half-written
 
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    deadline = time.time() + 400
-    while _registered(tmp_path) < 2 and time.time() < deadline and th.is_alive():
-        time.sleep(0.1)
-    assert _registered(tmp_path) == 2, "second checkpoint never registered (or the run ended first)"
-    latest = _ckpts(tmp_path)[-1]
-    shard = sorted(glob.glob(f"{latest}/*/zero_pp_rank_1_*optim_states.pt"))[0]
-    with open(shard, "r+b") as f:
-        f.truncate(os.path.getsize(shard) // 2)  # half-written
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000)
-    assert len(workers) == 2
-    os.kill(workers[1].pid, signal.SIGKILL)
-    th.join(timeout=480)
-    assert not th.is_alive(), "training did not finish after the kill"
-    assert "err" not in box, box.get("err")
-    m = box["out"]["last_metrics"]
+    out = _fit_with_a_fault(cfg, run_id, tmp_path, after_checkpoints=2, before_kill=damage_latest)
+    m = out["last_metrics"]
     assert m["epoch"] == 3 and m["resumes"] >= 1
-    assert [h["epoch"] for h in box["out"]["history"]] == [1, 2, 3]  # epoch 2 redone from checkpoint 1
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]  # epoch 2 redone from checkpoint 1
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
     steps = sorted(h["step"] for h in hist)
     assert set(steps) == {1, 2, 3} and steps.count(2) == 2, steps

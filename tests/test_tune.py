@@ -73,3 +73,45 @@ def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
     assert "Child runs" in dom
     for t in s["trials"]:
         assert f"trial-{t['trial_id']}" in dom
+
+
+def test_sweep_survives_a_killed_driver_and_resumes(tiny_prep, mlflow_server, ray_cluster, tmp_path):
+    """The sweep driver (`python -m jobs.tune`) is SIGKILLed after its first trial finished; the same
+    command with tune.resume=true finishes the remaining trials in the same MLflow parent run."""
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    import ray
+
+    prep_cfg, _ = tiny_prep
+    args = [sys.executable, "-m", "jobs.tune", "--config", "jobs/configs/tiny.yaml", "name=resume",
+            f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={tmp_path}/tune",
+            f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-resume", "tune.num_samples=3"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    sweep_dir = tmp_path / "tune" / "resume-sweep"
+    with open(tmp_path / "first.log", "w") as log:
+        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 500
+        while time.time() < deadline and p.poll() is None and not list(sweep_dir.glob("exports/*/bundlerec.json")):
+            time.sleep(0.5)
+        assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert list(sweep_dir.glob("exports/*/bundlerec.json")), "no trial finished before the deadline"
+        os.killpg(p.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        p.wait(timeout=30)
+    state = json.loads((sweep_dir / "bundlerec_sweep_state.json").read_text())
+    time.sleep(5)  # the dead driver's trial actors are reclaimed by Ray
+    r = subprocess.run(args + ["tune.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sweep["resumed"] is True and sweep["parent_run_id"] == state["parent_run_id"]
+    assert len(sweep["trials"]) == 3 and all(t["error"] is None for t in sweep["trials"])
+    assert sum(1 for t in sweep["trials"] if t["export_dir"]) >= 1
+    # one child run per trial under the same parent: nothing duplicated by the restart
+    runs = mlflow_post(mlflow_server, "runs/search", {
+        "experiment_ids": [state["experiment_id"]], "max_results": 100,
+        "filter": f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"})["runs"]
+    tids = [t["value"] for run in runs for t in run["data"]["tags"] if t["key"] == "bundlerec.trial_id"]
+    assert sorted(tids) == sorted(t["trial_id"] for t in sweep["trials"]) and len(set(tids)) == 3

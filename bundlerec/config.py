@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -89,6 +90,8 @@ class DataConfig:
     """Token budget for one item's text (title, category, brand, price)."""
     max_bad_fraction: float = 0.05
     """Prep fails when more than this fraction of rows is quarantined."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/JSONL inputs (a file that does not decode fails prep, naming the byte)."""
     max_future_skew_hours: float = 24.0
     """Events later than prep time + this are quarantined as clock skew (future_time)."""
     max_price: float = 1.0e7
@@ -110,6 +113,10 @@ class DataConfig:
         _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
         _check(self.num_shards >= 1, "data.num_shards must be >= 1")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(f"data.encoding={self.encoding!r} is not a known text encoding") from None
         _check(self.max_future_skew_hours >= 0 and self.max_price > 0, "data.max_future_skew_hours>=0, max_price>0")
         for v in self.event_type_map.values():
             _check(v in {None, "view", "click", "cart", "purchase"}, f"data.event_type_map value {v!r}")

@@ -84,12 +84,12 @@ def run_prep(cfg: PipelineConfig) -> dict:
     catalog_counts: dict = {}
     catalog = None
     if catalog_path is not None:
-        raw_catalog = read_dataset(catalog_path, "auto").to_pandas()
+        raw_catalog = read_dataset(catalog_path, "auto", encoding=d.encoding).to_pandas()
         catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, d.catalog_columns)
         log.info("prep: catalog %d items from %s", len(catalog), catalog_path)
 
     # ---- validate: every row is kept or quarantined with a reason
-    raw = read_dataset(events_path, d.format)
+    raw = read_dataset(events_path, d.format, encoding=d.encoding)
     tagged = raw.map_batches(
         _tag, batch_format="pandas",
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,

@@ -71,7 +71,43 @@ def _csv_header(path: str) -> list[str]:
     return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")]
 
 
-def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None):
+def check_parquet(files: list[str]) -> None:
+    """Fail early, naming the file, on a truncated or non-Parquet file (reads footers only)."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            if "://" in f:
+                fs, p = pafs.FileSystem.from_uri(f)
+                with fs.open_input_file(p) as fh:
+                    pq.read_metadata(fh)
+            else:
+                pq.read_metadata(f)
+        except Exception as e:
+            raise SchemaError(f"{f}: not a readable Parquet file (truncated or corrupt?): {e}") from None
+
+
+def check_text_encoding(files: list[str], encoding: str) -> None:
+    """Fail early, naming the file and byte offset, when a local text file is not in ``encoding``."""
+    import codecs
+
+    for f in files:
+        if "://" in f:
+            continue  # remote files are checked by the reader itself
+        dec = codecs.getincrementaldecoder(encoding)()
+        offset = 0
+        opener = gzip.open if f.endswith(".gz") else open
+        with opener(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as e:
+                    raise SchemaError(f"{f}: not valid {encoding} at byte {offset + e.start} "
+                                      f"({chunk[max(0, e.start - 20):e.end + 20]!r}); set data.encoding") from None
+                offset += len(chunk)
+
+
+def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None, encoding: str = "utf-8"):
     """Read ``path`` as a Ray Dataset, one or more blocks per file."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -84,11 +120,13 @@ def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None =
     fmt = fmts.pop()
     kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
     if fmt == "parquet":
+        check_parquet(files)
         return ray.data.read_parquet(files, **kw)
+    check_text_encoding(files, encoding)
     if fmt == "csv":
         header = _csv_header(files[0])
         return ray.data.read_csv(
-            files,
+            files, read_options=pacsv.ReadOptions(encoding=encoding),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  strings_can_be_null=True),
             **kw)

@@ -181,6 +181,15 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
     pd.concat([items, extra.reindex(columns=cols)], ignore_index=True).to_parquet(f"{dst_export}/items.parquet")
     pop = np.load(f"{src_export}/popularity.npy")
     np.save(f"{dst_export}/popularity.npy", np.concatenate([pop, np.zeros(extra_n)]))
+    import os
+
+    import scipy.sparse as sp
+
+    if os.path.exists(f"{src_export}/copurchase.npz"):  # new items have no co-purchases yet
+        pairs = sp.load_npz(f"{src_export}/copurchase.npz").tocoo()
+        sp.save_npz(f"{dst_export}/copurchase.npz", sp.csr_matrix((pairs.data, (pairs.row, pairs.col)), shape=(n_items, n_items)))
+        counts = np.load(f"{src_export}/copurchase_items.npy")
+        np.save(f"{dst_export}/copurchase_items.npy", np.concatenate([counts, np.zeros(extra_n)]))
     return dst_export
 
 

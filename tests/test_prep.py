@@ -94,3 +94,27 @@ def test_prep_maps_rees46_logs_without_code(ray_cluster, tmp_path):
     items = pd.read_parquet(f"{tmp_path}/out/items")
     assert len(items) == 6 and items.text.str.contains("electronics > audio > headphone").any()
     assert m["examples"]["test"] == 6
+
+
+def test_prep_names_the_file_for_truncated_parquet_and_bad_encoding(ray_cluster, tmp_path):
+    from bundlerec.schema import SchemaError
+
+    rows = [("2026-01-0%dT10:00:00Z" % (i + 1), "purchase" if i % 2 else "view", "u1", "café-%d" % (i % 3))
+            for i in range(8)]
+    df = pd.DataFrame(rows, columns=["event_time", "event_type", "user_id", "item_id"])
+    # truncated Parquet: a clear error naming the file, before any Ray task runs
+    (tmp_path / "pq").mkdir()
+    df.to_parquet(tmp_path / "pq/good.parquet")
+    raw = (tmp_path / "pq/good.parquet").read_bytes()
+    (tmp_path / "pq/cut.parquet").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(SchemaError, match=r"cut\.parquet: not a readable Parquet file"):
+        run_prep(load_config(None, [f"data.events={tmp_path}/pq", f"data.output_dir={tmp_path}/o1"]))
+    # a Latin-1 CSV read as UTF-8: the file and byte offset are named; with data.encoding it is read
+    (tmp_path / "latin.csv").write_bytes(df.to_csv(index=False).encode("latin-1"))
+    with pytest.raises(SchemaError, match=r"latin\.csv: not valid utf-8 at byte \d+.*data\.encoding"):
+        run_prep(load_config(None, [f"data.events={tmp_path}/latin.csv", f"data.output_dir={tmp_path}/o2"]))
+    m = run_prep(load_config(None, [f"data.events={tmp_path}/latin.csv", f"data.output_dir={tmp_path}/o3",
+                                    "data.encoding=latin-1", "data.num_shards=1", "data.val_baskets=0"]))
+    assert m["rows"]["input"] == 8 and m["rows"]["quarantined"] == 0
+    items = pd.read_parquet(f"{tmp_path}/o3/items")
+    assert set(items.item_id) == {"café-0", "café-1", "café-2"}  # decoded, not mangled

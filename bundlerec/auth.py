@@ -36,6 +36,15 @@ def hash_id(value: object) -> str:
     return hashlib.sha256(str(value).encode()).hexdigest()[:12]
 
 
+def redact(obj):
+    """A copy of a JSON-like object with every ``user_id`` value replaced by its hash (for logs)."""
+    if isinstance(obj, dict):
+        return {k: (f"<user {hash_id(v)}>" if k == "user_id" and v is not None else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
 def read_token_file(path: str) -> list[str]:
     with open(path) as f:
         return [t.strip() for t in f if t.strip() and not t.lstrip().startswith("#")]

@@ -144,14 +144,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         dep = deploy(cfg, version=summary.get("champion_version"))
         body = sample_request(cfg)
         response = http_json(f"{dep['serve_url']}/v1/recommendations", body, token=token)
-        print(f"POST {dep['serve_url']}/v1/recommendations {json.dumps(body)}\n{json.dumps(response, indent=2)}",
+        from bundlerec.auth import redact
+
+        shown = redact(body)  # logs never hold a user id in clear
+        print(f"POST {dep['serve_url']}/v1/recommendations {json.dumps(shown)}\n{json.dumps(response, indent=2)}",
               flush=True)
         summary.update({"serve_url": f"{dep['serve_url']}/v1/recommendations", "sample_request": body,
                         "sample_response": response})
         bundle_body = {**body, "n": 1, "max_size": 3}
         bundle = http_json(f"{dep['serve_url']}/v1/bundles", bundle_body, token=token)
         for b in bundle["bundles"][:1]:
-            print(f"\nbundle for {body['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
+            print(f"\nbundle for {shown['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
                   f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off)", flush=True)
             for it in b["items"]:
                 print(f"  - {it['title']} ({it['price']}): {it['reason']}", flush=True)

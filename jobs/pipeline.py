@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from bundlerec.auth import redact
 from bundlerec.cli import config_job
 from bundlerec.pipeline import run_pipeline
 
@@ -16,7 +17,7 @@ from bundlerec.pipeline import run_pipeline
 def main(argv: list[str] | None = None) -> dict:
     cfg = config_job(argv, "bundlerec pipeline: prep + train + evaluate")
     summary = run_pipeline(cfg)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(redact(summary), indent=2))  # summary.json keeps the ids; logs do not
     return summary
 
 

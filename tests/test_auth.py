@@ -61,3 +61,11 @@ def test_no_token_configured_is_an_error(tmp_path, monkeypatch):
 def test_hash_id_is_stable_and_not_clear():
     assert hash_id("U0000007") == hash_id("U0000007") != hash_id("U0000008")
     assert "U0000007" not in hash_id("U0000007") and len(hash_id("x")) == 12
+
+
+def test_redact_hashes_every_user_id():
+    from bundlerec.auth import redact
+
+    out = redact({"sample_request": {"user_id": "U1", "k": 5}, "rows": [{"user_id": "U2"}], "user": "keep"})
+    assert out == {"sample_request": {"user_id": f"<user {hash_id('U1')}>", "k": 5},
+                   "rows": [{"user_id": f"<user {hash_id('U2')}>"}], "user": "keep"}

@@ -154,6 +154,18 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                              "-n", "30", "--phases", "coverage,fuzzing", "--seed", "20261124"],
                             capture_output=True, text=True, timeout=300)
         assert st.returncode == 0 and "No issues found" in st.stdout, st.stdout[-3000:]
+        # --- nothing secret or personal in the cluster's logs (Serve access logs, replica logs, ...)
+        import ray
+
+        logs_dir = ray._private.worker._global_node.get_logs_dir_path()
+        for root, _, names in os.walk(logs_dir):
+            for n in names:
+                try:
+                    text = open(os.path.join(root, n), errors="replace").read()
+                except OSError:
+                    continue
+                assert token not in text and new not in text, f"API token in clear in {n}"
+                assert '"user_id"' not in text, f"request body in clear in {n}"
 
         # --- schema of a normal answer
         from bundlerec.evaluate import load_split

@@ -12,6 +12,7 @@ partition them into bundles and match them one-to-one to the annotated bundles b
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -31,6 +32,7 @@ from bundlerec.ranking_metrics import MetricAccumulator
 log = logging.getLogger(__name__)
 METHODS = ("bundlerec", "popular", "itemknn", "zeroshot")
 COMPLETION_METRICS = ("recall@10", "ndcg@10", "recall@20")
+BLEND_ALPHAS = (0.0, 0.25, 0.5, 0.75)
 
 
 def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, split: str) -> list[tuple]:
@@ -94,6 +96,28 @@ class _Masked:
         return s
 
 
+class _Blend:
+    """bundlerec's completion scorer: the fine-tuned model's scores, optionally blended with the
+    pretrained encoder's (``(1 - alpha) * fine-tuned + alpha * pretrained``, an output-space version
+    of WiSE-FT's robust fine-tuning); ``alpha`` is chosen on the *training* directory's held-out bundles."""
+
+    def __init__(self, tuned, pretrained, alpha: float):
+        self.tuned, self.pretrained, self.alpha = tuned, pretrained, alpha
+
+    def score(self, batch):
+        s = self.tuned.score(batch).float()
+        return s if self.alpha == 0 else (1 - self.alpha) * s + self.alpha * self.pretrained.score(batch).float()
+
+
+def _val_bundles(train: dict[str, Domain], seed: int, val_frac: float = 0.1) -> dict[str, pd.DataFrame]:
+    """The training directory's held-out bundles (the same ones write_training_data keeps out)."""
+    out = {}
+    for name, d in train.items():
+        b = d.bundles.sample(frac=1.0, random_state=seed)
+        out[name] = b.iloc[:int(len(b) * val_frac)]
+    return out
+
+
 def _completion(scorer, bundles: pd.DataFrame, index: dict, allowed: np.ndarray, mode: str, n_items: int) -> dict:
     from bundlerec.batching import history_tensors
 
@@ -135,7 +159,10 @@ def _generation(domain: Domain, index: dict, method: str, compat, pop: np.ndarra
     return bl.prf(*tot)
 
 
-def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str) -> dict:
+def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
+                     export_dir: str | None = None) -> dict:
+    """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
+    run of this function, so its item order matches) instead of training a new one."""
     from bundlerec.catalog import finalize, load_items, padded_tokens
     from bundlerec.evaluate import zeroshot_model
     from bundlerec.model import load_export
@@ -150,7 +177,12 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     index = dict(zip(items.item_id, items.item_idx))
     n = len(items)
     cfg.data.output_dir = prep_dir
-    trained = fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
+    if export_dir:
+        meta = json.load(open(os.path.join(export_dir, "bundlerec.json")))
+        trained = {"export_dir": export_dir, "n_train": meta.get("n_train"), "steps_per_epoch": None,
+                   "train_seconds": None, "last_metrics": meta.get("last_metrics")}
+    else:
+        trained = fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
     ids, mask = padded_tokens(items)
     model, _ = load_export(trained["export_dir"])
     emb_ft = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask))
@@ -173,22 +205,50 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         def score(self, batch):
             return torch.as_tensor(pop, dtype=torch.float32).unsqueeze(0).expand(batch["hist_items"].shape[0], -1)
 
-    scorers = {"bundlerec": model, "popular": _Pop(), "itemknn": _KNN(), "zeroshot": zs}
-    compats = {"bundlerec": bl.Compatibility(pairs, counts, len(groups), emb_ft.numpy()),
-               "itemknn": bl.Compatibility(pairs, counts, len(groups), None, w_text=0.0),
-               "zeroshot": bl.Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0),
-               "popular": None}
-    out: dict = {"completion": {}, "completion_half": {}, "generation": {}, "thresholds": {}}
+    # --- bundlerec's blend weight, chosen on the training directory's held-out bundles (never on eval)
+    val = _val_bundles(train, cfg.train.seed)
+    allowed_of = {dn: items.item_id.str.startswith(dn + ":").to_numpy() for dn in set(train) | set(evald)}
+
+    def val_recall(alpha: float) -> float:
+        sc = _Blend(model, zs, alpha)
+        return float(np.mean([_completion(sc, b, index, allowed_of[dn], "first", n)["recall@10"]
+                              for dn, b in val.items() if len(b)]))
+
+    alphas = {a: val_recall(a) for a in BLEND_ALPHAS}
+    alpha = max(alphas, key=alphas.get)
+    log.info("bundle_eval: completion blend alpha %.2f (val recall@10 by alpha: %s)", alpha, alphas)
+
+    scorers = {"bundlerec": _Blend(model, zs, alpha), "popular": _Pop(), "itemknn": _KNN(), "zeroshot": zs}
+    ft, both = emb_ft.numpy(), np.hstack([emb_ft.numpy(), emb_zs.numpy()]) / np.sqrt(2.0)
+    # bundlerec's compatibility: co-purchase sPMI + encoder cosine; the weight of the data term and
+    # whether the pretrained encoder's cosine joins the fine-tuned one are chosen on training sessions
+    candidates = {f"w_data={w},text={t}": bl.Compatibility(pairs, counts, len(groups), E, w_data=w)
+                  for w in (0.0, 0.25, 1.0) for t, E in (("tuned", ft), ("tuned+pretrained", both))}
+    fixed = {"itemknn": bl.Compatibility(pairs, counts, len(groups), None, w_text=0.0),
+             "zeroshot": bl.Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0), "popular": None}
+
+    def fit_threshold(dname: str, m: str, compat) -> tuple[float, float]:
+        """Best threshold on the *training* sessions of the domain: (threshold, train F1)."""
+        if m == "popular" or dname not in train:
+            return 0.0, float("nan")
+        grid = np.quantile(compat.matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 10))
+        f1 = {float(th): _generation(train[dname], index, m, compat, pop, th, 8)["f1"] for th in grid}
+        best = max(f1, key=f1.get)
+        return best, f1[best]
+
+    out: dict = {"completion": {}, "completion_half": {}, "generation": {}, "thresholds": {},
+                 "selection": {"completion_alpha": alpha, "val_recall_at_10_by_alpha": alphas, "compatibility": {}}}
     for dname, d in evald.items():
-        allowed = items.item_id.str.startswith(dname + ":").to_numpy()
+        allowed = allowed_of[dname]
         out["completion"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "first", n) for m in METHODS}
         out["completion_half"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "half", n) for m in METHODS}
         out["generation"][dname], out["thresholds"][dname] = {}, {}
+        fits = {k: fit_threshold(dname, "bundlerec", c) for k, c in candidates.items()}
+        choice = max(fits, key=lambda k: fits[k][1] if fits[k][1] == fits[k][1] else -1.0)
+        out["selection"]["compatibility"][dname] = {"chosen": choice, "train_f1": {k: v[1] for k, v in fits.items()}}
+        compats = {**fixed, "bundlerec": candidates[choice]}
         for m in METHODS:
-            thr = 0.0
-            if m != "popular" and dname in train:  # threshold chosen on the *training* sessions
-                grid = np.quantile(compats[m].matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 12))
-                thr = max(grid, key=lambda th: _generation(train[dname], index, m, compats[m], pop, th, 8)["f1"])
+            thr = fits[choice][0] if m == "bundlerec" else fit_threshold(dname, m, compats[m])[0]
             out["thresholds"][dname][m] = float(thr)
             out["generation"][dname][m] = _generation(d, index, m, compats[m], pop, thr, 8)
     out["seconds"] = round(time.time() - t0, 1)

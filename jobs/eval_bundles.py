@@ -29,13 +29,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default="runs/eval_bundles")
     p.add_argument("--config", default=None)
+    p.add_argument("--export", default=None, help="evaluate this export (from an earlier run on the same "
+                   "--train-dir) instead of training")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (train.epochs=3 ...)")
     args = p.parse_args(argv)
     work = os.path.abspath(args.work_dir)
     cfg = load_config(args.config, DEFAULTS + [f"train.storage_path={work}/ray_results", *args.overrides])
     check_versions()
     init_ray()
-    res = evaluate_bundles(cfg, args.train_dir, args.eval_dir, work)
+    res = evaluate_bundles(cfg, args.train_dir, args.eval_dir, work, export_dir=args.export)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)

@@ -26,7 +26,12 @@ def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tr
     if ray:
         check_versions()
     if tracking:
-        check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
+        from bundlerec.tracking import TrackingError
+
+        try:
+            check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute
+        except TrackingError as e:
+            raise SystemExit(f"bundlerec: {e}") from None  # one clear line, exit status 1, no traceback
     if ray:
         init_ray()
     return cfg

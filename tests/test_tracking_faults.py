@@ -21,6 +21,7 @@ def test_tracking_server_down_fails_fast_before_compute(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert f"MLflow tracking server {dead} is not reachable" in r.stderr and "make services" in r.stderr
+    assert "Traceback" not in r.stderr  # one clear line, not a stack
     assert not out_dir.exists()  # nothing ran: no prep output, no Ray started
     assert "Started a local Ray instance" not in r.stderr + r.stdout
     assert time.time() - t0 < 60

@@ -5,6 +5,7 @@ killed with SIGKILL in the middle of training.
 """
 
 import glob
+import json
 import os
 import signal
 import threading
@@ -128,5 +129,11 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     assert set(steps) == {1, 2, 3} and steps.count(2) == 2, steps
     # close to the uninterrupted run (same config, same data): resuming loses nothing that matters
     ref = ref_out["last_metrics"]
+    artifacts = ROOT / "runs" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "zero2_kill_damaged.json").write_text(json.dumps({
+        "interrupted": {k: m[k] for k in ("val_ndcg_at_10", "train_loss", "resumes", "epoch")},
+        "uninterrupted": {k: ref[k] for k in ("val_ndcg_at_10", "train_loss", "epoch")},
+        "mlflow_train_loss_steps": steps}, indent=2))
     assert abs(m["val_ndcg_at_10"] - ref["val_ndcg_at_10"]) <= 0.05, (m["val_ndcg_at_10"], ref["val_ndcg_at_10"])
     assert abs(m["train_loss"] - ref["train_loss"]) <= 0.25, (m["train_loss"], ref["train_loss"])

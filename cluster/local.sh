@@ -8,6 +8,7 @@ STATE="${BUNDLEREC_STATE:-$ROOT/.cluster}"
 VENV="${VENV:-$ROOT/.venv}"
 RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+AGENT_PORT="${AGENT_PORT:-52366}"   # not Ray's default 52365: a second local instance (make test) keeps its job agent
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs: 2 train workers + a Tune trial driver + a Serve replica + Ray Data tasks
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
@@ -29,7 +30,7 @@ start() {
     echo "starting Ray head on 127.0.0.1:$RAY_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
     ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
       --dashboard-port="$DASHBOARD_PORT" --num-cpus="$NUM_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
-      --disable-usage-stats > "$STATE/logs/ray-start.log" 2>&1 || { cat "$STATE/logs/ray-start.log"; exit 1; }
+      --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats > "$STATE/logs/ray-start.log" 2>&1 || { cat "$STATE/logs/ray-start.log"; exit 1; }
     wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60
   else
     echo "Ray already running (dashboard http://127.0.0.1:$DASHBOARD_PORT)"

@@ -20,10 +20,16 @@ def test_pipeline_job_succeeds_and_is_tracked(ray_cluster, mlflow_server, tmp_pa
     runtime_env = yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())  # the file users submit with
     runtime_env["working_dir"] = str(ROOT)
     client = JobSubmissionClient(ray_cluster)
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} -m jobs.pipeline --config jobs/configs/tiny.yaml output_root={tmp_path} "
-                   f"mlflow.tracking_uri={mlflow_server} mlflow.experiment=job-test",
-        runtime_env=runtime_env)
+    entry = (f"{sys.executable} -m jobs.pipeline --config jobs/configs/tiny.yaml output_root={tmp_path} "
+             f"mlflow.tracking_uri={mlflow_server} mlflow.experiment=job-test")
+    for attempt in range(30):  # the dashboard's job agent can still be starting on a fresh cluster
+        try:
+            job = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or attempt == 29:
+                raise
+            time.sleep(2)
     deadline = time.time() + 840
     while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, "job did not finish"

@@ -92,6 +92,12 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
         tag((price > max_price).fillna(False), "implausible_price")
     if catalog_ids is not None:
         tag(~out["item_id"].isin(catalog_ids).fillna(False), "item_not_in_catalog")
+    # the same event logged twice (same user, item, type, time, session) inside one read block:
+    # the first copy is kept, the others are quarantined (double-logging, replayed batches)
+    ok = reason == None  # noqa: E711 (elementwise); only good rows count as first copies
+    dup = np.zeros(n, dtype=bool)
+    dup[ok] = out.loc[ok, ["user_id", "item_id", "event_type", "event_time", "session_id"]].duplicated(keep="first").to_numpy()
+    tag(dup, "duplicate_event")
 
     out[REASON_COL] = pd.Series(reason, dtype="string")
     bad = out[REASON_COL].notna().to_numpy()

@@ -119,3 +119,13 @@ def test_clock_skew_enormous_values_and_long_ids_are_quarantined():
     out = normalize_events(raw, {}, {}, "s", CATALOG, max_time=pd.Timestamp("2027-01-01", tz="UTC"), max_price=1e7)
     reasons = [None if pd.isna(r) else r for r in out[REASON_COL]]
     assert reasons == [None, "future_time", "implausible_price", "id_too_long", None]
+
+
+def test_duplicate_events_are_quarantined_not_double_counted():
+    raw = pd.DataFrame({"event_time": ["2026-01-01T10:00:00Z"] * 3 + ["2026-01-01T10:00:01Z"],
+                        "event_type": ["view", "view", "cart", "view"], "user_id": ["u1"] * 4,
+                        "item_id": ["a", "a", "a", "a"]})
+    out = normalize_events(raw, {}, {}, "s", CATALOG)
+    reasons = [None if pd.isna(r) else r for r in out[REASON_COL]]
+    assert reasons == [None, "duplicate_event", None, None]  # other type / other second: distinct events
+    assert json.loads(out.loc[1, "raw"])["item_id"] == "a"

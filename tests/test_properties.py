@@ -93,8 +93,9 @@ raw_row = st.fixed_dictionaries({
 
 
 @SETTINGS
-@given(st.lists(raw_row, min_size=1, max_size=40))
-def test_validation_keeps_or_quarantines_every_row(rows):
+@given(st.lists(raw_row, min_size=1, max_size=40), st.lists(st.integers(0, 39), max_size=10))
+def test_validation_keeps_or_quarantines_every_row(rows, repeat):
+    rows = rows + [rows[i % len(rows)] for i in repeat]  # some events logged twice
     raw = pd.DataFrame(rows)
     out = normalize_events(raw, {}, {"remove_from_cart": None}, "s", pd.Index(ITEMS),
                            max_time=pd.Timestamp("2027-01-01", tz="UTC"), max_price=1e7)
@@ -105,6 +106,7 @@ def test_validation_keeps_or_quarantines_every_row(rows):
     assert kept.user_id.notna().all() and kept.item_id.isin(ITEMS).all() and kept.event_time.notna().all()
     assert kept.event_type.isin(EVENT_TYPES).all() and (kept.event_time <= pd.Timestamp("2027-01-01", tz="UTC")).all()
     assert ((kept.price >= 0) & (kept.price <= 1e7) | kept.price.isna()).all()
+    assert not kept.duplicated(["user_id", "item_id", "event_type", "event_time", "session_id"]).any()
     for r in out[bad].itertuples():  # the source row is kept verbatim for every quarantined row
         src = json.loads(r.raw)
         assert set(src) == set(raw.columns)

@@ -235,5 +235,40 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _get(f"{base}/v1/model")[1]["version"] == "2", "app did not follow the alias"
         assert failures == [], failures[:3]
         assert versions == {"1", "2"}
+
+        # --- overload: beyond max_queued_requests Serve answers 503 + Retry-After, nothing queues forever
+        import yaml
+
+        conf = yaml.safe_load((ROOT / "serve/config.yaml").read_text())
+        dep_conf = conf["applications"][0]["deployments"][0]
+        dep_conf.pop("autoscaling_config")
+        dep_conf.update({"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1})
+        (tmp_path / "tight.yaml").write_text(yaml.safe_dump(conf))
+        tight = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+                            [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
+                             f"serve.url={base}", f"serve.dashboard_url={ray_cluster}", f"mlflow.tracking_uri={registered['uri']}",
+                             "serve.poll_s=0", "serve.auth=true", f"serve.token_file={token_file}",
+                             f"serve.config_path={tmp_path / 'tight.yaml'}"])
+        deploy(tight, timeout_s=240)
+        answers: list = []
+
+        def burst():
+            req = urllib.request.Request(f"{base}/v1/bundles", data=json.dumps({"user_id": user, "n": 3}).encode(),
+                                         headers={"Content-Type": "application/json", **AUTH})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    answers.append((r.status, None))
+            except urllib.error.HTTPError as e:
+                answers.append((e.code, e.headers.get("Retry-After")))
+
+        threads = [threading.Thread(target=burst) for _ in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        codes = [c for c, _ in answers]
+        assert len(answers) == 40 and set(codes) <= {200, 503}, codes
+        assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
+        assert all(ra == "1" for c, ra in answers if c == 503)
     finally:
         serve.shutdown()  # frees the replica's CPU for the training tests

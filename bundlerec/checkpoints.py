@@ -9,12 +9,14 @@ check, DeepSpeed would load garbage or crash at every restart and the run could 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import logging
 import os
-from typing import Optional
+import posixpath
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 MANIFEST_DIR = "_bundlerec_manifest"
@@ -70,24 +72,33 @@ def verify(ckpt_dir: str, world_size: Optional[int] = None) -> tuple[bool, str]:
     return True, "ok"
 
 
-def newest_valid(latest_dir: str, world_size: Optional[int] = None) -> Optional[str]:
-    """``latest_dir`` if it verifies, else the newest earlier sibling checkpoint that does.
+@contextlib.contextmanager
+def newest_valid(ckpt, world_size: Optional[int] = None) -> Iterator[Optional[str]]:
+    """Yield a local directory with the newest intact checkpoint: ``ckpt`` (a ``ray.train.Checkpoint``)
+    if it verifies, else the newest earlier sibling that does, on the same storage, local or remote
+    (each candidate is fetched and verified). Yields None when none verifies (training starts over).
 
     Ray Train names checkpoints ``checkpoint_<timestamp>`` in one run directory, so name order is
-    time order. Returns None when no checkpoint verifies (training then starts over).
+    time order.
     """
-    ok, why = verify(latest_dir, world_size)
-    if ok:
-        return latest_dir
-    log.warning("checkpoint %s is damaged (%s); looking for an earlier one", latest_dir, why)
-    parent = os.path.dirname(os.path.normpath(latest_dir))
-    prefix = os.path.basename(os.path.normpath(latest_dir)).split("_")[0]
-    for cand in sorted(glob.glob(os.path.join(parent, f"{prefix}_*")), reverse=True):
-        if os.path.normpath(cand) >= os.path.normpath(latest_dir) or not os.path.isdir(cand):
-            continue
-        ok, why = verify(cand, world_size)
-        if ok:
-            log.warning("resuming from earlier checkpoint %s", cand)
-            return cand
-        log.warning("checkpoint %s is damaged too (%s)", cand, why)
-    return None
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, latest = ckpt.filesystem, ckpt.path.rstrip("/")
+    parent, name = posixpath.split(latest)
+    prefix = name.split("_")[0] + "_"
+    dirs = [i.path.rstrip("/") for i in fs.get_file_info(pafs.FileSelector(parent))
+            if i.type == pafs.FileType.Directory]
+    earlier = sorted((p for p in dirs if posixpath.basename(p).startswith(prefix) and posixpath.basename(p) < name),
+                     reverse=True)
+    for path in [latest, *earlier]:
+        with Checkpoint(path, filesystem=fs).as_directory() as d:
+            ok, why = verify(d, world_size)
+            if ok:
+                if path != latest:
+                    log.warning("resuming from earlier checkpoint %s", path)
+                yield d
+                return
+        log.warning("checkpoint %s is damaged (%s)%s", path, why,
+                    "; looking for an earlier one" if path == latest else "")
+    yield None

@@ -185,6 +185,10 @@ class TrainConfig:
     """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster."""
     seed: int = 0
     """Seed for model init and data order."""
+    deterministic: bool = True
+    """Same data order on every run and after a restart (Ray Data preserve_order, so shards are dealt
+    round-robin instead of to whichever worker asks first; negatives reseeded per epoch): a resumed
+    run then redoes exactly the lost steps. False: ingest ignores order (slightly faster on big data)."""
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed engine knobs (e.g. {zero_optimization: {offload_optimizer: {device: cpu}}});
     batch-size keys are derived from the fields above and may not be set here."""

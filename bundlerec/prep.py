@@ -25,7 +25,7 @@ from bundlerec.config import PipelineConfig, to_dict
 from bundlerec.readers import read_dataset
 from bundlerec.sessionize import SPLITS, build_examples
 from bundlerec.storage import join, reset_dir, write_text
-from bundlerec.validate import KEPT_COLUMNS, REASON_COL, normalize_events, summarize, tagged_schema
+from bundlerec.validate import KEPT_COLUMNS, REASON_COL, mark_duplicates, normalize_events, summarize, tagged_schema
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,17 @@ class PrepError(RuntimeError):
 
 
 def _examples_udf(batch: pd.DataFrame, **kw) -> pa.Table:
-    df = build_examples(batch, **kw)
+    """Tagged rows of whole users -> examples (quarantined rows are skipped)."""
+    df = build_examples(batch.loc[batch[REASON_COL].isna(), list(KEPT_COLUMNS)], **kw)
     return pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False)
 
 
 def _tag(batch: pd.DataFrame, **kw) -> pa.Table:
     return pa.Table.from_pandas(normalize_events(batch, **kw), schema=tagged_schema(), preserve_index=False)
+
+
+def _dedupe(batch: pd.DataFrame) -> pa.Table:
+    return pa.Table.from_pandas(mark_duplicates(batch), schema=tagged_schema(), preserve_index=False)
 
 
 def _quarantined(batch: pa.Table) -> pa.Table:
@@ -88,14 +93,17 @@ def run_prep(cfg: PipelineConfig) -> dict:
         catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, d.catalog_columns)
         log.info("prep: catalog %d items from %s", len(catalog), catalog_path)
 
-    # ---- validate: every row is kept or quarantined with a reason
+    # ---- validate: every row is kept or quarantined with a reason. Then one shuffle brings all rows
+    # of a user into one block: duplicates across files are caught there, and sessionization below
+    # reads the same blocks.
     raw = read_dataset(events_path, d.format, encoding=d.encoding)
     tagged = raw.map_batches(
         _tag, batch_format="pandas",
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
                        catalog_ids=catalog_lib.catalog_ids(catalog), max_price=d.max_price,
                        max_time=pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=d.max_future_skew_hours)),
-    ).materialize()
+    ).repartition(d.num_shards, keys=["user_id"]).map_batches(
+        _dedupe, batch_format="pandas", batch_size=None).materialize()
     n_input = tagged.count()
     bad = tagged.map_batches(_quarantined, batch_format="pyarrow")
     bad_reasons = bad.select_columns([REASON_COL]).to_pandas()
@@ -113,7 +121,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
             f"{q['bad_fraction']:.1%} of {n_input} event rows are invalid (limit data.max_bad_fraction="
             f"{d.max_bad_fraction:.1%}): {q['by_reason']}. The rows are kept in {quarantine_dir} with a "
             f"quarantine_reason; fix the input or the column mapping (data.columns / data.event_type_map).")
-    good = tagged.map_batches(_good, batch_format="pyarrow").materialize()
+    good = tagged.map_batches(_good, batch_format="pyarrow")
     n_good = good.count()
     if n_good == 0:
         raise PrepError(f"no valid events in {events_path}; quarantine: {q['by_reason']}")
@@ -131,9 +139,9 @@ def run_prep(cfg: PipelineConfig) -> dict:
         fn_kwargs={"model_name": cfg.model.name_or_path, "max_tokens": d.item_max_tokens})
     items.repartition(1).write_parquet(items_dir)
 
-    # ---- sessions -> sequences -> split examples (all rows of a user in one block)
+    # ---- sessions -> sequences -> split examples (all rows of a user in one block, see above)
     index = catalog_lib.item_lookup(catalog)
-    examples = good.repartition(d.num_shards, keys=["user_id"]).map_batches(
+    examples = tagged.map_batches(
         _examples_udf, batch_format="pandas", batch_size=None,
         fn_kwargs=dict(item_index=index, gap_minutes=d.session_gap_minutes, history_len=d.history_len,
                        target_event=d.target_event, val_baskets=d.val_baskets,

@@ -6,10 +6,12 @@ MLflow metric names cannot hold ``@``: ``ndcg@10`` is logged as ``ndcg_at_10``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 import urllib.request
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +55,13 @@ class RunLogger:
     buffer (with their original step and timestamp) and training goes on; every later ``log`` sends
     the backlog first, and ``flush`` at the end retries with backoff until the buffer is empty."""
 
-    def __init__(self, tracking_uri: str, run_id: str, retries: int = 6):
+    def __init__(self, tracking_uri: str, run_id: str, retries: int = 6, timeout_s: int = 10):
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri)
         self.run_id = run_id
         self.retries = retries
+        self.timeout_s = timeout_s
         self.pending: list = []
         self.failures = 0
 
@@ -70,11 +73,28 @@ class RunLogger:
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
         return self._send()
 
+    @contextlib.contextmanager
+    def _one_try(self) -> Iterator[None]:
+        """MLflow's own HTTP retries (7, exponential backoff: minutes) would stall rank 0 and with it
+        every rank at the next collective; here a send tries once and the buffer is the retry."""
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(self.timeout_s))
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def _send(self) -> bool:
         try:
-            while self.pending:
-                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
-                self.pending = self.pending[1000:]
+            with self._one_try():
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                    self.pending = self.pending[1000:]
             return True
         except Exception as e:  # server away: keep the buffer
             self.failures += 1

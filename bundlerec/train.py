@@ -69,21 +69,46 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
                 num_to_keep=2, checkpoint_score_attribute="val_ndcg_at_10", checkpoint_score_order="max"),
         ),
         datasets={"train": train_ds, "val": val_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),  # every rank sees all of val
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],  # every rank sees all of val
+                                            execution_options=_ingest_options(tc.deterministic)),
     )
     log.info("train: %d examples, %d steps/epoch/worker, %d workers, ZeRO-%d", n_train, steps,
              tc.num_workers, tc.zero_stage)
     result = trainer.fit()
     if result.error:
         raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_ndcg_at_10", -1))
     export_dir = export_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "export")
-    with best_ckpt.as_directory() as d:
-        export(cfg, d, prep_dir, export_dir)
+    best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, tc.num_workers, prep_dir, export_dir)
     return {"export_dir": export_dir, "checkpoint": best_ckpt.path, "best_epoch_metrics": best_metrics,
             "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
             "history": result.metrics.get("history", []), "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
+
+
+def _ingest_options(deterministic: bool):
+    """Ray Train's default ingest options, with preserve_order when runs must be reproducible: the
+    train split then deals blocks to workers in a fixed order (no locality race between workers)."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = deterministic
+    return opts
+
+
+def export_best(cfg: PipelineConfig, checkpoints, world_size: int, prep_dir: str, export_dir: str):
+    """Export the best-scoring checkpoint that passes verification; a damaged one (e.g. the one a
+    crash left half-written, which Ray may still keep among the best) is skipped with a warning."""
+    from bundlerec.checkpoints import verify
+
+    ranked = sorted(checkpoints, key=lambda cm: cm[1].get("val_ndcg_at_10", -1), reverse=True)
+    for ckpt, metrics in ranked:
+        with ckpt.as_directory() as d:
+            ok, why = verify(d, world_size)
+            if ok:
+                export(cfg, d, prep_dir, export_dir)
+                return ckpt, metrics
+        log.warning("not exporting damaged checkpoint %s (%s)", ckpt.path, why)
+    raise RuntimeError(f"no intact checkpoint to export among {[c.path for c, _ in ranked]}")
 
 
 def consolidated_state_dict(ckpt_dir: str) -> dict:

@@ -103,6 +103,9 @@ def train_loop_per_worker(config: dict) -> None:
         if stop:
             break
         engine.train()
+        if tc.get("deterministic", True):  # negatives and dropout depend on (seed, rank, epoch) only,
+            collate.rng = np.random.default_rng([tc["seed"], rank, epoch])  # so a resume redoes them
+            torch.manual_seed(int(np.random.SeedSequence([tc["seed"], rank, epoch]).generate_state(1)[0]))
         t0, losses, n_seen = time.time(), [], 0
         batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
                                            local_shuffle_buffer_size=max(4 * mb, 1024),
@@ -174,25 +177,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _restore(engine, ckpt, world: int, rank0: bool):
-    """Load the newest *verified* checkpoint (the reported one, or an earlier one when it is damaged);
-    returns its client state, or None to start over when none verifies."""
-    from pyarrow.fs import LocalFileSystem
+    """Load the newest *verified* checkpoint (the reported one, or an earlier one on the same storage
+    when it is damaged); returns its client state, or None to start over when none verifies."""
+    from bundlerec.checkpoints import newest_valid
 
-    from bundlerec.checkpoints import newest_valid, verify
-
-    if isinstance(ckpt.filesystem, LocalFileSystem):
-        path = newest_valid(ckpt.path, world)
-        if path is None:
+    with newest_valid(ckpt, world) as d:
+        if d is None:
             if rank0:
-                print(f"[bundlerec] no intact checkpoint under {os.path.dirname(ckpt.path)}; starting over", flush=True)
+                print(f"[bundlerec] no intact checkpoint beside {ckpt.path}; starting over", flush=True)
             return None
-        if rank0 and path != ckpt.path:
-            print(f"[bundlerec] checkpoint {ckpt.path} is damaged; resuming from {path}", flush=True)
-        _, state = engine.load_checkpoint(path)
-        return state
-    with ckpt.as_directory() as d:  # remote storage: verify the downloaded copy
-        ok, why = verify(d, world)
-        if not ok:
-            raise RuntimeError(f"checkpoint {ckpt.path} is damaged ({why}); delete it to resume from the previous one")
         _, state = engine.load_checkpoint(d)
         return state

@@ -34,6 +34,31 @@ def tagged_schema():
                       ("title", s), ("category", s), ("brand", s), (REASON_COL, s), ("raw", s)])
 
 
+DUPLICATE = "duplicate_event"
+DUPLICATE_KEY = ["user_id", "item_id", "event_type", "event_time", "session_id"]
+
+
+def duplicate_mask(events: pd.DataFrame, good: np.ndarray) -> np.ndarray:
+    """Rows that repeat an earlier good row's (user, item, type, time, session): double-logging,
+    replayed batches, a file ingested twice. The first copy is the one kept."""
+    dup = np.zeros(len(events), dtype=bool)
+    dup[good] = events.loc[good, DUPLICATE_KEY].duplicated(keep="first").to_numpy()
+    return dup
+
+
+def mark_duplicates(tagged: pd.DataFrame) -> pd.DataFrame:
+    """Quarantine duplicates among still-good tagged rows (``raw`` gets the canonical row as JSON).
+    Prep calls it on blocks that hold all rows of their users, so copies in different files count."""
+    good = tagged[REASON_COL].isna().to_numpy()
+    dup = duplicate_mask(tagged, good)
+    if dup.any():
+        tagged = tagged.copy()
+        tagged.loc[dup, REASON_COL] = DUPLICATE
+        tagged.loc[dup, "raw"] = [json.dumps({k: (None if pd.isna(v) else str(v)) for k, v in rec.items()})
+                                  for rec in tagged.loc[dup, list(KEPT_COLUMNS)].to_dict("records")]
+    return tagged
+
+
 MAX_ID_CHARS = 128  # ids longer than this are not ids (the Serve API refuses them too)
 
 
@@ -92,12 +117,9 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
         tag((price > max_price).fillna(False), "implausible_price")
     if catalog_ids is not None:
         tag(~out["item_id"].isin(catalog_ids).fillna(False), "item_not_in_catalog")
-    # the same event logged twice (same user, item, type, time, session) inside one read block:
-    # the first copy is kept, the others are quarantined (double-logging, replayed batches)
-    ok = reason == None  # noqa: E711 (elementwise); only good rows count as first copies
-    dup = np.zeros(n, dtype=bool)
-    dup[ok] = out.loc[ok, ["user_id", "item_id", "event_type", "event_time", "session_id"]].duplicated(keep="first").to_numpy()
-    tag(dup, "duplicate_event")
+    # the same event logged twice inside this block; copies in other blocks or files are caught by
+    # mark_duplicates once prep has brought all of a user's rows together
+    tag(duplicate_mask(out, reason == None), DUPLICATE)  # noqa: E711 (elementwise)
 
     out[REASON_COL] = pd.Series(reason, dtype="string")
     bad = out[REASON_COL].notna().to_numpy()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import platform
+import signal
 import threading
 import time
 from datetime import datetime, timezone
@@ -81,9 +83,6 @@ def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests:
                        token: str | None, at: float, app: str = "bundlerec") -> dict:
     """Bounded load; after ``at`` of the requests, SIGKILL one Serve replica of ``app`` (found through
     the Ray state API) and measure failed requests and the time until Serve has replaced it."""
-    import os
-    import signal
-
     import ray
     from ray.util.state import list_actors
 
@@ -181,8 +180,6 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
     pd.concat([items, extra.reindex(columns=cols)], ignore_index=True).to_parquet(f"{dst_export}/items.parquet")
     pop = np.load(f"{src_export}/popularity.npy")
     np.save(f"{dst_export}/popularity.npy", np.concatenate([pop, np.zeros(extra_n)]))
-    import os
-
     import scipy.sparse as sp
 
     if os.path.exists(f"{src_export}/copurchase.npz"):  # new items have no co-purchases yet

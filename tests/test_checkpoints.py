@@ -1,7 +1,10 @@
 """Checkpoint manifests: a half-written or damaged checkpoint is detected and an earlier intact one used."""
 
+import json
 import os
 import shutil
+
+import pytest
 
 from bundlerec.checkpoints import MANIFEST_DIR, newest_valid, verify, write_manifest
 
@@ -41,14 +44,44 @@ def test_damage_is_detected(tmp_path):
     assert not verify(str(d4), 2)[0]  # written by another world size
 
 
-def test_newest_valid_falls_back_to_the_previous_good_one(tmp_path):
-    a = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-01")
-    b = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-02")
-    c = _ckpt(tmp_path, "checkpoint_2026-01-01_00-00-03")
-    assert newest_valid(str(c), 2) == str(c)
+def _newest(path, fs=None, root=None):
+    """newest_valid on a ray.train.Checkpoint; the chosen checkpoint's name (None: none intact)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    if fs is None:
+        ckpt = Checkpoint(str(path), filesystem=pafs.LocalFileSystem())
+    else:
+        ckpt = Checkpoint(os.path.relpath(path, root), filesystem=fs)
+    with newest_valid(ckpt, 2) as d:
+        if d is None:
+            return None
+        assert verify(d, 2)[0]  # what the caller loads is the verified copy
+        return json.load(open(os.path.join(d, MANIFEST_DIR, "rank0.json")))["name"]
+
+
+def _named_ckpt(root, name):
+    d = _ckpt(root, name)
+    for r in (0, 1):  # tag each manifest with its checkpoint's name, so the test can tell which one was used
+        m = d / MANIFEST_DIR / f"rank{r}.json"
+        m.write_text(json.dumps({**json.loads(m.read_text()), "name": name}))
+    return d
+
+
+@pytest.mark.parametrize("storage", ["local", "remote"])
+def test_newest_valid_falls_back_to_the_previous_good_one(tmp_path, storage):
+    """Local storage, and storage Ray must download from (a pyarrow SubTreeFileSystem stands for
+    s3/gcs: not a LocalFileSystem, so every candidate is fetched to a temp dir and verified there)."""
+    import pyarrow.fs as pafs
+
+    fs = None if storage == "local" else pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    a = _named_ckpt(tmp_path, "checkpoint_2026-01-01_00-00-01")
+    b = _named_ckpt(tmp_path, "checkpoint_2026-01-01_00-00-02")
+    c = _named_ckpt(tmp_path, "checkpoint_2026-01-01_00-00-03")
+    assert _newest(c, fs, tmp_path) == c.name
     (c / "latest").unlink()  # half-written latest
-    assert newest_valid(str(c), 2) == str(b)
+    assert _newest(c, fs, tmp_path) == b.name
     (b / MANIFEST_DIR / "rank0.json").write_text("{not json")
-    assert newest_valid(str(c), 2) == str(a)
+    assert _newest(c, fs, tmp_path) == a.name
     (a / "epoch1" / "zero_pp_rank_0_optim_states.pt").unlink()
-    assert newest_valid(str(c), 2) is None
+    assert _newest(c, fs, tmp_path) is None

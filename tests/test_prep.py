@@ -72,6 +72,28 @@ def test_prep_quarantines_malformed_rows_with_exact_counts(ray_cluster, tmp_path
     assert m["examples"]["test"] == 1 and m["examples"]["train"] == 2
 
 
+def test_prep_quarantines_duplicates_across_files(ray_cluster, tmp_path):
+    """A log file ingested twice in part (a replayed batch): the copies live in another file and
+    block, so only prep's per-user pass can see them; they are quarantined, not counted twice."""
+    header = "event_time,event_type,user_id,item_id,price\n"
+    rows = [f"2026-01-0{day}T10:0{k}:00Z,{t},{u},{it},1.0"
+            for u in ("u1", "u2") for day in (1, 2, 3) for k, (t, it) in enumerate([("view", "a"), ("purchase", "b")])]
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs/part-1.csv").write_text(header + "\n".join(rows) + "\n")
+    (tmp_path / "logs/part-2.csv").write_text(header + "\n".join(rows[:3] + rows[7:9]) + "\n")  # replayed
+    pd.DataFrame({"item_id": ["a", "b"], "title": ["apple", "banana"], "category": ["f"] * 2, "brand": ["x"] * 2,
+                  "price": [1.0, 1.0]}).to_json(tmp_path / "catalog.jsonl", orient="records", lines=True)
+    m = run_prep(load_config(None, [f"data.events={tmp_path}/logs", f"data.catalog={tmp_path}/catalog.jsonl",
+                                    f"data.output_dir={tmp_path}/out", "data.num_shards=2", "data.val_baskets=0",
+                                    "data.max_bad_fraction=0.5"]))
+    assert m["rows"] == {"input": 17, "kept": 12, "quarantined": 5}
+    assert m["quarantine"]["by_reason"] == {"duplicate_event": 5}
+    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")
+    assert len(q) == 5 and set(q.quarantine_reason) == {"duplicate_event"}
+    assert {json.loads(r)["user_id"] for r in q.raw} == {"u1", "u2"}
+    assert m["examples"]["test"] == 2 and m["examples"]["train"] == 4  # as if each event came once
+
+
 def test_prep_maps_rees46_logs_without_code(ray_cluster, tmp_path):
     rows = []
     for u in range(6):

@@ -87,14 +87,31 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
     assert os.path.exists(f"{out['export_dir']}/encoder/config.json")
     assert os.path.exists(f"{out['export_dir']}/item_index.npy")
     hist = out["history"]
-    assert hist[-1]["train_loss"] < hist[0]["train_loss"], [h["train_loss"] for h in hist]
+    # one entry per epoch with finite metrics. That it learns is asserted where it can be measured:
+    # test_model (loss falls on a fixed batch) and test_pipeline_job (beats most-popular); 12 steps here
+    # move train_loss (rank 0's mean over 4 micro-batches, other examples each epoch) by less than noise.
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert all(0 < h["val_ndcg_at_10"] <= 1 and h["train_loss"] == h["train_loss"] for h in hist), hist
 
 
-def test_zero3_resumes_after_a_worker_is_killed(tiny_prep, tmp_path, mlflow_server):
+# Training is deterministic (train.deterministic: fixed shard order, negatives and dropout seeded per
+# epoch), and ZeRO stages only partition the same fp32 optimization, so a resumed run must end where
+# the uninterrupted ZeRO-2 `tiny_trained` run ended, up to float reduction noise.
+TOL = 0.01
+
+
+def _close_to_reference(m: dict, ref: dict) -> None:
+    for k in ("val_ndcg_at_10", "val_recall_at_10"):
+        assert abs(m[k] - ref[k]) <= TOL, (k, m[k], ref[k])
+
+
+def test_zero3_resumes_after_a_worker_is_killed(tiny_trained, tmp_path, mlflow_server):
+    """ZeRO-3, a worker SIGKILLed after the 1st checkpoint: resumes, finishes, the MLflow run goes on
+    without gaps or doubles, and the final metrics match the uninterrupted run."""
     from bundlerec.tracking import start_run
 
-    prep_cfg, _ = tiny_prep
-    cfg = _cfg(prep_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
+    ref_cfg, ref_out, _ = tiny_trained
+    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero3-kill", {"zero_stage": 3}, {})
     out = _fit_with_a_fault(cfg, run_id, tmp_path, after_checkpoints=1)
     m = out["last_metrics"]
@@ -102,6 +119,17 @@ def test_zero3_resumes_after_a_worker_is_killed(tiny_prep, tmp_path, mlflow_serv
     # the MLflow run continued: one value per epoch, none duplicated, none missing
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
     assert sorted(h["step"] for h in hist) == [1, 2, 3]
+    _record("zero3_kill", m, ref_out["last_metrics"], hist)
+    _close_to_reference(m, ref_out["last_metrics"])
+
+
+def _record(name: str, m: dict, ref: dict, hist: list) -> None:
+    artifacts = ROOT / "runs" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / f"{name}.json").write_text(json.dumps({
+        "interrupted": {k: m[k] for k in ("val_ndcg_at_10", "val_recall_at_10", "train_loss", "resumes", "epoch")},
+        "uninterrupted": {k: ref[k] for k in ("val_ndcg_at_10", "val_recall_at_10", "train_loss", "epoch")},
+        "mlflow_train_loss_steps": sorted(h["step"] for h in hist)}, indent=2))
 
 
 def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tiny_trained, tmp_path, mlflow_server):
@@ -115,8 +143,11 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero2-kill-damaged", {"zero_stage": 2}, {})
 
+    damaged = []
+
     def damage_latest():
-        shard = sorted(glob.glob(f"{_ckpts(tmp_path)[-1]}/*/zero_pp_rank_1_*optim_states.pt"))[0]
+        damaged.append(_ckpts(tmp_path)[-1])
+        shard = sorted(glob.glob(f"{damaged[0]}/*/zero_pp_rank_1_*optim_states.pt"))[0]
         with open(shard, "r+b") as f:
             f.truncate(os.path.getsize(shard) // 2)  # half-written
 
@@ -127,14 +158,49 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
     steps = sorted(h["step"] for h in hist)
     assert set(steps) == {1, 2, 3} and steps.count(2) == 2, steps
-    # close to the uninterrupted run (same config, same data): resuming loses nothing that matters
-    ref = ref_out["last_metrics"]
-    artifacts = ROOT / "runs" / "test-artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
-    (artifacts / "zero2_kill_damaged.json").write_text(json.dumps({
-        "interrupted": {k: m[k] for k in ("val_ndcg_at_10", "val_recall_at_10", "train_loss", "resumes", "epoch")},
-        "uninterrupted": {k: ref[k] for k in ("val_ndcg_at_10", "val_recall_at_10", "train_loss", "epoch")},
-        "mlflow_train_loss_steps": steps}, indent=2))
-    assert abs(m["val_ndcg_at_10"] - ref["val_ndcg_at_10"]) <= 0.05, (m["val_ndcg_at_10"], ref["val_ndcg_at_10"])
-    assert abs(m["val_recall_at_10"] - ref["val_recall_at_10"]) <= 0.05, (m["val_recall_at_10"], ref["val_recall_at_10"])
-    # (train_loss is not compared: it is rank 0's mean over 4 micro-batches, too noisy for a tolerance)
+    # the export comes from an intact checkpoint, never the damaged one (Ray may keep it among the best)
+    assert os.path.normpath(out["checkpoint"]) != os.path.normpath(damaged[0])
+    _record("zero2_kill_damaged", m, ref_out["last_metrics"], hist)
+    _close_to_reference(m, ref_out["last_metrics"])
+
+
+def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
+    """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
+    store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,
+    and the run ends with every epoch in MLflow once, with the values training computed."""
+    from tests.conftest import free_port, start_mlflow, stop_mlflow
+
+    from bundlerec.tracking import start_run
+
+    ref_cfg, _, _ = tiny_trained
+    port = free_port()
+    proc, uri = start_mlflow(tmp_path, port)
+    try:
+        cfg = _cfg(ref_cfg, tmp_path, "train.epochs=3", f"mlflow.tracking_uri={uri}")
+        run_id = start_run(uri, "test-outage", "outage-in-training", {}, {})
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.update(out=fit(cfg, cfg.data.output_dir, run_id=run_id)), daemon=True)
+        th.start()
+        deadline = time.time() + 400
+        while _registered(tmp_path) < 1 and time.time() < deadline and th.is_alive():
+            time.sleep(0.1)
+        stop_mlflow(proc)  # outage from here
+        t_down = time.time()
+        while _registered(tmp_path) < 2 and time.time() < deadline and th.is_alive():
+            time.sleep(0.1)
+        assert _registered(tmp_path) == 2, "epoch 2 never finished while MLflow was down"
+        epoch2_s = time.time() - t_down
+        proc, uri = start_mlflow(tmp_path, port)  # back
+        th.join(timeout=400)
+        assert "out" in box, "training did not finish"
+        hist = mlflow_get(uri, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
+        got = sorted((h["step"], round(h["value"], 6)) for h in hist)
+        want = [(h["epoch"], round(h["train_loss"], 6)) for h in box["out"]["history"]]
+        (ROOT / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
+        (ROOT / "runs" / "test-artifacts" / "mlflow_outage_in_training.json").write_text(json.dumps(
+            {"epoch2_seconds_while_down": round(epoch2_s, 1), "mlflow_train_loss": got, "trained": want}, indent=2))
+        assert got == want, (got, want)
+        # no stall: epoch 2 (training + validation + checkpoint) took about as long as with the server up
+        assert epoch2_s < 120, epoch2_s
+    finally:
+        stop_mlflow(proc)

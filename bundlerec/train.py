@@ -35,11 +35,11 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     tc = cfg.train
     t0 = time.time()
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process (Tune trial drivers too)
-    train_ds = ray.data.read_parquet(join(prep_dir, "examples", "train"))
-    val_ds = ray.data.read_parquet(join(prep_dir, "examples", "val"))
+    train_ds = read_examples(prep_dir, "train", tc.deterministic)
+    val_ds = read_examples(prep_dir, "val", tc.deterministic)
     if val_ds.count() == 0:  # tiny data: fall back to test for model selection, say so
         log.warning("train: empty val split; using the test split for early stopping")
-        val_ds = ray.data.read_parquet(join(prep_dir, "examples", "test"))
+        val_ds = read_examples(prep_dir, "test", tc.deterministic)
     n_train = train_ds.count()
     steps = n_train // (tc.micro_batch * tc.num_workers)
     if tc.max_steps_per_epoch:
@@ -83,6 +83,18 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
             "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
             "history": result.metrics.get("history", []), "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
+
+
+def read_examples(prep_dir: str, split: str, deterministic: bool):
+    """One split of prep's examples as a Ray Dataset. Deterministic: one read task per file, so the
+    blocks (and with them each worker's shard) do not depend on how many CPUs happened to be free
+    when the read was planned (Ray sizes reads by the CPUs it sees)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    path = join(prep_dir, "examples", split)
+    n_files = len(pq.ParquetDataset(path).files) if deterministic else None
+    return ray.data.read_parquet(path, override_num_blocks=n_files or None)
 
 
 def _ingest_options(deterministic: bool):

@@ -42,8 +42,8 @@ def require_prep(cfg: PipelineConfig) -> dict:
 
 def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None) -> dict:
     """Test metrics of the export and of every baseline -> results.json + the MLflow run."""
-    from bundlerec.evaluate import evaluate_run, format_table
-    from bundlerec.tracking import log_results
+    from bundlerec.eval.evaluate import evaluate_run, format_table
+    from bundlerec.registry.tracking import log_results
 
     prep_dir = cfg.data.output_dir
     manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
@@ -63,8 +63,8 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
 
 def run_train_stage(cfg: PipelineConfig) -> dict:
     """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
-    from bundlerec.tracking import check_server, start_run
-    from bundlerec.train import fit
+    from bundlerec.registry.tracking import check_server, start_run
+    from bundlerec.train.fit import fit
 
     prep_dir = cfg.data.output_dir
     manifest = require_prep(cfg)
@@ -100,8 +100,8 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """The configured stages (prep -> train|tune -> register -> deploy); writes summary.json."""
-    from bundlerec.prep import run_prep
-    from bundlerec.tracking import check_server
+    from bundlerec.data.prep import run_prep
+    from bundlerec.registry.tracking import check_server
 
     t0 = time.time()
     check_server(cfg.mlflow.tracking_uri)
@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if last.get("samples_per_s_per_worker"):
         summary["train_samples_per_s_per_worker"] = last["samples_per_s_per_worker"]
     if "register" in cfg.stages:
-        from bundlerec.registry import register
+        from bundlerec.registry.promotion import register
 
         reg = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                        run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
@@ -133,33 +133,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         summary.update({"registered_version": reg["version"], "registered_alias": reg["alias"],
                         "champion_version": reg["champion_version"]})
     if "deploy" in cfg.stages:
-        from bundlerec.deploy import deploy, http_json
+        from bundlerec.demo import try_endpoint
+        from bundlerec.serving.deploy import deploy
 
         token = None
         if cfg.serve.auth:  # a fresh token per deploy, readable by its owner only
-            from bundlerec.auth import write_token_file
+            from bundlerec.serving.auth import write_token_file
 
             token = write_token_file(cfg.serve.token_file)
             summary["api_token_file"] = os.path.abspath(cfg.serve.token_file)
         dep = deploy(cfg, version=summary.get("champion_version"))
-        body = sample_request(cfg)
-        response = http_json(f"{dep['serve_url']}/v1/recommendations", body, token=token)
-        from bundlerec.auth import redact
-
-        shown = redact(body)  # logs never hold a user id in clear
-        print(f"POST {dep['serve_url']}/v1/recommendations {json.dumps(shown)}\n{json.dumps(response, indent=2)}",
-              flush=True)
-        summary.update({"serve_url": f"{dep['serve_url']}/v1/recommendations", "sample_request": body,
-                        "sample_response": response})
-        bundle_body = {**body, "n": 1, "max_size": 3}
-        bundle = http_json(f"{dep['serve_url']}/v1/bundles", bundle_body, token=token)
-        for b in bundle["bundles"][:1]:
-            print(f"\nbundle for {shown['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
-                  f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off)", flush=True)
-            for it in b["items"]:
-                print(f"  - {it['title']} ({it['price']}): {it['reason']}", flush=True)
-        summary.update({"bundles_url": f"{dep['serve_url']}/v1/bundles", "sample_bundle_request": bundle_body,
-                        "sample_bundle": bundle["bundles"][0] if bundle["bundles"] else None})
+        summary.update(try_endpoint(cfg, dep["serve_url"], token))
     summary["pipeline_seconds"] = round(time.time() - t0, 1)
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "summary.json")
     with open(path, "w") as f:
@@ -168,9 +152,3 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
-def sample_request(cfg: PipelineConfig, k: int = 5) -> dict:
-    """A real user of the test split: their id plus k (the response lists items under "items")."""
-    from bundlerec.evaluate import load_split
-
-    test = load_split(cfg.data.output_dir, "test")
-    return {"user_id": str(test.user_id.iloc[0]), "k": k}

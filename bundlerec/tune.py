@@ -17,7 +17,13 @@ import os
 import time
 from typing import Callable
 
-from bundlerec.config import PipelineConfig, apply_overrides, flatten, from_dict, to_dict
+from bundlerec.config import (
+    PipelineConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    to_dict,
+)
 from bundlerec.storage import absolute
 
 log = logging.getLogger(__name__)
@@ -81,7 +87,7 @@ def trial_driver(trial_config: dict, base: dict, parent_run_id: str, experiment_
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from bundlerec.train import fit
+    from bundlerec.train.fit import fit
 
     trial_id = ray.tune.get_context().get_trial_id()
     raw = apply_overrides(json.loads(json.dumps(base)), [f"{k}={json.dumps(v)}" for k, v in trial_config.items()])
@@ -102,7 +108,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from bundlerec.tracking import check_server, start_run
+    from bundlerec.registry.tracking import check_server, start_run
 
     tc = cfg.tune
     check_server(cfg.mlflow.tracking_uri)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import os
 
-from bundlerec.auth import write_token_file
 from bundlerec.cli import parse
-from bundlerec.deploy import deploy
 from bundlerec.runtime import setup_env
+from bundlerec.serving.auth import write_token_file
+from bundlerec.serving.deploy import deploy
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from bundlerec.bundle_eval import evaluate_bundles
+from bundlerec.bundles.evaluate import evaluate_bundles
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from bundlerec.pricing import evaluate_pricing
+from bundlerec.bundles.pricing import evaluate_pricing
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,8 +9,8 @@ import argparse
 import json
 
 from bundlerec.config import SyntheticConfig, apply_overrides, from_dict
+from bundlerec.data.synthetic import generate
 from bundlerec.runtime import setup_env
-from bundlerec.synthetic import generate
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
-from bundlerec.auth import redact
 from bundlerec.cli import config_job
 from bundlerec.pipeline import run_pipeline
+from bundlerec.serving.privacy import redact
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from bundlerec.cli import config_job
-from bundlerec.prep import run_prep
+from bundlerec.data.prep import run_prep
 
 
 def main(argv: list[str] | None = None) -> dict:

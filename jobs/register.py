@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from bundlerec.cli import parse
-from bundlerec.registry import register
+from bundlerec.registry.promotion import register
 from bundlerec.runtime import setup_env
 
 

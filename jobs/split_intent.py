@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bundlerec.intent_data import split_by_user
+from bundlerec.bundles.intent import split_by_user
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -117,7 +117,7 @@ def mlflow_get(uri: str, endpoint: str, **params) -> dict:
 def tiny_prep(ray_cluster, tmp_path_factory):
     """The tiny synthetic dataset, prepared once for the training tests."""
     from bundlerec.config import load_config
-    from bundlerec.prep import run_prep
+    from bundlerec.data.prep import run_prep
 
     root = tmp_path_factory.mktemp("tiny")
     cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [f"output_root={root}"])
@@ -129,7 +129,7 @@ def tiny_prep(ray_cluster, tmp_path_factory):
 def tiny_trained(tiny_prep, tmp_path_factory):
     """A 2-worker ZeRO-2 fine-tuning of the tiny data (3 epochs), exported for serving."""
     from bundlerec.config import load_config
-    from bundlerec.train import fit
+    from bundlerec.train.fit import fit
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("trained")

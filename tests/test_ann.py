@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from bundlerec.ann import IVFIndex, recall_vs_exact
+from bundlerec.serving.ann import IVFIndex, recall_vs_exact
 
 
 @pytest.fixture
 def tiny_export_recommender(tiny_trained):
-    from bundlerec.recommend import Recommender
+    from bundlerec.serving.recommender import Recommender
 
     _, out, _ = tiny_trained
     return Recommender.from_export(out["export_dir"])

@@ -1,4 +1,4 @@
-"""bundlerec.auth: token sources, 401/403 decisions, rotation through the secret file, no clear-text ids."""
+"""bundlerec.serving.auth: token sources, 401/403 decisions, rotation through the secret file, no clear-text ids."""
 
 import os
 import stat
@@ -6,7 +6,13 @@ import time
 
 import pytest
 
-from bundlerec.auth import AuthConfigError, TokenAuth, hash_id, read_token_file, write_token_file
+from bundlerec.serving.auth import (
+    AuthConfigError,
+    TokenAuth,
+    read_token_file,
+    write_token_file,
+)
+from bundlerec.serving.privacy import hash_id
 
 
 def test_token_file_is_private_and_fresh(tmp_path):
@@ -64,7 +70,7 @@ def test_hash_id_is_stable_and_not_clear():
 
 
 def test_redact_hashes_every_user_id():
-    from bundlerec.auth import redact
+    from bundlerec.serving.privacy import redact
 
     out = redact({"sample_request": {"user_id": "U1", "k": 5}, "rows": [{"user_id": "U2"}], "user": "keep"})
     assert out == {"sample_request": {"user_id": f"<user {hash_id('U1')}>", "k": 5},

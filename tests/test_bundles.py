@@ -7,8 +7,17 @@ import os
 import numpy as np
 import pytest
 
-from bundlerec import bundles as bl
-from bundlerec.pricing import FEATURES, PricingModel, bundle_features, evaluate_pricing
+from bundlerec.bundles.compat import Compatibility
+from bundlerec.bundles.detect import partition
+from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
+from bundlerec.bundles.matching import match, prf
+from bundlerec.bundles.pricing import (
+    FEATURES,
+    PricingModel,
+    bundle_features,
+    evaluate_pricing,
+)
+from bundlerec.data.statistics import cooccurrence_counts, item_counts
 
 STEAM = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "steam_bundles")
 
@@ -18,7 +27,7 @@ def _compat(n=12, seed=0, groups=None):
     E = rng.normal(size=(n, 8))
     E /= np.linalg.norm(E, axis=1, keepdims=True)
     groups = groups or [[0, 1, 2], [3, 4], [5, 6, 7]]
-    return bl.Compatibility(bl.cooccurrence_counts(groups, n), bl.item_counts(groups, n), len(groups), E)
+    return Compatibility(cooccurrence_counts(groups, n), item_counts(groups, n), len(groups), E)
 
 
 @pytest.mark.parametrize("budget,max_size", [(None, 4), (50.0, 3), (20.0, 2)])
@@ -27,8 +36,8 @@ def test_generate_respects_constraints(budget, max_size):
     rng = np.random.default_rng(1)
     prices = rng.uniform(5, 30, n).round(2).tolist()
     cats = [f"c{i % 4}" for i in range(n)]
-    c = bl.BundleConstraints(n=4, min_size=2, max_size=max_size, budget=budget, exclude=(0, 5), max_per_category=1)
-    out = bl.generate(rng.normal(size=n), _compat(n), cats, prices, c)
+    c = BundleConstraints(n=4, min_size=2, max_size=max_size, budget=budget, exclude=(0, 5), max_per_category=1)
+    out = generate(rng.normal(size=n), _compat(n), cats, prices, c)
     assert out, "no bundle generated"
     seen = []
     for b in out:
@@ -70,11 +79,11 @@ def test_pricing_constraints_bind():
 
 
 def test_best_jaccard_matching():
-    total, g, t = bl.match([[1, 2, 3], [4, 5]], [[1, 2], [4, 5], [6, 7]])
+    total, g, t = match([[1, 2, 3], [4, 5]], [[1, 2], [4, 5], [6, 7]])
     assert (g, t) == (2, 3) and total == pytest.approx(2 / 3 + 1.0)
-    p = bl.prf(total, g, t)
+    p = prf(total, g, t)
     assert p["precision"] == pytest.approx((5 / 3) / 2) and p["recall"] == pytest.approx((5 / 3) / 3)
-    assert bl.prf(*bl.match([], [[1, 2]]))["f1"] == 0.0
+    assert prf(*match([], [[1, 2]]))["f1"] == 0.0
 
 
 def test_partition_recovers_planted_groups_better_than_one_big_bundle():
@@ -82,23 +91,23 @@ def test_partition_recovers_planted_groups_better_than_one_big_bundle():
     rng = np.random.default_rng(0)
     n, planted = 60, [list(range(i, i + 3)) for i in range(0, 60, 3)]
     train_groups = [list(rng.permutation(b)[: rng.integers(2, 4)]) for b in planted for _ in range(5)]
-    compat = bl.Compatibility(bl.cooccurrence_counts(train_groups, n), bl.item_counts(train_groups, n),
+    compat = Compatibility(cooccurrence_counts(train_groups, n), item_counts(train_groups, n),
                               len(train_groups), None, w_text=0.0)
     ours, naive = [0.0, 0, 0], [0.0, 0, 0]
     for k in range(0, 20, 2):
         session = planted[k] + planted[k + 1]
-        for acc, gen in ((ours, bl.partition(session, compat, threshold=0.5)), (naive, [session])):
-            j, g, t = bl.match(gen, [planted[k], planted[k + 1]])
+        for acc, gen in ((ours, partition(session, compat, threshold=0.5)), (naive, [session])):
+            j, g, t = match(gen, [planted[k], planted[k + 1]])
             acc[0] += j
             acc[1] += g
             acc[2] += t
-    assert bl.prf(*ours)["f1"] > 0.9 and bl.prf(*ours)["f1"] > 2 * bl.prf(*naive)["f1"]
+    assert prf(*ours)["f1"] > 0.9 and prf(*ours)["f1"] > 2 * prf(*naive)["f1"]
 
 
 def test_features_and_names():
     x = bundle_features([9.99, 2.99], ["Game", "Game - Soundtrack"], ["Action, Indie", "Action"], "Game Complete")
     assert x.shape == (len(FEATURES),)
-    assert bl.bundle_name(["photography.cameras", "photography.tripods"]) == "Photography bundle"
+    assert bundle_name(["photography.cameras", "photography.tripods"]) == "Photography bundle"
 
 
 @pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")

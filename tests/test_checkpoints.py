@@ -6,7 +6,12 @@ import shutil
 
 import pytest
 
-from bundlerec.checkpoints import MANIFEST_DIR, newest_valid, verify, write_manifest
+from bundlerec.train.checkpoints import (
+    MANIFEST_DIR,
+    newest_valid,
+    verify,
+    write_manifest,
+)
 
 
 def _ckpt(root, name, world=2, payload=b"x" * 1000):

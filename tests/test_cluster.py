@@ -34,7 +34,7 @@ def test_kuberay_manifest(path):
         assert "jobs.pipeline" in doc["spec"]["entrypoint"]
     if doc["kind"] == "RayService":
         serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
-        assert serve["applications"][0]["import_path"] == "serve.app:build_app"
+        assert serve["applications"][0]["import_path"] == "bundlerec.serving.app:build_app"
         assert serve["applications"][0]["args"]["auth"] is True  # never an open endpoint on a cluster
         envs = [e["name"] for p in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
                 for c in p["spec"]["containers"] for e in c.get("env", [])]
@@ -67,4 +67,4 @@ def test_serve_config_is_valid_for_ray_serve():
     assert dep.backpressure_config.retry_after_s
     local = (ROOT / "cluster/local.sh").read_text()
     assert "--dashboard-host=127.0.0.1" in local and "--host 127.0.0.1" in local
-    assert conf["applications"][0]["import_path"] == "serve.app:build_app"
+    assert conf["applications"][0]["import_path"] == "bundlerec.serving.app:build_app"

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bundlerec.config import ConfigError, PipelineConfig, load_config, to_dict
-from bundlerec.train_loop import deepspeed_config
+from bundlerec.train.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs/configs").glob("*.yaml"))

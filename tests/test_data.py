@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bundlerec.config import SyntheticConfig
-from bundlerec.ranking_metrics import MetricAccumulator, batch_metrics, pad_targets
-from bundlerec.schema import SchemaError
-from bundlerec.sessionize import build_examples
-from bundlerec.synthetic import generate
-from bundlerec.validate import REASON_COL, normalize_events
+from bundlerec.data.schema import SchemaError
+from bundlerec.data.sessionize import build_examples
+from bundlerec.data.synthetic import generate
+from bundlerec.data.validate import REASON_COL, normalize_events
+from bundlerec.eval.metrics import MetricAccumulator, batch_metrics, pad_targets
 
 CATALOG = pd.Index(["a", "b", "c"])
 

@@ -5,9 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bundlerec.batching import Collator, history_tensors
-from bundlerec.model import TwoTower, build_encoder
-from bundlerec.pretrained import ModelNotFoundError, load_tokenizer, resolve_model_path
+from bundlerec.model.collate import Collator, history_tensors
+from bundlerec.model.pretrained import (
+    ModelNotFoundError,
+    load_tokenizer,
+    resolve_model_path,
+)
+from bundlerec.model.two_tower import TwoTower, build_encoder
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Lumix pro zoom lens | category: photography > camera lenses", "Kestrel travel tripod | category: tripods",
@@ -73,7 +77,7 @@ def test_missing_model_gives_a_clear_hint(tmp_path):
 def test_itemknn_cooccurrence_counts_history_to_target_and_same_basket():
     import pandas as pd
 
-    from bundlerec.baselines import cooccurrence
+    from bundlerec.eval.baselines import cooccurrence
 
     t = pd.Timestamp("2026-01-01", tz="UTC")
     train = pd.DataFrame({"user_id": ["u", "u", "v"], "target_time": [t, t, t],

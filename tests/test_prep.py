@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from bundlerec.config import load_config
-from bundlerec.prep import PrepError, run_prep
+from bundlerec.data.prep import PrepError, run_prep
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -119,7 +119,7 @@ def test_prep_maps_rees46_logs_without_code(ray_cluster, tmp_path):
 
 
 def test_prep_names_the_file_for_truncated_parquet_and_bad_encoding(ray_cluster, tmp_path):
-    from bundlerec.schema import SchemaError
+    from bundlerec.data.schema import SchemaError
 
     rows = [("2026-01-0%dT10:00:00Z" % (i + 1), "purchase" if i % 2 else "view", "u1", "café-%d" % (i % 3))
             for i in range(8)]

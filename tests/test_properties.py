@@ -13,9 +13,9 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundlerec.schema import EVENT_TYPES
-from bundlerec.sessionize import assign_sessions, build_examples
-from bundlerec.validate import REASON_COL, normalize_events
+from bundlerec.data.schema import EVENT_TYPES
+from bundlerec.data.sessionize import assign_sessions, build_examples
+from bundlerec.data.validate import REASON_COL, normalize_events
 
 ITEMS = [f"i{k}" for k in range(6)]
 INDEX = {i: k for k, i in enumerate(ITEMS)}

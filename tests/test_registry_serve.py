@@ -54,7 +54,7 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     import mlflow
     import numpy as np
 
-    from bundlerec.registry import register
+    from bundlerec.registry.promotion import register
 
     cfg, trained, _ = tiny_trained
     name = "bundlerec-test"
@@ -110,8 +110,8 @@ print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist
 def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path):
     from ray import serve
 
-    from bundlerec.auth import write_token_file
-    from bundlerec.deploy import deploy
+    from bundlerec.serving.auth import write_token_file
+    from bundlerec.serving.deploy import deploy
 
     name, client = registered["name"], registered["client"]
     port = free_port()
@@ -168,7 +168,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                 assert '"user_id"' not in text, f"request body in clear in {n}"
 
         # --- schema of a normal answer
-        from bundlerec.evaluate import load_split
+        from bundlerec.eval.evaluate import load_split
 
         user = str(load_split(cfg.data.output_dir, "test").user_id.iloc[0])
         code, body = _post(f"{base}/v1/recommendations", {"user_id": user, "k": 5})

@@ -30,7 +30,7 @@ def test_tracking_server_down_fails_fast_before_compute(tmp_path):
 def test_outage_mid_run_buffers_metrics_and_loses_none(tmp_path):
     import mlflow
 
-    from bundlerec.tracking import RunLogger, start_run
+    from bundlerec.registry.tracking import RunLogger, start_run
 
     # no MLFLOW_HTTP_* settings here: RunLogger itself must not stall on MLflow's HTTP retries
     port = free_port()

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from bundlerec.config import load_config
-from bundlerec.train import fit
+from bundlerec.train.fit import fit
 from tests.conftest import ROOT, mlflow_get
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -108,7 +108,7 @@ def _close_to_reference(m: dict, ref: dict) -> None:
 def test_zero3_resumes_after_a_worker_is_killed(tiny_trained, tmp_path, mlflow_server):
     """ZeRO-3, a worker SIGKILLed after the 1st checkpoint: resumes, finishes, the MLflow run goes on
     without gaps or doubles, and the final metrics match the uninterrupted run."""
-    from bundlerec.tracking import start_run
+    from bundlerec.registry.tracking import start_run
 
     ref_cfg, ref_out, _ = tiny_trained
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
@@ -137,7 +137,7 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     is registered, the test damages it (a truncated shard: a half-written checkpoint) and SIGKILLs a
     worker. The restart must detect the damage, resume from the 1st checkpoint, finish, and end close
     to the uninterrupted run; MLflow holds every epoch (the redone one twice, in order)."""
-    from bundlerec.tracking import start_run
+    from bundlerec.registry.tracking import start_run
 
     ref_cfg, ref_out, _ = tiny_trained
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
@@ -168,9 +168,8 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
     """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
     store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,
     and the run ends with every epoch in MLflow once, with the values training computed."""
+    from bundlerec.registry.tracking import start_run
     from tests.conftest import free_port, start_mlflow, stop_mlflow
-
-    from bundlerec.tracking import start_run
 
     ref_cfg, _, _ = tiny_trained
     port = free_port()
@@ -200,7 +199,7 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
         (ROOT / "runs" / "test-artifacts" / "mlflow_outage_in_training.json").write_text(json.dumps(
             {"epoch2_seconds_while_down": round(epoch2_s, 1), "mlflow_train_loss": got, "trained": want}, indent=2))
         assert got == want, (got, want)
-        # no stall: epoch 2 (training + validation + checkpoint) took about as long as with the server up
+        # no stall: epoch 2 (training + validation + checkpoint) took about as with the server up
         assert epoch2_s < 120, epoch2_s
     finally:
         stop_mlflow(proc)

@@ -1,11 +1,10 @@
-"""Bearer-token authentication and request guards for the Serve endpoint.
+"""Bearer-token authentication of the Serve endpoint: the accepted tokens and the token file.
 
 Tokens come from configuration only: an environment variable (comma-separated) and/or a secret file
 (one token per line, ``#`` comments allowed). Several tokens may be valid at once, so a token is
 rotated by adding the new one, moving clients over, then removing the old one; the file is re-read
 when its modification time changes, so rotation needs no redeploy. Tokens are kept only as SHA-256
-digests and compared in constant time. No token, user id or request body is ever logged in clear:
-:func:`hash_id` gives the short digest that logs use instead.
+digests and compared in constant time. No token is ever logged.
 
     401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
     403 -- a token that is not one of the configured ones
@@ -29,20 +28,6 @@ class AuthConfigError(ValueError):
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-def hash_id(value: object) -> str:
-    """Short stable digest of a user id (or any identifier) for logs."""
-    return hashlib.sha256(str(value).encode()).hexdigest()[:12]
-
-
-def redact(obj):
-    """A copy of a JSON-like object with every ``user_id`` value replaced by its hash (for logs)."""
-    if isinstance(obj, dict):
-        return {k: (f"<user {hash_id(v)}>" if k == "user_id" and v is not None else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
 
 
 def read_token_file(path: str) -> list[str]:
@@ -109,16 +94,3 @@ class TokenAuth:
         if not self.verify(token.strip()):
             return 403, "invalid token"
         return None
-
-
-class EndpointGuards:
-    """Per-process guard settings of the Serve app. Lives here, in an importable module, because Ray
-    Serve ships the deployment class by value: module globals of serve/app.py seen from the replica's
-    ``__init__`` would be a copy, while FastAPI dependencies read the real module."""
-
-    def __init__(self) -> None:
-        self.auth: Optional[TokenAuth] = None
-        self.max_body_bytes: int = 256 * 1024
-
-
-GUARDS = EndpointGuards()

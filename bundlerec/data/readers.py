@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from bundlerec.schema import SchemaError
+from bundlerec.data.schema import SchemaError
 
 _EXT = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl",
         ".json": "jsonl", ".ndjson": "jsonl"}

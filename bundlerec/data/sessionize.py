@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bundlerec.schema import EVENT_TYPE_ID
+from bundlerec.data.schema import EVENT_TYPE_ID
 
 SPLITS = ("train", "val", "test", "latest")
 

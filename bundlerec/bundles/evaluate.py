@@ -24,10 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bundlerec import bundles as bl
+from bundlerec.bundles.compat import Compatibility
+from bundlerec.bundles.detect import partition
+from bundlerec.bundles.intent import Domain, load
+from bundlerec.bundles.matching import match, prf
 from bundlerec.config import PipelineConfig
-from bundlerec.intent_data import Domain, load
-from bundlerec.ranking_metrics import MetricAccumulator
+from bundlerec.data.statistics import cooccurrence_counts, item_counts
+from bundlerec.eval.baselines import ItemKNN, Popular
+from bundlerec.eval.metrics import MetricAccumulator
 
 log = logging.getLogger(__name__)
 METHODS = ("bundlerec", "popular", "itemknn", "zeroshot")
@@ -55,8 +59,8 @@ def write_training_data(train: dict[str, Domain], items: pd.DataFrame, out: str,
     """A prep-format directory (items + examples) for the bundle-completion objective."""
     import ray.data
 
-    from bundlerec import catalog as catalog_lib
-    from bundlerec.prep import EXAMPLE_ARROW
+    from bundlerec.data import catalog as catalog_lib
+    from bundlerec.data.examples import EXAMPLE_ARROW
     from bundlerec.storage import reset_dir
 
     rng = np.random.default_rng(seed)
@@ -119,7 +123,7 @@ def _val_bundles(train: dict[str, Domain], seed: int, val_frac: float = 0.1) -> 
 
 
 def _completion(scorer, bundles: pd.DataFrame, index: dict, allowed: np.ndarray, mode: str, n_items: int) -> dict:
-    from bundlerec.batching import history_tensors
+    from bundlerec.model.collate import history_tensors
 
     acc = MetricAccumulator([10, 20], n_items)
     masked = _Masked(scorer, allowed)
@@ -151,22 +155,22 @@ def _generation(domain: Domain, index: dict, method: str, compat, pop: np.ndarra
             top = sorted(ids, key=lambda i: -pop[i])[:max_size]
             gen = [top] if len(top) >= 2 else []
         else:
-            gen = bl.partition(ids, compat, threshold, max_size)
-        j, g, t = bl.match(gen, [[index[i] for i in b] for b in truth[sess.session_id]])
+            gen = partition(ids, compat, threshold, max_size)
+        j, g, t = match(gen, [[index[i] for i in b] for b in truth[sess.session_id]])
         tot[0] += j
         tot[1] += g
         tot[2] += t
-    return bl.prf(*tot)
+    return prf(*tot)
 
 
 def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
                      export_dir: str | None = None) -> dict:
     """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
     run of this function, so its item order matches) instead of training a new one."""
-    from bundlerec.catalog import finalize, load_items, padded_tokens
-    from bundlerec.evaluate import zeroshot_model
-    from bundlerec.model import load_export
-    from bundlerec.train import fit
+    from bundlerec.data.catalog import finalize, load_items, padded_tokens
+    from bundlerec.eval.evaluate import zeroshot_model
+    from bundlerec.model.export import load_export
+    from bundlerec.train.fit import fit
 
     t0 = time.time()
     train, evald = load(train_dir), load(eval_dir)
@@ -191,19 +195,8 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
 
     groups = [[index[i] for i in b] for d in train.values() for b in d.bundles["items"]]
     groups += [[index[i] for i in s if i in index] for d in train.values() for s in d.sessions["items"]]
-    pairs, counts = bl.cooccurrence_counts(groups, n), bl.item_counts(groups, n)
-    pop = bl.item_counts([[index[i] for i in b] for d in train.values() for b in d.bundles["items"]], n)
-
-    class _KNN:
-        def score(self, batch):
-            h = batch["hist_items"].numpy()
-            v = batch["hist_valid"].numpy()
-            q = sp_rows(h, v, n)
-            return torch.as_tensor((q @ pairs).toarray(), dtype=torch.float32) + torch.as_tensor(pop * 1e-6, dtype=torch.float32)
-
-    class _Pop:
-        def score(self, batch):
-            return torch.as_tensor(pop, dtype=torch.float32).unsqueeze(0).expand(batch["hist_items"].shape[0], -1)
+    pairs, counts = cooccurrence_counts(groups, n), item_counts(groups, n)
+    pop = item_counts([[index[i] for i in b] for d in train.values() for b in d.bundles["items"]], n)
 
     # --- bundlerec's blend weight, chosen on the training directory's held-out bundles (never on eval)
     val = _val_bundles(train, cfg.train.seed)
@@ -218,14 +211,14 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     alpha = max(alphas, key=alphas.get)
     log.info("bundle_eval: completion blend alpha %.2f (val recall@10 by alpha: %s)", alpha, alphas)
 
-    scorers = {"bundlerec": _Blend(model, zs, alpha), "popular": _Pop(), "itemknn": _KNN(), "zeroshot": zs}
+    scorers = {"bundlerec": _Blend(model, zs, alpha), "popular": Popular(pop), "itemknn": ItemKNN(pairs), "zeroshot": zs}
     ft, both = emb_ft.numpy(), np.hstack([emb_ft.numpy(), emb_zs.numpy()]) / np.sqrt(2.0)
     # bundlerec's compatibility: co-purchase sPMI + encoder cosine; the weight of the data term and
     # whether the pretrained encoder's cosine joins the fine-tuned one are chosen on training sessions
-    candidates = {f"w_data={w},text={t}": bl.Compatibility(pairs, counts, len(groups), E, w_data=w)
+    candidates = {f"w_data={w},text={t}": Compatibility(pairs, counts, len(groups), E, w_data=w)
                   for w in (0.0, 0.25, 1.0) for t, E in (("tuned", ft), ("tuned+pretrained", both))}
-    fixed = {"itemknn": bl.Compatibility(pairs, counts, len(groups), None, w_text=0.0),
-             "zeroshot": bl.Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0), "popular": None}
+    fixed = {"itemknn": Compatibility(pairs, counts, len(groups), None, w_text=0.0),
+             "zeroshot": Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0), "popular": None}
 
     def fit_threshold(dname: str, m: str, compat) -> tuple[float, float]:
         """Best threshold on the *training* sessions of the domain: (threshold, train F1)."""
@@ -255,12 +248,3 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds")}
     out["train"]["last_metrics"] = trained["last_metrics"]
     return out
-
-
-def sp_rows(h: np.ndarray, valid: np.ndarray, n: int):
-    import scipy.sparse as sp
-
-    rows = np.repeat(np.arange(h.shape[0]), h.shape[1])[valid.ravel()]
-    q = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, h.ravel()[valid.ravel()])), shape=(h.shape[0], n))
-    q.data[:] = 1.0
-    return q

@@ -1,4 +1,4 @@
-"""HTTP request/response schema of the recommendation endpoint (the Serve side of bundlerec.schema).
+"""HTTP request/response schema of the recommendation endpoint (the Serve side of bundlerec.data.schema).
 
 Event types and field names are the ones prep validates, so a live session sent to the endpoint
 looks exactly like a clickstream row.
@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from bundlerec.schema import EVENT_TYPES
+from bundlerec.data.schema import EVENT_TYPES
 
 MAX_K = 100
 MAX_EVENTS = 512

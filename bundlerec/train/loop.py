@@ -16,31 +16,6 @@ import time
 import numpy as np
 
 
-def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, use_gpu: bool,
-                     extra: dict | None = None) -> dict:
-    """DeepSpeed config derived from the training config, so batch sizes can never disagree."""
-    cfg = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch * grad_accum * world_size,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True,
-                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
-        "bf16": {"enabled": use_gpu},  # fp32 on CPU: gloo has no bf16 reductions worth using
-        "zero_allow_untested_optimizer": True,  # our client AdamW (param groups, no JIT build on CPU)
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    for k, v in (extra or {}).items():  # engine knobs only; batch keys stay derived
-        if k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
-            raise ValueError(f"train.deepspeed may not set {k}: it is derived from train.micro_batch/grad_accum")
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    return cfg
-
-
 def train_loop_per_worker(config: dict) -> None:
     import torch
 
@@ -51,13 +26,15 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from bundlerec.batching import Collator, history_tensors
-    from bundlerec.catalog import load_items, padded_tokens
-    from bundlerec.model import TwoTower, build_encoder, cosine_schedule, param_groups
-    from bundlerec.pretrained import resolve_model_path
-    from bundlerec.ranking_metrics import MetricAccumulator, mlflow_name
-    from bundlerec.checkpoints import write_manifest
-    from bundlerec.tracking import RunLogger
+    from bundlerec.data.catalog import load_items, padded_tokens
+    from bundlerec.eval.metrics import MetricAccumulator, mlflow_name
+    from bundlerec.model.collate import Collator, history_tensors
+    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.two_tower import TwoTower, build_encoder
+    from bundlerec.registry.tracking import RunLogger
+    from bundlerec.train.checkpoints import write_manifest
+    from bundlerec.train.ds_config import deepspeed_config
+    from bundlerec.train.optim import cosine_schedule, param_groups
 
     tc, mc, dc = config["train"], config["model"], config["data"]
     ctx = ray.train.get_context()
@@ -179,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _restore(engine, ckpt, world: int, rank0: bool):
     """Load the newest *verified* checkpoint (the reported one, or an earlier one on the same storage
     when it is damaged); returns its client state, or None to start over when none verifies."""
-    from bundlerec.checkpoints import newest_valid
+    from bundlerec.train.checkpoints import newest_valid
 
     with newest_valid(ckpt, world) as d:
         if d is None:

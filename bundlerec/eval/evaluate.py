@@ -10,14 +10,14 @@ import time
 from typing import Protocol
 
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
-from bundlerec.baselines import ItemKNN, Popular
-from bundlerec.batching import history_tensors
-from bundlerec.catalog import load_items, padded_tokens
 from bundlerec.config import PipelineConfig
-from bundlerec.ranking_metrics import MetricAccumulator
+from bundlerec.data.catalog import load_items, padded_tokens
+from bundlerec.data.examples import load_split
+from bundlerec.eval.baselines import ItemKNN, Popular
+from bundlerec.eval.metrics import MetricAccumulator
+from bundlerec.model.collate import history_tensors
 from bundlerec.storage import join
 
 log = logging.getLogger(__name__)
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 
 class Scorer(Protocol):
     def score(self, batch: dict) -> torch.Tensor: ...
-
-
-def load_split(prep_dir: str, split: str) -> pd.DataFrame:
-    return pq.read_table(join(prep_dir, "examples", split)).to_pandas()
 
 
 def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: list[int],
@@ -43,8 +39,8 @@ def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: li
 
 
 def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float):
-    from bundlerec.model import TwoTower, build_encoder
-    from bundlerec.pretrained import resolve_model_path
+    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.two_tower import TwoTower, build_encoder
 
     model = TwoTower(build_encoder(resolve_model_path(model_name)), temperature).eval()
     ids, mask = padded_tokens(items)
@@ -56,7 +52,7 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
     """Metrics of the exported model (if given) and of every configured baseline on ``split``."""
     import numpy as np
 
-    from bundlerec.model import load_export
+    from bundlerec.model.export import load_export
 
     items = load_items(prep_dir)
     n = len(items)
@@ -74,9 +70,9 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
     for name in cfg.eval.baselines:
         t = time.time()
         if name == "popular":
-            scorer = Popular(train, n)
+            scorer = Popular.from_examples(train, n)
         elif name == "itemknn":
-            scorer = ItemKNN(train, n)
+            scorer = ItemKNN.from_examples(train, n)
         else:
             scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
         out[name] = evaluate_scorer(scorer, examples, **kw)

@@ -3,7 +3,7 @@
 Output layout under ``data.output_dir``::
 
     items/              tokenized catalog (item_idx, item_id, text fields, input_ids, attention_mask)
-    examples/{train,val,test,latest}/   Parquet shards (see bundlerec.sessionize)
+    examples/{train,val,test,latest}/   Parquet shards (see bundlerec.data.sessionize)
     quarantine/events/  rejected rows with quarantine_reason and the raw source row
     manifest.json       row counts, quarantine counts, schema hash, model/tokenizer id, config
 """
@@ -20,21 +20,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bundlerec import catalog as catalog_lib
 from bundlerec.config import PipelineConfig, to_dict
-from bundlerec.readers import read_dataset
-from bundlerec.sessionize import SPLITS, build_examples
+from bundlerec.data import catalog as catalog_lib
+from bundlerec.data.examples import EXAMPLE_ARROW
+from bundlerec.data.readers import read_dataset
+from bundlerec.data.sessionize import SPLITS, build_examples
 from bundlerec.storage import join, reset_dir, write_text
-from bundlerec.validate import KEPT_COLUMNS, REASON_COL, mark_duplicates, normalize_events, summarize, tagged_schema
+from bundlerec.data.validate import KEPT_COLUMNS, REASON_COL, mark_duplicates, normalize_events, summarize, tagged_schema
 
 log = logging.getLogger(__name__)
-
-EXAMPLE_ARROW = pa.schema([
-    ("user_id", pa.string()), ("split", pa.string()), ("target_time", pa.timestamp("us", tz="UTC")),
-    ("targets", pa.list_(pa.int64())), ("hist_items", pa.list_(pa.int64())),
-    ("hist_types", pa.list_(pa.int64())), ("hist_age_hours", pa.list_(pa.float64())),
-    ("n_events", pa.int64()), ("n_sessions", pa.int64()),
-])
 
 
 class PrepError(RuntimeError):
@@ -77,7 +71,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
     events_path, catalog_path = d.events, d.catalog
     synthetic = None
     if events_path is None:
-        from bundlerec.synthetic import generate
+        from bundlerec.data.synthetic import generate
 
         raw_dir = join(out, "raw")
         reset_dir(raw_dir)

@@ -1,6 +1,6 @@
 """Inference core shared by the MLflow pyfunc model, the Ray Serve app and the load test.
 
-A :class:`Recommender` wraps one exported model (``bundlerec.train.export``): the two-tower model,
+A :class:`Recommender` wraps one exported model (:mod:`bundlerec.model.export`): the two-tower model,
 the precomputed item index, the item table, training popularity (cold start) and the per-user
 ``latest`` histories of the data snapshot the model was trained with.
 
@@ -20,9 +20,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bundlerec.batching import pad_history
-from bundlerec.schema import EVENT_TYPE_ID
+from bundlerec.bundles.engine import BundleEngine
+from bundlerec.bundles.generate import BundleConstraints
+from bundlerec.data.schema import EVENT_TYPE_ID
+from bundlerec.model.collate import pad_history
 
+_BUNDLE = BundleConstraints()  # request defaults: one definition
 
 @dataclass
 class History:
@@ -47,6 +50,7 @@ class Recommender:
         self.meta = meta
         self.history_len = int(meta.get("history_len", 10))
         self.ann = None  # IVF index for large catalogs (configure_ann)
+        self.bundle_engine: Optional[BundleEngine] = None  # set by from_export
         self.latest = {}
         if latest is not None:
             for r in latest.itertuples(index=False):
@@ -55,7 +59,7 @@ class Recommender:
 
     @classmethod
     def from_export(cls, export_dir: str) -> "Recommender":
-        from bundlerec.model import load_export
+        from bundlerec.model.two_tower import load_export
 
         model, meta = load_export(export_dir)
         items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))
@@ -65,37 +69,15 @@ class Recommender:
         latest_path = os.path.join(export_dir, "latest.parquet")
         latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
         rec = cls(model, items, index, pop, latest, meta)
-        rec.load_bundle_data(export_dir)
+        rec.bundle_engine = BundleEngine.from_export(export_dir, rec.items, index.numpy())
         return rec
 
-    def configure_ann(self, min_items: int = 50_000, nprobe: int = 48, threads: int = 1) -> None:
-        """Approximate top-k (bundlerec.ann) when the catalog has at least ``min_items`` items (0 = never)."""
-        from bundlerec.ann import IVFIndex
+    def configure_ann(self, min_items: int, nprobe: int, threads: int = 1) -> None:
+        """Approximate top-k (bundlerec.serving.ann) when the catalog has at least ``min_items`` items (0 = never)."""
+        from bundlerec.serving.ann import IVFIndex
 
         n = len(self.item_ids)
         self.ann = IVFIndex(self.model._index.numpy(), nprobe=nprobe, threads=threads) if 0 < min_items <= n else None
-
-    def load_bundle_data(self, export_dir: str) -> None:
-        """Co-purchase statistics + pricing model for bundles (absent in old exports: text only)."""
-        import pickle
-
-        import scipy.sparse as sp
-
-        from bundlerec.bundles import Compatibility
-        from bundlerec.pricing import PricingModel
-
-        n = len(self.item_ids)
-        path = os.path.join(export_dir, "copurchase.npz")
-        if os.path.exists(path):
-            pairs = sp.load_npz(path)
-            counts = np.load(os.path.join(export_dir, "copurchase_items.npy"))
-            groups = int(open(os.path.join(export_dir, "copurchase_groups.txt")).read())
-        else:
-            pairs, counts, groups = sp.csr_matrix((n, n), dtype=np.float32), np.zeros(n), 1
-        self.compat = Compatibility(pairs, counts, groups, self.model._index.numpy())
-        pricing = os.path.join(export_dir, "pricing.pkl")
-        self.pricing = pickle.load(open(pricing, "rb")) if os.path.exists(pricing) else PricingModel()
-        self.categories = self.items.category.astype(str).tolist()
 
     # ---------------------------------------------------------------- histories
     def history_for_user(self, user_id: str) -> History:
@@ -164,38 +146,12 @@ class Recommender:
                  "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
         return self.model.score(batch)[0].numpy().astype(np.float64)
 
-    def bundles(self, h: History, n: int = 3, max_size: int = 4, budget: Optional[float] = None,
-                allow_repeats: bool = False, exclude_purchased: bool = True) -> list[dict]:
-        """Personalized, priced bundles for one history (see bundlerec.bundles / bundlerec.pricing)."""
-        from bundlerec.bundles import BundleConstraints, bundle_name, generate
-
+    def bundles(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size, budget: Optional[float] = None,
+                allow_repeats: bool = _BUNDLE.allow_repeats, exclude_purchased: bool = True) -> list[dict]:
+        """Personalized, priced bundles for one history (the bundle engine over this user's scores)."""
         bought = tuple(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"]) if exclude_purchased else ()
         c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats)
-        raw = generate(self.full_scores(h), self.compat, self.categories, self.prices, c)
-        seen = set(h.items)
-        out = []
-        for b in raw:
-            items = b["items"]
-            prices = [max(self.prices[i], 0.0) for i in items]
-            priced = self.pricing.price(prices, [self.titles[i] for i in items]) if sum(prices) > 0 else {}
-            out.append({"name": bundle_name([self.categories[i] for i in items]), "score": b["score"],
-                        "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
-                                   "price": None if self.prices[i] < 0 else self.prices[i],
-                                   "reason": self._reason(i, items, seen)} for i in items],
-                        **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
-                                                       "expected_revenue_separately")}})
-        return out
-
-    def _reason(self, item: int, bundle: list, seen: set) -> str:
-        if item in seen:
-            return "you looked at it recently"
-        others = [j for j in bundle if j != item]
-        if others:
-            pmi = self.compat.spmi(np.array([item]), np.array(others))[0]
-            if pmi.max() > 0:
-                return f"often bought with {self.titles[others[int(pmi.argmax())]]}"
-        cat = self.categories[item].replace(".", " > ").split(" > ")[-1]
-        return f"matches your interest in {cat}"
+        return self.bundle_engine.personalized(self.full_scores(h), c, seen=set(h.items))
 
     def describe(self, ranked: list[tuple[int, float]]) -> list[dict]:
         return [{"item_id": self.item_ids[p], "score": float(s), "title": self.titles[p],

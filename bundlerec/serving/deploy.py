@@ -28,14 +28,14 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
     conf.setdefault("http_options", {}).update({"host": url.hostname, "port": url.port or 80})
     app = conf["applications"][0]
     app["args"].update({"model_uri": model_uri or cfg.serve.model_uri or f"models:/{cfg.serve.model_name}@champion",
-                        "tracking_uri": cfg.mlflow.tracking_uri, "poll_s": cfg.serve.poll_s})
+                        "tracking_uri": cfg.mlflow.tracking_uri, **cfg.serve.app_args()})  # the pipeline config wins
     if cfg.serve.auth:
-        app["args"].update({"auth": True, "auth_token_file": os.path.abspath(token_file or cfg.serve.token_file)})
+        app["args"]["auth_token_file"] = os.path.abspath(token_file or cfg.serve.token_file)
     return conf
 
 
 def read_token(token_file: Optional[str]) -> Optional[str]:
-    from bundlerec.auth import read_token_file
+    from bundlerec.serving.auth import read_token_file
 
     return read_token_file(token_file)[0] if token_file else None
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from bundlerec.schema import REQUIRED_CATALOG_COLUMNS, clean_id, item_text, rename_columns
+from bundlerec.data.schema import REQUIRED_CATALOG_COLUMNS, clean_id, item_text, rename_columns
 
 ITEM_COLUMNS = ["item_idx", "item_id", "title", "category", "brand", "price", "text"]
 
@@ -57,7 +57,7 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_name: str):
-    from bundlerec.pretrained import load_tokenizer
+    from bundlerec.model.pretrained import load_tokenizer
 
     return load_tokenizer(model_name)
 

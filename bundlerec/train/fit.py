@@ -9,11 +9,8 @@ import logging
 import os
 import time
 
-import numpy as np
-import torch
-
 from bundlerec.config import PipelineConfig, to_dict
-from bundlerec.storage import absolute, join
+from bundlerec.storage import absolute
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +25,9 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from bundlerec.baselines import popularity
-    from bundlerec.evaluate import load_split
-    from bundlerec.train_loop import train_loop_per_worker
+    from bundlerec.data.examples import load_split, read_examples
+    from bundlerec.data.statistics import popularity
+    from bundlerec.train.loop import train_loop_per_worker
 
     tc = cfg.train
     t0 = time.time()
@@ -47,7 +44,7 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     if steps < 1:
         raise ValueError(f"{n_train} training examples are fewer than one global batch "
                          f"({tc.micro_batch} x {tc.num_workers} workers); lower train.micro_batch")
-    from bundlerec.catalog import load_items
+    from bundlerec.data.catalog import load_items
 
     n_items = len(load_items(prep_dir))
     loop_config = {
@@ -85,18 +82,6 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
             "n_train": n_train}
 
 
-def read_examples(prep_dir: str, split: str, deterministic: bool):
-    """One split of prep's examples as a Ray Dataset. Deterministic: one read task per file, so the
-    blocks (and with them each worker's shard) do not depend on how many CPUs happened to be free
-    when the read was planned (Ray sizes reads by the CPUs it sees)."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    path = join(prep_dir, "examples", split)
-    n_files = len(pq.ParquetDataset(path).files) if deterministic else None
-    return ray.data.read_parquet(path, override_num_blocks=n_files or None)
-
-
 def _ingest_options(deterministic: bool):
     """Ray Train's default ingest options, with preserve_order when runs must be reproducible: the
     train split then deals blocks to workers in a fixed order (no locality race between workers)."""
@@ -110,78 +95,18 @@ def _ingest_options(deterministic: bool):
 def export_best(cfg: PipelineConfig, checkpoints, world_size: int, prep_dir: str, export_dir: str):
     """Export the best-scoring checkpoint that passes verification; a damaged one (e.g. the one a
     crash left half-written, which Ray may still keep among the best) is skipped with a warning."""
-    from bundlerec.checkpoints import verify
+    from bundlerec.train.checkpoints import verify
 
     ranked = sorted(checkpoints, key=lambda cm: cm[1].get("val_ndcg_at_10", -1), reverse=True)
     for ckpt, metrics in ranked:
         with ckpt.as_directory() as d:
             ok, why = verify(d, world_size)
             if ok:
+                from bundlerec.model.export import export
+
                 export(cfg, d, prep_dir, export_dir)
                 return ckpt, metrics
         log.warning("not exporting damaged checkpoint %s (%s)", ckpt.path, why)
     raise RuntimeError(f"no intact checkpoint to export among {[c.path for c, _ in ranked]}")
 
 
-def consolidated_state_dict(ckpt_dir: str) -> dict:
-    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
-    tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
-    files = os.listdir(os.path.join(ckpt_dir, tag))
-    if any("optim_states" in f and "zero" in f for f in files):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    state = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)
-    return {k: v.float() for k, v in state["module"].items()}
-
-
-def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
-    """DeepSpeed checkpoint -> consolidated model -> serving export (see :func:`write_export`)."""
-    from bundlerec.model import TwoTower, build_encoder
-    from bundlerec.pretrained import resolve_model_path
-
-    mc = cfg.model
-    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank),
-                     mc.temperature)
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
-    return write_export(model, cfg, prep_dir, export_dir)
-
-
-def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> str:
-    """Everything serving needs, in one directory: HF encoder + tokenizer, user tower, metadata,
-    item index (N, d), items table, training popularity (cold start), users' latest histories."""
-    from bundlerec.baselines import popularity
-    from bundlerec.catalog import load_items, padded_tokens
-    from bundlerec.evaluate import load_split
-    from bundlerec.model import save_export
-    from bundlerec.pretrained import load_tokenizer
-
-    model.eval()
-    save_export(model, load_tokenizer(cfg.model.name_or_path), export_dir,
-                {"base_model": cfg.model.name_or_path, "history_len": cfg.data.history_len,
-                 "item_max_tokens": cfg.data.item_max_tokens})
-    items = load_items(prep_dir)
-    ids, mask = padded_tokens(items)
-    index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
-    np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
-    items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
-    np.save(os.path.join(export_dir, "popularity.npy"), popularity(load_split(prep_dir, "train"), len(items)))
-    latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
-    latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
-    # co-purchase statistics for bundle compatibility: items bought in the same training basket
-    import scipy.sparse as sp
-
-    from bundlerec.bundles import cooccurrence_counts, item_counts
-
-    train = load_split(prep_dir, "train")
-    baskets = train.assign(t0=train["targets"].map(lambda x: int(x[0]))).groupby(["user_id", "target_time"])["t0"].agg(list)
-    groups = [g for g in baskets.tolist() if g]
-    sp.save_npz(os.path.join(export_dir, "copurchase.npz"), cooccurrence_counts(groups, len(items)))
-    np.save(os.path.join(export_dir, "copurchase_items.npy"), item_counts(groups, len(items)))
-    with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
-        f.write(str(len(groups)))
-    log.info("train: exported %s (%d items indexed)", export_dir, len(items))
-    return export_dir

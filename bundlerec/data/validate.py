@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bundlerec.schema import EVENT_TYPES, REQUIRED_EVENT_COLUMNS, clean_id, parse_time, rename_columns
+from bundlerec.data.schema import EVENT_TYPES, REQUIRED_EVENT_COLUMNS, clean_id, parse_time, rename_columns
 
 REASON_COL = "quarantine_reason"
 # Not an error, but not an interaction we model (e.g. REES46 remove_from_cart mapped to null):

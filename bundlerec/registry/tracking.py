@@ -117,7 +117,7 @@ def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optio
     """Test metrics as ``test/<method>/<metric>`` (+ model metrics unprefixed), model artifacts."""
     import mlflow
 
-    from bundlerec.ranking_metrics import mlflow_name
+    from bundlerec.eval.metrics import mlflow_name
 
     client = mlflow.MlflowClient(tracking_uri)
     flat = {}

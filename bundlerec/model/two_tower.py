@@ -14,16 +14,13 @@ Scoring (``score``/``topk``) uses a precomputed item index (``index_items``).
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bundlerec.schema import EVENT_TYPES
+from bundlerec.data.schema import EVENT_TYPES
 
 N_RECENCY = 16  # log2(1 + hours) buckets: up to ~2^15 h ≈ 3.7 years
 MAX_POSITIONS = 512
@@ -167,52 +164,4 @@ class TwoTower(nn.Module):
 
 # -------------------------------------------------------------------- export / load
 
-def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
-    """Consolidated export: HF encoder dir + user tower weights + metadata."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = model.encoder
-    if hasattr(enc, "merge_and_unload"):  # LoRA -> plain weights for serving
-        enc = enc.merge_and_unload()
-    enc.save_pretrained(out / "encoder")
-    tokenizer.save_pretrained(out / "encoder")
-    torch.save(model.user_tower.state_dict(), out / "user_tower.pt")
-    (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature}, indent=2))
 
-
-def load_export(export_dir: str) -> tuple[TwoTower, dict]:
-    from transformers import AutoModel
-
-    d = Path(export_dir)
-    meta = json.loads((d / "bundlerec.json").read_text())
-    enc = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
-    model = TwoTower(enc, temperature=meta["temperature"])
-    model.user_tower.load_state_dict(torch.load(d / "user_tower.pt", map_location="cpu"))
-    model.eval()
-    return model, meta
-
-
-def param_groups(model: TwoTower, lr: float, head_lr: float, weight_decay: float) -> list[dict]:
-    """Encoder at `lr`, user tower at `head_lr`; no decay on biases/LayerNorm/embeddings."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        head = name.startswith("user_tower.")
-        no_decay = p.ndim < 2 or "LayerNorm" in name or "emb" in name.split(".")[-2:][0]
-        key = (head, no_decay)
-        groups.setdefault(key, []).append(p)
-    return [{"params": ps, "lr": head_lr if head else lr, "weight_decay": 0.0 if nd else weight_decay}
-            for (head, nd), ps in groups.items()]
-
-
-def cosine_schedule(total_steps: int, warmup_frac: float):
-    warm = max(1, int(total_steps * warmup_frac))
-
-    def fn(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        prog = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.5 * (1 + math.cos(math.pi * prog))
-
-    return fn

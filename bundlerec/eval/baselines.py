@@ -1,0 +1,78 @@
+"""Baselines scored by the same evaluation code as the model (same split, same metrics).
+
+One implementation each, used by the clickstream evaluation (:mod:`bundlerec.eval.evaluate`) and
+the bundle evaluation (:mod:`bundlerec.bundles.evaluate`):
+
+* ``popular``  -- the most frequent items of the training data, the same list for everyone;
+* ``itemknn``  -- item-to-item co-occurrence, cosine-normalised, summed over the user's history
+  (clickstream: history item -> purchased item and items bought in the same basket; bundles:
+  items of the same training bundle or session);
+* ``zeroshot`` -- the pretrained encoder without fine-tuning (see bundlerec.model.two_tower: the
+  untrained user tower is the mean of the history item embeddings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from bundlerec.data.statistics import basket_groups, cooccurrence_counts, popularity
+
+
+class Popular:
+    name = "popular"
+
+    def __init__(self, counts: np.ndarray):
+        self.scores = torch.as_tensor(np.asarray(counts, dtype=np.float64), dtype=torch.float32)
+
+    @classmethod
+    def from_examples(cls, train: pd.DataFrame, n_items: int) -> "Popular":
+        return cls(popularity(train, n_items))
+
+    def score(self, batch: dict) -> torch.Tensor:
+        return self.scores.unsqueeze(0).expand(batch["hist_items"].shape[0], -1)
+
+
+def cooccurrence(train: pd.DataFrame, n_items: int) -> sp.csr_matrix:
+    """C[a, b]: how often b was bought after a was in the history, or in the same basket as a."""
+    rows, cols = [], []
+    for hist, tg in zip(train["hist_items"], train["targets"]):
+        h = np.unique(np.asarray(hist, dtype=np.int64))
+        for t in tg:
+            rows.append(h)
+            cols.append(np.full(len(h), t, dtype=np.int64))
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    after = sp.csr_matrix((np.ones(len(r), dtype=np.float32), (r, c)), shape=(n_items, n_items))
+    return after + cooccurrence_counts(basket_groups(train), n_items)
+
+
+def history_rows(items: np.ndarray, valid: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """(B, H) history ids + validity -> (B, N) 0/1 rows (a repeated history item counts once)."""
+    B = items.shape[0]
+    rows = np.repeat(np.arange(B), items.shape[1])[valid.ravel()]
+    q = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, items.ravel()[valid.ravel()])), shape=(B, n_items))
+    q.data[:] = 1.0
+    return q
+
+
+class ItemKNN:
+    name = "itemknn"
+
+    def __init__(self, cooc: sp.spmatrix):
+        C = sp.csr_matrix(cooc, dtype=np.float32)
+        row = np.asarray(C.sum(1)).ravel() + 1.0
+        col = np.asarray(C.sum(0)).ravel() + 1.0
+        # cosine-style normalisation: frequent items do not dominate every neighbourhood
+        self.sim = (sp.diags(1.0 / np.sqrt(row)) @ C @ sp.diags(1.0 / np.sqrt(col))).tocsr().astype(np.float32)
+        self.pop = torch.as_tensor(col / col.sum() * 1e-6, dtype=torch.float32)  # tie-break by frequency
+
+    @classmethod
+    def from_examples(cls, train: pd.DataFrame, n_items: int) -> "ItemKNN":
+        return cls(cooccurrence(train, n_items))
+
+    def score(self, batch: dict) -> torch.Tensor:
+        q = history_rows(batch["hist_items"].cpu().numpy(), batch["hist_valid"].cpu().numpy(), self.sim.shape[0])
+        return torch.as_tensor((q @ self.sim).toarray()) + self.pop.unsqueeze(0)

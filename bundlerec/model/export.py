@@ -1,0 +1,120 @@
+"""The serving export: one directory that holds everything inference needs, written once per run.
+
+    export/encoder/            HF encoder + tokenizer (LoRA adapters merged)
+    export/user_tower.pt       user-tower weights
+    export/bundlerec.json      metadata (base model, history_len, temperature, ...)
+    export/item_index.npy      (N, d) item embeddings
+    export/items.parquet       the catalog (ids, text fields, price)
+    export/popularity.npy      training purchase counts (cold start)
+    export/latest.parquet      each user's most recent history in the snapshot
+    export/copurchase*.{npz,npy,txt}   co-purchase counts of training baskets (bundle compatibility)
+
+:func:`export` turns a DeepSpeed checkpoint (any ZeRO stage) into this directory; :func:`load_export`
+reads the model back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bundlerec.config import PipelineConfig
+from bundlerec.model.two_tower import TwoTower
+
+log = logging.getLogger(__name__)
+
+def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
+    """Consolidated export: HF encoder dir + user tower weights + metadata."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = model.encoder
+    if hasattr(enc, "merge_and_unload"):  # LoRA -> plain weights for serving
+        enc = enc.merge_and_unload()
+    enc.save_pretrained(out / "encoder")
+    tokenizer.save_pretrained(out / "encoder")
+    torch.save(model.user_tower.state_dict(), out / "user_tower.pt")
+    (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature}, indent=2))
+
+
+def load_export(export_dir: str) -> tuple[TwoTower, dict]:
+    from transformers import AutoModel
+
+    d = Path(export_dir)
+    meta = json.loads((d / "bundlerec.json").read_text())
+    enc = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
+    model = TwoTower(enc, temperature=meta["temperature"])
+    model.user_tower.load_state_dict(torch.load(d / "user_tower.pt", map_location="cpu"))
+    model.eval()
+    return model, meta
+
+
+def consolidated_state_dict(ckpt_dir: str) -> dict:
+    """fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    files = os.listdir(os.path.join(ckpt_dir, tag))
+    if any("optim_states" in f and "zero" in f for f in files):
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
+
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    state = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                       weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
+    """DeepSpeed checkpoint -> consolidated model -> serving export (see :func:`write_export`)."""
+    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.two_tower import build_encoder
+
+    mc = cfg.model
+    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank),
+                     mc.temperature)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+    return write_export(model, cfg, prep_dir, export_dir)
+
+
+def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> str:
+    """Everything serving needs, in one directory: HF encoder + tokenizer, user tower, metadata,
+    item index (N, d), items table, training popularity (cold start), users' latest histories."""
+    import scipy.sparse as sp
+
+    from bundlerec.data.catalog import load_items, padded_tokens
+    from bundlerec.data.examples import load_split
+    from bundlerec.data.statistics import (
+        basket_groups,
+        cooccurrence_counts,
+        item_counts,
+        popularity,
+    )
+    from bundlerec.model.pretrained import load_tokenizer
+
+    model.eval()
+    save_export(model, load_tokenizer(cfg.model.name_or_path), export_dir,
+                {"base_model": cfg.model.name_or_path, "history_len": cfg.data.history_len,
+                 "item_max_tokens": cfg.data.item_max_tokens})
+    items = load_items(prep_dir)
+    ids, mask = padded_tokens(items)
+    index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+    np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
+    items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
+    train = load_split(prep_dir, "train")
+    np.save(os.path.join(export_dir, "popularity.npy"), popularity(train, len(items)))
+    latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
+    latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
+    # co-purchase statistics for bundle compatibility: items bought in the same training basket
+    groups = basket_groups(train)
+    sp.save_npz(os.path.join(export_dir, "copurchase.npz"), cooccurrence_counts(groups, len(items)))
+    np.save(os.path.join(export_dir, "copurchase_items.npy"), item_counts(groups, len(items)))
+    with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
+        f.write(str(len(groups)))
+    log.info("train: exported %s (%d items indexed)", export_dir, len(items))
+    return export_dir

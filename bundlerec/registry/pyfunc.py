@@ -1,0 +1,77 @@
+"""The registered model format: an MLflow pyfunc over one serving export.
+
+    mlflow.pyfunc.load_model("models:/bundlerec@champion").predict(events_df, params={"k": 10})
+
+It wraps the same inference core as the Serve app (:class:`bundlerec.serving.recommender.Recommender`),
+so what the registry holds, the endpoint serves.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from bundlerec.bundles.generate import BundleConstraints
+
+_DEFAULT_BUNDLE = BundleConstraints()
+
+PREDICT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "cold_start"]
+BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "bundle_price", "discount", "cold_start"]
+PARAMS = {"k": 10, "output": "items", "n": _DEFAULT_BUNDLE.n, "max_size": _DEFAULT_BUNDLE.max_size, "budget": 0.0}
+
+
+class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
+    """``predict`` takes a DataFrame of events and returns top-k recommendations per user.
+
+    Input columns: ``user_id`` and optionally ``item_id, event_type, event_time``. Rows of a user
+    with events are that user's live session; a user with only a ``user_id`` row (item_id null) is
+    looked up in the training snapshot. Output: one row per (user, rank); with
+    ``params={"output": "bundles", "n": 3, "max_size": 4, "budget": 0}`` one row per priced bundle.
+    """
+
+    def load_context(self, context) -> None:
+        from bundlerec.serving.recommender import Recommender
+
+        self.rec = Recommender.from_export(context.artifacts["export"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", 10))
+        df = model_input.copy()
+        if "user_id" not in df:
+            raise ValueError("model input needs a user_id column")
+        users, histories = [], []
+        for uid, g in df.groupby("user_id", sort=False):
+            ev = g.dropna(subset=["item_id"]) if "item_id" in g else g.iloc[0:0]
+            if len(ev):
+                histories.append(self.rec.history_from_events(ev[["item_id", "event_type", "event_time"]].to_dict("records")))
+            else:
+                histories.append(self.rec.history_for_user(str(uid)))
+            users.append(uid)
+        p = {**PARAMS, **(params or {})}
+        if p["output"] == "bundles":
+            rows = []
+            for uid, h in zip(users, histories):
+                for r, b in enumerate(self.rec.bundles(h, n=int(p["n"]), max_size=int(p["max_size"]),
+                                                       budget=float(p["budget"]) or None), 1):
+                    rows.append((uid, r, b["name"], json.dumps([i["item_id"] for i in b["items"]]), b["list_price"],
+                                 b["bundle_price"], b["discount"], not h.items))
+            return pd.DataFrame(rows, columns=BUNDLE_COLUMNS)
+        rows = []
+        for uid, h, ranked in zip(users, histories, self.rec.recommend_histories(histories, k)):
+            for r, item in enumerate(self.rec.describe(ranked), 1):
+                rows.append((uid, r, item["item_id"], item["score"], item["title"], item["price"], not h.items))
+        return pd.DataFrame(rows, columns=PREDICT_COLUMNS)
+
+
+def _requirements() -> list[str]:
+    import pyarrow
+    import transformers
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+            f"mlflow=={mlflow.__version__}", f"pyarrow=={pyarrow.__version__}", f"pandas=={pd.__version__}",
+            f"numpy=={np.__version__}"]

@@ -1,0 +1,193 @@
+"""The Ray Serve deployment: the registered champion answers recommendations and bundles over HTTP.
+
+    serve run serve/config.yaml                     # foreground, local
+    serve deploy serve/config.yaml                  # to the running cluster (same as python -m jobs.deploy)
+    curl -s -X POST http://127.0.0.1:8000/v1/recommendations -H 'content-type: application/json' \
+         -d '{"user_id": "U0000007", "k": 5}'
+
+The model is loaded once per replica (MLflow registry alias, version or a local export dir), the
+item index is precomputed at export time, and requests are micro-batched with ``@serve.batch``.
+A background thread polls the alias; when it moves, the new version is loaded beside the old one and
+swapped in atomically, so in-flight requests finish on the model they started with.
+
+Guards: bearer-token authentication (``auth: true`` + ``auth_token_file`` or $BUNDLEREC_API_TOKENS;
+401 without a token, 403 with a wrong one; /healthz and /readyz stay open for probes), a request-body
+limit (413), pydantic bounds on k/n/bundle size/history length (422), and overload answered by Serve
+itself with 503 + Retry-After once ``max_queued_requests`` is reached (serve/config.yaml).
+"""
+
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, HTTPException
+from ray import serve
+
+from bundlerec.config import ServeConfig
+from bundlerec.serving.auth import TokenAuth
+from bundlerec.serving.guards import GUARDS, limit_body, require_token
+from bundlerec.serving.schemas import (
+    ERROR_RESPONSES,
+    BundleRequest,
+    BundleResponse,
+    ModelInfo,
+    RecommendationRequest,
+    RecommendationResponse,
+)
+
+log = logging.getLogger("ray.serve")
+DEFAULTS = ServeConfig()  # the one definition of every serve argument's default
+
+api = FastAPI(title="bundlerec", version="0.1.0",
+              description="Personalized recommendations and priced bundles from the bundlerec champion model.")
+api.middleware("http")(limit_body)
+
+
+@dataclass
+class Loaded:
+    rec: Any  # bundlerec.serving.recommender.Recommender
+    info: ModelInfo
+
+
+def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
+    """models:/name@alias -> (models:/name/<version>, version, alias); other URIs unchanged."""
+    if not model_uri.startswith("models:/"):
+        return model_uri, None, None
+    import mlflow
+
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    if ref:
+        mv = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ref)
+        return f"models:/{name}/{mv.version}", str(mv.version), ref
+    name, _, version = model_uri[len("models:/"):].partition("/")
+    return model_uri, version or None, None
+
+
+def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None) -> Loaded:
+    if tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+    uri, version, alias = _resolve(model_uri, tracking_uri)
+    if uri.startswith("models:/") or uri.startswith("runs:/"):
+        import mlflow
+
+        rec = mlflow.pyfunc.load_model(uri).unwrap_python_model().rec
+        name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
+    else:
+        from bundlerec.serving.recommender import Recommender
+
+        rec, name = Recommender.from_export(uri), os.path.basename(os.path.normpath(uri))
+    rec.configure_ann(**(ann or {}))  # approximate top-k for large catalogs (bundlerec.serving.ann)
+    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
+class BundlerecService:
+    """One replica: the loaded model (pinned per request), the alias watcher, the HTTP routes."""
+
+    def __init__(self, model_uri: str, tracking_uri: Optional[str] = None, poll_s: float = DEFAULTS.poll_s,
+                 torch_threads: int = DEFAULTS.torch_threads, auth: bool = DEFAULTS.auth,
+                 auth_token_file: Optional[str] = None, max_body_bytes: int = DEFAULTS.max_body_bytes,
+                 ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe):
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
+        if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
+            GUARDS.auth = TokenAuth(auth_token_file)
+            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(GUARDS.auth))
+        else:
+            GUARDS.auth = None
+            log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
+        GUARDS.max_body_bytes = int(max_body_bytes)
+        self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
+        self.current: Loaded = load(model_uri, tracking_uri, self.ann)
+        self.reloads = 0
+        self._stop = threading.Event()
+        if poll_s > 0 and "@" in model_uri:
+            threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
+
+    def _watch(self, poll_s: float) -> None:
+        """Follow the alias: load a moved champion beside the old one, then swap the reference."""
+        while not self._stop.wait(poll_s):
+            try:
+                _, version, _ = _resolve(self.model_uri, self.tracking_uri)
+                if version and version != self.current.info.version:
+                    new = load(self.model_uri, self.tracking_uri, self.ann)
+                    self.current = new  # atomic: requests in flight keep the object they hold
+                    self.reloads += 1
+                    log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
+            except Exception as e:  # registry hiccup: keep serving the loaded model
+                log.warning("bundlerec: alias check failed: %s", e)
+
+    def __del__(self):
+        self._stop.set()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005)
+    async def _score(self, models: list, histories: list, ks: list) -> list:
+        out: list = [None] * len(models)
+        for m in {id(x): x for x in models}.values():  # normally one model; two only during a swap
+            idx = [i for i, x in enumerate(models) if x is m]
+            ranked = m.rec.recommend_histories([histories[i] for i in idx], max(ks[i] for i in idx))
+            for i, r in zip(idx, ranked):
+                out[i] = r[:ks[i]]
+        return out
+
+    @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
+    async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
+        m = self.current  # pinned for this request
+        if req.events is not None:
+            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+        else:
+            h = m.rec.history_for_user(req.user_id)
+        ranked = await self._score(m, h, req.k)
+        return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
+                                      unknown_items=h.unknown_items, history_source=h.source, model=m.info)
+
+    @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
+    def bundles(self, req: BundleRequest) -> BundleResponse:
+        """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
+        m = self.current
+        if req.events is not None:
+            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+        else:
+            h = m.rec.history_for_user(req.user_id)
+        out = m.rec.bundles(h, n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats)
+        return BundleResponse(bundles=out, cold_start=not h.items, unknown_items=h.unknown_items,
+                              history_source=h.source, model=m.info)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", responses={503: ERROR_RESPONSES[503]})
+    def readyz(self) -> dict:
+        if self.current is None:
+            raise HTTPException(503, "model not loaded")
+        info = self.current.info  # open endpoint (probes): name/version only, no paths
+        return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias}}
+
+    @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+    def model(self) -> dict:
+        m = self.current
+        return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
+                "reloads": self.reloads, "base_model": m.rec.meta.get("base_model")}
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for serve/config.yaml (``import_path: bundlerec.serving.app:build_app``);
+    args not given take ServeConfig's defaults."""
+    known = {"model_uri", "tracking_uri", "auth_token_file", *DEFAULTS.app_args()}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown Serve app args {sorted(unknown)}; known: {sorted(known)}")
+    kw = {**DEFAULTS.app_args(), **{k: v for k, v in args.items() if k != "model_uri"}}
+    return BundlerecService.bind(model_uri=args["model_uri"], **kw)

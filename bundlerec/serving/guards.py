@@ -1,0 +1,56 @@
+"""Request guards of the Serve endpoint: bearer-token check (a FastAPI dependency) and body limit.
+
+The settings live in :data:`GUARDS`, a module-level object of this importable module, because Ray
+Serve ships the deployment class by value: module globals of the file that defines the deployment,
+seen from the replica's ``__init__``, would be a copy, while FastAPI dependencies read this module.
+
+    401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
+    403 -- a token that is not one of the configured ones
+    413 -- a body above ``max_body_bytes`` (declared or actual)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from bundlerec.config import ServeConfig
+from bundlerec.serving.auth import TokenAuth
+
+
+class EndpointGuards:
+    """Per-process guard settings, set by each replica at start."""
+
+    def __init__(self) -> None:
+        self.auth: Optional[TokenAuth] = None
+        self.max_body_bytes: int = ServeConfig.max_body_bytes
+
+
+GUARDS = EndpointGuards()
+
+_bearer = HTTPBearer(auto_error=False, description="API token (serve args auth_token_file / $BUNDLEREC_API_TOKENS)")
+
+
+def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    """401 without a bearer token, 403 with a wrong one; a no-op when authentication is off."""
+    auth = GUARDS.auth
+    if auth is None:
+        return
+    err = auth.check(request.headers.get("authorization"))
+    if err:
+        raise HTTPException(err[0], err[1], headers={"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+
+
+async def limit_body(request: Request, call_next):
+    """HTTP middleware: 413 for bodies above the limit (declared or actual), before any parsing."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        limit = GUARDS.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+        if declared is None and len(await request.body()) > limit:
+            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+    return await call_next(request)

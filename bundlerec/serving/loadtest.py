@@ -1,0 +1,223 @@
+"""Load test of the recommendation endpoint on loopback, and of the same model called in-process, so
+the Serve overhead is visible. Bounded: a fixed number of requests per concurrency level.
+The command is ``jobs/loadtest.py``:
+
+    python -m jobs.loadtest --url http://127.0.0.1:8000 --export runs/demo/export \
+        --concurrency 1 8 32 --requests 400 --out docs/bench/loadtest.json
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+import numpy as np
+
+from bundlerec.config import ServeConfig
+
+
+def _pcts(lat_ms: list[float]) -> dict:
+    a = np.asarray(lat_ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)),
+            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
+
+
+def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
+               token: str | None = None, progress: list | None = None) -> dict:
+    """n_requests POSTs split over `concurrency` keep-alive connections (``progress`` gets one entry
+    per finished request, for a fault injector watching from another thread)."""
+    u = urlparse(url)
+    lat: list[float] = []
+    errors: list = []
+    lock = threading.Lock()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    per = [n_requests // concurrency + (1 if i < n_requests % concurrency else 0) for i in range(concurrency)]
+
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        mine = []
+        for j in range(per[i]):
+            body = json.dumps({"user_id": users[(i * 7919 + j) % len(users)], "k": k})
+            t = time.perf_counter()
+            try:
+                conn.request("POST", "/v1/recommendations", body, headers)
+                r = conn.getresponse()
+                r.read()
+                if r.status != 200:
+                    with lock:
+                        errors.append(r.status)
+                    if progress is not None:
+                        progress.append(0)
+                    continue
+            except Exception as e:
+                with lock:
+                    errors.append(repr(e))
+                if progress is not None:
+                    progress.append(0)
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                continue
+            mine.append((time.perf_counter() - t) * 1000)
+            if progress is not None:
+                progress.append(1)
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": n_requests, "errors": len(errors),
+            "error_kinds": sorted({str(e)[:80] for e in errors}),
+            "throughput_rps": len(lat) / wall, **_pcts(lat)}
+
+
+def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
+                       token: str | None, at: float, app: str = "bundlerec") -> dict:
+    """Bounded load; after ``at`` of the requests, SIGKILL one Serve replica of ``app`` (found through
+    the Ray state API) and measure failed requests and the time until Serve has replaced it."""
+    import ray
+    from ray.util.state import list_actors
+
+    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+
+    def replicas():
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                if a.class_name.startswith(f"ServeReplica:{app}:")]
+
+    before = replicas()
+    if not before:
+        raise RuntimeError(f"no live replica of Serve app {app!r}")
+    progress: list = []
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.update(http_level(url, users, concurrency, n_requests, k, token, progress)))
+    th.start()
+    while len(progress) < at * n_requests and th.is_alive():
+        time.sleep(0.005)
+    victim = before[0]
+    t_kill = time.time()
+    os.kill(victim.pid, signal.SIGKILL)
+    recovered_s = None
+    while time.time() - t_kill < 120:
+        alive = [a for a in replicas() if a.actor_id != victim.actor_id]
+        if len(alive) >= len(before):
+            recovered_s = time.time() - t_kill
+            break
+        time.sleep(0.2)
+    th.join()
+    return {**box, "replicas": len(before), "killed_after_requests": int(at * n_requests),
+            "failed_fraction": box["errors"] / n_requests, "replica_replaced_s": recovered_s}
+
+
+def in_process(export_dir: str, users: list[str], n_requests: int, k: int, serve: ServeConfig | None = None) -> dict:
+    """The same model called in one thread, configured as a Serve replica is (``serve`` args)."""
+    import torch
+
+    from bundlerec.serving.recommender import Recommender
+
+    serve = serve or ServeConfig()
+    torch.set_num_threads(1)  # like one Serve replica (num_cpus: 1)
+    rec = Recommender.from_export(export_dir)
+    rec.configure_ann(serve.ann_min_items, serve.ann_nprobe)  # as the Serve replica does
+    for u in users[:5]:
+        rec.recommend(user_id=u, k=k)  # warm-up
+    lat = []
+    for j in range(n_requests):
+        t = time.perf_counter()
+        rec.recommend(user_id=users[j % len(users)], k=k)
+        lat.append((time.perf_counter() - t) * 1000)
+    return {"requests": n_requests, "n_items": len(rec.item_ids), "ann": rec.ann is not None,
+            "ann_nprobe": rec.ann.nprobe if rec.ann else None, **_pcts(lat)}
+
+
+def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: int = 1) -> str:
+    """Copy ``src_export`` and grow its catalog to ``n_items`` synthetic items, encoded by its own model.
+
+    The original items keep their positions, so the users' histories stay valid; the extra items are
+    generated by bundlerec.data.synthetic and indexed with the exported encoder (honest embeddings, slow
+    on CPU: ~10 min for 100k items on 2 cores).
+    """
+    import shutil
+
+    import pandas as pd
+    import torch
+
+    from bundlerec.config import SyntheticConfig
+    from bundlerec.data.schema import item_text
+    from bundlerec.data.synthetic import make_catalog
+    from bundlerec.model.export import load_export
+
+    shutil.copytree(src_export, dst_export, dirs_exist_ok=True)
+    items = pd.read_parquet(f"{src_export}/items.parquet")
+    extra_n = n_items - len(items)
+    extra = make_catalog(SyntheticConfig(n_items=max(extra_n, 40), seed=seed), np.random.default_rng(seed)).head(extra_n)
+    extra["item_id"] = [f"X{i:07d}" for i in range(extra_n)]
+    extra["text"] = [item_text(t, c, b, p) for t, c, b, p in zip(extra.title, extra.category, extra.brand, extra.price)]
+    extra["item_idx"] = np.arange(len(items), len(items) + extra_n)
+    model, meta = load_export(src_export)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f"{src_export}/encoder")
+    torch.set_num_threads(2)
+    chunks, t0 = [], time.time()
+    texts = extra.text.tolist()
+    for i in range(0, len(texts), 512):
+        enc = tok(texts[i:i + 512], truncation=True, max_length=int(meta.get("item_max_tokens", 32)),
+                  padding=True, return_tensors="pt")
+        chunks.append(model.index_items(enc["input_ids"], enc["attention_mask"]).numpy())
+        if (i // 512) % 20 == 0:
+            done = i + len(texts[i:i + 512])
+            print(f"encoded {done}/{extra_n} items ({done / (time.time() - t0):.0f} items/s)", flush=True)
+    index = np.concatenate([np.load(f"{src_export}/item_index.npy")] + chunks).astype(np.float32)
+    np.save(f"{dst_export}/item_index.npy", index)
+    cols = list(items.columns)
+    pd.concat([items, extra.reindex(columns=cols)], ignore_index=True).to_parquet(f"{dst_export}/items.parquet")
+    pop = np.load(f"{src_export}/popularity.npy")
+    np.save(f"{dst_export}/popularity.npy", np.concatenate([pop, np.zeros(extra_n)]))
+    import scipy.sparse as sp
+
+    if os.path.exists(f"{src_export}/copurchase.npz"):  # new items have no co-purchases yet
+        pairs = sp.load_npz(f"{src_export}/copurchase.npz").tocoo()
+        sp.save_npz(f"{dst_export}/copurchase.npz", sp.csr_matrix((pairs.data, (pairs.row, pairs.col)), shape=(n_items, n_items)))
+        counts = np.load(f"{src_export}/copurchase_items.npy")
+        np.save(f"{dst_export}/copurchase_items.npy", np.concatenate([counts, np.zeros(extra_n)]))
+    return dst_export
+
+
+def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k: int = 10,
+                 token: str | None = None, kill_replica_at: float | None = None) -> dict:
+    """Warm up, then one level per concurrency (or one level with a replica killed part-way), plus
+    the same model in-process; returns the figures (``serve_overhead_p50_ms`` = HTTP p50 at the first
+    level minus in-process p50)."""
+    import pandas as pd
+
+    users = pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str).tolist()
+    for _ in range(20):  # warm the replica and the proxy
+        http_level(url, users, 1, 1, k, token)
+    if kill_replica_at is not None:
+        res = kill_replica_level(url, users, concurrency[0], requests, k, token, kill_replica_at)
+        res["date"] = datetime.now(timezone.utc).isoformat()
+        return res
+    levels = [http_level(url, users, c, requests, k, token) for c in concurrency]
+    local = in_process(export, users, requests, k)
+    return {"date": datetime.now(timezone.utc).isoformat(), "url": url, "k": k, "levels": levels,
+            "in_process": local, "serve_overhead_p50_ms": levels[0]["p50_ms"] - local["p50_ms"],
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+
+
+def format_report(out: dict) -> str:
+    lines = [f"c={lv['concurrency']:>3}  p50 {lv['p50_ms']:7.2f} ms  p95 {lv['p95_ms']:7.2f}  p99 {lv['p99_ms']:7.2f}  "
+             f"{lv['throughput_rps']:7.1f} req/s  errors {lv['errors']}" for lv in out["levels"]]
+    local = out["in_process"]
+    lines.append(f"in-process  p50 {local['p50_ms']:.2f} ms  p99 {local['p99_ms']:.2f} ms ({local['n_items']} items); "
+                 f"Serve overhead at p50: {out['serve_overhead_p50_ms']:.2f} ms")
+    return "\n".join(lines)

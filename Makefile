@@ -2,16 +2,26 @@
 SHELL := /bin/bash
 PY ?= python3.11
 VENV := .venv
+# torch is pinned to the CPU build (2.13.0+cpu). It comes from a local wheel folder when one holds it
+# (this project's CI image: /opt/wheels), else from PyTorch's CPU index (needs that host reachable).
 TORCH_FIND_LINKS ?= /opt/wheels
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SOURCE := $(if $(wildcard $(TORCH_FIND_LINKS)/torch-*.whl),--find-links $(TORCH_FIND_LINKS),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match)
 UV := $(VENV)/bin/uv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# The environment defaults are bundlerec.runtime.ENV_DEFAULTS (tests/test_config.py checks they agree).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-RAY_ADDRESS_HTTP := http://127.0.0.1:8265
+# Ports of the local services (cluster/local.sh reads the same variables; it reuses services already up).
+export DASHBOARD_PORT ?= 8265
+export MLFLOW_PORT ?= 5000
+RAY_ADDRESS_HTTP := http://127.0.0.1:$(DASHBOARD_PORT)
 DEMO_CONFIG ?= jobs/configs/demo.yaml
+DEMO_ROOT ?= $(CURDIR)
+DEMO_ARGS ?=
 
 .PHONY: setup demo services stop test test-fast lock clean
 
@@ -21,12 +31,13 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	@$(VENV)/bin/python -m pip install -q uv==0.13.9
-	$(UV) pip install --python $(VENV)/bin/python --find-links $(TORCH_FIND_LINKS) --compile-bytecode -r requirements.lock
+	@echo "torch from: $(TORCH_SOURCE)"
+	$(UV) pip install --python $(VENV)/bin/python $(TORCH_SOURCE) --compile-bytecode -r requirements.lock
 	$(UV) pip install --python $(VENV)/bin/python --no-deps --compile-bytecode -e .
 	@touch $@
 
 lock:
-	$(UV) pip compile pyproject.toml --extra dev --find-links $(TORCH_FIND_LINKS) --python-version 3.11 \
+	$(UV) pip compile pyproject.toml --extra dev $(TORCH_SOURCE) --python-version 3.11 \
 	  -c .ci/pins.txt -o requirements.lock
 
 services: setup
@@ -35,16 +46,16 @@ services: setup
 demo: services
 	@start=$$(date +%s); \
 	ray job submit --address $(RAY_ADDRESS_HTTP) --runtime-env jobs/runtime_env.yaml -- \
-	  python -m jobs.pipeline --config $(DEMO_CONFIG) output_root=$(CURDIR) && \
+	  python -m jobs.pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) && \
 	echo "demo wall time: $$(( $$(date +%s) - start ))s (job submit to finish)"; \
-	echo; echo "summary:   runs/demo/summary.json"; \
-	echo "MLflow UI: http://127.0.0.1:5000   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"
+	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json"; \
+	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"
 
 stop:
 	cluster/local.sh stop
 
 test: setup
-	timeout 5400 $(VENV)/bin/python -m pytest -x -q tests
+	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 tests
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not integration" tests

@@ -18,7 +18,7 @@ def parse(argv: list[str] | None, description: str) -> PipelineConfig:
 def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tracking: bool = True) -> PipelineConfig:
     """The preamble every config-driven job shares: environment, config + overrides, the version
     check, the MLflow server check (before any compute is spent) and the Ray connection."""
-    from bundlerec.registry.tracking import check_server
+    from bundlerec.tracking import check_server
     from bundlerec.runtime import check_versions, init_ray, setup_env
 
     setup_env()
@@ -26,7 +26,7 @@ def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tr
     if ray:
         check_versions()
     if tracking:
-        from bundlerec.registry.tracking import TrackingError
+        from bundlerec.tracking import TrackingError
 
         try:
             check_server(cfg.mlflow.tracking_uri)  # a down tracking server fails here, before Ray or compute

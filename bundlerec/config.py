@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -79,11 +80,14 @@ class DataConfig:
     session_gap_minutes: float = 30.0
     """Inactivity gap that starts a new session (minutes)."""
     history_len: int = 10
-    """Most recent events kept as a user's input history."""
+    """Most recent events the user tower reads (training, evaluation, serving)."""
+    max_history_len: int = 64
+    """Events prep keeps per example (>= history_len), so a sweep can vary history_len without re-prep."""
     target_event: str = "purchase"
     """Event type that forms the targets (baskets of one session)."""
     val_baskets: int = 1
-    """Per user, the last-but-`test_baskets` baskets held out for validation."""
+    """Per user, the last-but-`test_baskets` baskets held out for validation (>= 1: checkpoints, early
+    stopping and champion promotion are chosen on validation, never on test)."""
     test_baskets: int = 1
     """Per user, the last baskets held out for testing."""
     item_max_tokens: int = 32
@@ -108,8 +112,10 @@ class DataConfig:
         _check(self.time_unit in {"s", "ms", "us", "ns"}, f"data.time_unit={self.time_unit!r}")
         _check(self.session_gap_minutes > 0, "data.session_gap_minutes must be > 0")
         _check(1 <= self.history_len <= 512, "data.history_len must be in [1, 512]")
+        _check(self.history_len <= self.max_history_len <= 512, "data.max_history_len must be in [history_len, 512]")
         _check(self.target_event in {"view", "click", "cart", "purchase"}, "data.target_event")
-        _check(self.val_baskets >= 0 and self.test_baskets >= 1, "data.val_baskets>=0, test_baskets>=1")
+        _check(self.val_baskets >= 1 and self.test_baskets >= 1,
+               "data.val_baskets and data.test_baskets must be >= 1 (model selection uses val, never test)")
         _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
         _check(self.num_shards >= 1, "data.num_shards must be >= 1")
@@ -189,6 +195,9 @@ class TrainConfig:
     """Same data order on every run and after a restart (Ray Data preserve_order, so shards are dealt
     round-robin instead of to whichever worker asks first; negatives reseeded per epoch): a resumed
     run then redoes exactly the lost steps. False: ingest ignores order (slightly faster on big data)."""
+    materialize_train: bool = False
+    """Read the train split into Ray's object store once instead of streaming it again every epoch:
+    for data that fits in the object store (the demo and tests); big data streams."""
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed engine knobs (e.g. {zero_optimization: {offload_optimizer: {device: cpu}}});
     batch-size keys are derived from the fields above and may not be set here."""
@@ -332,7 +341,9 @@ class PipelineConfig:
         _check(not unknown, f"stages: unknown {sorted(unknown)}")
         _check(not {"train", "tune"} <= set(self.stages), "stages: choose train or tune, not both")
         if self.output_root:
-            root = self.output_root
+            # absolute once, so applying it again (every config round-trip: Tune trials, workers) is a no-op
+            root = self.output_root if "://" in self.output_root else os.path.abspath(self.output_root)
+            self.output_root = root
 
             def fix(p: str) -> str:
                 return p if ("://" in p or p.startswith("/")) else f"{root.rstrip('/')}/{p}"

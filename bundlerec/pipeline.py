@@ -31,19 +31,23 @@ def _versions() -> dict:
 
 
 def require_prep(cfg: PipelineConfig) -> dict:
-    """The prep manifest, or a clear error saying how to produce it."""
+    """The prep manifest, or a clear error saying how to produce it; checked against the config."""
+    from bundlerec.data.examples import check_prepared
+
     path = join(cfg.data.output_dir, "manifest.json")
     try:
-        return json.loads(read_text(path))
+        manifest = json.loads(read_text(path))
     except (FileNotFoundError, OSError):
         raise FileNotFoundError(f"no prepared data at {cfg.data.output_dir} ({path} missing): run "
                                 f"`python -m jobs.prep` with the same config first, or jobs.pipeline") from None
+    check_prepared(manifest, cfg.data.history_len)
+    return manifest
 
 
 def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None) -> dict:
     """Test metrics of the export and of every baseline -> results.json + the MLflow run."""
     from bundlerec.eval.evaluate import evaluate_run, format_table
-    from bundlerec.registry.tracking import log_results
+    from bundlerec.tracking import log_results
 
     prep_dir = cfg.data.output_dir
     manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
@@ -63,7 +67,7 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
 
 def run_train_stage(cfg: PipelineConfig) -> dict:
     """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
-    from bundlerec.registry.tracking import check_server, start_run
+    from bundlerec.tracking import check_server, start_run
     from bundlerec.train.fit import fit
 
     prep_dir = cfg.data.output_dir
@@ -101,7 +105,7 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """The configured stages (prep -> train|tune -> register -> deploy); writes summary.json."""
     from bundlerec.data.prep import run_prep
-    from bundlerec.registry.tracking import check_server
+    from bundlerec.tracking import check_server
 
     t0 = time.time()
     check_server(cfg.mlflow.tracking_uri)
@@ -128,7 +132,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         from bundlerec.registry.promotion import register
 
         reg = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                       run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
+                       run_id=results["run_id"], model_name=cfg.serve.model_name)
         print(f"registry: {reg['model_name']} v{reg['version']} -> {reg['alias']} ({reg['reason']})", flush=True)
         summary.update({"registered_version": reg["version"], "registered_alias": reg["alias"],
                         "champion_version": reg["champion_version"]})

@@ -21,6 +21,11 @@ ENV_DEFAULTS = {
 # Worker processes (Ray Train) get these too, via the runtime_env of the job / ray.init.
 WORKER_ENV = {k: ENV_DEFAULTS[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
 
+# Logical CPUs of a local Ray instance (cluster/local.sh's NUM_CPUS and the tests' cluster use this):
+# 2 train workers + a Tune trial driver + a Serve replica + Ray Data tasks. With only the 2 physical
+# cores declared, Ray Data + Train hang waiting for each other.
+LOCAL_NUM_CPUS = 6
+
 # Versions the code was written against: fail fast on drift with a fix hint.
 EXPECTED = {"ray": "2.60."}
 
@@ -41,12 +46,11 @@ def check_versions() -> None:
                            f"run `make setup` (or `uv pip install -r requirements.lock`)")
 
 
-def init_ray(num_cpus: int = 6, object_store_bytes: int = 1 << 30) -> None:
+def init_ray(num_cpus: int = LOCAL_NUM_CPUS, object_store_bytes: int = 1 << 30) -> None:
     """Connect to the cluster in RAY_ADDRESS (ray job submit sets it), else to a running local
     cluster (`make services`), else start a private local instance.
 
-    A private instance declares 6 logical CPUs: Ray Data tasks need slots beside 2 train workers, a
-    Tune trial driver and a Serve replica (with only 2 logical CPUs Data + Train hang).
+    A private instance declares LOCAL_NUM_CPUS logical CPUs.
     """
     import ray
 

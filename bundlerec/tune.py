@@ -54,6 +54,7 @@ def _spaces() -> dict[str, Callable[[], dict]]:
             "train.head_lr": tune.loguniform(5e-4, 5e-3),
             "model.temperature": tune.uniform(0.03, 0.1),
             "model.freeze_layers": tune.choice([2, 4]),
+            "data.history_len": tune.choice([4, 8]),
         },
     }
 
@@ -108,7 +109,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from bundlerec.registry.tracking import check_server, start_run
+    from bundlerec.tracking import check_server, start_run
 
     tc = cfg.tune
     check_server(cfg.mlflow.tracking_uri)

@@ -10,7 +10,7 @@ RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 AGENT_PORT="${AGENT_PORT:-52366}"   # not Ray's default 52365: a second local instance (make test) keeps its job agent
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs: 2 train workers + a Tune trial driver + a Serve replica + Ray Data tasks
+NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs = bundlerec.runtime.LOCAL_NUM_CPUS (why: see there; tests check they agree)
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
 export PATH="$VENV/bin:$PATH"      # workers and job drivers must run the venv's python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"

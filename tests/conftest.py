@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bundlerec.runtime import WORKER_ENV, setup_env
+from bundlerec.runtime import LOCAL_NUM_CPUS, WORKER_ENV, setup_env
 
 ROOT = Path(__file__).resolve().parents[1]
 setup_env()
@@ -45,11 +45,11 @@ def wait_http(url: str, timeout_s: float) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A fresh local Ray instance (6 logical CPUs: 2 train workers + a Tune trial driver + a Serve replica + Ray Data, 1 GiB object store, dashboard + job API)."""
+    """A fresh local Ray instance (LOCAL_NUM_CPUS logical CPUs, 1 GiB object store, dashboard + job API)."""
     import ray
 
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
-    ctx = ray.init(address="local", num_cpus=6, object_store_memory=1 << 30, include_dashboard=True,
+    ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
                    dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,
                    runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -113,27 +113,66 @@ def mlflow_get(uri: str, endpoint: str, **params) -> dict:
         return json.loads(r.read())
 
 
+TINY_ENCODER = Path(tempfile.gettempdir()) / "bundlerec-tiny-bert-v1"
+
+
+def tiny_encoder() -> str:
+    """A tiny random-init BERT (2 layers, hidden 64: ~1.3 M parameters + embeddings) with MiniLM's
+    tokenizer, saved as a normal HF model directory. For tests whose subject is the machinery
+    (DeepSpeed, resume, Tune, registry, Serve), not what the pretrained weights know: MiniLM's 345 MB
+    ZeRO-2 checkpoints and forwards are what made those tests slow. Deterministic (seed 0)."""
+    if not (TINY_ENCODER / "model.safetensors").exists():
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
+
+        base = resolve_model_path("all-MiniLM-L6-v2")
+        conf = AutoConfig.from_pretrained(base)
+        conf.update({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128})
+        torch.manual_seed(0)
+        tmp = Path(tempfile.mkdtemp(prefix="tiny-bert-"))
+        AutoModel.from_config(conf).save_pretrained(tmp)
+        load_tokenizer("all-MiniLM-L6-v2").save_pretrained(tmp)
+        try:
+            tmp.rename(TINY_ENCODER)  # atomic: concurrent sessions never see half a model
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(TINY_ENCODER)
+
+
+def tiny_overrides() -> list[str]:
+    """Overrides that swap the tiny random-init encoder into jobs/configs/tiny.yaml (trained from
+    scratch: no frozen layers, a from-scratch learning rate)."""
+    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3"]
+
+
+def tiny_config(*overrides: str):
+    """jobs/configs/tiny.yaml with the tiny encoder plus ``overrides``."""
+    from bundlerec.config import load_config
+
+    return load_config(str(ROOT / "jobs/configs/tiny.yaml"), [*tiny_overrides(), *overrides])
+
+
 @pytest.fixture(scope="session")
 def tiny_prep(ray_cluster, tmp_path_factory):
-    """The tiny synthetic dataset, prepared once for the training tests."""
-    from bundlerec.config import load_config
+    """The tiny synthetic dataset, prepared once (tokenized for the tiny encoder) for the training tests."""
     from bundlerec.data.prep import run_prep
 
     root = tmp_path_factory.mktemp("tiny")
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"), [f"output_root={root}"])
+    cfg = tiny_config(f"output_root={root}")
     manifest = run_prep(cfg)
     return cfg, manifest
 
 
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_prep, tmp_path_factory):
-    """A 2-worker ZeRO-2 fine-tuning of the tiny data (3 epochs), exported for serving."""
-    from bundlerec.config import load_config
+    """A 2-worker ZeRO-2 training of the tiny encoder on the tiny data (3 epochs x 12 steps), exported."""
     from bundlerec.train.fit import fit
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("trained")
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
-                      [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={root}/ray",
-                       f"results_path={root}/results.json", "train.zero_stage=2", "train.epochs=3"])
+    cfg = tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={root}/ray",
+                      f"results_path={root}/results.json", "train.zero_stage=2", "train.epochs=3",
+                      "train.max_steps_per_epoch=12")
     return cfg, fit(cfg, cfg.data.output_dir), root

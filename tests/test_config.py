@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundlerec.config import ConfigError, PipelineConfig, load_config, to_dict
+from bundlerec.config import ConfigError, PipelineConfig, from_dict, load_config, to_dict
 from bundlerec.train.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +60,64 @@ def test_deepspeed_config_is_derived_from_train_config():
     assert cpu["zero_optimization"]["reduce_bucket_size"] == 1e6
     with pytest.raises(ValueError, match="derived"):
         deepspeed_config(8, 1, 2, 2, False, {"train_batch_size": 64})
+
+
+def test_relative_output_root_round_trips_unchanged(tmp_path, monkeypatch):
+    """A Tune trial and every worker rebuild the config from its dict: paths must not grow."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["output_root=rel"])
+    again = from_dict(PipelineConfig, to_dict(cfg))
+    assert again.data.output_dir == cfg.data.output_dir == str(tmp_path / "rel/runs/demo/prep")
+    assert again.results_path == cfg.results_path and "rel/rel" not in again.train.storage_path
+
+
+@pytest.mark.parametrize("bad", ["data.val_baskets=0", "data.history_len=32 data.max_history_len=16"])
+def test_selection_and_history_guards(bad):
+    with pytest.raises(ConfigError):
+        load_config(None, bad.split())
+
+
+def test_one_definition_of_serve_defaults():
+    """serve/config.yaml states ServeConfig's defaults; the KubeRay RayService may choose production
+    values but only for args the app knows; the Serve app builder refuses args it does not know."""
+    from bundlerec.config import ServeConfig
+    from bundlerec.serving.app import build_app
+
+    defaults = ServeConfig().app_args()
+    local = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"]
+    assert {k: local[k] for k in defaults} == defaults
+    kuberay = yaml.safe_load(yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"])
+    assert set(kuberay["applications"][0]["args"]) <= {"model_uri", "tracking_uri", "auth_token_file", *defaults}
+    with pytest.raises(ValueError, match="unknown Serve app args"):
+        build_app({"model_uri": "x", "ann_min_item": 5})
+
+
+def test_one_definition_of_environment_defaults():
+    """runtime.ENV_DEFAULTS is the source; Makefile, cluster/local.sh and jobs/runtime_env.yaml agree."""
+    import re
+
+    from bundlerec.runtime import ENV_DEFAULTS, LOCAL_NUM_CPUS
+
+    make = dict(re.findall(r"^export (\w+) :?= (\S+)", (ROOT / "Makefile").read_text(), re.M))
+    local = (ROOT / "cluster/local.sh").read_text()
+    runtime_env = yaml.safe_load((ROOT / "jobs/runtime_env.yaml").read_text())["env_vars"]
+    for k, v in ENV_DEFAULTS.items():
+        if k in make:
+            assert make[k] == v, (k, make[k], v)
+        if k in runtime_env:
+            assert runtime_env[k] == v, k
+        found = re.search(rf"\b{k}=(?:\"\$\{{{k}:-)?(\w+)", local)
+        if found:
+            assert found.group(1) == v, (k, found.group(1))
+    assert {"RAY_AUTH_MODE", "HF_HUB_OFFLINE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"} <= set(make)
+    assert f'NUM_CPUS="${{NUM_CPUS:-{LOCAL_NUM_CPUS}}}"' in local
+
+
+def test_one_definition_of_bundle_defaults():
+    from bundlerec.bundles.generate import BundleConstraints
+    from bundlerec.registry.pyfunc import PARAMS
+    from bundlerec.serving.schemas import BundleRequest
+
+    c, req = BundleConstraints(), BundleRequest(user_id="u")
+    assert (req.n, req.max_size, req.allow_repeats) == (c.n, c.max_size, c.allow_repeats)
+    assert (PARAMS["n"], PARAMS["max_size"]) == (c.n, c.max_size)

@@ -129,3 +129,16 @@ def test_duplicate_events_are_quarantined_not_double_counted():
     reasons = [None if pd.isna(r) else r for r in out[REASON_COL]]
     assert reasons == [None, "duplicate_event", None, None]  # other type / other second: distinct events
     assert json.loads(out.loc[1, "raw"])["item_id"] == "a"
+
+
+def test_prepared_data_must_have_validation_and_long_enough_histories():
+    """Selection never silently falls back on test; a history_len above what prep kept is an error,
+    not a knob that does nothing (a sweep's data.history_len)."""
+    from bundlerec.data.examples import PrepMismatch, check_prepared
+
+    ok = {"examples": {"train": 10, "val": 3, "test": 3}, "max_history_len": 16}
+    check_prepared(ok, 16)
+    with pytest.raises(PrepMismatch, match="no validation examples"):
+        check_prepared({**ok, "examples": {"train": 10, "val": 0, "test": 3}}, 8)
+    with pytest.raises(PrepMismatch, match="max_history_len >= 32"):
+        check_prepared(ok, 32)

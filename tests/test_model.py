@@ -87,3 +87,36 @@ def test_itemknn_cooccurrence_counts_history_to_target_and_same_basket():
     expected[[0, 1, 0, 1, 2], [3, 3, 4, 4, 3]] = 1  # history item -> bought item (duplicates in a history count once)
     expected[3, 4] = expected[4, 3] = 1  # 3 and 4 were bought in the same basket of u
     np.testing.assert_array_equal(C, expected)
+
+
+def _logit_batch(tokens, targets, log_q):
+    """Two users (histories 0 and 2) with the given target items; candidates = the targets."""
+    collate = Collator(*tokens, popularity=np.ones(6), history_len=4, sampled_negatives=0)
+    batch = _batch(collate, [[0], [2]], targets)
+    batch["cand_log_q"] = torch.as_tensor(log_q, dtype=torch.float32)
+    return batch
+
+
+def test_logq_correction_subtracts_log_sampling_probability(tokens):
+    torch.manual_seed(0)
+    m = TwoTower(build_encoder(resolve_model_path(MODEL)), 0.05).eval()
+    with torch.no_grad():
+        plain = m.logits(_logit_batch(tokens, [1, 3], [0.0, 0.0]))
+        corrected = m.logits(_logit_batch(tokens, [1, 3], [np.log(0.9), np.log(0.1)]))
+    # a popular candidate (q = 0.9) is pushed up less than a rare one (q = 0.1): logit - log q
+    assert torch.allclose(corrected, plain - torch.tensor([np.log(0.9), np.log(0.1)]).float(), atol=1e-4)
+    # and the loss changes with it (the correction is used, not only computed)
+    assert not torch.isclose(F.cross_entropy(plain, torch.arange(2)), F.cross_entropy(corrected, torch.arange(2)))
+
+
+def test_accidental_hits_are_masked_not_counted_as_negatives(tokens):
+    torch.manual_seed(0)
+    m = TwoTower(build_encoder(resolve_model_path(MODEL)), 0.05).eval()
+    with torch.no_grad():
+        same = m.logits(_logit_batch(tokens, [1, 1], [0.0, 0.0]))  # both users bought item 1
+        diff = m.logits(_logit_batch(tokens, [1, 3], [0.0, 0.0]))
+        loss_same = m.loss(_logit_batch(tokens, [1, 1], [0.0, 0.0]))
+    # the other row's column holds the same item: masked, so each row's softmax has only its positive
+    assert same[0, 1] == -1e4 and same[1, 0] == -1e4 and same[0, 0] > -1e3 and same[1, 1] > -1e3
+    assert (diff > -1e3).all()  # distinct items stay negatives
+    assert float(loss_same) < 1e-3  # without the mask two identical columns would cost log(2)

@@ -37,7 +37,7 @@ def _events(rows):
 @given(st.lists(event, min_size=1, max_size=60), st.integers(1, 240))
 def test_every_event_in_exactly_one_session(rows, gap_min):
     df = _events(rows)
-    df["_ts"] = df["event_time"].astype("int64") / 1e9
+    df["_ts"] = df["event_time"].astype("datetime64[us, UTC]").astype("int64") / 1e6  # seconds
     df = df.sort_values(["user_id", "_ts"], kind="stable").reset_index(drop=True)
     sess = assign_sessions(df, gap_min * 60.0)
     assert len(sess) == len(df)
@@ -76,10 +76,18 @@ def test_split_is_leakage_free_and_exclusive(rows, history_len, val_b, test_b):
             assert t["val"].max() < t["test"].min()
         if len(t["test"]) and len(t["train"]):
             assert t["train"].max() < t["test"].min()
-        # every purchase of a kept basket is a target: train rows cover exactly the basket's items
+        # every purchase of a kept basket is a target, once: the rows of a basket cover exactly the
+        # items bought in that session (recomputed here from the raw events)
+        u = df[df.user_id == u].copy()
+        u["_ts"] = u["event_time"].astype("datetime64[us, UTC]").astype("int64") / 1e6
+        u = u.sort_values("_ts", kind="stable").reset_index(drop=True)
+        u["_sess"] = assign_sessions(u, 30.0 * 60.0)
+        buys = u[u.event_type == "purchase"]
         for tt, b in g.groupby("target_time"):
-            targets = sorted(x for ts in b.targets for x in ts)
+            targets = [x for ts in b.targets for x in ts]
             assert len(targets) == len(set(targets))
+            sess = buys[buys.event_time == tt]._sess.iloc[0]  # the basket's time is its first purchase
+            assert set(targets) == set(buys[buys._sess == sess].item_id.map(INDEX))
 
 
 cell = st.one_of(st.none(), st.text(max_size=6), st.sampled_from(["", " ", "nan", "-1", "1e400", "2026-01-01"]))

@@ -17,8 +17,7 @@ import urllib.request
 
 import pytest
 
-from bundlerec.config import load_config
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -118,7 +117,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
     token_file = tmp_path / "api_token"
     token = write_token_file(str(token_file))
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+    cfg = tiny_config(*
                       [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
                        f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
                        f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1",
@@ -244,7 +243,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         dep_conf.pop("autoscaling_config")
         dep_conf.update({"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1})
         (tmp_path / "tight.yaml").write_text(yaml.safe_dump(conf))
-        tight = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+        tight = tiny_config(*
                             [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
                              f"serve.url={base}", f"serve.dashboard_url={ray_cluster}", f"mlflow.tracking_uri={registered['uri']}",
                              "serve.poll_s=0", "serve.auth=true", f"serve.token_file={token_file}",

@@ -30,7 +30,7 @@ def test_tracking_server_down_fails_fast_before_compute(tmp_path):
 def test_outage_mid_run_buffers_metrics_and_loses_none(tmp_path):
     import mlflow
 
-    from bundlerec.registry.tracking import RunLogger, start_run
+    from bundlerec.tracking import RunLogger, start_run
 
     # no MLFLOW_HTTP_* settings here: RunLogger itself must not stall on MLflow's HTTP retries
     port = free_port()
@@ -55,3 +55,56 @@ def test_outage_mid_run_buffers_metrics_and_loses_none(tmp_path):
         assert [m["step"] for m in sorted(got, key=lambda m: m["step"])] == [1, 2, 3, 4]
     finally:
         stop_mlflow(proc)
+
+
+def test_metrics_that_cannot_be_written_fail_the_stage(tmp_path):
+    """A stage never ends "successful" with its test metrics missing from MLflow."""
+    from bundlerec.tracking import TrackingError, log_results
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(TrackingError, match="could not be written"):
+        log_results(dead, "0" * 32, {"bundlerec": {"ndcg@10": 0.5}}, None, retries=1)
+
+
+def test_epochs_lost_by_an_outage_are_resent_after_training(tmp_path):
+    """What rank 0's buffer lost (a worker restarted while the server was away) is re-sent by the
+    driver from the checkpointed history, once per epoch: nothing missing, nothing doubled."""
+    import mlflow
+
+    from bundlerec.tracking import RunLogger, ensure_logged, start_run
+
+    proc, uri = start_mlflow(tmp_path, free_port())
+    try:
+        run_id = start_run(uri, "resend", "resend-run", {}, {})
+        RunLogger(uri, run_id).log({"val_ndcg_at_10": 0.1, "train_loss": 3.0}, step=1)  # epoch 2 was lost
+        history = [{"epoch": 1, "val_ndcg_at_10": 0.1, "train_loss": 3.0},
+                   {"epoch": 2, "val_ndcg_at_10": 0.2, "train_loss": 2.5}]
+        assert ensure_logged(uri, run_id, history) == 2
+        assert ensure_logged(uri, run_id, history) == 0  # idempotent
+        client = mlflow.MlflowClient(uri)
+        for key, want in (("val_ndcg_at_10", [(1, 0.1), (2, 0.2)]), ("train_loss", [(1, 3.0), (2, 2.5)])):
+            assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) == want
+    finally:
+        stop_mlflow(proc)
+    from bundlerec.tracking import TrackingError
+
+    with pytest.raises(TrackingError):  # server gone for good: the driver says so instead of succeeding
+        ensure_logged(uri, run_id, history + [{"epoch": 3, "val_ndcg_at_10": 0.3}], retries=1)
+
+
+def test_champion_lookup_only_treats_absence_as_no_champion(tmp_path, monkeypatch):
+    """Only "no such model / no such alias" lets a candidate become champion without comparison; any
+    other registry error (here: the registry is unreachable) is raised."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail in seconds, not after 7 backoffs
+    from mlflow.exceptions import MlflowException
+
+    from bundlerec.registry.promotion import current_champion
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/registry.db")  # a real MLflow store
+    assert current_champion(client, "never-registered") is None
+    client.create_registered_model("no-alias-yet")
+    assert current_champion(client, "no-alias-yet") is None
+    with pytest.raises(MlflowException):
+        current_champion(mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}"), "bundlerec")

@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from bundlerec.config import load_config
 from bundlerec.train.fit import fit
-from tests.conftest import ROOT, mlflow_get
+from tests.conftest import ROOT, mlflow_get, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -68,9 +67,9 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
 
 
 def _cfg(prep_cfg, tmp_path, *extra):
-    return load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+    return tiny_config(*
                        [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
-                        f"results_path={tmp_path}/results.json", *extra])
+                        f"results_path={tmp_path}/results.json", "train.max_steps_per_epoch=12", *extra])
 
 
 def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
@@ -87,11 +86,11 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
     assert os.path.exists(f"{out['export_dir']}/encoder/config.json")
     assert os.path.exists(f"{out['export_dir']}/item_index.npy")
     hist = out["history"]
-    # one entry per epoch with finite metrics. That it learns is asserted where it can be measured:
-    # test_model (loss falls on a fixed batch) and test_pipeline_job (beats most-popular); 12 steps here
-    # move train_loss (rank 0's mean over 4 micro-batches, other examples each epoch) by less than noise.
     assert [h["epoch"] for h in hist] == [1, 2, 3]
-    assert all(0 < h["val_ndcg_at_10"] <= 1 and h["train_loss"] == h["train_loss"] for h in hist), hist
+    assert all(0 < h["val_ndcg_at_10"] <= 1 for h in hist), hist
+    # the loss falls: the tiny encoder trains from scratch, so 36 steps move it far beyond batch noise
+    losses = [h["train_loss"] for h in hist]
+    assert losses[2] < 0.9 * losses[0], losses
 
 
 # Training is deterministic (train.deterministic: fixed shard order, negatives and dropout seeded per
@@ -108,7 +107,7 @@ def _close_to_reference(m: dict, ref: dict) -> None:
 def test_zero3_resumes_after_a_worker_is_killed(tiny_trained, tmp_path, mlflow_server):
     """ZeRO-3, a worker SIGKILLed after the 1st checkpoint: resumes, finishes, the MLflow run goes on
     without gaps or doubles, and the final metrics match the uninterrupted run."""
-    from bundlerec.registry.tracking import start_run
+    from bundlerec.tracking import start_run
 
     ref_cfg, ref_out, _ = tiny_trained
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
@@ -137,7 +136,7 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
     is registered, the test damages it (a truncated shard: a half-written checkpoint) and SIGKILLs a
     worker. The restart must detect the damage, resume from the 1st checkpoint, finish, and end close
     to the uninterrupted run; MLflow holds every epoch (the redone one twice, in order)."""
-    from bundlerec.registry.tracking import start_run
+    from bundlerec.tracking import start_run
 
     ref_cfg, ref_out, _ = tiny_trained
     cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
@@ -168,7 +167,7 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
     """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
     store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,
     and the run ends with every epoch in MLflow once, with the values training computed."""
-    from bundlerec.registry.tracking import start_run
+    from bundlerec.tracking import start_run
     from tests.conftest import free_port, start_mlflow, stop_mlflow
 
     ref_cfg, _, _ = tiny_trained

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bundlerec.config import load_config
-from tests.conftest import ROOT, mlflow_get, mlflow_post
+from tests.conftest import ROOT, mlflow_get, mlflow_post, tiny_config, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -24,7 +23,7 @@ def sweep(tiny_prep, mlflow_server, tmp_path_factory):
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("sweep")
-    cfg = load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+    cfg = tiny_config(*
                       [f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={root}/tune",
                        f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-test", "tune.num_samples=3"])
     return cfg, run_sweep(cfg)
@@ -89,7 +88,8 @@ def test_sweep_survives_a_killed_driver_and_resumes(tiny_prep, mlflow_server, ra
     prep_cfg, _ = tiny_prep
     args = [sys.executable, "-m", "jobs.tune", "--config", "jobs/configs/tiny.yaml", "name=resume",
             f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={tmp_path}/tune",
-            f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-resume", "tune.num_samples=3"]
+            f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-resume", "tune.num_samples=3",
+            *tiny_overrides()]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     sweep_dir = tmp_path / "tune" / "resume-sweep"
     with open(tmp_path / "first.log", "w") as log:

@@ -137,7 +137,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
     index = catalog_lib.item_lookup(catalog)
     examples = tagged.map_batches(
         _examples_udf, batch_format="pandas", batch_size=None,
-        fn_kwargs=dict(item_index=index, gap_minutes=d.session_gap_minutes, history_len=d.history_len,
+        fn_kwargs=dict(item_index=index, gap_minutes=d.session_gap_minutes, history_len=d.max_history_len,
                        target_event=d.target_event, val_baskets=d.val_baskets,
                        test_baskets=d.test_baskets)).materialize()
     counts = {}
@@ -148,9 +148,9 @@ def run_prep(cfg: PipelineConfig) -> dict:
         part.write_parquet(split_dir)
         counts[split] = part.count()
     latest = examples.select_columns(["n_sessions"]).sum("n_sessions")
-    if counts["train"] == 0 or counts["test"] == 0:
-        raise PrepError(f"not enough baskets to train and test: {counts}. Users need >= 2 sessions with a "
-                        f"'{d.target_event}' event (data.target_event).")
+    if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
+        raise PrepError(f"not enough baskets to train, validate and test: {counts}. Users need >= 3 sessions "
+                        f"with a '{d.target_event}' event (data.target_event).")
 
     schema_str = json.dumps({"examples": str(EXAMPLE_ARROW), "items": str(items.schema())}, sort_keys=True)
     manifest = {
@@ -162,7 +162,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
         "examples": counts,
         "schema_hash": hashlib.sha256(schema_str.encode()).hexdigest()[:16],
         "model": cfg.model.name_or_path, "tokenizer": cfg.model.name_or_path,
-        "item_max_tokens": d.item_max_tokens,
+        "item_max_tokens": d.item_max_tokens, "max_history_len": d.max_history_len,
         "config": to_dict(d),
         "seconds": round(time.time() - t0, 2),
     }

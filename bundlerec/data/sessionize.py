@@ -86,7 +86,7 @@ def build_examples(batch: pd.DataFrame, item_index: dict, gap_minutes: float, hi
             split = "test" if b >= nb - n_test else "val" if b >= nb - n_test - n_val else "train"
             h_items, h_types, h_age = history(t_cut)
             if not h_items:
-                continue  # no input to condition on (counted in the manifest as cold baskets)
+                continue  # no input to condition on: not an example (the user's first events)
             targets = [[i] for i in items] if split == "train" else [items]
             for tg in targets:
                 rows.append((uid, split, t_cut, tg, h_items, h_types, h_age, hi - lo, 0))

@@ -12,7 +12,7 @@ What is planted (and why a popularity baseline cannot find it):
 
 Deterministic by seed; streams to sharded Parquet files so 10M events never sit in memory at once.
 
-    python -m jobs.generate --out data/synth --set synthetic.n_events=1000000
+    python -m jobs.generate --out data/synth synthetic.n_events=1000000
 """
 
 from __future__ import annotations

@@ -63,9 +63,10 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
     out = {}
     if export_dir:
         t = time.time()
-        model, _ = load_export(export_dir)
+        model, meta = load_export(export_dir)
         model.set_index(torch.as_tensor(np.load(join(export_dir, "item_index.npy"))))
-        out["bundlerec"] = evaluate_scorer(model, examples, **kw)
+        # the history length the model was trained with (a Tune trial may differ from the base config)
+        out["bundlerec"] = evaluate_scorer(model, examples, **{**kw, "history_len": int(meta["history_len"])})
         log.info("eval: bundlerec %.1fs", time.time() - t)
     for name in cfg.eval.baselines:
         t = time.time()

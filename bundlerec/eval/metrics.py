@@ -75,6 +75,3 @@ class MetricAccumulator:
         return out
 
 
-def mlflow_name(metric: str) -> str:
-    """MLflow metric names cannot hold '@': ndcg@10 -> ndcg_at_10."""
-    return metric.replace("@", "_at_")

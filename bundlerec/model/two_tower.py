@@ -104,12 +104,22 @@ class TwoTower(nn.Module):
         return self.loss(batch)
 
     def loss(self, batch: dict) -> torch.Tensor:
-        """Softmax over in-batch (+ sampled) negatives, logQ-corrected, accidental hits masked.
+        """Softmax over in-batch (+ sampled) negatives, logQ-corrected, accidental hits masked."""
+        logits = self.logits(batch)
+        return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 
-        batch (see bundlerec.batching.Collator): ``tokens``/``token_mask`` (U, L) for the U distinct
+    def logits(self, batch: dict) -> torch.Tensor:
+        """(B, C) training logits: row b's positive is column b.
+
+        batch (see bundlerec.model.collate.Collator): ``tokens``/``token_mask`` (U, L) for the U distinct
         items of the batch; ``hist_pos`` (B, H) and ``target_pos`` (B,) index into them;
         ``cand_pos`` (C,) candidate columns (targets then sampled), ``cand_log_q`` (C,),
         ``cand_item`` (C,) global ids and ``target_item`` (B,).
+
+        * logQ correction: ``cos / T - log q(item)``, q = the probability that the item appears as a
+          candidate (popular items are over-represented among in-batch negatives);
+        * accidental hits: a column holding row b's own target item (another row bought it too, or it
+          was sampled) is not a negative for row b and is masked to -1e4.
         """
         emb = self.encode_items(batch["tokens"], batch["token_mask"])  # (U, d): the single forward
         user = self.user_embed(emb[batch["hist_pos"]], batch)  # (B, d)
@@ -120,8 +130,7 @@ class TwoTower(nn.Module):
         own = torch.arange(B, device=logits.device)
         hit = batch["cand_item"].unsqueeze(0) == batch["target_item"].unsqueeze(1)  # (B, C)
         hit[own, own] = False
-        logits = logits.masked_fill(hit, -1e4)
-        return F.cross_entropy(logits, own)
+        return logits.masked_fill(hit, -1e4)
 
     @torch.no_grad()
     def index_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -68,7 +68,7 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     from mlflow.models import infer_signature
 
     import bundlerec
-    from bundlerec.registry.tracking import check_server
+    from bundlerec.tracking import check_server
     from bundlerec.serving.recommender import Recommender
 
     check_server(tracking_uri)

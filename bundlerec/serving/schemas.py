@@ -11,7 +11,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bundlerec.bundles.generate import BundleConstraints
 from bundlerec.data.schema import EVENT_TYPES
+
+_BUNDLE = BundleConstraints()  # bundle defaults: one definition
 
 MAX_K = 100
 MAX_EVENTS = 512
@@ -44,10 +47,10 @@ class RecommendationRequest(BaseModel):
 class BundleRequest(RecommendationRequest):
     """Same history sources as recommendations, plus the bundle constraints."""
 
-    n: int = Field(default=3, ge=1, le=10, description="bundles to return")
-    max_size: int = Field(default=4, ge=2, le=8, description="items per bundle, at most")
+    n: int = Field(default=_BUNDLE.n, ge=1, le=10, description="bundles to return")
+    max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, description="items per bundle, at most")
     budget: Optional[float] = Field(default=None, gt=0, description="maximum list price of a bundle")
-    allow_repeats: bool = Field(default=False, description="allow an item in several bundles")
+    allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, description="allow an item in several bundles")
 
 
 class BundleItem(BaseModel):

@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
-from bundlerec.config import PipelineConfig, to_dict
-from bundlerec.storage import absolute
+from bundlerec.config import PipelineConfig
+from bundlerec.storage import absolute, join
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +26,21 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from bundlerec.data.examples import load_split, read_examples
+    from bundlerec.data.catalog import load_items
+    from bundlerec.data.examples import check_prepared, load_split, read_examples
     from bundlerec.data.statistics import popularity
-    from bundlerec.train.loop import train_loop_per_worker
+    from bundlerec.storage import read_text
+    from bundlerec.train.loop import LoopInputs, train_loop_per_worker
 
     tc = cfg.train
     t0 = time.time()
+    check_prepared(json.loads(read_text(join(prep_dir, "manifest.json"))), cfg.data.history_len)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process (Tune trial drivers too)
     train_ds = read_examples(prep_dir, "train", tc.deterministic)
-    val_ds = read_examples(prep_dir, "val", tc.deterministic)
-    if val_ds.count() == 0:  # tiny data: fall back to test for model selection, say so
-        log.warning("train: empty val split; using the test split for early stopping")
-        val_ds = read_examples(prep_dir, "test", tc.deterministic)
+    if tc.materialize_train:
+        train_ds = train_ds.materialize()
+    # val is small (one row per user) and every rank reads all of it every epoch: read it once
+    val_ds = read_examples(prep_dir, "val", tc.deterministic).materialize()
     n_train = train_ds.count()
     steps = n_train // (tc.micro_batch * tc.num_workers)
     if tc.max_steps_per_epoch:
@@ -44,17 +48,12 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     if steps < 1:
         raise ValueError(f"{n_train} training examples are fewer than one global batch "
                          f"({tc.micro_batch} x {tc.num_workers} workers); lower train.micro_batch")
-    from bundlerec.data.catalog import load_items
-
     n_items = len(load_items(prep_dir))
-    loop_config = {
-        **to_dict(cfg), "prep_dir": absolute(prep_dir), "steps_per_epoch": steps,
-        "popularity": popularity(load_split(prep_dir, "train"), n_items).tolist(),
-        "run_id": run_id, "mlflow_uri": cfg.mlflow.tracking_uri,
-    }
+    inputs = LoopInputs(cfg=cfg, prep_dir=absolute(prep_dir), steps_per_epoch=steps, run_id=run_id,
+                        popularity=popularity(load_split(prep_dir, "train"), n_items).tolist())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"inputs": inputs},  # Ray Train wants a dict; the worker gets the typed config
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -74,11 +73,16 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     result = trainer.fit()
     if result.error:
         raise result.error
+    history = result.metrics.get("history", [])
+    if run_id:  # every epoch's metrics in MLflow, whatever the tracking server did during the run
+        from bundlerec.tracking import ensure_logged
+
+        ensure_logged(cfg.mlflow.tracking_uri, run_id, history)
     export_dir = export_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "export")
     best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, tc.num_workers, prep_dir, export_dir)
     return {"export_dir": export_dir, "checkpoint": best_ckpt.path, "best_epoch_metrics": best_metrics,
             "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
-            "history": result.metrics.get("history", []), "train_seconds": time.time() - t0, "steps_per_epoch": steps,
+            "history": history, "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
 
 

@@ -12,14 +12,36 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+
+from bundlerec.config import PipelineConfig
+
+
+@dataclass
+class LoopInputs:
+    """What the driver hands every worker (inside Ray Train's ``train_loop_config`` dict)."""
+
+    cfg: PipelineConfig
+    """The typed pipeline config: the same object the driver validated."""
+    prep_dir: str
+    """Absolute path/URI of prep's output (items are read from it; examples come via dataset shards)."""
+    steps_per_epoch: int
+    """Micro-steps per worker per epoch (identical on all ranks: ZeRO collectives need it)."""
+    popularity: list
+    """Training purchase counts per item: the sampling distribution of negatives and the logQ term."""
+    run_id: Optional[str] = None
+    """MLflow run that rank 0 logs per-epoch metrics to."""
 
 
 def train_loop_per_worker(config: dict) -> None:
     import torch
 
-    use_gpu = config["train"]["use_gpu"]
+    inp: LoopInputs = config["inputs"]
+    tc, mc, dc = inp.cfg.train, inp.cfg.model, inp.cfg.data
+    use_gpu = tc.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import deepspeed
@@ -27,38 +49,38 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from bundlerec.data.catalog import load_items, padded_tokens
-    from bundlerec.eval.metrics import MetricAccumulator, mlflow_name
+    from bundlerec.eval.metrics import MetricAccumulator
     from bundlerec.model.collate import Collator, history_tensors
     from bundlerec.model.pretrained import resolve_model_path
     from bundlerec.model.two_tower import TwoTower, build_encoder
-    from bundlerec.registry.tracking import RunLogger
+    from bundlerec.runtime import is_rank_zero
+    from bundlerec.tracking import RunLogger, mlflow_name
     from bundlerec.train.checkpoints import write_manifest
     from bundlerec.train.ds_config import deepspeed_config
     from bundlerec.train.optim import cosine_schedule, param_groups
 
-    tc, mc, dc = config["train"], config["model"], config["data"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    rank0 = rank == 0
-    torch.manual_seed(tc["seed"])
+    rank0 = is_rank_zero()
+    torch.manual_seed(tc.seed)
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
 
     # ---- model + engine
-    encoder = build_encoder(resolve_model_path(mc["name_or_path"]), mc["random_init"], mc["freeze_layers"], mc["lora_rank"])
-    model = TwoTower(encoder, mc["temperature"])
-    steps_per_epoch = config["steps_per_epoch"]  # micro-steps per worker per epoch (same on all ranks)
-    total_opt_steps = max(1, steps_per_epoch * tc["epochs"] // tc["grad_accum"])
-    optimizer = torch.optim.AdamW(param_groups(model, tc["lr"], tc["head_lr"], tc["weight_decay"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_opt_steps, tc["warmup_frac"]))
-    ds_cfg = deepspeed_config(tc["micro_batch"], tc["grad_accum"], world, tc["zero_stage"], use_gpu, tc.get("deepspeed"))
+    encoder = build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, mc.freeze_layers, mc.lora_rank)
+    model = TwoTower(encoder, mc.temperature)
+    steps_per_epoch = inp.steps_per_epoch
+    total_opt_steps = max(1, steps_per_epoch * tc.epochs // tc.grad_accum)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_opt_steps, tc.warmup_frac))
+    ds_cfg = deepspeed_config(tc.micro_batch, tc.grad_accum, world, tc.zero_stage, use_gpu, tc.deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
 
     # ---- catalog tokens (pre-tokenized in prep) and popularity for logQ / sampled negatives
-    items = load_items(config["prep_dir"])
+    items = load_items(inp.prep_dir)
     ids, mask = padded_tokens(items)
     ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
-    collate = Collator(ids, mask, np.asarray(config["popularity"]), dc["history_len"], mc["sampled_negatives"],
-                       mc["logq_correction"], seed=tc["seed"] + rank, device=device)
+    collate = Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
+                       mc.logq_correction, seed=tc.seed + rank, device=device)
 
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
@@ -71,22 +93,22 @@ def train_loop_per_worker(config: dict) -> None:
         if rank0:
             print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})", flush=True)
 
-    logger = RunLogger(config["mlflow_uri"], config["run_id"]) if rank0 and config.get("run_id") else None
+    logger = RunLogger(inp.cfg.mlflow.tracking_uri, inp.run_id) if rank0 and inp.run_id else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    mb = tc["micro_batch"]
+    mb = tc.micro_batch
     stop = False
-    for epoch in range(start_epoch, tc["epochs"]):
+    for epoch in range(start_epoch, tc.epochs):
         if stop:
             break
         engine.train()
-        if tc.get("deterministic", True):  # negatives and dropout depend on (seed, rank, epoch) only,
-            collate.rng = np.random.default_rng([tc["seed"], rank, epoch])  # so a resume redoes them
-            torch.manual_seed(int(np.random.SeedSequence([tc["seed"], rank, epoch]).generate_state(1)[0]))
+        if tc.deterministic:  # negatives and dropout depend on (seed, rank, epoch) only,
+            collate.rng = np.random.default_rng([tc.seed, rank, epoch])  # so a resume redoes them
+            torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank, epoch]).generate_state(1)[0]))
         t0, losses, n_seen = time.time(), [], 0
         batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
                                            local_shuffle_buffer_size=max(4 * mb, 1024),
-                                           local_shuffle_seed=tc["seed"] + epoch)
+                                           local_shuffle_seed=tc.seed + epoch)
         data_wait = 0.0
         tw = time.time()
         for step, raw in enumerate(batches):
@@ -100,12 +122,12 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(float(loss.detach()))
             n_seen += mb
             global_step += 1
-            if rank0 and (step + 1) % tc["log_every_steps"] == 0:
+            if rank0 and (step + 1) % tc.log_every_steps == 0:
                 el = time.time() - t0
                 sps = n_seen * world / el
                 eta = (steps_per_epoch - step - 1) * el / (step + 1)
-                print(f"[bundlerec] epoch {epoch + 1}/{tc['epochs']} step {step + 1}/{steps_per_epoch} "
-                      f"loss {np.mean(losses[-tc['log_every_steps']:]):.4f} {sps:.1f} samples/s "
+                print(f"[bundlerec] epoch {epoch + 1}/{tc.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss {np.mean(losses[-tc.log_every_steps:]):.4f} {sps:.1f} samples/s "
                       f"eta(epoch) {eta:.0f}s", flush=True)
             tw = time.time()
         epoch_s = time.time() - t0
@@ -116,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.module.index_items(ids_t, mask_t)
             acc = MetricAccumulator([10, 20], len(items))
             for vb in val_shard.iter_batches(batch_size=256, batch_format="numpy"):
-                hb = history_tensors(vb, dc["history_len"], device)
+                hb = history_tensors(vb, dc.history_len, device)
                 acc.update(engine.module.score(hb).float().cpu(), list(vb["targets"]))
         val = acc.result()
         score = torch.tensor([val.get("ndcg@10", 0.0)], device=device)
@@ -124,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_ndcg = float(score)
         improved = val_ndcg > best
         best, bad_epochs = (val_ndcg, 0) if improved else (best, bad_epochs + 1)
-        stop = bad_epochs >= tc["early_stop_patience"]
+        stop = bad_epochs >= tc.early_stop_patience
         metrics = {
             "epoch": epoch + 1, "step": global_step,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
@@ -141,7 +163,8 @@ def train_loop_per_worker(config: dict) -> None:
                   f"{metrics['samples_per_s']:.1f} samples/s ({epoch_s:.0f}s)", flush=True)
             if logger:
                 logger.log(metrics, step=epoch + 1)
-        history.append({"epoch": epoch + 1, "train_loss": metrics["train_loss"], "val_ndcg_at_10": val_ndcg})
+        history.append(dict(metrics))  # every epoch's metrics travel with the checkpoint: the driver
+        # checks MLflow holds all of them after the run (a lost buffer is re-sent from here)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=f"epoch{epoch + 1}",
                                    client_state={"epoch": epoch, "best": best, "bad_epochs": bad_epochs,
@@ -150,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
             write_manifest(tmp, rank, world)  # written last: a half-written checkpoint has none
             ray.train.report({**metrics, "history": list(history)}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if logger:
-        logger.flush()
+        logger.flush()  # best effort here; fit() on the driver makes sure MLflow ends up with every epoch
 
 
 def _restore(engine, ckpt, world: int, rank0: bool):

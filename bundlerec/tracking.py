@@ -113,11 +113,9 @@ class RunLogger:
 
 
 def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optional[str],
-                files: Optional[dict] = None) -> None:
+                files: Optional[dict] = None, retries: int = 6) -> None:
     """Test metrics as ``test/<method>/<metric>`` (+ model metrics unprefixed), model artifacts."""
     import mlflow
-
-    from bundlerec.eval.metrics import mlflow_name
 
     client = mlflow.MlflowClient(tracking_uri)
     flat = {}
@@ -126,9 +124,53 @@ def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optio
             flat[f"test/{method}/{mlflow_name(k)}"] = v
             if method == "bundlerec":
                 flat[f"test_{mlflow_name(k)}"] = v
-    rl = RunLogger(tracking_uri, run_id)
-    rl.log(flat, step=0) or rl.flush()
+    rl = RunLogger(tracking_uri, run_id, retries=retries)
+    if not (rl.log(flat, step=0) or rl.flush()):
+        raise TrackingError(f"the test metrics of run {run_id} could not be written to {tracking_uri}; "
+                            f"results.json holds them: re-run the stage once the server is back")
     if export_dir:
         client.log_artifacts(run_id, export_dir, artifact_path="model")
     for name, path in (files or {}).items():
         client.log_artifact(run_id, path, artifact_path=name)
+
+
+def mlflow_name(metric: str) -> str:
+    """MLflow metric names cannot hold '@': ndcg@10 -> ndcg_at_10."""
+    return metric.replace("@", "_at_")
+
+
+def ensure_logged(tracking_uri: str, run_id: str, history: list[dict], retries: int = 6) -> int:
+    """Make MLflow hold every per-epoch metric of ``history`` (``epoch`` is the step): whatever a
+    tracking outage lost from rank 0's buffer is sent again. Returns how many values were re-sent;
+    raises TrackingError when they still cannot be written, so a run never ends "successful" with
+    metrics missing."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    rl = RunLogger(tracking_uri, run_id, retries=retries)
+    resent = 0
+    try:
+        keys = sorted({k for h in history for k in h if k != "epoch"})
+        with rl._one_try():
+            have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+        for h in history:
+            missing = {k: v for k, v in h.items() if k != "epoch" and h["epoch"] not in have.get(k, set())}
+            if missing:
+                rl.pending += [_metric(k, v, h["epoch"]) for k, v in missing.items() if v == v]
+                resent += len(missing)
+    except Exception as e:  # the server is down now: retry below
+        log.warning("mlflow: could not read run %s back (%s); re-sending every epoch", run_id, type(e).__name__)
+        rl.pending = [_metric(k, v, h["epoch"]) for h in history for k, v in h.items() if k != "epoch" and v == v]
+        resent = len(rl.pending)
+    if rl.pending and not rl.flush():
+        raise TrackingError(f"{len(rl.pending)} per-epoch metric values of run {run_id} could not be written to "
+                            f"{tracking_uri} after {retries} tries")
+    if resent:
+        log.info("mlflow: re-sent %d per-epoch metric values of run %s that an outage had lost", resent, run_id)
+    return resent
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), int(step))

@@ -1,0 +1,60 @@
+"""The library reads as its flow: imports point one way, down data -> model -> train -> eval ->
+registry -> serving (bundles beside them), and the library knows no entrypoint (jobs/, serve/)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "bundlerec"
+
+# package -> packages of bundlerec it must never import (directly, at any depth of the module)
+FORBIDDEN = {
+    "data": {"model", "train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
+    "model": {"train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
+    "train": {"registry", "serving", "bundles", "tune", "pipeline", "demo"},
+    "eval": {"train", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
+    "bundles": {"registry", "serving", "tune", "pipeline", "demo"},
+    "registry": {"tune", "pipeline", "demo"},
+    "serving": {"train", "tune", "pipeline", "demo"},
+}
+# the one sanctioned exception: prep tokenizes item text with the model's tokenizer
+ALLOWED = {"bundlerec.model.pretrained"}
+# top-level infrastructure modules import nothing from the stage packages
+INFRA = {"config", "runtime", "storage", "tracking", "cli"}
+
+
+def _imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            out.update(names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+MODULES = sorted(p for p in PKG.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
+def test_imports_point_down_the_flow(path):
+    rel = path.relative_to(PKG)
+    owner = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+    imported = _imports(path) - ALLOWED - {f"{m}.{n}" for m in ALLOWED for n in ("load_tokenizer", "resolve_model_path")}
+    assert not {m for m in imported if m.split(".")[0] in {"jobs", "serve"}}, "the library knows no entrypoint"
+    inner = {m.split(".")[1] for m in imported if m.startswith("bundlerec.") and len(m.split(".")) > 1}
+    if owner in INFRA:
+        assert not inner - INFRA, f"{rel} imports stage packages {inner - INFRA}"
+    bad = inner & FORBIDDEN.get(owner, set())
+    assert not bad, f"{rel} imports {sorted(bad)} against the flow"
+    if owner == "serving":
+        assert "deepspeed" not in {m.split(".")[0] for m in imported}, "serving never needs DeepSpeed"
+
+
+def test_each_package_has_a_line_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for pkg in sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists()):
+        assert f"`bundlerec/{pkg}/`" in readme, pkg

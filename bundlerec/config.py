@@ -316,6 +316,20 @@ class ServeConfig:
 
 
 @dataclass
+class PricingConfig:
+    """The bundle-pricing model the export carries (see docs/pricing.md)."""
+
+    data_dir: Optional[str] = None
+    """Steam-bundles directory (bundles.csv.gz + bundle_items.csv.gz) to fit on at export time;
+    None: no fitted model, and served bundles say price_source "default"."""
+    s: float = 0.3
+    """Logistic scale of willingness to pay (an assumption: it sets purchase probabilities)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.s < 1.0, "pricing.s must be in (0, 1)")
+
+
+@dataclass
 class PipelineConfig:
     """Everything one pipeline run needs."""
 
@@ -328,13 +342,15 @@ class PipelineConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
     stages: list = field(default_factory=lambda: ["prep", "train"])
     """Pipeline stages in order: prep, then train or tune, then optionally register and deploy."""
     results_path: str = "runs/demo/results.json"
     """The stage hand-off file (run id, model path, metrics)."""
     output_root: Optional[str] = None
-    """Base directory for the relative output paths above (a `ray job submit` job runs in a copy of
-    the working dir, so the Makefile points this at the project); None = current directory."""
+    """Base directory for the relative paths (outputs, and the inputs data.events, data.catalog,
+    pricing.data_dir): a `ray job submit` job runs in a copy of the working dir, so the Makefile
+    points this at the project; None = current directory."""
 
     def __post_init__(self) -> None:
         unknown = set(self.stages) - {"prep", "train", "tune", "register", "deploy"}
@@ -357,6 +373,8 @@ class PipelineConfig:
                 self.data.events = fix(self.data.events)
             if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):
                 self.data.catalog = fix(self.data.catalog)
+            if self.pricing.data_dir and not self.pricing.data_dir.startswith("/"):
+                self.pricing.data_dir = fix(self.pricing.data_dir)
 
 
 # ---------------------------------------------------------------- loading / overrides

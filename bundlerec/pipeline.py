@@ -44,6 +44,17 @@ def require_prep(cfg: PipelineConfig) -> dict:
     return manifest
 
 
+def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
+    """The fitted bundle-pricing model goes into the export that will be registered and served."""
+    from bundlerec.bundles.pricing import attach_to_export
+
+    info = attach_to_export(export_dir, cfg.pricing.data_dir, cfg.pricing.s)
+    if info["source"] == "fitted":
+        log.info("pricing: fitted on %d Steam bundles, cv discount MAE %.4f (median baseline %.4f)",
+                 info["n_bundles"], info["cv_discount_mae"], info["cv_discount_mae_median_baseline"])
+    return info
+
+
 def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None) -> dict:
     """Test metrics of the export and of every baseline -> results.json + the MLflow run."""
     from bundlerec.eval.evaluate import evaluate_run, format_table
@@ -79,7 +90,8 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
                        flatten(to_dict(cfg)), tags)
     log.info("train: MLflow run %s (experiment %s at %s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
     trained = fit(cfg, prep_dir, run_id)
-    return evaluate_and_log(cfg, trained["export_dir"], run_id, {
+    pricing = attach_pricing(cfg, trained["export_dir"])
+    return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing,
         "checkpoint": trained["checkpoint"],
         "train": {k: v for k, v in trained.items() if k not in ("export_dir", "checkpoint")}})
 
@@ -94,7 +106,8 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
     sweep = run_sweep(cfg)
     print("\n" + trial_summary(sweep) + "\n", flush=True)
     best = sweep["best"]
-    results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {
+    pricing = attach_pricing(cfg, best["export_dir"])
+    results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {"pricing": pricing,
         "sweep_run_id": sweep["parent_run_id"], "best_trial": best, "sweep_seconds": sweep["seconds"]})
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     client.log_metric(sweep["parent_run_id"], "best_test_ndcg_at_10", results["metrics"]["bundlerec"]["ndcg@10"])

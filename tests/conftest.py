@@ -141,10 +141,16 @@ def tiny_encoder() -> str:
     return str(TINY_ENCODER)
 
 
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the project's real datasets, beside the checkout
+STEAM = SHARED_DATA / "steam_bundles"
+
+
 def tiny_overrides() -> list[str]:
     """Overrides that swap the tiny random-init encoder into jobs/configs/tiny.yaml (trained from
-    scratch: no frozen layers, a from-scratch learning rate)."""
-    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3"]
+    scratch: no frozen layers, a from-scratch learning rate); served prices from the fitted model
+    when the Steam data is there."""
+    fitted = [f"pricing.data_dir={STEAM}"] if (STEAM / "bundles.csv.gz").exists() else []
+    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3", *fitted]
 
 
 def tiny_config(*overrides: str):

@@ -116,3 +116,35 @@ def test_pricing_beats_the_median_on_real_steam_bundles():
     assert r["n_bundles"] == 615
     assert r["discount_mae"]["bundlerec"] < r["discount_mae"]["median"]
     assert r["discount_mae"]["bundlerec"] < r["discount_mae"]["median_by_size"]
+
+
+@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
+def test_fitted_pricing_round_trips_without_pickle(tmp_path):
+    """The export carries the fitted model as JSON + skops (no pickle), with its fit metadata; the
+    loaded model prices exactly as the fitted one, and prices depend on what is in the bundle."""
+    from bundlerec.bundles.pricing import attach_to_export
+
+    info = attach_to_export(str(tmp_path), STEAM)
+    assert info["source"] == "fitted" and info["n_bundles"] > 500
+    assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "pricing.skops").exists()
+    model, meta = PricingModel.load(str(tmp_path))
+    assert meta["source"] == "fitted" and meta["cv_discount_mae"] == info["cv_discount_mae"]
+    games = model.price([19.99, 9.99, 4.99], ["Space Shooter", "Puzzle Quest", "Space Shooter Soundtrack"])
+    addons = model.price([19.99, 1.99, 1.99, 1.99], ["Racer", "Racer DLC pack", "Racer skin", "Racer OST"])
+    assert games["discount"] != addons["discount"]
+    default, dmeta = PricingModel.load(str(tmp_path / "none"))
+    assert dmeta["source"] == "default" and default.regressor is None
+
+
+def test_pricing_file_with_foreign_types_is_refused(tmp_path):
+    """A pricing file holding anything but scikit-learn types is not loaded (skops would have to
+    construct foreign objects)."""
+    import collections
+    import json
+
+    import skops.io as sio
+
+    sio.dump(collections.Counter({"a": 1}), tmp_path / "pricing.skops")
+    (tmp_path / "pricing.json").write_text(json.dumps({"s": 0.3, "features": list(FEATURES)}))
+    with pytest.raises(ValueError, match="not scikit-learn"):
+        PricingModel.load(str(tmp_path))

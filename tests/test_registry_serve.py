@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, tiny_config
+from tests.conftest import ROOT, STEAM, free_port, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -55,9 +55,12 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
 
     from bundlerec.registry.promotion import register
 
+    from bundlerec.pipeline import attach_pricing
+
     cfg, trained, _ = tiny_trained
     name = "bundlerec-test"
     prep = cfg.data.output_dir
+    attach_pricing(cfg, trained["export_dir"])  # as the train/tune stages do before registration
     v1 = register(trained["export_dir"], prep, mlflow_server, "registry-test", model_name=name,
                   history_len=cfg.data.history_len)
     worse_dir = str(tmp_path_factory.mktemp("worse") / "export")
@@ -197,6 +200,17 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             assert 2 <= len(b["items"]) <= 3 and b["list_price"] <= 400
             assert b["bundle_price"] <= b["list_price"] and all(i["reason"] for i in b["items"])
         assert _post(f"{base}/v1/bundles", {"user_id": user, "max_size": 1})[0] == 422
+        # prices come from the fitted model the export carries, and depend on what is in the bundle
+        if STEAM.exists():
+            assert {b["price_source"] for b in body["bundles"]} == {"fitted"}
+            code, info = _get(f"{base}/v1/model")
+            assert info["pricing"]["source"] == "fitted" and info["pricing"]["n_bundles"] > 500
+            assert info["pricing"]["cv_discount_mae"] < info["pricing"]["cv_discount_mae_median_baseline"]
+            discounts = set()
+            for u in load_split(cfg.data.output_dir, "test").user_id.astype(str).unique()[:8]:
+                for b in _post(f"{base}/v1/bundles", {"user_id": u, "n": 3, "max_size": 4})[1]["bundles"]:
+                    discounts.add(b["discount"])
+            assert len(discounts) > 1, discounts
 
         # --- bad input: clear 422s
         for bad in ({"user_id": user, "k": 0}, {"user_id": user, "k": 10_000}, {},

@@ -20,20 +20,20 @@ from bundlerec.bundles.pricing import PricingModel
 
 
 class BundleEngine:
-    def __init__(self, items: pd.DataFrame, compat: Compatibility, pricing: PricingModel):
+    def __init__(self, items: pd.DataFrame, compat: Compatibility, pricing: PricingModel,
+                 pricing_info: Optional[dict] = None):
         self.item_ids = items.item_id.astype(str).tolist()
         self.titles = items.title.astype(str).tolist()
         self.prices = items.price.astype(float).fillna(-1.0).tolist()
         self.categories = items.category.astype(str).tolist()
         self.compat = compat
         self.pricing = pricing
+        self.pricing_info = pricing_info or {"source": "default"}
 
     @classmethod
     def from_export(cls, export_dir: str, items: pd.DataFrame, embeddings: np.ndarray) -> "BundleEngine":
-        """Co-purchase statistics and the pricing model of an export (text-only compatibility when
-        the export has no co-purchase counts)."""
-        import pickle
-
+        """Co-purchase statistics and the fitted pricing model of an export (text-only compatibility
+        when the export has no co-purchase counts; price_source "default" without a fitted model)."""
         n = len(items)
         path = os.path.join(export_dir, "copurchase.npz")
         if os.path.exists(path):
@@ -42,9 +42,8 @@ class BundleEngine:
             groups = int(open(os.path.join(export_dir, "copurchase_groups.txt")).read())
         else:
             pairs, counts, groups = sp.csr_matrix((n, n), dtype=np.float32), np.zeros(n), 1
-        pricing_path = os.path.join(export_dir, "pricing.pkl")
-        pricing = pickle.load(open(pricing_path, "rb")) if os.path.exists(pricing_path) else PricingModel()
-        return cls(items, Compatibility(pairs, counts, groups, embeddings), pricing)
+        pricing, info = PricingModel.load(export_dir)
+        return cls(items, Compatibility(pairs, counts, groups, embeddings), pricing, info)
 
     def personalized(self, scores: np.ndarray, c: BundleConstraints, seen: Optional[set] = None) -> list[dict]:
         """Priced bundles for one user; ``scores`` (N,) is the user's relevance of every item."""
@@ -59,7 +58,8 @@ class BundleEngine:
                                    "price": None if self.prices[i] < 0 else self.prices[i],
                                    "reason": self.reason(i, items, seen)} for i in items],
                         **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
-                                                       "expected_revenue_separately")}})
+                                                       "expected_revenue_separately")},
+                        "price_source": self.pricing_info["source"] if priced else "none (no item prices)"})
         return out
 
     def reason(self, item: int, bundle: list, seen: set) -> str:

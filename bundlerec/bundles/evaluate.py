@@ -78,6 +78,11 @@ def write_training_data(train: dict[str, Domain], items: pd.DataFrame, out: str,
         df = pd.DataFrame(r, columns=cols)
         pq.write_table(pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False),
                        os.path.join(out, "examples", split, "part-0.parquet"))
+    from bundlerec.storage import write_text
+
+    write_text(os.path.join(out, "manifest.json"), json.dumps({  # histories are parts of bundles: never truncated
+        "source": "bundle-completion examples (bundlerec.bundles.evaluate)", "max_history_len": 512,
+        "examples": {k: len(v) for k, v in rows.items()}, "items": len(items)}, indent=2))
     reset_dir(os.path.join(out, "items"))
     ray.data.from_pandas(items).map_batches(
         catalog_lib.tokenize_batch, batch_format="pandas", batch_size=4096,
@@ -163,6 +168,23 @@ def _generation(domain: Domain, index: dict, method: str, compat, pop: np.ndarra
     return prf(*tot)
 
 
+def _val_recall(scorer, val: dict[str, pd.DataFrame], index: dict, allowed_of: dict, n: int) -> float:
+    """Mean over domains of first-item completion Recall@10 on the training directory's held-out bundles."""
+    return float(np.mean([_completion(scorer, b, index, allowed_of[dn], "first", n)["recall@10"]
+                          for dn, b in val.items() if len(b)]))
+
+
+def _fit_threshold(train_domain: Domain | None, index: dict, method: str, compat, pop: np.ndarray,
+                   n: int) -> tuple[float, float]:
+    """Best partition threshold on the *training* sessions of a domain: (threshold, train F1)."""
+    if method == "popular" or train_domain is None:
+        return 0.0, float("nan")
+    grid = np.quantile(compat.matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 10))
+    f1 = {float(th): _generation(train_domain, index, method, compat, pop, th, 8)["f1"] for th in grid}
+    best = max(f1, key=f1.get)
+    return best, f1[best]
+
+
 def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
                      export_dir: str | None = None) -> dict:
     """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
@@ -202,12 +224,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     val = _val_bundles(train, cfg.train.seed)
     allowed_of = {dn: items.item_id.str.startswith(dn + ":").to_numpy() for dn in set(train) | set(evald)}
 
-    def val_recall(alpha: float) -> float:
-        sc = _Blend(model, zs, alpha)
-        return float(np.mean([_completion(sc, b, index, allowed_of[dn], "first", n)["recall@10"]
-                              for dn, b in val.items() if len(b)]))
-
-    alphas = {a: val_recall(a) for a in BLEND_ALPHAS}
+    alphas = {a: _val_recall(_Blend(model, zs, a), val, index, allowed_of, n) for a in BLEND_ALPHAS}
     alpha = max(alphas, key=alphas.get)
     log.info("bundle_eval: completion blend alpha %.2f (val recall@10 by alpha: %s)", alpha, alphas)
 
@@ -221,13 +238,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
              "zeroshot": Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0), "popular": None}
 
     def fit_threshold(dname: str, m: str, compat) -> tuple[float, float]:
-        """Best threshold on the *training* sessions of the domain: (threshold, train F1)."""
-        if m == "popular" or dname not in train:
-            return 0.0, float("nan")
-        grid = np.quantile(compat.matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 10))
-        f1 = {float(th): _generation(train[dname], index, m, compat, pop, th, 8)["f1"] for th in grid}
-        best = max(f1, key=f1.get)
-        return best, f1[best]
+        return _fit_threshold(train.get(dname), index, m, compat, pop, n)
 
     out: dict = {"completion": {}, "completion_half": {}, "generation": {}, "thresholds": {},
                  "selection": {"completion_alpha": alpha, "val_recall_at_10_by_alpha": alphas, "compatibility": {}}}

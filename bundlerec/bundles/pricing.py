@@ -20,6 +20,7 @@ optional price endings such as .99), so constraints hold exactly.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -75,6 +76,47 @@ class PricingModel:
                                                    learning_rate=0.05, subsample=0.8, random_state=self.seed)
         self.regressor.fit(X, np.clip(np.asarray(discount, dtype=float), 0.0, 0.95))
         return self
+
+    # ---------------------------------------------------------------- persistence (no pickle)
+    def save(self, out_dir: str, meta: dict) -> None:
+        """``pricing.json`` (parameters + fit metadata) and ``pricing.skops`` (the fitted trees in
+        skops' format, which loads without executing code)."""
+        import json
+        import os
+
+        import skops.io as sio
+
+        if self.regressor is None:
+            raise ValueError("only a fitted pricing model is saved (the unfitted default needs no file)")
+        os.makedirs(out_dir, exist_ok=True)
+        sio.dump(self.regressor, os.path.join(out_dir, "pricing.skops"))
+        with open(os.path.join(out_dir, "pricing.json"), "w") as f:
+            json.dump({"s": self.s, "seed": self.seed, "features": list(FEATURES), **meta}, f, indent=2)
+
+    @classmethod
+    def load(cls, export_dir: str) -> tuple["PricingModel", dict]:
+        """The fitted model of an export and its metadata; ``(PricingModel(), {"source": "default"})``
+        when the export has none. Only scikit-learn types are accepted from the file."""
+        import json
+        import os
+
+        import skops.io as sio
+
+        meta_path = os.path.join(export_dir, "pricing.json")
+        if not os.path.exists(meta_path):
+            return cls(), {"source": "default", "note": f"no fitted pricing model: a fixed {cls.default_discount:.0%} "
+                                                        f"optimal discount is assumed (set pricing.data_dir)"}
+        meta = json.load(open(meta_path))
+        if list(meta.get("features", [])) != list(FEATURES):
+            raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the pricing model")
+        path = os.path.join(export_dir, "pricing.skops")
+        untrusted = sio.get_untrusted_types(file=path)
+        foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+        if foreign:
+            raise ValueError(f"{path} holds types that are not scikit-learn's: {foreign}; refusing to load it")
+        model = cls(s=float(meta["s"]), seed=int(meta.get("seed", 0)))
+        model.regressor = sio.load(path, trusted=untrusted)
+        return model, {"source": "fitted", **{k: v for k, v in meta.items() if k != "features"}}
 
     def offset(self) -> float:
         """s * logit(1 - s): how far below mean WTP the revenue-optimal price sits."""
@@ -143,6 +185,33 @@ def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray]:
                                   groups[i].genre.fillna("").astype(str).tolist(), name)
                   for i, name in zip(b.bundle_id, b.bundle_name)])
     return b, X
+
+
+def fit_steam(data_dir: str, s: float = 0.3, seed: int = 0, folds: int = 5) -> tuple[PricingModel, dict]:
+    """The pricing model fitted on every Steam bundle of ``data_dir``, with its fit metadata
+    (data, date, bundles, cross-validated discount MAE against the median baseline)."""
+    import datetime
+
+    if not os.path.exists(os.path.join(data_dir, "bundles.csv.gz")):
+        raise FileNotFoundError(f"pricing.data_dir={data_dir!r} has no bundles.csv.gz (the steam_bundles format); "
+                                f"point it at ../shared/data/steam_bundles or set pricing.data_dir=null")
+    cv = evaluate_pricing(data_dir, folds=folds, seed=seed, s=s)
+    b, X = load_steam(data_dir)
+    model = PricingModel(s=s, seed=seed).fit(X, b.bundle_discount.to_numpy(dtype=float))
+    meta = {"data_dir": os.path.abspath(data_dir), "fitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "n_bundles": int(len(b)), "cv_folds": folds, "cv_discount_mae": cv["discount_mae"]["bundlerec"],
+            "cv_discount_mae_median_baseline": cv["discount_mae"]["median"]}
+    return model, meta
+
+
+def attach_to_export(export_dir: str, data_dir: Optional[str], s: float = 0.3) -> dict:
+    """Fit on ``data_dir`` and save into the serving export (what every served price then comes
+    from); with no ``data_dir`` the export keeps no model and serving says price_source "default"."""
+    if not data_dir:
+        return {"source": "default"}
+    model, meta = fit_steam(data_dir, s=s)
+    model.save(export_dir, meta)
+    return {"source": "fitted", **meta}
 
 
 def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3) -> dict:

@@ -116,5 +116,6 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     np.save(os.path.join(export_dir, "copurchase_items.npy"), item_counts(groups, len(items)))
     with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
         f.write(str(len(groups)))
+
     log.info("train: exported %s (%d items indexed)", export_dir, len(items))
     return export_dir

@@ -21,7 +21,7 @@ from bundlerec.bundles.generate import BundleConstraints
 _DEFAULT_BUNDLE = BundleConstraints()
 
 PREDICT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "cold_start"]
-BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "bundle_price", "discount", "cold_start"]
+BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "bundle_price", "discount", "price_source", "cold_start"]
 PARAMS = {"k": 10, "output": "items", "n": _DEFAULT_BUNDLE.n, "max_size": _DEFAULT_BUNDLE.max_size, "budget": 0.0}
 
 
@@ -59,7 +59,7 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
                 for r, b in enumerate(self.rec.bundles(h, n=int(p["n"]), max_size=int(p["max_size"]),
                                                        budget=float(p["budget"]) or None), 1):
                     rows.append((uid, r, b["name"], json.dumps([i["item_id"] for i in b["items"]]), b["list_price"],
-                                 b["bundle_price"], b["discount"], not h.items))
+                                 b["bundle_price"], b["discount"], b["price_source"], not h.items))
             return pd.DataFrame(rows, columns=BUNDLE_COLUMNS)
         rows = []
         for uid, h, ranked in zip(users, histories, self.rec.recommend_histories(histories, k)):

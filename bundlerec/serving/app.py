@@ -179,7 +179,8 @@ class BundlerecService:
     def model(self) -> dict:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
-                "reloads": self.reloads, "base_model": m.rec.meta.get("base_model")}
+                "reloads": self.reloads, "base_model": m.rec.meta.get("base_model"),
+                "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -69,6 +69,8 @@ class Bundle(BaseModel):
     discount: Optional[float] = None
     expected_revenue: Optional[float] = None
     expected_revenue_separately: Optional[float] = None
+    price_source: str = Field(description='"fitted": the export\'s fitted pricing model (GET /v1/model has its fit '
+                                          'metadata); "default": no fitted model, a fixed optimal discount is assumed')
 
 
 class RecommendedItem(BaseModel):

@@ -46,7 +46,7 @@ services: setup
 demo: services
 	@start=$$(date +%s); \
 	ray job submit --address $(RAY_ADDRESS_HTTP) --runtime-env jobs/runtime_env.yaml -- \
-	  python -m jobs.pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) && \
+	  python -m jobs.pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) || exit 1; \
 	echo "demo wall time: $$(( $$(date +%s) - start ))s (job submit to finish)"; \
 	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json"; \
 	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"

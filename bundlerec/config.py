@@ -86,8 +86,8 @@ class DataConfig:
     target_event: str = "purchase"
     """Event type that forms the targets (baskets of one session)."""
     val_baskets: int = 1
-    """Per user, the last-but-`test_baskets` baskets held out for validation (>= 1: checkpoints, early
-    stopping and champion promotion are chosen on validation, never on test)."""
+    """Per user, the last-but-`test_baskets` baskets held out for validation. Training and champion
+    promotion refuse prepared data without validation examples (selection never falls back on test)."""
     test_baskets: int = 1
     """Per user, the last baskets held out for testing."""
     item_max_tokens: int = 32
@@ -114,8 +114,7 @@ class DataConfig:
         _check(1 <= self.history_len <= 512, "data.history_len must be in [1, 512]")
         _check(self.history_len <= self.max_history_len <= 512, "data.max_history_len must be in [history_len, 512]")
         _check(self.target_event in {"view", "click", "cart", "purchase"}, "data.target_event")
-        _check(self.val_baskets >= 1 and self.test_baskets >= 1,
-               "data.val_baskets and data.test_baskets must be >= 1 (model selection uses val, never test)")
+        _check(self.val_baskets >= 0 and self.test_baskets >= 1, "data.val_baskets>=0, test_baskets>=1")
         _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
         _check(self.num_shards >= 1, "data.num_shards must be >= 1")

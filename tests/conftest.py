@@ -23,6 +23,9 @@ from bundlerec.runtime import LOCAL_NUM_CPUS, WORKER_ENV, setup_env
 
 ROOT = Path(__file__).resolve().parents[1]
 setup_env()
+# Job drivers and workers started by the suite's Ray cluster resolve `python` on PATH: make it this
+# interpreter's environment (as `make test` and cluster/local.sh do), whoever started pytest.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:

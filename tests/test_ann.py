@@ -49,5 +49,5 @@ def test_recommender_uses_ann_above_threshold(tiny_export_recommender):
             assert [i for i, _ in a] == [i for i, _ in e]
             np.testing.assert_allclose([s for _, s in a], [s for _, s in e], rtol=1e-3, atol=1e-3)
     finally:
-        rec.configure_ann(min_items=0)
+        rec.configure_ann(min_items=0, nprobe=1)
     assert rec.ann is None

@@ -71,7 +71,7 @@ def test_relative_output_root_round_trips_unchanged(tmp_path, monkeypatch):
     assert again.results_path == cfg.results_path and "rel/rel" not in again.train.storage_path
 
 
-@pytest.mark.parametrize("bad", ["data.val_baskets=0", "data.history_len=32 data.max_history_len=16"])
+@pytest.mark.parametrize("bad", ["data.test_baskets=0", "data.history_len=32 data.max_history_len=16"])
 def test_selection_and_history_guards(bad):
     with pytest.raises(ConfigError):
         load_config(None, bad.split())

@@ -58,3 +58,24 @@ def test_each_package_has_a_line_in_the_readme():
     readme = (ROOT / "README.md").read_text()
     for pkg in sorted(p.name for p in PKG.iterdir() if (p / "__init__.py").exists()):
         assert f"`bundlerec/{pkg}/`" in readme, pkg
+
+
+def test_every_library_import_resolves():
+    """Imports inside functions (lazy, for start-up time) are not run by a plain import of the
+    module: resolve every ``from bundlerec... import name`` of the code base here."""
+    import importlib
+
+    files = MODULES + sorted((ROOT / "jobs").glob("*.py")) + sorted((ROOT / "serve").glob("*.py")) + \
+        sorted((ROOT / "tests").glob("*.py"))
+    missing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bundlerec"):
+                mod = importlib.import_module(node.module)
+                for a in node.names:
+                    if not hasattr(mod, a.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{a.name}")
+                        except ImportError:
+                            missing.append(f"{path.relative_to(ROOT)}: from {node.module} import {a.name}")
+    assert not missing, missing

@@ -26,6 +26,7 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
             break
         time.sleep(5)
     logs = r.stdout + r.stderr
+    (tmp_path / "make_demo.log").write_text(logs)  # the whole output, for a failure's post-mortem
     assert r.returncode == 0, logs[-4000:]
     assert "already running" in logs  # local.sh reused the suite's services instead of starting its own
     assert "[bundlerec] epoch 1 done" in logs  # rank-0 progress reached the job log

@@ -170,7 +170,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                 assert '"user_id"' not in text, f"request body in clear in {n}"
 
         # --- schema of a normal answer
-        from bundlerec.eval.evaluate import load_split
+        from bundlerec.data.examples import load_split
 
         user = str(load_split(cfg.data.output_dir, "test").user_id.iloc[0])
         code, body = _post(f"{base}/v1/recommendations", {"user_id": user, "k": 5})

@@ -148,9 +148,12 @@ def run_prep(cfg: PipelineConfig) -> dict:
         part.write_parquet(split_dir)
         counts[split] = part.count()
     latest = examples.select_columns(["n_sessions"]).sum("n_sessions")
-    if counts["train"] == 0 or counts["val"] == 0 or counts["test"] == 0:
-        raise PrepError(f"not enough baskets to train, validate and test: {counts}. Users need >= 3 sessions "
-                        f"with a '{d.target_event}' event (data.target_event).")
+    if counts["train"] == 0 or counts["test"] == 0:
+        raise PrepError(f"not enough baskets to train and test: {counts}. Users need >= 2 sessions with a "
+                        f"'{d.target_event}' event (data.target_event).")
+    if counts["val"] == 0:
+        log.warning("prep: no validation examples (data.val_baskets=%d): training and promotion will refuse "
+                    "this output, since they select on validation only", d.val_baskets)
 
     schema_str = json.dumps({"examples": str(EXAMPLE_ARROW), "items": str(items.schema())}, sort_keys=True)
     manifest = {

@@ -81,7 +81,8 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
         from bundlerec.serving.recommender import Recommender
 
         rec, name = Recommender.from_export(uri), os.path.basename(os.path.normpath(uri))
-    rec.configure_ann(**(ann or {}))  # approximate top-k for large catalogs (bundlerec.serving.ann)
+    if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
+        rec.configure_ann(**ann)
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
 
 

@@ -59,7 +59,7 @@ class Recommender:
 
     @classmethod
     def from_export(cls, export_dir: str) -> "Recommender":
-        from bundlerec.model.two_tower import load_export
+        from bundlerec.model.export import load_export
 
         model, meta = load_export(export_dir)
         items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))

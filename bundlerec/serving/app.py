@@ -28,7 +28,8 @@ from ray import serve
 
 from bundlerec.config import ServeConfig
 from bundlerec.serving.auth import TokenAuth
-from bundlerec.serving.guards import GUARDS, limit_body, require_token
+from bundlerec.serving import guards  # a module reference: see the note in bundlerec/serving/guards.py
+from bundlerec.serving.guards import limit_body, require_token
 from bundlerec.serving.schemas import (
     ERROR_RESPONSES,
     BundleRequest,
@@ -100,12 +101,12 @@ class BundlerecService:
         torch.set_num_threads(torch_threads)
         # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
         if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
-            GUARDS.auth = TokenAuth(auth_token_file)
-            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(GUARDS.auth))
+            guards.GUARDS.auth = TokenAuth(auth_token_file)
+            log.info("bundlerec: bearer-token authentication on (%d token(s))", len(guards.GUARDS.auth))
         else:
-            GUARDS.auth = None
+            guards.GUARDS.auth = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
-        GUARDS.max_body_bytes = int(max_body_bytes)
+        guards.GUARDS.max_body_bytes = int(max_body_bytes)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
         self.current: Loaded = load(model_uri, tracking_uri, self.ann)

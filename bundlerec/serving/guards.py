@@ -1,8 +1,9 @@
 """Request guards of the Serve endpoint: bearer-token check (a FastAPI dependency) and body limit.
 
-The settings live in :data:`GUARDS`, a module-level object of this importable module, because Ray
-Serve ships the deployment class by value: module globals of the file that defines the deployment,
-seen from the replica's ``__init__``, would be a copy, while FastAPI dependencies read this module.
+The settings live in :data:`GUARDS`, a module-level object of this importable module. Ray Serve ships
+the deployment class by value (cloudpickle), so an object imported *by name* into the deployment's
+module arrives in the replica as a pickled copy; the deployment must set ``guards.GUARDS.…`` through
+the module (modules pickle by reference), which is what the FastAPI dependencies below read.
 
     401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
     403 -- a token that is not one of the configured ones

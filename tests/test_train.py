@@ -95,8 +95,11 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
 
 # Training is deterministic (train.deterministic: fixed shard order, negatives and dropout seeded per
 # epoch), and ZeRO stages only partition the same fp32 optimization, so a resumed run must end where
-# the uninterrupted ZeRO-2 `tiny_trained` run ended, up to float reduction noise.
-TOL = 0.01
+# the uninterrupted ZeRO-2 `tiny_trained` run ended, up to float reduction noise. With the tiny
+# encoder trained from scratch (lr 1e-3) the known two-outcome nondeterminism (docs/reliability.md,
+# "Not covered") shows within one session too: uninterrupted runs of one config ended at val NDCG@10
+# 0.7717 and 0.7823 (fresh-clone CI, 2026-11-25), hence 0.02 (it was 0.01 with MiniLM).
+TOL = 0.02
 
 
 def _close_to_reference(m: dict, ref: dict) -> None:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from bundlerec.config import load_config
 from bundlerec.train.fit import fit
 from tests.conftest import ROOT, mlflow_get, tiny_config
 
@@ -95,11 +96,27 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
 
 # Training is deterministic (train.deterministic: fixed shard order, negatives and dropout seeded per
 # epoch), and ZeRO stages only partition the same fp32 optimization, so a resumed run must end where
-# the uninterrupted ZeRO-2 `tiny_trained` run ended, up to float reduction noise. With the tiny
-# encoder trained from scratch (lr 1e-3) the known two-outcome nondeterminism (docs/reliability.md,
-# "Not covered") shows within one session too: uninterrupted runs of one config ended at val NDCG@10
-# 0.7717 and 0.7823 (fresh-clone CI, 2026-11-25), hence 0.02 (it was 0.01 with MiniLM).
-TOL = 0.02
+# the uninterrupted ZeRO-2 run ended, up to float reduction noise. These comparisons use MiniLM
+# (tiny.yaml as shipped): with the tiny encoder trained from scratch, uninterrupted runs of one config
+# ended on two outcomes (val NDCG@10 / Recall@10 0.7717 / 0.8624 and 0.7823 / 0.9099, fresh-clone CI
+# 2026-11-25), the nondeterminism docs/reliability.md lists under "Not covered", amplified.
+TOL = 0.01
+
+
+def _minilm_cfg(prep_cfg, tmp_path, *extra):
+    return load_config(str(ROOT / "jobs/configs/tiny.yaml"),
+                       [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
+                        f"results_path={tmp_path}/results.json", *extra])
+
+
+@pytest.fixture(scope="module")
+def minilm_reference(tiny_prep, tmp_path_factory):
+    """The uninterrupted MiniLM run (ZeRO-2, 3 epochs) the resumed runs must match. tiny_prep's
+    tokens are MiniLM's (the tiny encoder uses MiniLM's tokenizer)."""
+    prep_cfg, _ = tiny_prep
+    root = tmp_path_factory.mktemp("minilm-ref")
+    cfg = _minilm_cfg(prep_cfg, root, "train.zero_stage=2", "train.epochs=3")
+    return cfg, fit(cfg, cfg.data.output_dir), root
 
 
 def _close_to_reference(m: dict, ref: dict) -> None:
@@ -107,13 +124,13 @@ def _close_to_reference(m: dict, ref: dict) -> None:
         assert abs(m[k] - ref[k]) <= TOL, (k, m[k], ref[k])
 
 
-def test_zero3_resumes_after_a_worker_is_killed(tiny_trained, tmp_path, mlflow_server):
+def test_zero3_resumes_after_a_worker_is_killed(minilm_reference, tmp_path, mlflow_server):
     """ZeRO-3, a worker SIGKILLed after the 1st checkpoint: resumes, finishes, the MLflow run goes on
     without gaps or doubles, and the final metrics match the uninterrupted run."""
     from bundlerec.tracking import start_run
 
-    ref_cfg, ref_out, _ = tiny_trained
-    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
+    ref_cfg, ref_out, _ = minilm_reference
+    cfg = _minilm_cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero3-kill", {"zero_stage": 3}, {})
     out = _fit_with_a_fault(cfg, run_id, tmp_path, after_checkpoints=1)
     m = out["last_metrics"]
@@ -134,15 +151,15 @@ def _record(name: str, m: dict, ref: dict, hist: list) -> None:
         "mlflow_train_loss_steps": sorted(h["step"] for h in hist)}, indent=2))
 
 
-def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tiny_trained, tmp_path, mlflow_server):
+def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(minilm_reference, tmp_path, mlflow_server):
     """Same config as the uninterrupted `tiny_trained` run (ZeRO-2, 3 epochs). After the 2nd checkpoint
     is registered, the test damages it (a truncated shard: a half-written checkpoint) and SIGKILLs a
     worker. The restart must detect the damage, resume from the 1st checkpoint, finish, and end close
     to the uninterrupted run; MLflow holds every epoch (the redone one twice, in order)."""
     from bundlerec.tracking import start_run
 
-    ref_cfg, ref_out, _ = tiny_trained
-    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
+    ref_cfg, ref_out, _ = minilm_reference
+    cfg = _minilm_cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero2-kill-damaged", {"zero_stage": 2}, {})
 
     damaged = []

@@ -1,9 +1,11 @@
 """Bundle evaluation on the bundlerec_intent format: train on one directory (Ray Train + DeepSpeed,
-bundle-completion objective), evaluate completion and generation on another, per domain, for
-bundlerec and the baselines popular, itemknn and zeroshot.
+bundle-completion objective), choose every parameter on validation users carved from it, and score
+the served engine on another directory, per domain, against popular, itemknn, lexical and zeroshot.
 
     python -m jobs.eval_bundles --train-dir ../shared/data/bundlerec_intent --eval-dir /path/to/heldout \
         --out runs/eval_bundles/results.json
+    # dev folds: split --src by user (jobs.split_intent's rule) for each fold, evaluate each, mean +- SD
+    python -m jobs.eval_bundles --src ../shared/data/bundlerec_intent --folds 1 2 3 4 --out runs/eval_bundles/folds.json
 """
 
 from __future__ import annotations
@@ -12,20 +14,38 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.evaluate import evaluate_bundles
+from bundlerec.bundles.evaluate import evaluate_bundles, summarize_folds
+from bundlerec.bundles.intent import split_by_user
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env
 
 DEFAULTS = ["train.epochs=2", "train.max_steps_per_epoch=150", "train.micro_batch=32", "data.history_len=8",
-            "model.freeze_layers=2", "model.sampled_negatives=32", "train.early_stop_patience=5",
+            "model.freeze_layers=2", "model.sampled_negatives=0", "model.logq_correction=false",
+            "train.early_stop_patience=5",
             "data.item_max_tokens=48", "train.log_every_steps=25"]
+
+
+def print_table(res: dict) -> None:
+    for task, keys in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",))):
+        for dom, methods in res[task].items():
+            for m, v in methods.items():
+                cells = []
+                for k in keys:
+                    ci = v.get(f"{k}_ci") or v.get("f1_ci" if k == "f1" else "")
+                    cells.append(f"{k} {v[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+                print(f"{task:<11}{dom:<11}{m:<10}" + "  ".join(cells))
+    for dom, lift in res["lift"].items():
+        r = lift["recall@10"]
+        print(f"lift       {dom:<11}bundlerec vs {lift['vs']}: recall@10 {r['lift']:+.1%} [{r['ci'][0]:+.1%}, {r['ci'][1]:+.1%}]")
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
-    p = argparse.ArgumentParser(description="bundlerec bundle completion/generation evaluation")
-    p.add_argument("--train-dir", required=True)
-    p.add_argument("--eval-dir", required=True)
+    p = argparse.ArgumentParser(description="bundlerec bundle completion/detection evaluation (the served engine)")
+    p.add_argument("--train-dir", help="training directory (bundlerec_intent format)")
+    p.add_argument("--eval-dir", help="evaluation directory (same format; never used for any choice)")
+    p.add_argument("--src", help="with --folds: the directory to split by user into train/eval per fold")
+    p.add_argument("--folds", type=int, nargs="*", help="dev folds (users with sha1 %% 5 == fold are eval)")
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default="runs/eval_bundles")
     p.add_argument("--config", default=None)
@@ -33,18 +53,31 @@ def main(argv: list[str] | None = None) -> dict:
                    "--train-dir) instead of training")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (train.epochs=3 ...)")
     args = p.parse_args(argv)
+    if bool(args.folds) == bool(args.train_dir and args.eval_dir) or (args.folds and not args.src):
+        p.error("give either --train-dir and --eval-dir, or --src and --folds")
     work = os.path.abspath(args.work_dir)
-    cfg = load_config(args.config, DEFAULTS + [f"train.storage_path={work}/ray_results", *args.overrides])
     check_versions()
     init_ray()
-    res = evaluate_bundles(cfg, args.train_dir, args.eval_dir, work, export_dir=args.export)
+
+    def run(train_dir: str, eval_dir: str, wd: str) -> dict:
+        cfg = load_config(args.config, DEFAULTS + [f"train.storage_path={wd}/ray_results", *args.overrides])
+        return evaluate_bundles(cfg, train_dir, eval_dir, wd, export_dir=args.export, cache_dir=os.path.join(work, "cache"))
+
+    if args.folds:
+        folds = {}
+        for k in args.folds:
+            wd = os.path.join(work, f"fold{k}")
+            split_by_user(args.src, os.path.join(wd, "data"), k)
+            folds[k] = run(os.path.join(wd, "data", "train"), os.path.join(wd, "data", "eval"), wd)
+            print(f"--- fold {k}")
+            print_table(folds[k])
+        res = {"folds": folds, "summary": summarize_folds(folds)}
+    else:
+        res = run(args.train_dir, args.eval_dir, work)
+        print_table(res)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
-    for task in ("completion", "generation"):
-        for dom, methods in res[task].items():
-            for m, v in methods.items():
-                print(f"{task:<11}{dom:<11}{m:<10}" + "  ".join(f"{k} {x:.4f}" for k, x in v.items()))
     return res
 
 

@@ -93,7 +93,9 @@ df = pd.DataFrame({{"user_id": ["live", "live", "ghost"], "item_id": [items[0], 
                     "event_type": ["view", "cart", None], "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z", None]}})
 out = m.predict(df, params={{"k": 4}})
 b = m.predict(df, params={{"output": "bundles", "n": 2, "max_size": 3}})
-print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist()),
+c = m.predict(df, params={{"output": "complete", "k": 3}})
+print(json.dumps({{"complete": c.item_id.tolist(), "complete_users": c.user_id.unique().tolist(), "cart": items[:2],
+                  "rows": len(out), "users": sorted(out.user_id.unique().tolist()),
                   "cold": out.groupby("user_id").cold_start.first().to_dict(), "ray": "ray" in sys.modules,
                   "bundle_sizes": [len(json.loads(x)) for x in b.item_ids], "bundle_prices_ok":
                   bool((b.bundle_price <= b.list_price).all())}}))
@@ -107,6 +109,9 @@ print(json.dumps({{"rows": len(out), "users": sorted(out.user_id.unique().tolist
     assert res["cold"] == {"ghost": True, "live": False}
     assert res["ray"] is False
     assert res["bundle_sizes"] and all(2 <= n <= 3 for n in res["bundle_sizes"]) and res["bundle_prices_ok"]
+    # completion: the live user's two items are the cart; three other items complete it
+    assert res["complete_users"] == ["live"] and len(res["complete"]) == 3
+    assert not set(res["complete"]) & set(res["cart"])
 
 
 def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path):
@@ -200,6 +205,14 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             assert 2 <= len(b["items"]) <= 3 and b["list_price"] <= 400
             assert b["bundle_price"] <= b["list_price"] and all(i["reason"] for i in b["items"])
         assert _post(f"{base}/v1/bundles", {"user_id": user, "max_size": 1})[0] == 422
+        # --- completion: the served engine (the path jobs.eval_bundles measures), cart items excluded
+        code, body = _post(f"{base}/v1/bundles/complete", {"items": [known, "NOPE"], "k": 4})
+        assert code == 200, body
+        assert len(body["items"]) == 4 and known not in [i["item_id"] for i in body["items"]]
+        assert body["unknown_items"] == ["NOPE"] and all(i["reason"].startswith("goes with") for i in body["items"])
+        assert [i["score"] for i in body["items"]] == sorted((i["score"] for i in body["items"]), reverse=True)
+        assert _post(f"{base}/v1/bundles/complete", {"items": []})[0] == 422
+        assert _post(f"{base}/v1/bundles/complete", {"items": [known]}, headers={})[0] == 401
         # prices come from the fitted model the export carries, and depend on what is in the bundle
         if STEAM.exists():
             assert {b["price_source"] for b in body["bundles"]} == {"fitted"}

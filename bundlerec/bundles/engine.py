@@ -1,66 +1,274 @@
-"""The bundle engine: compatibility + generation + pricing + reasons over one exported catalog.
+"""The bundle engine: one code path for completion, detection and personalized generation, with
+pricing and reasons, over one exported catalog and the parameters the export carries.
 
-The Serve app, the MLflow pyfunc and the demo all call :meth:`BundleEngine.personalized`; it reads
-its statistics from the serving export (:mod:`bundlerec.model.export`), so what is served is what
-the export holds.
+    engine = BundleEngine.from_export("runs/demo/export")
+    engine.complete([cart item positions], k=10)   # the items that complete a cart
+    engine.detect([session item positions])         # partition a session into bundles
+    engine.personalized(user_scores, constraints)   # priced bundles for one user
+
+The Serve app, the MLflow pyfunc (through :class:`bundlerec.serving.recommender.Recommender`) and
+``jobs.eval_bundles`` all call these methods on an engine built by :meth:`BundleEngine.from_export`;
+every choice (fusion weights, compatibility weights, merge threshold) is read from the export's
+``bundle_engine.json`` (:class:`EngineParams`), so what is served is what was evaluated.
+
+Scoring channels (each an (B, N) score of every catalog item for a batch of carts):
+
+* ``tuned``       -- the fine-tuned two-tower model: the user tower over the cart's items;
+* ``pretrained``  -- the pretrained encoder (zero-shot): mean cart embedding . item embedding;
+* ``lexical``     -- TF-IDF cosine (:mod:`bundlerec.bundles.lexical`);
+* ``cooccurrence`` -- item-to-item co-occurrence in training groups (the itemknn baseline);
+* ``popularity``  -- training counts (the popular baseline).
+
+Completion fuses the channels with weights: each channel's row is standardised (z-score over the
+catalog) and the weighted sum ranks the items; cart items are never returned.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import os
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from bundlerec.bundles.compat import Compatibility
+from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
+from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.pricing import PricingModel
+from bundlerec.data.schema import EVENT_TYPE_ID
+from bundlerec.data.statistics import CoStats
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("tuned", "pretrained", "lexical", "cooccurrence", "popularity")
+COMPAT_TERMS = ("data", "tuned", "pretrained", "lexical")
+# The event type a cart's items carry for the user tower: the bundle-completion training examples
+# use the same (bundlerec.bundles.evaluate.write_training_data).
+COMPLETION_EVENT = "purchase"
+PARAMS_FILE = "bundle_engine.json"
+
+
+@dataclass
+class EngineParams:
+    """Every choice the engine makes, saved with the export (``bundle_engine.json``)."""
+
+    completion: dict = field(default_factory=lambda: {"tuned": 1.0})
+    """Channel -> weight of its standardised scores (see the module doc)."""
+    compat: dict = field(default_factory=lambda: {"data": 1.0, "tuned": 1.0})
+    """Compatibility terms -> weight: ``data`` (co-purchase sPMI), ``tuned``/``pretrained`` (encoder
+    cosines), ``lexical`` (TF-IDF cosine). Used by detection and personalized generation."""
+    threshold: float = 0.5
+    """Detection: clusters merge while their average compatibility is at least this."""
+    max_size: int = 8
+    """Detection: largest bundle."""
+    selection: dict = field(default_factory=dict)
+    """How the values were chosen (validation data and figures), for the record."""
+
+    def __post_init__(self):
+        bad = set(self.completion) - set(CHANNELS) | set(self.compat) - set(COMPAT_TERMS)
+        if bad:
+            raise ValueError(f"unknown engine channels {sorted(bad)}; known: {CHANNELS} / {COMPAT_TERMS}")
+
+    def save(self, export_dir: str) -> None:
+        with open(os.path.join(export_dir, PARAMS_FILE), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, export_dir: str) -> "EngineParams":
+        path = os.path.join(export_dir, PARAMS_FILE)
+        return cls(**json.load(open(path))) if os.path.exists(path) else cls()
+
+
+def write_engine_assets(export_dir: str, items: pd.DataFrame, pretrained_name: str, ids: np.ndarray,
+                        mask: np.ndarray, temperature: float, cache_dir: Optional[str] = None) -> None:
+    """The engine's text channels beside an export: the pretrained encoder's item index
+    (``item_index_pretrained.npy``) and the lexical index; default parameters if none are saved.
+    ``cache_dir``: reuse a pretrained index computed for the same model and tokens (dev folds)."""
+    import hashlib
+
+    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.two_tower import TwoTower, build_encoder
+
+    key = hashlib.sha1(pretrained_name.encode() + np.ascontiguousarray(ids).tobytes() +
+                       np.ascontiguousarray(mask).tobytes()).hexdigest()[:16]
+    cached = os.path.join(cache_dir, f"pretrained-{key}.npy") if cache_dir else None
+    if cached and os.path.exists(cached):
+        index = np.load(cached)
+    else:
+        zs = TwoTower(build_encoder(resolve_model_path(pretrained_name)), temperature).eval()
+        index = zs.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+        if cached:
+            os.makedirs(cache_dir, exist_ok=True)
+            np.save(cached + ".tmp.npy", index)
+            os.replace(cached + ".tmp.npy", cached)
+    np.save(os.path.join(export_dir, "item_index_pretrained.npy"), index.astype(np.float32))
+    Lexical.fit(items.text.tolist()).save(export_dir)
+    if not os.path.exists(os.path.join(export_dir, PARAMS_FILE)):
+        EngineParams().save(export_dir)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """(B, N) scores -> (B, k) positions, best first; ties go to the lower position (one ranking
+    rule for serving and evaluation)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def _standardize(s: np.ndarray) -> np.ndarray:
+    s = np.asarray(s, dtype=np.float64)
+    return (s - s.mean(1, keepdims=True)) / (s.std(1, keepdims=True) + 1e-9)
 
 
 class BundleEngine:
-    def __init__(self, items: pd.DataFrame, compat: Compatibility, pricing: PricingModel,
-                 pricing_info: Optional[dict] = None):
+    def __init__(self, items: pd.DataFrame, model, index: np.ndarray, stats: CoStats, pricing: PricingModel,
+                 pricing_info: Optional[dict] = None, params: Optional[EngineParams] = None,
+                 pretrained: Optional[np.ndarray] = None, lexical: Optional[Lexical] = None,
+                 popularity: Optional[np.ndarray] = None, history_len: int = 64):
+        n = len(items)
+        for name, arr in (("item index", index), ("pretrained index", pretrained), ("lexical index", lexical),
+                          ("popularity", popularity)):
+            if arr is not None and len(arr) != n:
+                raise ValueError(f"export is inconsistent: {name} has {len(arr)} rows for {n} catalog items")
         self.item_ids = items.item_id.astype(str).tolist()
         self.titles = items.title.astype(str).tolist()
         self.prices = items.price.astype(float).fillna(-1.0).tolist()
         self.categories = items.category.astype(str).tolist()
-        self.compat = compat
+        self.model, self.index, self.stats = model, np.asarray(index, dtype=np.float32), stats
+        self.pretrained, self.lexical = pretrained, lexical
+        self.popularity = np.zeros(n) if popularity is None else np.asarray(popularity, dtype=np.float64)
+        self.history_len = history_len
         self.pricing = pricing
         self.pricing_info = pricing_info or {"source": "default"}
+        self.params = params or EngineParams()
+        self._knn = None
+        self.compat = self._compat()
 
     @classmethod
-    def from_export(cls, export_dir: str, items: pd.DataFrame, embeddings: np.ndarray) -> "BundleEngine":
-        """Co-purchase statistics and the fitted pricing model of an export (text-only compatibility
-        when the export has no co-purchase counts; price_source "default" without a fitted model)."""
+    def from_export(cls, export_dir: str, model=None, items: Optional[pd.DataFrame] = None) -> "BundleEngine":
+        """The engine of an export; ``model``/``items`` when the caller has loaded them already."""
+        from bundlerec.model.export import load_export
+
+        meta = json.load(open(os.path.join(export_dir, "bundlerec.json")))
+        if model is None:
+            model, meta = load_export(export_dir)
+        if items is None:
+            items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))
         n = len(items)
-        path = os.path.join(export_dir, "copurchase.npz")
-        if os.path.exists(path):
-            pairs = sp.load_npz(path)
-            counts = np.load(os.path.join(export_dir, "copurchase_items.npy"))
-            groups = int(open(os.path.join(export_dir, "copurchase_groups.txt")).read())
-        else:
-            pairs, counts, groups = sp.csr_matrix((n, n), dtype=np.float32), np.zeros(n), 1
+        opt = lambda f: np.load(os.path.join(export_dir, f)) if os.path.exists(os.path.join(export_dir, f)) else None  # noqa: E731
         pricing, info = PricingModel.load(export_dir)
-        return cls(items, Compatibility(pairs, counts, groups, embeddings), pricing, info)
+        params = EngineParams.load(export_dir)
+        eng = cls(items, model, np.load(os.path.join(export_dir, "item_index.npy")), CoStats.load(export_dir, n),
+                  pricing, info, params, pretrained=opt("item_index_pretrained.npy"),
+                  lexical=Lexical.load(export_dir), popularity=opt("popularity.npy"),
+                  history_len=int(meta.get("history_len", 64)))
+        missing = [c for c in {*params.completion, *params.compat} if eng._absent(c)]
+        if missing:
+            raise ValueError(f"{export_dir}: {PARAMS_FILE} uses channels the export lacks: {missing}")
+        return eng
+
+    def _absent(self, channel: str) -> bool:
+        return ((channel == "pretrained" and self.pretrained is None) or (channel == "lexical" and self.lexical is None)
+                or (channel == "tuned" and self.model is None))
+
+    def with_params(self, params: EngineParams) -> "BundleEngine":
+        """The same engine with other parameters (validation grids, baselines)."""
+        eng = copy.copy(self)
+        eng.params = params
+        eng.compat = eng._compat()
+        return eng
+
+    # ---------------------------------------------------------------- completion
+    def channel_scores(self, channel: str, carts: Sequence[Sequence[int]]) -> np.ndarray:
+        """(B, N) raw scores of one channel for a batch of carts (item positions)."""
+        if channel == "tuned":
+            from bundlerec.model.collate import history_tensors
+
+            ev = EVENT_TYPE_ID[COMPLETION_EVENT]
+            batch = history_tensors({"hist_items": [list(c) for c in carts], "hist_types": [[ev] * len(c) for c in carts],
+                                     "hist_age_hours": [[0.0] * len(c) for c in carts]}, self.history_len, "cpu")
+            if self.model._index is None:
+                self.model.set_index(torch.as_tensor(self.index))
+            return self.model.score(batch).numpy().astype(np.float64)
+        if channel == "pretrained":
+            q = np.stack([self.pretrained[list(c)].mean(0) for c in carts])
+            q /= np.linalg.norm(q, axis=1, keepdims=True) + 1e-12
+            return q @ self.pretrained.T
+        if channel == "lexical":
+            return self.lexical.cart_scores(carts)
+        if channel == "cooccurrence":
+            if self._knn is None:
+                from bundlerec.eval.baselines import ItemKNN
+
+                self._knn = ItemKNN(self.stats.pairs)
+            rows = sp.csr_matrix((np.ones(sum(len(c) for c in carts), np.float32),
+                                  (np.repeat(np.arange(len(carts)), [len(c) for c in carts]),
+                                   np.concatenate([np.asarray(c, np.int64) for c in carts]))),
+                                 shape=(len(carts), len(self.item_ids)))
+            rows.data[:] = 1.0
+            return (rows @ self._knn.sim).toarray() + self._knn.pop.numpy()[None, :]
+        if channel == "popularity":
+            return np.repeat(self.popularity[None, :], len(carts), axis=0)
+        raise ValueError(f"unknown channel {channel!r}; known: {CHANNELS}")
+
+    def complete_scores(self, carts: Sequence[Sequence[int]], channels: Optional[dict] = None) -> np.ndarray:
+        """(B, N) fused completion scores; cart items are -inf. ``channels``: precomputed raw scores
+        (validation grids reuse them across weights)."""
+        carts = [list(dict.fromkeys(int(i) for i in c)) for c in carts]
+        if any(not c for c in carts):
+            raise ValueError("every cart needs at least one item")
+        out = np.zeros((len(carts), len(self.item_ids)))
+        for ch, w in self.params.completion.items():
+            if w:
+                raw = channels[ch] if channels is not None and ch in channels else self.channel_scores(ch, carts)
+                out += w * _standardize(raw)
+        for b, c in enumerate(carts):
+            out[b, c] = -np.inf
+        return out
+
+    def complete(self, cart: Sequence[int], k: int = 10, exclude: Sequence[int] = ()) -> list[tuple[int, float]]:
+        """The ``k`` items that best complete ``cart``, as (position, score)."""
+        s = self.complete_scores([cart])
+        s[0, list(exclude)] = -np.inf
+        top, s = top_k(s, k)[0], s[0]
+        return [(int(i), float(s[i])) for i in top if np.isfinite(s[i])]
+
+    # ---------------------------------------------------------------- detection / generation
+    def _compat(self) -> Compatibility:
+        w = self.params.compat
+        extra = []
+        if w.get("pretrained") and self.pretrained is not None:
+            extra.append((self.pretrained, w["pretrained"]))
+        if w.get("lexical") and self.lexical is not None:
+            extra.append((self.lexical.X, w["lexical"]))
+        return Compatibility(self.stats.pairs, self.stats.counts, self.stats.groups, self.index,
+                             w_data=float(w.get("data", 0.0)), w_text=float(w.get("tuned", 0.0)), extra=extra)
+
+    def detect(self, items: Sequence[int]) -> list[list[int]]:
+        """Partition a session's items into bundles (groups of >= 2; the rest stay single)."""
+        return partition(items, self.compat, self.params.threshold, self.params.max_size)
 
     def personalized(self, scores: np.ndarray, c: BundleConstraints, seen: Optional[set] = None) -> list[dict]:
         """Priced bundles for one user; ``scores`` (N,) is the user's relevance of every item."""
         seen = seen or set()
-        out = []
-        for b in generate(scores, self.compat, self.categories, self.prices, c):
-            items = b["items"]
-            prices = [max(self.prices[i], 0.0) for i in items]
-            priced = self.pricing.price(prices, [self.titles[i] for i in items]) if sum(prices) > 0 else {}
-            out.append({"name": bundle_name([self.categories[i] for i in items]), "score": b["score"],
-                        "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
-                                   "price": None if self.prices[i] < 0 else self.prices[i],
-                                   "reason": self.reason(i, items, seen)} for i in items],
-                        **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
-                                                       "expected_revenue_separately")},
-                        "price_source": self.pricing_info["source"] if priced else "none (no item prices)"})
-        return out
+        return [self.describe_bundle(b["items"], b["score"], seen)
+                for b in generate(scores, self.compat, self.categories, self.prices, c)]
+
+    def describe_bundle(self, items: list[int], score: float, seen: set) -> dict:
+        prices = [max(self.prices[i], 0.0) for i in items]
+        priced = self.pricing.price(prices, [self.titles[i] for i in items]) if sum(prices) > 0 else {}
+        return {"name": bundle_name([self.categories[i] for i in items]), "score": score,
+                "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
+                           "price": None if self.prices[i] < 0 else self.prices[i],
+                           "reason": self.reason(i, items, seen)} for i in items],
+                **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
+                                               "expected_revenue_separately")},
+                "price_source": self.pricing_info["source"] if priced else "none (no item prices)"}
 
     def reason(self, item: int, bundle: list, seen: set) -> str:
         if item in seen:

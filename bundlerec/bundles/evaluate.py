@@ -1,22 +1,37 @@
-"""Train on one bundlerec_intent directory, evaluate bundle completion and generation on another.
+"""Train on one bundlerec_intent directory, evaluate the *served* bundle engine on another.
 
-Training is the normal Ray Train + DeepSpeed loop with a *bundle-completion* objective: each
-training bundle becomes examples whose "history" is part of the bundle and whose target is one of
-the remaining items (so in-batch softmax learns "what completes this bundle"). Nothing from the
-evaluation directory is used for training or for choosing thresholds.
+Protocol (every choice on data carved from the training directory, never on the evaluation one):
 
-Completion: for each evaluation bundle, given its first item (and, separately, half of its items),
-rank the domain's catalog (inputs excluded) for the rest. Generation: given a session's items,
-partition them into bundles and match them one-to-one to the annotated bundles by Jaccard.
+1. The training directory's users are split: about 10 % (``VAL_MOD``; by a salted hash of the user
+   id, so user- and session-disjoint) become **validation**, the rest **fit** data.
+2. The two-tower model trains with the normal Ray Train + DeepSpeed loop on a bundle-completion
+   objective built from the fit bundles (checkpoint/early stopping on the validation users).
+3. The export gets the engine's assets: co-occurrence counts and popularity of the fit groups, the
+   pretrained encoder's item index, the lexical index (setting chosen on validation).
+4. On the validation users: the completion fusion weights (tuned / pretrained / lexical), the
+   compatibility weights and the detection threshold of bundlerec, and the threshold of every
+   baseline, from grids fixed in this module (all written into the results).
+5. The chosen parameters are saved in the export (``bundle_engine.json``), the engine is loaded
+   back with :meth:`BundleEngine.from_export` -- what the Serve app and the pyfunc load -- and the
+   evaluation directory is scored through its ``complete_scores`` / ``detect`` methods. Baselines
+   are the same engine with other parameters (``with_params``).
+
+Completion: given an evaluation bundle's first item (and, separately, its first half), rank the
+whole catalog for the rest. Detection ("generation F1"): partition each evaluation session's items
+into bundles, matched one-to-one to the annotated ones by Jaccard. Intervals: percentile bootstrap
+over queries (sessions for F1); bundlerec's lift over the best baseline by paired bootstrap.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
@@ -24,62 +39,83 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bundlerec.bundles.compat import Compatibility
-from bundlerec.bundles.detect import partition
+from bundlerec.bundles.engine import COMPLETION_EVENT, BundleEngine, EngineParams, top_k, write_engine_assets
 from bundlerec.bundles.intent import Domain, load
+from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
+from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.matching import match, prf
 from bundlerec.config import PipelineConfig
-from bundlerec.data.statistics import cooccurrence_counts, item_counts
-from bundlerec.eval.baselines import ItemKNN, Popular
-from bundlerec.eval.metrics import MetricAccumulator
+from bundlerec.data.schema import EVENT_TYPE_ID
+from bundlerec.data.statistics import CoStats, item_counts
+from bundlerec.eval.metrics import batch_metrics, pad_targets
 
 log = logging.getLogger(__name__)
-METHODS = ("bundlerec", "popular", "itemknn", "zeroshot")
-COMPLETION_METRICS = ("recall@10", "ndcg@10", "recall@20")
-BLEND_ALPHAS = (0.0, 0.25, 0.5, 0.75)
+
+VAL_MOD = 10  # one user in VAL_MOD (by salted hash) is validation
+KS = [10, 20]
+BOOTSTRAP = 1000
+# baselines = the engine with one channel; bundlerec = the fusion chosen on validation
+BASELINES = {"popular": {"popularity": 1.0}, "itemknn": {"cooccurrence": 1.0}, "lexical": {"lexical": 1.0},
+             "zeroshot": {"pretrained": 1.0}}
+ABLATIONS = {"tuned": {"tuned": 1.0}}  # the fine-tuned model alone (reported, not a baseline)
+FUSION_STEP = 0.25  # completion fusion grid: weights on the simplex over these channels, this step
+FUSION_CHANNELS = ("tuned", "pretrained", "lexical")
+COMPAT_DATA = (0.0, 0.5, 1.0)  # detection: weight of the co-purchase sPMI term
+COMPAT_TEXT = ({"tuned": 1.0}, {"tuned": 1.0, "pretrained": 1.0}, {"tuned": 1.0, "lexical": 1.0},
+               {"tuned": 1.0, "pretrained": 1.0, "lexical": 1.0}, {"pretrained": 1.0, "lexical": 1.0})
+BASELINE_COMPAT = {"itemknn": {"data": 1.0}, "zeroshot": {"pretrained": 1.0}, "lexical": {"lexical": 1.0}}
+THRESHOLD_QUANTILES = tuple(np.round(np.linspace(0.3, 0.99, 12), 3))  # of within-session pair scores
+
+
+# ------------------------------------------------------------------------------ data
+def carve_validation(train: dict[str, Domain], seed: int) -> tuple[dict[str, Domain], dict[str, Domain]]:
+    """(fit, validation): users with ``sha1(seed:user) % VAL_MOD == 0`` are validation."""
+    fit, val = {}, {}
+    for name, d in train.items():
+        users = set(d.bundles.user_id) | set(d.sessions.user_id)
+        v = {u for u in users if int(hashlib.sha1(f"{seed}:{u}".encode()).hexdigest(), 16) % VAL_MOD == 0}
+        fit[name], val[name] = d.subset(users - v), d.subset(v)
+    return fit, val
 
 
 def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, split: str) -> list[tuple]:
     rows = []
     t = pd.Timestamp("2014-01-01", tz="UTC")
+    ev = EVENT_TYPE_ID[COMPLETION_EVENT]
     for items in bundles["items"]:
         ids = [index[i] for i in items]
         if split == "train":  # every item is once the target of a random part of the rest
             for k, tgt in enumerate(ids):
                 rest = ids[:k] + ids[k + 1:]
                 part = list(rng.permutation(rest)[: rng.integers(1, len(rest) + 1)])
-                rows.append(("b", split, t, [tgt], part, [3] * len(part), [0.0] * len(part), len(ids), 0))
+                rows.append(("b", split, t, [tgt], part, [ev] * len(part), [0.0] * len(part), len(ids), 0))
         else:
-            rows.append(("b", split, t, ids[1:], ids[:1], [3], [0.0], len(ids), 0))
+            rows.append(("b", split, t, ids[1:], ids[:1], [ev], [0.0], len(ids), 0))
     return rows
 
 
-def write_training_data(train: dict[str, Domain], items: pd.DataFrame, out: str, cfg: PipelineConfig,
-                        val_frac: float = 0.1, seed: int = 0) -> str:
-    """A prep-format directory (items + examples) for the bundle-completion objective."""
+def write_training_data(fit: dict[str, Domain], val: dict[str, Domain], items: pd.DataFrame, out: str,
+                        cfg: PipelineConfig, seed: int = 0) -> str:
+    """A prep-format directory (items + examples) for the bundle-completion objective: train rows from
+    the fit users' bundles, val rows (first item -> rest) from the validation users'."""
     import ray.data
 
     from bundlerec.data import catalog as catalog_lib
     from bundlerec.data.examples import EXAMPLE_ARROW
-    from bundlerec.storage import reset_dir
+    from bundlerec.storage import reset_dir, write_text
 
     rng = np.random.default_rng(seed)
     index = dict(zip(items.item_id, items.item_idx))
     rows = {"train": [], "val": [], "test": [], "latest": []}
-    for d in train.values():
-        b = d.bundles.sample(frac=1.0, random_state=seed)
-        n_val = int(len(b) * val_frac)
-        rows["train"] += _example_rows(b.iloc[n_val:], index, rng, "train")
-        rows["val"] += _example_rows(b.iloc[:n_val], index, rng, "val")
+    for name in fit:
+        rows["train"] += _example_rows(fit[name].bundles.sample(frac=1.0, random_state=seed), index, rng, "train")
+        rows["val"] += _example_rows(val[name].bundles, index, rng, "val")
     rows["test"] = rows["val"]
     cols = [f.name for f in EXAMPLE_ARROW]
     for split, r in rows.items():
         reset_dir(os.path.join(out, "examples", split))
-        df = pd.DataFrame(r, columns=cols)
-        pq.write_table(pa.Table.from_pandas(df, schema=EXAMPLE_ARROW, preserve_index=False),
+        pq.write_table(pa.Table.from_pandas(pd.DataFrame(r, columns=cols), schema=EXAMPLE_ARROW, preserve_index=False),
                        os.path.join(out, "examples", split, "part-0.parquet"))
-    from bundlerec.storage import write_text
-
     write_text(os.path.join(out, "manifest.json"), json.dumps({  # histories are parts of bundles: never truncated
         "source": "bundle-completion examples (bundlerec.bundles.evaluate)", "max_history_len": 512,
         "examples": {k: len(v) for k, v in rows.items()}, "items": len(items)}, indent=2))
@@ -91,114 +127,147 @@ def write_training_data(train: dict[str, Domain], items: pd.DataFrame, out: str,
     return out
 
 
-class _Masked:
-    """Scores restricted to one domain's items, inputs excluded."""
-
-    def __init__(self, scorer, allowed: np.ndarray):
-        self.scorer, self.allowed = scorer, allowed
-
-    def score(self, batch):
-        s = self.scorer.score(batch).float().clone()
-        s[:, ~torch.as_tensor(self.allowed)] = -1e9
-        hist = batch["hist_items"].clamp(min=0)
-        s.scatter_(1, hist, torch.full(hist.shape, -1e9))
-        return s
-
-
-class _Blend:
-    """bundlerec's completion scorer: the fine-tuned model's scores, optionally blended with the
-    pretrained encoder's (``(1 - alpha) * fine-tuned + alpha * pretrained``, an output-space version
-    of WiSE-FT's robust fine-tuning); ``alpha`` is chosen on the *training* directory's held-out bundles."""
-
-    def __init__(self, tuned, pretrained, alpha: float):
-        self.tuned, self.pretrained, self.alpha = tuned, pretrained, alpha
-
-    def score(self, batch):
-        s = self.tuned.score(batch).float()
-        return s if self.alpha == 0 else (1 - self.alpha) * s + self.alpha * self.pretrained.score(batch).float()
-
-
-def _val_bundles(train: dict[str, Domain], seed: int, val_frac: float = 0.1) -> dict[str, pd.DataFrame]:
-    """The training directory's held-out bundles (the same ones write_training_data keeps out)."""
-    out = {}
-    for name, d in train.items():
-        b = d.bundles.sample(frac=1.0, random_state=seed)
-        out[name] = b.iloc[:int(len(b) * val_frac)]
-    return out
-
-
-def _completion(scorer, bundles: pd.DataFrame, index: dict, allowed: np.ndarray, mode: str, n_items: int) -> dict:
-    from bundlerec.model.collate import history_tensors
-
-    acc = MetricAccumulator([10, 20], n_items)
-    masked = _Masked(scorer, allowed)
-    rows = []
+def completion_queries(bundles: pd.DataFrame, index: dict, mode: str) -> list[tuple[list[int], list[int]]]:
+    """(cart, rest) per bundle: the first item (``first``) or the first half (``half``) is the cart."""
+    out = []
     for items in bundles["items"]:
         ids = [index[i] for i in items]
         k = 1 if mode == "first" else math.ceil(len(ids) / 2)
         if len(ids) - k >= 1:
-            rows.append((ids[:k], ids[k:]))
-    for i in range(0, len(rows), 256):
-        chunk = rows[i:i + 256]
-        hist = [r[0] for r in chunk]
-        batch = history_tensors({"hist_items": hist, "hist_types": [[3] * len(h) for h in hist],
-                                 "hist_age_hours": [[0.0] * len(h) for h in hist]}, 64, "cpu")
-        acc.update(masked.score(batch), [r[1] for r in chunk])
-    res = acc.result()
-    return {m: res[m] for m in COMPLETION_METRICS}
+            out.append((ids[:k], ids[k:]))
+    return out
 
 
-def _generation(domain: Domain, index: dict, method: str, compat, pop: np.ndarray, threshold: float,
-                max_size: int) -> dict:
-    truth = domain.bundles.groupby("session_id")["items"].agg(list)
-    tot = [0.0, 0, 0]
-    for sess in domain.sessions.itertuples():
-        if sess.session_id not in truth.index:
-            continue
-        ids = [index[i] for i in sess.items if i in index]
-        if method == "popular":  # the session's most popular items as one bundle
-            top = sorted(ids, key=lambda i: -pop[i])[:max_size]
+# ------------------------------------------------------------------------------ scoring
+def channel_cache(engine: BundleEngine, carts: list[list[int]], channels, batch: int = 256) -> dict:
+    return {ch: np.concatenate([engine.channel_scores(ch, carts[i:i + batch]) for i in range(0, len(carts), batch)])
+            for ch in channels}
+
+
+def completion_values(engine: BundleEngine, queries: list, cache: dict | None = None, batch: int = 256) -> dict:
+    """Per-query recall@K / ndcg@K of the engine's completion (numpy arrays)."""
+    vals: dict[str, list] = {}
+    for i in range(0, len(queries), batch):
+        chunk = queries[i:i + batch]
+        part = {ch: v[i:i + batch] for ch, v in cache.items()} if cache else None
+        top = torch.as_tensor(top_k(engine.complete_scores([q[0] for q in chunk], channels=part), max(KS)))
+        for name, v in batch_metrics(top, pad_targets([q[1] for q in chunk]), KS).items():
+            vals.setdefault(name, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in vals.items() if k.split("@")[0] in ("recall", "ndcg")}
+
+
+def split_recall(engine: BundleEngine, queries: list, seen: set, k: int = 10) -> dict:
+    """Recall@k over the targets seen in training and over the unseen ones (pooled over queries)."""
+    hit = {"seen": [0, 0], "unseen": [0, 0]}
+    for i in range(0, len(queries), 256):
+        chunk = queries[i:i + 256]
+        top = top_k(engine.complete_scores([q[0] for q in chunk]), k)
+        for (_, rest), t in zip(chunk, top):
+            ts = set(t.tolist())
+            for it in rest:
+                h = hit["seen" if it in seen else "unseen"]
+                h[0] += it in ts
+                h[1] += 1
+    return {f"recall@{k}_{s}": (h[0] / h[1] if h[1] else float("nan")) for s, h in hit.items()} | \
+           {f"targets_{s}": h[1] for s, h in hit.items()}
+
+
+def session_truth(d: Domain, index: dict) -> list[tuple[list[int], list[list[int]]]]:
+    truth = d.bundles.groupby("session_id")["items"].agg(list)
+    return [([index[i] for i in s.items if i in index], [[index[i] for i in b] for b in truth[s.session_id]])
+            for s in d.sessions.itertuples() if s.session_id in truth.index]
+
+
+def detection_triplets(engine: BundleEngine | None, sessions: list, popularity: np.ndarray | None = None) -> np.ndarray:
+    """(S, 3): matched Jaccard, #generated, #annotated per session. ``engine=None``: the popular
+    baseline (the session's most popular items, up to the engine's max size, as one bundle)."""
+    out = []
+    for ids, truth in sessions:
+        if engine is None:
+            top = sorted(dict.fromkeys(ids), key=lambda i: -popularity[i])[:8]
             gen = [top] if len(top) >= 2 else []
         else:
-            gen = partition(ids, compat, threshold, max_size)
-        j, g, t = match(gen, [[index[i] for i in b] for b in truth[sess.session_id]])
-        tot[0] += j
-        tot[1] += g
-        tot[2] += t
-    return prf(*tot)
+            gen = engine.detect(ids)
+        out.append(match(gen, truth))
+    return np.asarray(out, dtype=np.float64).reshape(-1, 3)
 
 
-def _val_recall(scorer, val: dict[str, pd.DataFrame], index: dict, allowed_of: dict, n: int) -> float:
-    """Mean over domains of first-item completion Recall@10 on the training directory's held-out bundles."""
-    return float(np.mean([_completion(scorer, b, index, allowed_of[dn], "first", n)["recall@10"]
-                          for dn, b in val.items() if len(b)]))
+def f1_of(tr: np.ndarray) -> float:
+    return prf(*tr.sum(0))["f1"]
 
 
-def _fit_threshold(train_domain: Domain | None, index: dict, method: str, compat, pop: np.ndarray,
-                   n: int) -> tuple[float, float]:
-    """Best partition threshold on the *training* sessions of a domain: (threshold, train F1)."""
-    if method == "popular" or train_domain is None:
-        return 0.0, float("nan")
-    grid = np.quantile(compat.matrix(np.arange(0, n, max(1, n // 300))).ravel(), np.linspace(0.5, 0.995, 10))
-    f1 = {float(th): _generation(train_domain, index, method, compat, pop, th, 8)["f1"] for th in grid}
+# ------------------------------------------------------------------------------ intervals
+def bootstrap_mean_ci(v: np.ndarray, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(v), size=(BOOTSTRAP, len(v)))
+    m = v[idx].mean(1)
+    return [float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))]
+
+
+def paired_lift(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """Relative lift mean(a)/mean(b) - 1 with a paired-bootstrap 95 % interval (same queries)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
+    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12) - 1
+    return {"lift": float(a.mean() / max(b.mean(), 1e-12) - 1), "ci": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]}
+
+
+def f1_ci(tr: np.ndarray, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    f = [f1_of(tr[rng.integers(0, len(tr), len(tr))]) for _ in range(BOOTSTRAP)]
+    return [float(np.percentile(f, 2.5)), float(np.percentile(f, 97.5))]
+
+
+# ------------------------------------------------------------------------------ selection
+def fusion_grid() -> list[dict]:
+    steps = int(round(1 / FUSION_STEP))
+    out = []
+    for w in itertools.product(range(steps + 1), repeat=len(FUSION_CHANNELS)):
+        if sum(w) == steps:
+            out.append({c: x * FUSION_STEP for c, x in zip(FUSION_CHANNELS, w) if x})
+    return out
+
+
+def _mean_recall(engine: BundleEngine, queries: dict, caches: dict) -> float:
+    return float(np.mean([completion_values(engine, q, caches[d])["recall@10"].mean() for d, q in queries.items() if q]))
+
+
+def select_lexical(engine: BundleEngine, items: pd.DataFrame, val_q: dict) -> tuple[Lexical, dict]:
+    scores = {}
+    for setting in LEXICAL_GRID:
+        e = engine.with_params(EngineParams(completion={"lexical": 1.0}))
+        e.lexical = Lexical.fit(items.text.tolist(), setting)
+        scores[setting] = _mean_recall(e, val_q, {d: None for d in val_q})
+    best = max(scores, key=scores.get)
+    return Lexical.fit(items.text.tolist(), best), {"grid": list(LEXICAL_GRID), "val_recall@10": scores, "chosen": best}
+
+
+def select_threshold(engine: BundleEngine, compat: dict, val_s: dict) -> tuple[float, float, list]:
+    """Best detection threshold for ``compat`` on the validation sessions: (threshold, val F1, grid)."""
+    e = engine.with_params(EngineParams(completion=engine.params.completion, compat=compat))
+    pair_scores = np.concatenate([e.compat.matrix(ids)[np.triu_indices(len(ids), 1)]
+                                  for s in val_s.values() for ids, _ in s if len(ids) > 1] or [np.zeros(1)])
+    grid = sorted({float(x) for x in np.quantile(pair_scores, THRESHOLD_QUANTILES)})
+    f1 = {}
+    for th in grid:
+        e2 = e.with_params(EngineParams(completion=e.params.completion, compat=compat, threshold=th))
+        f1[th] = float(np.mean([f1_of(detection_triplets(e2, s)) for s in val_s.values() if s]))
     best = max(f1, key=f1.get)
-    return best, f1[best]
+    return best, f1[best], grid
 
 
-def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
-                     export_dir: str | None = None) -> dict:
-    """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
-    run of this function, so its item order matches) instead of training a new one."""
+# ------------------------------------------------------------------------------ the evaluation
+def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str, export_dir: str | None = None,
+                   cache_dir: str | None = None):
+    """Train (or reuse ``export_dir``) on the fit part of ``train_dir``; returns the pieces the
+    selection and evaluation need."""
     from bundlerec.data.catalog import finalize, load_items, padded_tokens
-    from bundlerec.eval.evaluate import zeroshot_model
-    from bundlerec.model.export import load_export
-    from bundlerec.train.fit import fit
+    from bundlerec.train.fit import fit as train_fit
 
-    t0 = time.time()
     train, evald = load(train_dir), load(eval_dir)
+    fit, val = carve_validation(train, cfg.train.seed)
     cat = pd.concat([d.items for d in list(train.values()) + list(evald.values())]).drop_duplicates("item_id")
-    items = finalize(cat)
-    prep_dir = write_training_data(train, items, os.path.join(work_dir, "prep"), cfg, seed=cfg.train.seed)
+    prep_dir = write_training_data(fit, val, finalize(cat), os.path.join(work_dir, "prep"), cfg, seed=cfg.train.seed)
     items = load_items(prep_dir)
     index = dict(zip(items.item_id, items.item_idx))
     n = len(items)
@@ -208,54 +277,136 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         trained = {"export_dir": export_dir, "n_train": meta.get("n_train"), "steps_per_epoch": None,
                    "train_seconds": None, "last_metrics": meta.get("last_metrics")}
     else:
-        trained = fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
+        trained = train_fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
+    export = trained["export_dir"]
+    # the engine's statistics: fit users' bundles and sessions only (validation stays unseen)
+    groups = [[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]]
+    groups += [[index[i] for i in s if i in index] for d in fit.values() for s in d.sessions["items"]]
+    CoStats.from_groups(groups, n).save(export)
+    np.save(os.path.join(export, "popularity.npy"),
+            item_counts([[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]], n))
+    log.info("eval_bundles: encoding the catalog with the pretrained encoder (%d items)", n)
     ids, mask = padded_tokens(items)
-    model, _ = load_export(trained["export_dir"])
-    emb_ft = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask))
-    zs = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
-    emb_zs = zs._index
+    write_engine_assets(export, items, cfg.model.name_or_path, ids, mask, cfg.model.temperature, cache_dir)
+    return train, fit, val, evald, items, index, export, trained
 
-    groups = [[index[i] for i in b] for d in train.values() for b in d.bundles["items"]]
-    groups += [[index[i] for i in s if i in index] for d in train.values() for s in d.sessions["items"]]
-    pairs, counts = cooccurrence_counts(groups, n), item_counts(groups, n)
-    pop = item_counts([[index[i] for i in b] for d in train.values() for b in d.bundles["items"]], n)
 
-    # --- bundlerec's blend weight, chosen on the training directory's held-out bundles (never on eval)
-    val = _val_bundles(train, cfg.train.seed)
-    allowed_of = {dn: items.item_id.str.startswith(dn + ":").to_numpy() for dn in set(train) | set(evald)}
+def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str, Domain], export: str) -> dict:
+    """Choose every engine parameter on the validation users; saves bundlerec's in the export."""
+    val_q = {d: completion_queries(v.bundles, index, "first") for d, v in val.items()}
+    val_s = {d: session_truth(v, index) for d, v in val.items()}
+    lexical, lex_sel = select_lexical(engine, items, val_q)
+    lexical.save(export)
+    engine.lexical = lexical
+    log.info("eval_bundles: lexical setting %s (val recall@10 %s)", lex_sel["chosen"], lex_sel["val_recall@10"])
+    caches = {d: channel_cache(engine, [c for c, _ in q], FUSION_CHANNELS) if q else None for d, q in val_q.items()}
+    fusion = {json.dumps(w): _mean_recall(engine.with_params(EngineParams(completion=w)), val_q, caches)
+              for w in fusion_grid()}
+    best_w = json.loads(max(fusion, key=fusion.get))
+    log.info("eval_bundles: completion fusion %s (val recall@10 %.4f)", best_w, fusion[json.dumps(best_w)])
+    det = {}
+    for data_w, text in itertools.product(COMPAT_DATA, COMPAT_TEXT):
+        compat = {**({"data": data_w} if data_w else {}), **text}
+        th, f1, grid = select_threshold(engine, compat, val_s)
+        det[json.dumps(compat)] = {"threshold": th, "val_f1": f1, "grid": grid}
+    best_c = max(det, key=lambda k: det[k]["val_f1"])
+    log.info("eval_bundles: detection %s threshold %.4f (val F1 %.4f)", best_c, det[best_c]["threshold"], det[best_c]["val_f1"])
+    baselines = {}
+    for m, compat in BASELINE_COMPAT.items():
+        th, f1, grid = select_threshold(engine, compat, val_s)
+        baselines[m] = {"compat": compat, "threshold": th, "val_f1": f1, "grid": grid}
+    selection = {"validation": {d: {"users": int(v.bundles.user_id.nunique()), "bundles": len(v.bundles),
+                                    "sessions": len(val_s[d])} for d, v in val.items()},
+                 "lexical": lex_sel, "completion_val_recall@10": fusion, "detection_val": det,
+                 "baseline_detection": baselines}
+    params = EngineParams(completion=best_w, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
+                          selection={"chosen_on": "validation users carved from the training directory",
+                                     "completion_val_recall@10": fusion[json.dumps(best_w)],
+                                     "detection_val_f1": det[best_c]["val_f1"]})
+    params.save(export)
+    return selection
 
-    alphas = {a: _val_recall(_Blend(model, zs, a), val, index, allowed_of, n) for a in BLEND_ALPHAS}
-    alpha = max(alphas, key=alphas.get)
-    log.info("bundle_eval: completion blend alpha %.2f (val recall@10 by alpha: %s)", alpha, alphas)
 
-    scorers = {"bundlerec": _Blend(model, zs, alpha), "popular": Popular(pop), "itemknn": ItemKNN(pairs), "zeroshot": zs}
-    ft, both = emb_ft.numpy(), np.hstack([emb_ft.numpy(), emb_zs.numpy()]) / np.sqrt(2.0)
-    # bundlerec's compatibility: co-purchase sPMI + encoder cosine; the weight of the data term and
-    # whether the pretrained encoder's cosine joins the fine-tuned one are chosen on training sessions
-    candidates = {f"w_data={w},text={t}": Compatibility(pairs, counts, len(groups), E, w_data=w)
-                  for w in (0.0, 0.25, 1.0) for t, E in (("tuned", ft), ("tuned+pretrained", both))}
-    fixed = {"itemknn": Compatibility(pairs, counts, len(groups), None, w_text=0.0),
-             "zeroshot": Compatibility(pairs, counts, len(groups), emb_zs.numpy(), w_data=0.0), "popular": None}
+def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, seen: set, seed: int) -> dict:
+    """Every method on one evaluation domain, with intervals."""
+    methods = {"bundlerec": engine, **{m: engine.with_params(EngineParams(completion=w)) for m, w in
+                                       {**BASELINES, **ABLATIONS}.items()}}
+    out: dict = {"completion": {}, "completion_half": {}, "generation": {}}
+    per_query = {}
+    for mode, key in (("first", "completion"), ("half", "completion_half")):
+        q = completion_queries(d.bundles, index, mode)
+        for m, e in methods.items():
+            v = completion_values(e, q)
+            res = {"n": len(q)}
+            for name, arr in sorted(v.items()):
+                res[name] = float(arr.mean())
+                if name.endswith("@10"):
+                    res[f"{name}_ci"] = bootstrap_mean_ci(arr, seed)
+            if mode == "first":
+                res.update(split_recall(e, q, seen))
+                per_query[m] = v
+            out[key][m] = res
+    best = max(BASELINES, key=lambda m: out["completion"][m]["recall@10"])
+    out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
+                                  for name in ("recall@10", "ndcg@10")}}
+    sessions = session_truth(d, index)
+    for m in ("bundlerec", *BASELINES):
+        if m == "popular":
+            tr = detection_triplets(None, sessions, engine.popularity)
+        elif m == "bundlerec":
+            tr = detection_triplets(engine, sessions)
+        else:
+            tr = detection_triplets(baselines[m], sessions)
+        out["generation"][m] = {**prf(*tr.sum(0)), "f1_ci": f1_ci(tr, seed), "sessions": len(tr)}
+    return out
 
-    def fit_threshold(dname: str, m: str, compat) -> tuple[float, float]:
-        return _fit_threshold(train.get(dname), index, m, compat, pop, n)
 
-    out: dict = {"completion": {}, "completion_half": {}, "generation": {}, "thresholds": {},
-                 "selection": {"completion_alpha": alpha, "val_recall_at_10_by_alpha": alphas, "compatibility": {}}}
-    for dname, d in evald.items():
-        allowed = allowed_of[dname]
-        out["completion"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "first", n) for m in METHODS}
-        out["completion_half"][dname] = {m: _completion(scorers[m], d.bundles, index, allowed, "half", n) for m in METHODS}
-        out["generation"][dname], out["thresholds"][dname] = {}, {}
-        fits = {k: fit_threshold(dname, "bundlerec", c) for k, c in candidates.items()}
-        choice = max(fits, key=lambda k: fits[k][1] if fits[k][1] == fits[k][1] else -1.0)
-        out["selection"]["compatibility"][dname] = {"chosen": choice, "train_f1": {k: v[1] for k, v in fits.items()}}
-        compats = {**fixed, "bundlerec": candidates[choice]}
-        for m in METHODS:
-            thr = fits[choice][0] if m == "bundlerec" else fit_threshold(dname, m, compats[m])[0]
-            out["thresholds"][dname][m] = float(thr)
-            out["generation"][dname][m] = _generation(d, index, m, compats[m], pop, thr, 8)
+def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
+                     export_dir: str | None = None, cache_dir: str | None = None) -> dict:
+    """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
+    run of this function with the same seed, so its item order and validation users match).
+    ``cache_dir``: where the pretrained encoder's catalog index is kept between runs (dev folds)."""
+    t0 = time.time()
+    train, fit, val, evald, items, index, export, trained = prepare_export(cfg, train_dir, eval_dir, work_dir,
+                                                                           export_dir, cache_dir)
+    selection = select(BundleEngine.from_export(export), items, index, val, export)
+    engine = BundleEngine.from_export(export)  # exactly what Serve and the pyfunc load
+    baseline_engines = {m: engine.with_params(EngineParams(completion=engine.params.completion, compat=s["compat"],
+                                                           threshold=s["threshold"]))
+                        for m, s in selection["baseline_detection"].items()}
+    seen = {index[i] for d in fit.values() for b in d.bundles["items"] for i in b}
+    out: dict = {"protocol": {"train_dir": train_dir, "eval_dir": eval_dir, "val_mod": VAL_MOD, "seed": cfg.train.seed,
+                              "bootstrap": BOOTSTRAP, "catalog_items": len(items),
+                              "grids": {"fusion_step": FUSION_STEP, "fusion_channels": FUSION_CHANNELS,
+                                        "compat_data": COMPAT_DATA, "compat_text": COMPAT_TEXT,
+                                        "threshold_quantiles": THRESHOLD_QUANTILES, "lexical": list(LEXICAL_GRID)}},
+                 "engine_params": asdict(engine.params), "selection": selection, "export_dir": export,
+                 "seen_share": {}, "completion": {}, "completion_half": {}, "generation": {}, "lift": {}}
+    for name, d in evald.items():
+        log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
+        r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
+        for key in ("completion", "completion_half", "generation", "lift"):
+            out[key][name] = r[key]
+        share = lambda bs: float(np.mean([index[i] in seen for b in bs["items"] for i in b[1:]])) if len(bs) else float("nan")  # noqa: E731
+        out["seen_share"][name] = {"val_targets_seen": share(val[name].bundles) if name in val else None,
+                                   "eval_targets_seen": share(d.bundles)}
     out["seconds"] = round(time.time() - t0, 1)
-    out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds")}
-    out["train"]["last_metrics"] = trained["last_metrics"]
+    out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
+    return out
+
+
+def summarize_folds(results: dict[int, dict]) -> dict:
+    """Mean and SD over folds of every method's completion recall@10 / ndcg@10 and detection F1."""
+    out: dict = {}
+    first = next(iter(results.values()))
+    for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",))):
+        out[task] = {}
+        for dom, methods in first[task].items():
+            out[task][dom] = {}
+            for m in methods:
+                out[task][dom][m] = {k: {"mean": float(np.mean(v := [r[task][dom][m][k] for r in results.values()])),
+                                         "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k in metrics}
+    out["lift"] = {dom: {"mean": float(np.mean([r["lift"][dom]["recall@10"]["lift"] for r in results.values()])),
+                         "per_fold": {f: {"vs": r["lift"][dom]["vs"], **r["lift"][dom]["recall@10"]}
+                                      for f, r in results.items()}} for dom in first["lift"]}
     return out

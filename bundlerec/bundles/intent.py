@@ -25,15 +25,46 @@ REQUIRED = ("items", "session_item", "session_bundle", "bundle_item")
 class Domain:
     name: str
     items: pd.DataFrame  # item_id, title, category, brand, price, description
-    bundles: pd.DataFrame  # bundle_id, session_id, items (list), intent
-    sessions: pd.DataFrame  # session_id, items (list)
+    bundles: pd.DataFrame  # bundle_id, session_id, user_id, items (list), intent
+    sessions: pd.DataFrame  # session_id, user_id, items (list)
+
+    def subset(self, users: set) -> "Domain":
+        """The same domain restricted to ``users`` (all their sessions and bundles)."""
+        return Domain(self.name, self.items, self.bundles[self.bundles.user_id.isin(users)].reset_index(drop=True),
+                      self.sessions[self.sessions.user_id.isin(users)].reset_index(drop=True))
 
 
-def _category(raw: str) -> str:
-    """'[[Clothing, Shoes & Jewelry,Women,Shoes]]' -> 'Women > Shoes' (levels split on ',' without a space)."""
-    first = re.split(r"\]\s*,\s*\[", str(raw).strip("[]"))[0]
-    path = [p.strip() for p in re.split(r",(?! )", first) if p.strip()]
-    return " > ".join(path[1:4] or path[:1])
+NOISE_PATHS = ("international shipping", "new arrivals", "shop by designer", "fashion watches")
+
+
+def _paths(raw: str) -> list[list[str]]:
+    """'[[A,B, C,D],[A,E]]' -> [['A', 'B, C', 'D'], ['A', 'E']] (levels split on ',' without a space)."""
+    return [[p.strip() for p in re.split(r",(?! )", path) if p.strip()]
+            for path in re.split(r"\]\s*,\s*\[", str(raw).strip().strip("[]"))]
+
+
+def category_and_brand(raw: str) -> tuple[str, str | None]:
+    """The most specific real category path of an Amazon item, without its root, and a brand.
+
+    Amazon lists several paths per item; some are not categories: shipping notes ("Shoes &
+    Accessories: International Shipping Available"), "New Arrivals", and brand index paths
+    ``[Clothing, S, SoftWalk]`` (a single letter, then the brand). The longest remaining path wins
+    (ties: the first), with its leaf: ``[[Clothing, Shoes & Jewelry,Women,Shoes,Flats]]`` ->
+    ``("Women > Shoes > Flats", None)``."""
+    brand, best = None, []
+    for path in _paths(raw):
+        rest = path[1:]
+        if len(rest) == 2 and len(rest[0]) == 1:  # brand index: [root, letter, brand]
+            brand = brand or rest[1]
+            continue
+        if not rest or any(n in " ".join(rest).lower() for n in NOISE_PATHS):
+            continue
+        if len(rest) > len(best):
+            best = rest
+    if not best:  # nothing but noise: keep the root ("Electronics")
+        first = _paths(raw)[0]
+        best = first[:1]
+    return " > ".join(best), brand
 
 
 def domain_dirs(path: str) -> dict[str, str]:
@@ -50,9 +81,10 @@ def load_domain(name: str, path: str) -> Domain:
     r = lambda f: pd.read_csv(os.path.join(path, f"{f}.csv.gz"))  # noqa: E731
     pre = lambda s: name + ":" + s.astype(str)  # noqa: E731
     items = r("items")
+    cb = items.categories.map(category_and_brand)
     items = pd.DataFrame({"item_id": pre(items.item_id), "title": items.title.astype(str).map(html.unescape),
-                          "category": items.categories.map(_category), "brand": pd.NA, "price": float("nan"),
-                          "description": pd.NA})
+                          "category": cb.map(lambda x: x[0]), "brand": cb.map(lambda x: x[1]),
+                          "price": float("nan"), "description": items["description"] if "description" in items else pd.NA})
     bi = r("bundle_item")
     bi["item_id"] = pre(bi.item_id)
     sb = r("session_bundle")
@@ -69,6 +101,13 @@ def load_domain(name: str, path: str) -> Domain:
     si["item_id"] = pre(si.item_id)
     sessions = si.groupby("session_id").item_id.agg(lambda s: list(dict.fromkeys(s))).rename("items").reset_index()
     sessions["session_id"] = name + ":" + sessions.session_id.astype(str)
+    # the user of each session (user_session); without it each session counts as its own user
+    us_path = os.path.join(path, "user_session.csv.gz")
+    owner = (pd.read_csv(us_path).assign(session_id=lambda d: name + ":" + d.session_id.astype(str),
+                                          user_id=lambda d: name + ":u" + d.user_id.astype(str))
+             .drop_duplicates("session_id").set_index("session_id").user_id if os.path.exists(us_path) else pd.Series(dtype=str))
+    for df in (bundles, sessions):
+        df["user_id"] = df.session_id.map(owner).fillna(df.session_id)
     known = set(items.item_id)
     bundles = bundles[bundles["items"].map(lambda xs: len(xs) >= 2 and all(x in known for x in xs))]
     return Domain(name, items, bundles.reset_index(drop=True), sessions)

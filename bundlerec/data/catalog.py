@@ -50,8 +50,9 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
                 df["category"].fillna("").astype("string").str.replace(".", " ", regex=False)).str.strip()
     df["title"] = title.fillna(fallback).mask(lambda s: s.fillna("") == "", "item " + df["item_id"])
     df["item_idx"] = np.arange(len(df), dtype=np.int64)
-    df["text"] = [item_text(t, c, b, p) for t, c, b, p in
-                  zip(df.title, df.category.astype(object), df.brand.astype(object), df.price)]
+    df["text"] = [item_text(t, c, b, p, d) for t, c, b, p, d in
+                  zip(df.title, df.category.astype(object), df.brand.astype(object), df.price,
+                      df["description"].astype(object) if "description" in df else [None] * len(df))]
     return df[ITEM_COLUMNS + ["description"]]
 
 

@@ -22,6 +22,8 @@ separate catalog file, the catalog is derived from ``category_code``/``brand``/`
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 
@@ -126,13 +128,18 @@ def _present(v) -> bool:
         return True
 
 
-def item_text(title, category, brand, price) -> str:
-    """The text the item tower reads. One function, used by prep, evaluation and serving."""
-    parts = [str(title) if _present(title) else ""]
+def item_text(title, category, brand, price, description=None) -> str:
+    """The text the item tower reads. One function, used by prep, evaluation and serving.
+
+    ``title | category: a > b > leaf | brand: x | price: 9.99 | description`` with HTML entities
+    unescaped; the description comes last, so the tokenizer's length limit cuts it first."""
+    parts = [html.unescape(str(title)) if _present(title) else ""]
     if _present(category):
         parts.append(f"category: {str(category).replace('.', ' > ')}")
     if _present(brand):
         parts.append(f"brand: {brand}")
     if _present(price) and np.isfinite(float(price)) and float(price) >= 0:
         parts.append(f"price: {float(price):.2f}")
+    if _present(description):
+        parts.append(html.unescape(" ".join(str(description).split())))
     return " | ".join(p for p in parts if p)

@@ -6,6 +6,8 @@ implementation each. Groups are baskets, bundles or sessions: lists of item posi
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -46,3 +48,30 @@ def basket_groups(examples: pd.DataFrame) -> list[list[int]]:
         return []
     first = examples.assign(t0=examples["targets"].map(lambda x: int(x[0])))
     return [g for g in first.groupby(["user_id", "target_time"])["t0"].agg(list).tolist() if g]
+
+
+@dataclass
+class CoStats:
+    """Co-occurrence statistics of training groups (baskets, bundles, sessions)."""
+
+    pairs: sp.csr_matrix
+    counts: np.ndarray
+    groups: int
+
+    @classmethod
+    def from_groups(cls, groups: list[list[int]], n: int) -> "CoStats":
+        return cls(cooccurrence_counts(groups, n), item_counts(groups, n), len(groups))
+
+    def save(self, export_dir: str) -> None:
+        sp.save_npz(os.path.join(export_dir, "copurchase.npz"), self.pairs)
+        np.save(os.path.join(export_dir, "copurchase_items.npy"), self.counts)
+        with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
+            f.write(str(self.groups))
+
+    @classmethod
+    def load(cls, export_dir: str, n: int) -> "CoStats":
+        path = os.path.join(export_dir, "copurchase.npz")
+        if not os.path.exists(path):
+            return cls(sp.csr_matrix((n, n), dtype=np.float32), np.zeros(n), 1)
+        return cls(sp.load_npz(path).tocsr(), np.load(os.path.join(export_dir, "copurchase_items.npy")),
+                   int(open(os.path.join(export_dir, "copurchase_groups.txt")).read()))

@@ -85,16 +85,9 @@ def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -
 def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> str:
     """Everything serving needs, in one directory: HF encoder + tokenizer, user tower, metadata,
     item index (N, d), items table, training popularity (cold start), users' latest histories."""
-    import scipy.sparse as sp
-
     from bundlerec.data.catalog import load_items, padded_tokens
     from bundlerec.data.examples import load_split
-    from bundlerec.data.statistics import (
-        basket_groups,
-        cooccurrence_counts,
-        item_counts,
-        popularity,
-    )
+    from bundlerec.data.statistics import CoStats, basket_groups, popularity
     from bundlerec.model.pretrained import load_tokenizer
 
     model.eval()
@@ -111,11 +104,7 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
     latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
     # co-purchase statistics for bundle compatibility: items bought in the same training basket
-    groups = basket_groups(train)
-    sp.save_npz(os.path.join(export_dir, "copurchase.npz"), cooccurrence_counts(groups, len(items)))
-    np.save(os.path.join(export_dir, "copurchase_items.npy"), item_counts(groups, len(items)))
-    with open(os.path.join(export_dir, "copurchase_groups.txt"), "w") as f:
-        f.write(str(len(groups)))
+    CoStats.from_groups(basket_groups(train), len(items)).save(export_dir)
 
     log.info("train: exported %s (%d items indexed)", export_dir, len(items))
     return export_dir

@@ -22,6 +22,7 @@ _DEFAULT_BUNDLE = BundleConstraints()
 
 PREDICT_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "cold_start"]
 BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "bundle_price", "discount", "price_source", "cold_start"]
+COMPLETE_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "reason"]
 PARAMS = {"k": 10, "output": "items", "n": _DEFAULT_BUNDLE.n, "max_size": _DEFAULT_BUNDLE.max_size, "budget": 0.0}
 
 
@@ -31,7 +32,9 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
     Input columns: ``user_id`` and optionally ``item_id, event_type, event_time``. Rows of a user
     with events are that user's live session; a user with only a ``user_id`` row (item_id null) is
     looked up in the training snapshot. Output: one row per (user, rank); with
-    ``params={"output": "bundles", "n": 3, "max_size": 4, "budget": 0}`` one row per priced bundle.
+    ``params={"output": "bundles", "n": 3, "max_size": 4, "budget": 0}`` one row per priced bundle;
+    with ``params={"output": "complete"}`` each user's ``item_id`` rows are a cart and the rows are the
+    k items that complete it (the bundle engine's completion, as ``jobs.eval_bundles`` measures it).
     """
 
     def load_context(self, context) -> None:
@@ -44,6 +47,15 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
         df = model_input.copy()
         if "user_id" not in df:
             raise ValueError("model input needs a user_id column")
+        p = {**PARAMS, **(params or {})}
+        if p["output"] == "complete":
+            if "item_id" not in df:
+                raise ValueError('output "complete" needs an item_id column (the cart)')
+            rows = []
+            for uid, g in df.dropna(subset=["item_id"]).groupby("user_id", sort=False):
+                for r, item in enumerate(self.rec.complete(g["item_id"].astype(str).tolist(), k)["items"], 1):
+                    rows.append((uid, r, item["item_id"], item["score"], item["title"], item["price"], item["reason"]))
+            return pd.DataFrame(rows, columns=COMPLETE_COLUMNS)
         users, histories = [], []
         for uid, g in df.groupby("user_id", sort=False):
             ev = g.dropna(subset=["item_id"]) if "item_id" in g else g.iloc[0:0]
@@ -52,7 +64,6 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
             else:
                 histories.append(self.rec.history_for_user(str(uid)))
             users.append(uid)
-        p = {**PARAMS, **(params or {})}
         if p["output"] == "bundles":
             rows = []
             for uid, h in zip(users, histories):

@@ -4,6 +4,8 @@
     serve deploy serve/config.yaml                  # to the running cluster (same as python -m jobs.deploy)
     curl -s -X POST http://127.0.0.1:8000/v1/recommendations -H 'content-type: application/json' \
          -d '{"user_id": "U0000007", "k": 5}'
+    curl -s -X POST http://127.0.0.1:8000/v1/bundles/complete -H 'content-type: application/json' \
+         -d '{"items": ["I000001"], "k": 5}'
 
 The model is loaded once per replica (MLflow registry alias, version or a local export dir), the
 item index is precomputed at export time, and requests are micro-batched with ``@serve.batch``.
@@ -34,6 +36,8 @@ from bundlerec.serving.schemas import (
     ERROR_RESPONSES,
     BundleRequest,
     BundleResponse,
+    CompletionRequest,
+    CompletionResponse,
     ModelInfo,
     RecommendationRequest,
     RecommendationResponse,
@@ -166,6 +170,14 @@ class BundlerecService:
         return BundleResponse(bundles=out, cold_start=not h.items, unknown_items=h.unknown_items,
                               history_source=h.source, model=m.info)
 
+    @api.post("/v1/bundles/complete", response_model=CompletionResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
+    def complete(self, req: CompletionRequest) -> CompletionResponse:
+        """The items that complete a cart: the bundle engine's completion, as ``jobs.eval_bundles``
+        measures it (fusion weights from the export's bundle_engine.json)."""
+        m = self.current
+        return CompletionResponse(**m.rec.complete(req.items, req.k), model=m.info)
+
     @api.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok"}
@@ -182,7 +194,8 @@ class BundlerecService:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
                 "reloads": self.reloads, "base_model": m.rec.meta.get("base_model"),
-                "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None}
+                "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None,
+                "bundle_engine": m.rec.bundle_engine.params.__dict__ if m.rec.bundle_engine else None}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -190,6 +190,15 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
         sp.save_npz(f"{dst_export}/copurchase.npz", sp.csr_matrix((pairs.data, (pairs.row, pairs.col)), shape=(n_items, n_items)))
         counts = np.load(f"{src_export}/copurchase_items.npy")
         np.save(f"{dst_export}/copurchase_items.npy", np.concatenate([counts, np.zeros(extra_n)]))
+    # the engine's extra text channels are not grown here: drop them, and parameters that use them
+    from bundlerec.bundles.engine import EngineParams
+
+    for f in ("item_index_pretrained.npy", "lexical.json", "lexical_items.npz"):
+        if os.path.exists(f"{dst_export}/{f}"):
+            os.remove(f"{dst_export}/{f}")
+    params = EngineParams.load(dst_export)
+    if {"pretrained", "lexical"} & {*params.completion, *params.compat}:
+        EngineParams().save(dst_export)
     return dst_export
 
 

@@ -69,7 +69,7 @@ class Recommender:
         latest_path = os.path.join(export_dir, "latest.parquet")
         latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
         rec = cls(model, items, index, pop, latest, meta)
-        rec.bundle_engine = BundleEngine.from_export(export_dir, rec.items, index.numpy())
+        rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items)
         return rec
 
     def configure_ann(self, min_items: int, nprobe: int, threads: int = 1) -> None:
@@ -152,6 +152,21 @@ class Recommender:
         bought = tuple(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"]) if exclude_purchased else ()
         c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats)
         return self.bundle_engine.personalized(self.full_scores(h), c, seen=set(h.items))
+
+    def complete(self, item_ids: list[str], k: int = 10) -> dict:
+        """The items that complete a cart (the bundle engine's completion; ``jobs.eval_bundles``
+        measures this call). Unknown ids are reported and ignored."""
+        cart = [self.item_pos[i] for i in dict.fromkeys(map(str, item_ids)) if i in self.item_pos]
+        unknown = [i for i in map(str, item_ids) if i not in self.item_pos]
+        if not cart:
+            return {"items": [], "unknown_items": unknown}
+        eng = self.bundle_engine
+        ranked = eng.complete(cart, k)
+        sims = eng.compat.matrix([p for p, _ in ranked], cart) if ranked else np.zeros((0, len(cart)))
+        items = self.describe(ranked)
+        for item, row in zip(items, sims):
+            item["reason"] = f"goes with {self.titles[cart[int(row.argmax())]]}"
+        return {"items": items, "unknown_items": unknown}
 
     def describe(self, ranked: list[tuple[int, float]]) -> list[dict]:
         return [{"item_id": self.item_ids[p], "score": float(s), "title": self.titles[p],

@@ -53,6 +53,21 @@ class BundleRequest(RecommendationRequest):
     allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, description="allow an item in several bundles")
 
 
+class CompletionRequest(BaseModel):
+    """The items already in a cart or a started bundle; the answer completes it."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[str] = Field(min_length=1, max_length=MAX_EVENTS,
+                             description="item ids of the cart (order does not matter)")
+    k: int = Field(default=10, ge=1, le=MAX_K)
+
+    @model_validator(mode="after")
+    def _ids(self):
+        if any(not (1 <= len(i) <= 128) for i in self.items):
+            raise ValueError("every item id has 1 to 128 characters")
+        return self
+
+
 class BundleItem(BaseModel):
     item_id: str
     title: str
@@ -92,6 +107,16 @@ class RecommendationResponse(BaseModel):
     cold_start: bool = Field(description="no usable history: the answer is the most popular items")
     unknown_items: list[str] = Field(default_factory=list, description="request items not in the catalog (ignored)")
     history_source: str
+    model: ModelInfo
+
+
+class CompletingItem(RecommendedItem):
+    reason: str
+
+
+class CompletionResponse(BaseModel):
+    items: list[CompletingItem] = Field(description="the items that complete the cart, best first (cart items excluded)")
+    unknown_items: list[str] = Field(default_factory=list, description="cart items not in the catalog (ignored)")
     model: ModelInfo
 
 

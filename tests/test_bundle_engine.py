@@ -1,0 +1,165 @@
+"""The bundle engine's pieces and the evaluation protocol's rules, without Ray: item text from
+Amazon category paths, the lexical index and its safe round trip, channel fusion, the exported
+parameters, the user-disjoint validation carve, and the intervals."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bundlerec.bundles import evaluate as E
+from bundlerec.bundles.engine import BundleEngine, EngineParams
+from bundlerec.bundles.intent import Domain, category_and_brand
+from bundlerec.bundles.lexical import Lexical
+from bundlerec.bundles.pricing import PricingModel
+from bundlerec.data.schema import item_text
+from bundlerec.data.statistics import CoStats
+
+INTENT = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bundlerec_intent")
+
+TEXTS = ["red running shoes | category: Women > Shoes > Running", "blue running socks | category: Women > Socks",
+         "espresso coffee beans | category: Beverages > Coffee", "coffee grinder burr | category: Kitchen > Coffee",
+         "hdmi cable 2m | category: Cables > HDMI", "usb-c cable | category: Cables > USB", "tea kettle steel",
+         "green tea leaves | category: Beverages > Tea"]
+
+
+def _items(texts=TEXTS):
+    n = len(texts)
+    return pd.DataFrame({"item_id": [f"i{k}" for k in range(n)], "title": texts, "category": ["c"] * n,
+                         "price": [10.0] * n, "text": texts})
+
+
+def _engine(params=None, seed=0):
+    items = _items()
+    n = len(items)
+    rng = np.random.default_rng(seed)
+    E_ = rng.normal(size=(n, 6))
+    E_ /= np.linalg.norm(E_, axis=1, keepdims=True)
+    stats = CoStats.from_groups([[0, 1], [2, 3], [4, 5]], n)
+    return BundleEngine(items, None, E_, stats, PricingModel(), params=params or EngineParams(completion={"pretrained": 1.0}),
+                        pretrained=E_, lexical=Lexical.fit(items.text), popularity=np.arange(n, dtype=float))
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("[[Clothing, Shoes & Jewelry,Shoes & Accessories: International Shipping Available],[Clothing, Shoes & Jewelry,S,"
+     "SoftWalk],[Clothing, Shoes & Jewelry,Women,Shoes,Flats]]", ("Women > Shoes > Flats", "SoftWalk")),
+    ("[[Grocery & Gourmet Food,Snack Foods,Rice Cakes, Chips & Crackers,Cakes]]",
+     ("Snack Foods > Rice Cakes, Chips & Crackers > Cakes", None)),
+    ("[[Clothing, Shoes & Jewelry,New Arrivals],[Clothing, Shoes & Jewelry,Men,Watches,Wrist Watches]]",
+     ("Men > Watches > Wrist Watches", None)),
+    ("[[Electronics]]", ("Electronics", None)),
+])
+def test_category_path_keeps_the_leaf_and_skips_noise_paths(raw, expected):
+    assert category_and_brand(raw) == expected
+
+
+def test_item_text_unescapes_and_keeps_the_description():
+    t = item_text("Salt &amp; Pepper", "Pantry > Spices", "Acme", 3.5, "fine   sea salt\nfrom &quot;Brittany&quot;")
+    assert t == 'Salt & Pepper | category: Pantry > Spices | brand: Acme | price: 3.50 | fine sea salt from "Brittany"'
+    assert item_text("x", None, None, None, None) == "x"
+
+
+def test_lexical_round_trip_is_plain_data_and_scores_alike(tmp_path):
+    for setting in ("word-1-2", "char-3-5"):
+        lex = Lexical.fit(TEXTS, setting)
+        lex.save(str(tmp_path))
+        back = Lexical.load(str(tmp_path))
+        assert back.setting == setting
+        np.testing.assert_allclose(back.cart_scores([[0], [2, 3]]), lex.cart_scores([[0], [2, 3]]), rtol=1e-6)
+        np.testing.assert_allclose(back.query_scores(["coffee"]), lex.query_scores(["coffee"]), rtol=1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["lexical.json", "lexical_items.npz"]
+    s = Lexical.fit(TEXTS).cart_scores([[2]])[0]  # the coffee beans' nearest other item shares "coffee"
+    s[2] = -1
+    assert int(s.argmax()) == 3
+
+
+def test_completion_fusion_excludes_the_cart_and_a_single_channel_ranks_as_itself():
+    eng = _engine()
+    for ch in ("pretrained", "lexical", "popularity", "cooccurrence"):
+        e = eng.with_params(EngineParams(completion={ch: 1.0}))
+        raw = e.channel_scores(ch, [[2]])[0]
+        fused = e.complete_scores([[2]])[0]
+        assert fused[2] == -np.inf
+        keep = np.arange(len(raw)) != 2
+        assert list(np.argsort(-fused[keep], kind="stable")) == list(np.argsort(-raw[keep], kind="stable")), ch
+    both = eng.with_params(EngineParams(completion={"pretrained": 0.5, "lexical": 0.5}))
+    top = [i for i, _ in both.complete([2, 3], k=3)]
+    assert len(top) == 3 and not {2, 3} & set(top)
+    with pytest.raises(ValueError, match="at least one item"):
+        eng.complete_scores([[]])
+
+
+def test_engine_params_are_checked_and_saved_with_the_export(tmp_path):
+    with pytest.raises(ValueError, match="unknown engine channels"):
+        EngineParams(completion={"magic": 1.0})
+    p = EngineParams(completion={"tuned": 0.5, "lexical": 0.5}, compat={"pretrained": 1.0}, threshold=0.3)
+    p.save(str(tmp_path))
+    assert EngineParams.load(str(tmp_path)) == p
+    assert EngineParams.load(str(tmp_path / "nothing")) == EngineParams()
+
+
+def test_inconsistent_export_is_refused():
+    items = _items()
+    with pytest.raises(ValueError, match="pretrained index has 3 rows for 8 catalog items"):
+        BundleEngine(items, None, np.zeros((8, 4)), CoStats.from_groups([], 8), PricingModel(), pretrained=np.zeros((3, 4)))
+
+
+def test_detection_uses_the_saved_compatibility_and_threshold():
+    eng = _engine(EngineParams(completion={"lexical": 1.0}, compat={"data": 1.0}, threshold=0.01))
+    groups = eng.detect([0, 1, 2, 3, 6])
+    assert sorted(map(sorted, groups)) == [[0, 1], [2, 3]]  # the co-purchase pairs, 6 alone
+    never = eng.with_params(EngineParams(compat={"data": 1.0}, threshold=1e9))
+    assert never.detect([0, 1, 2, 3]) == []
+
+
+def _domain(n_users=200, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"bundle_id": f"b{u}-{k}", "session_id": f"s{u}", "user_id": f"u{u}", "items": [f"x{rng.integers(50)}", "x1"],
+             "intent": "t"} for u in range(n_users) for k in range(2)]
+    b = pd.DataFrame(rows)
+    s = pd.DataFrame({"session_id": [f"s{u}" for u in range(n_users)], "user_id": [f"u{u}" for u in range(n_users)],
+                      "items": [["x1", "x2"]] * n_users})
+    return Domain("d", pd.DataFrame({"item_id": []}), b, s)
+
+
+def test_validation_is_carved_by_user_and_deterministic():
+    fit, val = E.carve_validation({"d": _domain()}, seed=0)
+    fu, vu = set(fit["d"].bundles.user_id), set(val["d"].bundles.user_id)
+    assert not fu & vu and len(fu | vu) == 200 and 8 <= len(vu) <= 40
+    assert not set(fit["d"].sessions.session_id) & set(val["d"].sessions.session_id)
+    assert set(E.carve_validation({"d": _domain()}, seed=0)[1]["d"].bundles.user_id) == vu
+    assert set(E.carve_validation({"d": _domain()}, seed=1)[1]["d"].bundles.user_id) != vu
+
+
+def test_intervals_cover_the_truth_and_a_paired_lift_of_equal_methods_is_zero():
+    rng = np.random.default_rng(0)
+    v = rng.binomial(1, 0.3, size=400).astype(float)
+    lo, hi = E.bootstrap_mean_ci(v)
+    assert lo < v.mean() < hi and hi - lo < 0.12
+    same = E.paired_lift(v, v)
+    assert same["lift"] == 0 and same["ci"] == [0.0, 0.0]
+    better = E.paired_lift(np.clip(v + rng.binomial(1, 0.2, 400), 0, 1), v)
+    assert better["ci"][0] > 0
+    tr = np.array([[1.0, 1, 1]] * 50 + [[0.0, 1, 1]] * 50)
+    f1 = E.f1_of(tr)
+    lo, hi = E.f1_ci(tr)
+    assert f1 == 0.5 and lo < 0.5 < hi
+
+
+def test_fusion_grid_is_the_simplex_and_includes_every_pure_channel():
+    grid = E.fusion_grid()
+    assert all(abs(sum(w.values()) - 1) < 1e-9 for w in grid) and len(grid) == 15
+    for ch in E.FUSION_CHANNELS:
+        assert {ch: 1.0} in grid
+
+
+@pytest.mark.skipif(not os.path.exists(INTENT), reason="shared data not present")
+def test_real_sessions_load_with_their_users():
+    from bundlerec.bundles.intent import load_domain
+
+    d = load_domain("food", f"{INTENT}/food")
+    assert d.bundles.user_id.str.startswith("food:u").all()
+    # every bundle's session belongs to the same user as the bundle
+    owner = d.sessions.set_index("session_id").user_id
+    assert (d.bundles.session_id.map(owner) == d.bundles.user_id).all()

@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(res, f, indent=2)
     for metric in ("discount_mae", "final_price_mape"):
         print(metric, "  ".join(f"{k} {v:.4f}" for k, v in res[metric].items()))
+    r = res["robustness"]
+    print(f"discount MAE / median: {res['mae_ratio_to_median']:.3f} (mean over 5 fold seeds "
+          f"{r['mae_ratio_mean_over_seeds']:.3f}; folds of whole overlap components "
+          f"{r['grouped_by_overlap_component']['ratio']:.3f}; without the context features "
+          f"{r['without_context_features']['ratio']:.3f})")
     return res
 
 

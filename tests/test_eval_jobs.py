@@ -92,3 +92,6 @@ def test_eval_pricing_command(tmp_path):
     assert set(res["discount_mae"]) == {"bundlerec", "median", "median_by_size"}
     assert set(res["final_price_mape"]) == {"bundlerec", "median", "median_by_size"}
     assert json.loads(out.read_text())["discount_mae"] == res["discount_mae"]
+    r = res["robustness"]
+    assert set(r["mae_ratio_by_fold_seed"]) == {0, 1, 2, 3, 4} and 0 < r["grouped_by_overlap_component"]["ratio"] < 2
+    assert 0 < r["no_overlap_subset"]["bundles"] < res["n_bundles"]

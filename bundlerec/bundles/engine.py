@@ -261,7 +261,8 @@ class BundleEngine:
 
     def describe_bundle(self, items: list[int], score: float, seen: set) -> dict:
         prices = [max(self.prices[i], 0.0) for i in items]
-        priced = self.pricing.price(prices, [self.titles[i] for i in items]) if sum(prices) > 0 else {}
+        priced = (self.pricing.price(prices, [self.titles[i] for i in items], item_ids=[self.item_ids[i] for i in items])
+                  if sum(prices) > 0 else {})
         return {"name": bundle_name([self.categories[i] for i in items]), "score": score,
                 "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
                            "price": None if self.prices[i] < 0 else self.prices[i],

@@ -32,14 +32,21 @@ ADDON = re.compile(r"soundtrack|\bost\b|\bdlc\b|season pass|expansion|\bpack\b|c
 NAME_WORDS = ("complete", "collection", "franchise", "pack", "deluxe", "soundtrack", "dlc", "season", "anthology",
               "trilogy", "edition", "bundle", "indie", "gold")
 GENRES = ("Indie", "Action", "Adventure", "Casual", "Strategy", "RPG", "Simulation", "Free to Play", "Early Access")
-FEATURES = ("log_n", "log_list", "max_share", "log_mean_price", "cheap_share", "n_genres", "price_spread",
-            "min_max_ratio", *(f"name_{w}" for w in NAME_WORDS), "soundtrack_share", "addon_share",
-            "expansion_share", *(f"genre_{g}" for g in GENRES))
+BUNDLE_FEATURES = ("log_n", "log_list", "max_share", "log_mean_price", "cheap_share", "n_genres", "price_spread",
+                   "min_max_ratio", *(f"name_{w}" for w in NAME_WORDS), "soundtrack_share", "addon_share",
+                   "expansion_share", *(f"genre_{g}" for g in GENRES))
+# from earlier bundles (PricingContext): item overlap and the seller (publisher / developer)
+CONTEXT_FEATURES = ("overlap_max_jaccard", "overlap_nearest_discount", "overlap_weighted_discount", "has_overlap",
+                    "publisher_share", "publisher_mean_discount", "publisher_bundles",
+                    "developer_share", "developer_mean_discount", "developer_bundles")
+FEATURES = (*BUNDLE_FEATURES, *CONTEXT_FEATURES)
+SELLER_KEYS = ("publisher", "developer")
 
 
 def bundle_features(item_prices: Sequence[float], item_names: Optional[Sequence[str]] = None,
                     item_genres: Optional[Sequence[str]] = None, bundle_name: str = "") -> np.ndarray:
-    """Feature vector of one bundle (see FEATURES): size, prices, name words, add-on share, genres."""
+    """Feature vector of one bundle's own contents (BUNDLE_FEATURES): size, prices, name words,
+    add-on share, genres."""
     p = np.asarray(item_prices, dtype=float)
     p = p[np.isfinite(p) & (p >= 0)]
     n = max(len(p), 1)
@@ -58,6 +65,59 @@ def bundle_features(item_prices: Sequence[float], item_names: Optional[Sequence[
 
 
 @dataclass
+class PricingContext:
+    """Earlier bundles a new one is compared with: their item sets, discounts and sellers.
+
+    ``features(item_ids)`` (CONTEXT_FEATURES): the largest Jaccard overlap with an earlier bundle, that
+    bundle's discount, the Jaccard-weighted mean discount of all overlapping ones, whether any
+    overlaps; for the dominant publisher and developer of the items (``sellers``: item id ->
+    {"publisher", "developer"}): their share of the items, the mean discount of earlier bundles
+    dominated by the same seller and how many there are. Without overlap or seller the fallbacks are
+    the median earlier discount and zeros. ``exclude`` leaves one earlier bundle out (a training row's
+    own features are computed leave-one-out)."""
+
+    item_sets: list
+    discounts: list
+    sellers: dict
+
+    def __post_init__(self):
+        self._sets = [set(map(str, x)) for x in self.item_sets]
+        self._d = np.asarray(self.discounts, dtype=float)
+        self._dom = [{k: self.dominant(s_, k) for k in SELLER_KEYS} for s_ in self._sets]
+
+    def dominant(self, items, key: str) -> tuple[Optional[str], float]:
+        vals = [self.sellers[i][key] for i in items if self.sellers.get(i, {}).get(key)]
+        if not vals:
+            return None, 0.0
+        top = max(set(vals), key=lambda v: (vals.count(v), v))
+        return top, vals.count(top) / max(len(items), 1)
+
+    def features(self, item_ids: Optional[Sequence] = None, exclude: Optional[int] = None) -> np.ndarray:
+        s_ = set(map(str, item_ids or []))
+        keep = np.ones(len(self._sets), dtype=bool)
+        if exclude is not None:
+            keep[exclude] = False
+        d = self._d[keep]
+        med = float(np.median(d)) if len(d) else 0.2
+        jac = np.array([len(s_ & t) / len(s_ | t) if s_ else 0.0 for t, k in zip(self._sets, keep) if k])
+        f = [0.0, med, med, 0.0]
+        if len(jac) and jac.max() > 0:
+            w = jac[jac > 0]
+            f = [float(jac.max()), float(d[int(jac.argmax())]), float((w * d[jac > 0]).sum() / w.sum()), 1.0]
+        dom = [x for x, k in zip(self._dom, keep) if k]
+        for key in SELLER_KEYS:
+            seller, share = self.dominant(s_, key)
+            same = [di for di, o in zip(d, dom) if seller is not None and o[key][0] == seller]
+            f += [share, float(np.mean(same)) if same else med, float(len(same))]
+        return np.asarray(f, dtype=float)
+
+    def to_json(self) -> dict:
+        used = {i for x in self._sets for i in x}
+        return {"item_sets": [sorted(x) for x in self._sets], "discounts": self._d.tolist(),
+                "sellers": {i: v for i, v in self.sellers.items() if i in used}}
+
+
+@dataclass
 class PricingModel:
     s: float = 0.3
     """Logistic scale of willingness to pay (an assumption; see module docstring)."""
@@ -66,6 +126,13 @@ class PricingModel:
     """mu(x) learner: gradient-boosted trees with absolute-error loss (the metric we report)."""
     default_discount: float = 0.2
     """Revenue-optimal discount assumed before fitting (the median Steam bundle discount)."""
+    context: Optional[PricingContext] = None
+    """Earlier bundles for the overlap/seller features (empty context: their fallbacks)."""
+
+    def features(self, item_prices, item_names=None, item_genres=None, bundle_name: str = "",
+                 item_ids: Optional[Sequence] = None) -> np.ndarray:
+        ctx = self.context or PricingContext([], [], {})
+        return np.concatenate([bundle_features(item_prices, item_names, item_genres, bundle_name), ctx.features(item_ids)])
 
     # ---------------------------------------------------------------- fitting
     def fit(self, X: np.ndarray, discount: np.ndarray) -> "PricingModel":
@@ -92,6 +159,8 @@ class PricingModel:
         sio.dump(self.regressor, os.path.join(out_dir, "pricing.skops"))
         with open(os.path.join(out_dir, "pricing.json"), "w") as f:
             json.dump({"s": self.s, "seed": self.seed, "features": list(FEATURES), **meta}, f, indent=2)
+        with open(os.path.join(out_dir, "pricing_context.json"), "w") as f:
+            json.dump((self.context or PricingContext([], [], {})).to_json(), f)
 
     @classmethod
     def load(cls, export_dir: str) -> tuple["PricingModel", dict]:
@@ -116,6 +185,9 @@ class PricingModel:
             raise ValueError(f"{path} holds types that are not scikit-learn's: {foreign}; refusing to load it")
         model = cls(s=float(meta["s"]), seed=int(meta.get("seed", 0)))
         model.regressor = sio.load(path, trusted=untrusted)
+        ctx_path = os.path.join(export_dir, "pricing_context.json")
+        if os.path.exists(ctx_path):
+            model.context = PricingContext(**json.load(open(ctx_path)))
         return model, {"source": "fitted", **{k: v for k, v in meta.items() if k != "features"}}
 
     def offset(self) -> float:
@@ -139,14 +211,15 @@ class PricingModel:
         return np.clip(self.regressor.predict(X), 0.0, 0.95)
 
     def price(self, item_prices: Sequence[float], item_names: Optional[Sequence[str]] = None,
-              item_genres: Optional[Sequence[str]] = None, bundle_name: str = "", costs: Optional[Sequence[float]] = None, max_discount: float = 0.6, min_margin: float = 0.0,
-              price_ending: Optional[float] = None, grid: int = 400) -> dict:
+              item_genres: Optional[Sequence[str]] = None, bundle_name: str = "", costs: Optional[Sequence[float]] = None,
+              max_discount: float = 0.6, min_margin: float = 0.0, price_ending: Optional[float] = None, grid: int = 400,
+              item_ids: Optional[Sequence] = None) -> dict:
         """Revenue- (or margin-, when costs are given) maximizing bundle price under constraints."""
         prices = np.asarray(item_prices, dtype=float)
         L = float(prices.sum())
         if L <= 0:
             raise ValueError("bundle list price must be positive")
-        x = bundle_features(prices, item_names, item_genres, bundle_name)
+        x = self.features(prices, item_names, item_genres, bundle_name, item_ids)
         cost = float(np.sum(costs)) if costs is not None else 0.0
         lo = max(L * (1 - max_discount), cost * (1 + min_margin))
         if lo > L:
@@ -161,11 +234,12 @@ class PricingModel:
         objective = (cand - cost) * prob
         best = int(np.argmax(objective))
         p_star = float(cand[best])
-        # selling separately: each item alone (n = 1 features) at its own list price
         # selling separately: each item alone at its own list price, under the same model (n = 1)
         names = list(item_names or [""] * len(prices))
-        sep = sum(float(pi) * self.purchase_probability(float(pi), float(pi), bundle_features([pi], [nm]))
-                  for pi, nm in zip(prices, names) if pi > 0)
+        ids = list(item_ids or [None] * len(prices))
+        sep = sum(float(pi) * self.purchase_probability(float(pi), float(pi),
+                                                        self.features([pi], [nm], item_ids=[i] if i else None))
+                  for pi, nm, i in zip(prices, names, ids) if pi > 0)
         return {"list_price": round(L, 2), "bundle_price": round(p_star, 2), "discount": round(1 - p_star / L, 4),
                 "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
                 "expected_margin": float(objective[best]) if costs is not None else None,
@@ -175,8 +249,12 @@ class PricingModel:
 
 # -------------------------------------------------------------------- Steam bundles
 
-def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Bundles with features from ``bundles.csv.gz`` + ``bundle_items.csv.gz``; returns (bundles, X)."""
+def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray, list, dict]:
+    """Steam bundles of ``data_dir``: (bundles, their BUNDLE_FEATURES, item-id lists, sellers of
+    the items from ``games.jsonl.gz`` when present: item id -> {"publisher", "developer"})."""
+    import gzip
+    import json
+
     b = pd.read_csv(f"{data_dir}/bundles.csv.gz")
     it = pd.read_csv(f"{data_dir}/bundle_items.csv.gz")
     groups = {k: g for k, g in it.groupby("bundle_id")}
@@ -184,7 +262,38 @@ def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray]:
     X = np.stack([bundle_features(groups[i].item_price_usd.fillna(0).to_numpy(), groups[i].item_name.astype(str).tolist(),
                                   groups[i].genre.fillna("").astype(str).tolist(), name)
                   for i, name in zip(b.bundle_id, b.bundle_name)])
-    return b, X
+    sets = [groups[i].item_id.astype(str).tolist() for i in b.bundle_id]
+    used, sellers = {x for s_ in sets for x in s_}, {}
+    games = f"{data_dir}/games.jsonl.gz"
+    if os.path.exists(games):
+        with gzip.open(games, "rt") as f:
+            for line in f:
+                g = json.loads(line)
+                if str(g.get("id")) in used:
+                    sellers[str(g["id"])] = {k: g.get(k) for k in SELLER_KEYS}
+    return b, X, sets, sellers
+
+
+def design(X: np.ndarray, sets: list, discounts: np.ndarray, sellers: dict, train: np.ndarray,
+           rows: np.ndarray) -> tuple[PricingContext, np.ndarray]:
+    """The context of the ``train`` bundles and the full feature matrix of ``rows`` (a row that is
+    itself a training bundle sees the others only: leave-one-out)."""
+    ctx = PricingContext([sets[i] for i in train], discounts[train].tolist(), sellers)
+    pos = {int(i): k for k, i in enumerate(train)}
+    C = np.stack([ctx.features(sets[i], exclude=pos.get(int(i))) for i in rows])
+    return ctx, np.hstack([X[rows], C])
+
+
+def overlap_components(sets: list) -> np.ndarray:
+    """Connected components of bundles linked by a shared item (for the grouped cross-validation)."""
+    import scipy.sparse as sp
+    from scipy.sparse.csgraph import connected_components
+
+    idx = {x: k for k, x in enumerate({x for s_ in sets for x in s_})}
+    rows = np.repeat(np.arange(len(sets)), [len(s_) for s_ in sets])
+    cols = np.array([idx[x] for s_ in sets for x in s_])
+    inc = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(sets), len(idx)))
+    return connected_components(inc @ inc.T, directed=False)[1]
 
 
 def fit_steam(data_dir: str, s: float = 0.3, seed: int = 0, folds: int = 5) -> tuple[PricingModel, dict]:
@@ -195,9 +304,12 @@ def fit_steam(data_dir: str, s: float = 0.3, seed: int = 0, folds: int = 5) -> t
     if not os.path.exists(os.path.join(data_dir, "bundles.csv.gz")):
         raise FileNotFoundError(f"pricing.data_dir={data_dir!r} has no bundles.csv.gz (the steam_bundles format); "
                                 f"point it at ../shared/data/steam_bundles or set pricing.data_dir=null")
-    cv = evaluate_pricing(data_dir, folds=folds, seed=seed, s=s)
-    b, X = load_steam(data_dir)
-    model = PricingModel(s=s, seed=seed).fit(X, b.bundle_discount.to_numpy(dtype=float))
+    cv = evaluate_pricing(data_dir, folds=folds, seed=seed, s=s, robustness=False)
+    b, X, sets, sellers = load_steam(data_dir)
+    d = b.bundle_discount.to_numpy(dtype=float)
+    every = np.arange(len(b))
+    ctx, F = design(X, sets, d, sellers, every, every)
+    model = PricingModel(s=s, seed=seed, context=ctx).fit(F, d)
     meta = {"data_dir": os.path.abspath(data_dir), "fitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "n_bundles": int(len(b)), "cv_folds": folds, "cv_discount_mae": cv["discount_mae"]["bundlerec"],
             "cv_discount_mae_median_baseline": cv["discount_mae"]["median"]}
@@ -214,28 +326,68 @@ def attach_to_export(export_dir: str, data_dir: Optional[str], s: float = 0.3) -
     return {"source": "fitted", **meta}
 
 
-def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3) -> dict:
-    """K-fold out-of-sample discount MAE and final-price MAPE: bundlerec vs median and median-by-size."""
-    b, X = load_steam(data_dir)
-    d = b.bundle_discount.to_numpy(dtype=float)
-    L = b.bundle_price_usd.to_numpy(dtype=float)
-    final = b.bundle_final_price_usd.to_numpy(dtype=float)
-    size = np.minimum(b.n_items.to_numpy(), 7)  # sizes >= 7 share one bucket
-    rng = np.random.default_rng(seed)
-    fold = rng.permutation(len(b)) % folds
-    pred = {"bundlerec": np.zeros(len(b)), "median": np.zeros(len(b)), "median_by_size": np.zeros(len(b))}
-    for f in range(folds):
-        tr, te = fold != f, fold == f
-        pred["bundlerec"][te] = PricingModel(s=s).fit(X[tr], d[tr]).predict_discount(X[te])
+def _cv(X, sets, sellers, d, size, fold: np.ndarray, s: float, context: bool = True) -> dict:
+    """Out-of-fold discount predictions of bundlerec (with or without the context features) and the
+    median and median-by-size baselines (computed on the training folds)."""
+    n = len(d)
+    pred = {"bundlerec": np.zeros(n), "median": np.zeros(n), "median_by_size": np.zeros(n)}
+    for f in np.unique(fold):
+        tr, te = np.where(fold != f)[0], np.where(fold == f)[0]
+        if context:
+            _, Ftr = design(X, sets, d, sellers, tr, tr)
+            _, Fte = design(X, sets, d, sellers, tr, te)
+        else:
+            Ftr, Fte = X[tr], X[te]
+        pred["bundlerec"][te] = PricingModel(s=s).fit(Ftr, d[tr]).predict_discount(Fte)
         med = float(np.median(d[tr]))
         pred["median"][te] = med
         by = pd.Series(d[tr]).groupby(size[tr]).median()
         pred["median_by_size"][te] = [by.get(k, med) for k in size[te]]
-    out = {"discount_mae": {}, "final_price_mape": {}, "n_bundles": int(len(b)), "folds": folds, "s": s}
+    return pred
+
+
+def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3, robustness: bool = True) -> dict:
+    """K-fold out-of-sample discount MAE and final-price MAPE: bundlerec vs median and median-by-size.
+
+    ``robustness``: also the MAE ratio to the median for 5 fold seeds, a cross-validation whose folds
+    are whole overlap components (no test bundle shares an item with a training bundle), the subset
+    of bundles that share no item with any other, and the model without the context features."""
+    b, X, sets, sellers = load_steam(data_dir)
+    d = b.bundle_discount.to_numpy(dtype=float)
+    L = b.bundle_price_usd.to_numpy(dtype=float)
+    final = b.bundle_final_price_usd.to_numpy(dtype=float)
+    size = np.minimum(b.n_items.to_numpy(), 7)  # sizes >= 7 share one bucket
+    random_folds = lambda sd: np.random.default_rng(sd).permutation(len(b)) % folds  # noqa: E731
+    pred = _cv(X, sets, sellers, d, size, random_folds(seed), s)
+    out = {"discount_mae": {}, "final_price_mape": {}, "n_bundles": int(len(b)), "folds": folds, "s": s, "seed": seed,
+           "sellers_known": int(len(sellers))}
     for name, p in pred.items():
         out["discount_mae"][name] = float(np.mean(np.abs(p - d)))
         out["final_price_mape"][name] = float(np.mean(np.abs(L * (1 - p) - final) / final))
-    full = PricingModel(s=s).fit(X, d)
+    out["mae_ratio_to_median"] = out["discount_mae"]["bundlerec"] / out["discount_mae"]["median"]
+    every = np.arange(len(b))
+    ctx, F = design(X, sets, d, sellers, every, every)
+    full = PricingModel(s=s).fit(F, d)
     out["feature_importance"] = dict(sorted(zip(FEATURES, map(float, full.regressor.feature_importances_)),
                                             key=lambda kv: -kv[1])[:8])
+    if not robustness:
+        return out
+    mae = lambda p: float(np.mean(np.abs(p - d)))  # noqa: E731
+    ratios = {}
+    for sd in range(5):
+        pr = pred if sd == seed else _cv(X, sets, sellers, d, size, random_folds(sd), s)
+        ratios[sd] = mae(pr["bundlerec"]) / mae(pr["median"])
+    comp = overlap_components(sets)
+    grouped = _cv(X, sets, sellers, d, size, np.random.default_rng(seed).permutation(comp.max() + 1)[comp] % folds, s)
+    no_ctx = _cv(X, sets, sellers, d, size, random_folds(seed), s, context=False)
+    alone = np.bincount(comp)[comp] == 1
+    out["robustness"] = {
+        "mae_ratio_by_fold_seed": ratios, "mae_ratio_mean_over_seeds": float(np.mean(list(ratios.values()))),
+        "grouped_by_overlap_component": {"bundlerec": mae(grouped["bundlerec"]), "median": mae(grouped["median"]),
+                                         "ratio": mae(grouped["bundlerec"]) / mae(grouped["median"]),
+                                         "components": int(comp.max() + 1)},
+        "no_overlap_subset": {"bundles": int(alone.sum()), "bundlerec": float(np.mean(np.abs(pred["bundlerec"] - d)[alone])),
+                              "median": float(np.mean(np.abs(pred["median"] - d)[alone]))},
+        "without_context_features": {"bundlerec": mae(no_ctx["bundlerec"]), "ratio": mae(no_ctx["bundlerec"]) / mae(no_ctx["median"])},
+    }
     return out

@@ -34,9 +34,14 @@ def print_table(res: dict) -> None:
                     ci = v.get(f"{k}_ci") or v.get("f1_ci" if k == "f1" else "")
                     cells.append(f"{k} {v[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
                 print(f"{task:<11}{dom:<11}{m:<10}" + "  ".join(cells))
-    for dom, lift in res["lift"].items():
-        r = lift["recall@10"]
-        print(f"lift       {dom:<11}bundlerec vs {lift['vs']}: recall@10 {r['lift']:+.1%} [{r['ci'][0]:+.1%}, {r['ci'][1]:+.1%}]")
+    for dom, methods in res.get("intent", {}).items():
+        for m, v in methods.items():
+            ci = v["recall@10_ci"]
+            print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
+    for key in ("lift", "intent_lift"):
+        for dom, lift in res.get(key, {}).items():
+            r = lift["recall@10"]
+            print(f"{key:<11}{dom:<11}bundlerec vs {lift['vs']}: recall@10 {r['lift']:+.1%} [{r['ci'][0]:+.1%}, {r['ci'][1]:+.1%}]")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--config", default=None)
     p.add_argument("--export", default=None, help="evaluate this export (from an earlier run on the same "
                    "--train-dir) instead of training")
+    p.add_argument("--reuse-exports", action="store_true", help="with --folds: evaluate each fold's existing "
+                   "export (work-dir/foldK/export) instead of training it again")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (train.epochs=3 ...)")
     args = p.parse_args(argv)
     if bool(args.folds) == bool(args.train_dir and args.eval_dir) or (args.folds and not args.src):
@@ -61,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run(train_dir: str, eval_dir: str, wd: str) -> dict:
         cfg = load_config(args.config, DEFAULTS + [f"train.storage_path={wd}/ray_results", *args.overrides])
-        return evaluate_bundles(cfg, train_dir, eval_dir, wd, export_dir=args.export, cache_dir=os.path.join(work, "cache"))
+        export = args.export
+        if args.reuse_exports and os.path.exists(os.path.join(wd, "export", "bundlerec.json")):
+            export = os.path.join(wd, "export")
+        return evaluate_bundles(cfg, train_dir, eval_dir, wd, export_dir=export, cache_dir=os.path.join(work, "cache"))
 
     if args.folds:
         folds = {}

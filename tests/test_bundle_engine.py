@@ -90,6 +90,19 @@ def test_completion_fusion_excludes_the_cart_and_a_single_channel_ranks_as_itsel
         eng.complete_scores([[]])
 
 
+def test_free_text_queries_rank_by_the_chosen_channels():
+    eng = _engine(EngineParams(query={"lexical": 1.0}))
+    s = eng.query_scores(["coffee"])[0]
+    assert set(np.argsort(-s)[:2]) == {2, 3}  # the two coffee items
+    with pytest.raises(ValueError, match="some text"):
+        eng.query_scores(["  "])
+    with pytest.raises(ValueError, match="unknown engine channels"):
+        EngineParams(query={"cooccurrence": 1.0})
+    bundles = eng.with_params(EngineParams(query={"lexical": 1.0}, compat={"lexical": 1.0})).from_query(
+        "coffee", __import__("bundlerec.bundles.generate", fromlist=["x"]).BundleConstraints(n=1, max_size=2, max_per_category=2))
+    assert len(bundles) == 1 and {i["item_id"] for i in bundles[0]["items"]} == {"i2", "i3"}
+
+
 def test_engine_params_are_checked_and_saved_with_the_export(tmp_path):
     with pytest.raises(ValueError, match="unknown engine channels"):
         EngineParams(completion={"magic": 1.0})

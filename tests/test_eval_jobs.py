@@ -60,6 +60,10 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
             g = res["generation"][domain][method]
             assert 0 <= g["f1"] <= 1 and g["f1_ci"][0] <= g["f1"] <= g["f1_ci"][1]
         assert res["lift"][domain]["vs"] in ("popular", "itemknn", "lexical", "zeroshot")
+        for method in ("bundlerec", "lexical", "zeroshot", "tuned"):  # intent text -> the bundle's items
+            i = res["intent"][domain][method]
+            assert i["n"] > 0 and i["recall@10_ci"][0] <= i["recall@10"] <= i["recall@10_ci"][1]
+        assert res["intent_lift"][domain]["vs"] in ("lexical", "zeroshot")
         assert 0 <= res["seen_share"][domain]["eval_targets_seen"] <= 1
         # the text encoder and the lexical index know what goes together: better than popularity
         for m in ("zeroshot", "lexical"):
@@ -68,6 +72,7 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     assert res["selection"]["validation"]["food"]["users"] > 0
     export = res["export_dir"]
     assert json.loads(open(f"{export}/bundle_engine.json").read()) == res["engine_params"]
+    assert set(res["engine_params"]["query"]) <= {"tuned", "pretrained", "lexical"}
 
     # evaluated as served: the serving object's completion reproduces the evaluation's figure
     from bundlerec.bundles.evaluate import completion_queries

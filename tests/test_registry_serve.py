@@ -213,6 +213,12 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert [i["score"] for i in body["items"]] == sorted((i["score"] for i in body["items"]), reverse=True)
         assert _post(f"{base}/v1/bundles/complete", {"items": []})[0] == 422
         assert _post(f"{base}/v1/bundles/complete", {"items": [known]}, headers={})[0] == 401
+        # --- a free-text shopping intent as the seed of bundles (the engine's query channels)
+        code, body = _post(f"{base}/v1/bundles", {"query": "a starter kit for a new hobby", "n": 2, "max_size": 3})
+        assert code == 200 and body["history_source"] == "query", body
+        assert 1 <= len(body["bundles"]) <= 2 and all(2 <= len(b["items"]) <= 3 for b in body["bundles"])
+        assert _post(f"{base}/v1/bundles", {"query": "kit", "user_id": user})[0] == 422
+        assert _post(f"{base}/v1/bundles", {"query": "   "})[0] == 422
         # prices come from the fitted model the export carries, and depend on what is in the bundle
         if STEAM.exists():
             assert {b["price_source"] for b in body["bundles"]} == {"fitted"}

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CHANNELS = ("tuned", "pretrained", "lexical", "cooccurrence", "popularity")
 COMPAT_TERMS = ("data", "tuned", "pretrained", "lexical")
+QUERY_CHANNELS = ("tuned", "pretrained", "lexical")
 # The event type a cart's items carry for the user tower: the bundle-completion training examples
 # use the same (bundlerec.bundles.evaluate.write_training_data).
 COMPLETION_EVENT = "purchase"
@@ -61,6 +62,9 @@ class EngineParams:
 
     completion: dict = field(default_factory=lambda: {"tuned": 1.0})
     """Channel -> weight of its standardised scores (see the module doc)."""
+    query: dict = field(default_factory=lambda: {"tuned": 1.0})
+    """Free-text queries ("a camping starter kit"): channel -> weight (``tuned``/``pretrained``: the
+    query encoded by that encoder; ``lexical``: TF-IDF)."""
     compat: dict = field(default_factory=lambda: {"data": 1.0, "tuned": 1.0})
     """Compatibility terms -> weight: ``data`` (co-purchase sPMI), ``tuned``/``pretrained`` (encoder
     cosines), ``lexical`` (TF-IDF cosine). Used by detection and personalized generation."""
@@ -72,7 +76,8 @@ class EngineParams:
     """How the values were chosen (validation data and figures), for the record."""
 
     def __post_init__(self):
-        bad = set(self.completion) - set(CHANNELS) | set(self.compat) - set(COMPAT_TERMS)
+        bad = (set(self.completion) - set(CHANNELS) | set(self.compat) - set(COMPAT_TERMS)
+               | set(self.query) - set(QUERY_CHANNELS))
         if bad:
             raise ValueError(f"unknown engine channels {sorted(bad)}; known: {CHANNELS} / {COMPAT_TERMS}")
 
@@ -143,6 +148,9 @@ class BundleEngine:
         self.pretrained, self.lexical = pretrained, lexical
         self.popularity = np.zeros(n) if popularity is None else np.asarray(popularity, dtype=np.float64)
         self.history_len = history_len
+        self.export_dir: Optional[str] = None  # tokenizer of the tuned encoder (queries)
+        self.pretrained_name: Optional[str] = None  # the pretrained encoder (queries), loaded on first use
+        self._text: dict = {}
         self.pricing = pricing
         self.pricing_info = pricing_info or {"source": "default"}
         self.params = params or EngineParams()
@@ -167,7 +175,8 @@ class BundleEngine:
                   pricing, info, params, pretrained=opt("item_index_pretrained.npy"),
                   lexical=Lexical.load(export_dir), popularity=opt("popularity.npy"),
                   history_len=int(meta.get("history_len", 64)))
-        missing = [c for c in {*params.completion, *params.compat} if eng._absent(c)]
+        eng.export_dir, eng.pretrained_name = export_dir, meta.get("base_model")
+        missing = [c for c in {*params.completion, *params.compat, *params.query} if eng._absent(c)]
         if missing:
             raise ValueError(f"{export_dir}: {PARAMS_FILE} uses channels the export lacks: {missing}")
         return eng
@@ -237,6 +246,49 @@ class BundleEngine:
         s[0, list(exclude)] = -np.inf
         top, s = top_k(s, k)[0], s[0]
         return [(int(i), float(s[i])) for i in top if np.isfinite(s[i])]
+
+    # ---------------------------------------------------------------- free-text queries
+    def _encoder(self, channel: str):
+        """(tokenizer, model with encode_items) of the tuned or pretrained encoder, loaded once."""
+        if channel not in self._text:
+            from transformers import AutoTokenizer
+
+            from bundlerec.model.pretrained import resolve_model_path
+
+            if channel == "tuned":
+                tok, model = AutoTokenizer.from_pretrained(os.path.join(self.export_dir, "encoder")), self.model
+            else:
+                from bundlerec.model.two_tower import TwoTower, build_encoder
+
+                path = resolve_model_path(self.pretrained_name)
+                tok, model = AutoTokenizer.from_pretrained(path), TwoTower(build_encoder(path)).eval()
+            self._text[channel] = (tok, model)
+        return self._text[channel]
+
+    def query_channel_scores(self, channel: str, texts: Sequence[str]) -> np.ndarray:
+        """(B, N) raw scores of every item for free-text queries."""
+        if channel == "lexical":
+            return self.lexical.query_scores(texts)
+        tok, model = self._encoder(channel)
+        enc = tok([str(t) for t in texts], truncation=True, max_length=64, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            q = model.encode_items(enc["input_ids"], enc["attention_mask"]).float().numpy()
+        return q @ (self.index if channel == "tuned" else self.pretrained).T
+
+    def query_scores(self, texts: Sequence[str], channels: Optional[dict] = None) -> np.ndarray:
+        """(B, N) fused scores of every item for free-text queries (``params.query`` weights)."""
+        if any(not str(t).strip() for t in texts):
+            raise ValueError("a query needs some text")
+        out = np.zeros((len(texts), len(self.item_ids)))
+        for ch, w in self.params.query.items():
+            if w:
+                raw = channels[ch] if channels is not None and ch in channels else self.query_channel_scores(ch, texts)
+                out += w * _standardize(raw)
+        return out
+
+    def from_query(self, text: str, c: BundleConstraints) -> list[dict]:
+        """Priced bundles seeded by a free-text query (the query's best items, grown by compatibility)."""
+        return self.personalized(self.query_scores([text])[0], c)
 
     # ---------------------------------------------------------------- detection / generation
     def _compat(self) -> Compatibility:

@@ -39,7 +39,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bundlerec.bundles.engine import COMPLETION_EVENT, BundleEngine, EngineParams, top_k, write_engine_assets
+from bundlerec.bundles.engine import (
+    COMPLETION_EVENT,
+    QUERY_CHANNELS,
+    BundleEngine,
+    EngineParams,
+    top_k,
+    write_engine_assets,
+)
 from bundlerec.bundles.intent import Domain, load
 from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
 from bundlerec.bundles.lexical import Lexical
@@ -58,6 +65,8 @@ BOOTSTRAP = 1000
 BASELINES = {"popular": {"popularity": 1.0}, "itemknn": {"cooccurrence": 1.0}, "lexical": {"lexical": 1.0},
              "zeroshot": {"pretrained": 1.0}}
 ABLATIONS = {"tuned": {"tuned": 1.0}}  # the fine-tuned model alone (reported, not a baseline)
+# intent -> bundle: the query encoded by one channel (lexical and zeroshot are the baselines)
+QUERY_METHODS = {"lexical": {"lexical": 1.0}, "zeroshot": {"pretrained": 1.0}, "tuned": {"tuned": 1.0}}
 FUSION_STEP = 0.25  # completion fusion grid: weights on the simplex over these channels, this step
 FUSION_CHANNELS = ("tuned", "pretrained", "lexical")
 COMPAT_DATA = (0.0, 0.5, 1.0)  # detection: weight of the co-purchase sPMI term
@@ -138,6 +147,14 @@ def completion_queries(bundles: pd.DataFrame, index: dict, mode: str) -> list[tu
     return out
 
 
+def intent_queries(bundles: pd.DataFrame, index: dict) -> list[tuple[str, list[int]]]:
+    """(intent text, the bundle's items) for every bundle with an annotated intent."""
+    if "intent" not in bundles:
+        return []
+    return [(str(t), [index[i] for i in items]) for t, items in zip(bundles["intent"], bundles["items"])
+            if isinstance(t, str) and t.strip()]
+
+
 # ------------------------------------------------------------------------------ scoring
 def channel_cache(engine: BundleEngine, carts: list[list[int]], channels, batch: int = 256) -> dict:
     return {ch: np.concatenate([engine.channel_scores(ch, carts[i:i + batch]) for i in range(0, len(carts), batch)])
@@ -151,6 +168,18 @@ def completion_values(engine: BundleEngine, queries: list, cache: dict | None = 
         chunk = queries[i:i + batch]
         part = {ch: v[i:i + batch] for ch, v in cache.items()} if cache else None
         top = torch.as_tensor(top_k(engine.complete_scores([q[0] for q in chunk], channels=part), max(KS)))
+        for name, v in batch_metrics(top, pad_targets([q[1] for q in chunk]), KS).items():
+            vals.setdefault(name, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in vals.items() if k.split("@")[0] in ("recall", "ndcg")}
+
+
+def query_values(engine: BundleEngine, queries: list, cache: dict | None = None, batch: int = 256) -> dict:
+    """Per-query recall@K / ndcg@K of the engine's free-text query ranking (intent -> bundle items)."""
+    vals: dict[str, list] = {}
+    for i in range(0, len(queries), batch):
+        chunk = queries[i:i + batch]
+        part = {ch: v[i:i + batch] for ch, v in cache.items()} if cache else None
+        top = torch.as_tensor(top_k(engine.query_scores([q[0] for q in chunk], channels=part), max(KS)))
         for name, v in batch_metrics(top, pad_targets([q[1] for q in chunk]), KS).items():
             vals.setdefault(name, []).append(v.numpy())
     return {k: np.concatenate(v) for k, v in vals.items() if k.split("@")[0] in ("recall", "ndcg")}
@@ -219,12 +248,12 @@ def f1_ci(tr: np.ndarray, seed: int = 0) -> list[float]:
 
 
 # ------------------------------------------------------------------------------ selection
-def fusion_grid() -> list[dict]:
+def fusion_grid(channels=FUSION_CHANNELS) -> list[dict]:
     steps = int(round(1 / FUSION_STEP))
     out = []
-    for w in itertools.product(range(steps + 1), repeat=len(FUSION_CHANNELS)):
+    for w in itertools.product(range(steps + 1), repeat=len(channels)):
         if sum(w) == steps:
-            out.append({c: x * FUSION_STEP for c, x in zip(FUSION_CHANNELS, w) if x})
+            out.append({c: x * FUSION_STEP for c, x in zip(channels, w) if x})
     return out
 
 
@@ -304,6 +333,14 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str
               for w in fusion_grid()}
     best_w = json.loads(max(fusion, key=fusion.get))
     log.info("eval_bundles: completion fusion %s (val recall@10 %.4f)", best_w, fusion[json.dumps(best_w)])
+    val_i = {d: intent_queries(v.bundles, index) for d, v in val.items()}
+    qcache = {d: {ch: engine.query_channel_scores(ch, [t for t, _ in q]) for ch in QUERY_CHANNELS} if q else None
+              for d, q in val_i.items()}
+    query = {json.dumps(w): float(np.mean([query_values(engine.with_params(EngineParams(query=w)), q, qcache[d])
+                                           ["recall@10"].mean() for d, q in val_i.items() if q]))
+             for w in fusion_grid(QUERY_CHANNELS)} if any(val_i.values()) else {json.dumps({"tuned": 1.0}): float("nan")}
+    best_q = json.loads(max(query, key=lambda k: query[k] if query[k] == query[k] else -1.0))
+    log.info("eval_bundles: query fusion %s (val intent recall@10 %.4f)", best_q, query[json.dumps(best_q)])
     det = {}
     for data_w, text in itertools.product(COMPAT_DATA, COMPAT_TEXT):
         compat = {**({"data": data_w} if data_w else {}), **text}
@@ -317,9 +354,10 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str
         baselines[m] = {"compat": compat, "threshold": th, "val_f1": f1, "grid": grid}
     selection = {"validation": {d: {"users": int(v.bundles.user_id.nunique()), "bundles": len(v.bundles),
                                     "sessions": len(val_s[d])} for d, v in val.items()},
-                 "lexical": lex_sel, "completion_val_recall@10": fusion, "detection_val": det,
+                 "lexical": lex_sel, "completion_val_recall@10": fusion, "query_val_recall@10": query,
+                 "detection_val": det,
                  "baseline_detection": baselines}
-    params = EngineParams(completion=best_w, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
+    params = EngineParams(completion=best_w, query=best_q, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
                           selection={"chosen_on": "validation users carved from the training directory",
                                      "completion_val_recall@10": fusion[json.dumps(best_w)],
                                      "detection_val_f1": det[best_c]["val_f1"]})
@@ -349,6 +387,17 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
     best = max(BASELINES, key=lambda m: out["completion"][m]["recall@10"])
     out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
                                   for name in ("recall@10", "ndcg@10")}}
+    iq = intent_queries(d.bundles, index)
+    out["intent"] = {}
+    if iq:
+        per_i = {}
+        for m, w in (("bundlerec", None), *QUERY_METHODS.items()):
+            e = engine if w is None else engine.with_params(EngineParams(query=w))
+            per_i[m] = query_values(e, iq)
+            out["intent"][m] = {"n": len(iq), **{k: float(v.mean()) for k, v in sorted(per_i[m].items())},
+                                **{f"{k}_ci": bootstrap_mean_ci(v, seed) for k, v in per_i[m].items() if k.endswith("@10")}}
+        best_i = max(("lexical", "zeroshot"), key=lambda m: out["intent"][m]["recall@10"])
+        out["intent_lift"] = {"vs": best_i, "recall@10": paired_lift(per_i["bundlerec"]["recall@10"], per_i[best_i]["recall@10"], seed)}
     sessions = session_truth(d, index)
     for m in ("bundlerec", *BASELINES):
         if m == "popular":
@@ -385,8 +434,9 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     for name, d in evald.items():
         log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
-        for key in ("completion", "completion_half", "generation", "lift"):
-            out[key][name] = r[key]
+        for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift"):
+            if key in r:
+                out.setdefault(key, {})[name] = r[key]
         share = lambda bs: float(np.mean([index[i] in seen for b in bs["items"] for i in b[1:]])) if len(bs) else float("nan")  # noqa: E731
         out["seen_share"][name] = {"val_targets_seen": share(val[name].bundles) if name in val else None,
                                    "eval_targets_seen": share(d.bundles)}
@@ -396,17 +446,23 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
 
 
 def summarize_folds(results: dict[int, dict]) -> dict:
-    """Mean and SD over folds of every method's completion recall@10 / ndcg@10 and detection F1."""
-    out: dict = {}
+    """Mean and SD over folds of every method's completion and intent recall@10 / ndcg@10, detection
+    F1, and bundlerec's lifts over the best baseline."""
+    out: dict = {"folds": sorted(results)}
     first = next(iter(results.values()))
-    for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",))):
+    for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)),
+                          ("intent", ("recall@10", "ndcg@10"))):
+        if task not in first:
+            continue
         out[task] = {}
         for dom, methods in first[task].items():
             out[task][dom] = {}
             for m in methods:
                 out[task][dom][m] = {k: {"mean": float(np.mean(v := [r[task][dom][m][k] for r in results.values()])),
                                          "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k in metrics}
-    out["lift"] = {dom: {"mean": float(np.mean([r["lift"][dom]["recall@10"]["lift"] for r in results.values()])),
-                         "per_fold": {f: {"vs": r["lift"][dom]["vs"], **r["lift"][dom]["recall@10"]}
-                                      for f, r in results.items()}} for dom in first["lift"]}
+    for key in ("lift", "intent_lift"):
+        if key in first:
+            out[key] = {dom: {"mean": float(np.mean([r[key][dom]["recall@10"]["lift"] for r in results.values()])),
+                              "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom]["recall@10"]}
+                                           for f, r in results.items()}} for dom in first[key]}
     return out

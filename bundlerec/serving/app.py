@@ -162,11 +162,15 @@ class BundlerecService:
     def bundles(self, req: BundleRequest) -> BundleResponse:
         """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
         m = self.current
+        kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats)
+        if req.query is not None:
+            return BundleResponse(bundles=m.rec.query_bundles(req.query, **kw), cold_start=False, unknown_items=[],
+                                  history_source="query", model=m.info)
         if req.events is not None:
             h = m.rec.history_from_events([e.model_dump() for e in req.events])
         else:
             h = m.rec.history_for_user(req.user_id)
-        out = m.rec.bundles(h, n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats)
+        out = m.rec.bundles(h, **kw)
         return BundleResponse(bundles=out, cold_start=not h.items, unknown_items=h.unknown_items,
                               history_source=h.source, model=m.info)
 

@@ -153,6 +153,12 @@ class Recommender:
         c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats)
         return self.bundle_engine.personalized(self.full_scores(h), c, seen=set(h.items))
 
+    def query_bundles(self, text: str, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
+                      budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats) -> list[dict]:
+        """Priced bundles seeded by a free-text shopping intent (the engine's query fusion)."""
+        c = BundleConstraints(n=n, max_size=max_size, budget=budget, allow_repeats=allow_repeats)
+        return self.bundle_engine.from_query(text, c)
+
     def complete(self, item_ids: list[str], k: int = 10) -> dict:
         """The items that complete a cart (the bundle engine's completion; ``jobs.eval_bundles``
         measures this call). Unknown ids are reported and ignored."""

@@ -45,7 +45,18 @@ class RecommendationRequest(BaseModel):
 
 
 class BundleRequest(RecommendationRequest):
-    """Same history sources as recommendations, plus the bundle constraints."""
+    """Same history sources as recommendations, or a free-text ``query``, plus the bundle constraints."""
+
+    query: Optional[str] = Field(default=None, min_length=1, max_length=512,
+                                 description='a shopping intent as the seed instead of a history, e.g. "a camping starter kit"')
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if sum(x is not None for x in (self.user_id, self.events, self.query)) != 1:
+            raise ValueError("give exactly one of user_id, events or query")
+        if self.query is not None and not self.query.strip():
+            raise ValueError("query needs some text")
+        return self
 
     n: int = Field(default=_BUNDLE.n, ge=1, le=10, description="bundles to return")
     max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, description="items per bundle, at most")

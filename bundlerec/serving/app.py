@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from ray import serve
 
 from bundlerec.config import ServeConfig
 from bundlerec.serving.auth import TokenAuth
 from bundlerec.serving import guards  # a module reference: see the note in bundlerec/serving/guards.py
-from bundlerec.serving.guards import limit_body, require_token
+from bundlerec.serving.guards import limit_body, require_token, validation_error
 from bundlerec.serving.schemas import (
     ERROR_RESPONSES,
     BundleRequest,
@@ -49,6 +50,7 @@ DEFAULTS = ServeConfig()  # the one definition of every serve argument's default
 api = FastAPI(title="bundlerec", version="0.1.0",
               description="Personalized recommendations and priced bundles from the bundlerec champion model.")
 api.middleware("http")(limit_body)
+api.exception_handler(RequestValidationError)(validation_error)
 
 
 @dataclass

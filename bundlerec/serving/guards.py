@@ -8,14 +8,19 @@ the module (modules pickle by reference), which is what the FastAPI dependencies
     401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
     403 -- a token that is not one of the configured ones
     413 -- a body above ``max_body_bytes`` (declared or actual)
+    422 -- invalid input, rendered safely whatever it holds (:func:`validation_error`)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+import math
+from typing import Any, Optional
 
 from fastapi import Depends, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from bundlerec.config import ServeConfig
@@ -55,3 +60,23 @@ async def limit_body(request: Request, call_next):
         if declared is None and len(await request.body()) > limit:
             return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
     return await call_next(request)
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+    """422 with the validation errors, whatever the input held: FastAPI's default renderer fails
+    (500) on a lone surrogate ("\\ud800") or a NaN in the echoed input; here non-finite numbers become
+    strings and the JSON is ASCII (surrogates escaped)."""
+    detail = _finite(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+    return Response(json.dumps({"detail": detail}, ensure_ascii=True, allow_nan=False, default=str),
+                    status_code=422, media_type="application/json")
+

@@ -7,7 +7,7 @@ looks exactly like a clickstream row.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -60,7 +60,7 @@ class BundleRequest(RecommendationRequest):
 
     n: int = Field(default=_BUNDLE.n, ge=1, le=10, description="bundles to return")
     max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, description="items per bundle, at most")
-    budget: Optional[float] = Field(default=None, gt=0, description="maximum list price of a bundle")
+    budget: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False, description="maximum list price of a bundle")
     allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, description="allow an item in several bundles")
 
 
@@ -68,15 +68,9 @@ class CompletionRequest(BaseModel):
     """The items already in a cart or a started bundle; the answer completes it."""
 
     model_config = ConfigDict(extra="forbid")
-    items: list[str] = Field(min_length=1, max_length=MAX_EVENTS,
-                             description="item ids of the cart (order does not matter)")
+    items: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        min_length=1, max_length=MAX_EVENTS, description="item ids of the cart (order does not matter)")
     k: int = Field(default=10, ge=1, le=MAX_K)
-
-    @model_validator(mode="after")
-    def _ids(self):
-        if any(not (1 <= len(i) <= 128) for i in self.items):
-            raise ValueError("every item id has 1 to 128 characters")
-        return self
 
 
 class BundleItem(BaseModel):

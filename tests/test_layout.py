@@ -79,3 +79,13 @@ def test_every_library_import_resolves():
                         except ImportError:
                             missing.append(f"{path.relative_to(ROOT)}: from {node.module} import {a.name}")
     assert not missing, missing
+
+
+def test_image_build_context_excludes_secrets_and_local_state():
+    """cluster/Dockerfile copies the project root: the API token, MLflow state, runs and the venv stay out."""
+    import fnmatch
+
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    for path in (".git", ".venv", "runs", "runs/demo/api_token", "mlflow.db", ".cluster"):
+        assert any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") or fnmatch.fnmatch(path, p.lstrip("*/"))
+                   or fnmatch.fnmatch(path.split("/")[-1], p.replace("**/", "")) for p in patterns), path

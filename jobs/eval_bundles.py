@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.evaluate import evaluate_bundles, summarize_folds
+from bundlerec.bundles.evaluate import evaluate_bundles, markdown, summarize_folds
 from bundlerec.bundles.intent import split_by_user
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(markdown(res))
     return res
 
 

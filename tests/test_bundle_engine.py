@@ -176,3 +176,16 @@ def test_real_sessions_load_with_their_users():
     # every bundle's session belongs to the same user as the bundle
     owner = d.sessions.set_index("session_id").user_id
     assert (d.bundles.session_id.map(owner) == d.bundles.user_id).all()
+
+
+def test_fold_summary_means_and_sds_and_markdown():
+    def fold(r, lift):
+        return {"completion": {"food": {"bundlerec": {"recall@10": r, "ndcg@10": r / 2}, "lexical": {"recall@10": 0.2, "ndcg@10": 0.1}}},
+                "generation": {"food": {"bundlerec": {"f1": 0.6}}},
+                "lift": {"food": {"vs": "lexical", "recall@10": {"lift": lift, "ci": [lift - 0.1, lift + 0.1]}}}}
+
+    sm = E.summarize_folds({1: fold(0.3, 0.5), 2: fold(0.5, 1.5)})
+    assert sm["completion"]["food"]["bundlerec"]["recall@10"] == {"mean": 0.4, "sd": pytest.approx(0.1414, abs=1e-4)}
+    assert sm["lift"]["food"]["mean"] == 1.0 and sm["folds"] == [1, 2]
+    md = E.markdown({"summary": sm})
+    assert "| bundlerec | 0.4000 ± 0.1414 |" in md and "+150.0% [+140.0%, +160.0%] vs lexical" in md

@@ -50,6 +50,7 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
                 "--work-dir", str(tmp_path / "work"), "train.epochs=1", "train.max_steps_per_epoch=4",
                 "train.micro_batch=8", "model.freeze_layers=4", "data.item_max_tokens=32"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
+    assert (tmp_path / "bundles.md").read_text().startswith("| completion recall@10 | electronic | food |")
     for domain in ("electronic", "food"):
         for method in ("bundlerec", "popular", "itemknn", "lexical", "zeroshot", "tuned"):
             c = res["completion"][domain][method]

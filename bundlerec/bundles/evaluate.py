@@ -466,3 +466,48 @@ def summarize_folds(results: dict[int, dict]) -> dict:
                               "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom]["recall@10"]}
                                            for f, r in results.items()}} for dom in first[key]}
     return out
+
+
+def markdown(res: dict) -> str:
+    """Markdown tables of one evaluation, or of dev folds (mean ± SD, per-fold lifts)."""
+    lines = []
+    if "summary" in res:
+        sm = res["summary"]
+        for task, metric, title in (("completion", "recall@10", "Completion Recall@10"), ("completion", "ndcg@10", "Completion NDCG@10"),
+                                    ("intent", "recall@10", "Intent -> bundle Recall@10"), ("generation", "f1", "Detection F1")):
+            if task not in sm:
+                continue
+            doms = list(sm[task])
+            methods = list(sm[task][doms[0]])
+            lines += [f"**{title}** (mean ± SD over folds {', '.join(map(str, sm['folds']))})", "",
+                      "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+            for m in methods:
+                lines.append(f"| {m} | " + " | ".join(f"{sm[task][d][m][metric]['mean']:.4f} ± {sm[task][d][m][metric]['sd']:.4f}"
+                                                     for d in doms) + " |")
+            lines.append("")
+        for key, title in (("lift", "bundlerec's completion Recall@10 lift over the best baseline"),
+                           ("intent_lift", "bundlerec's intent Recall@10 lift over the best of lexical/zeroshot")):
+            if key not in sm:
+                continue
+            lines += [f"**{title}** (paired bootstrap 95 % interval per fold)", "", "| domain | mean | per fold |", "|---|---|---|"]
+            for d, v in sm[key].items():
+                per = "; ".join(f"{f}: {x['lift']:+.1%} [{x['ci'][0]:+.1%}, {x['ci'][1]:+.1%}] vs {x['vs']}"
+                                for f, x in v["per_fold"].items())
+                lines.append(f"| {d} | {v['mean']:+.1%} | {per} |")
+            lines.append("")
+        return "\n".join(lines)
+    for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1")):
+        if task not in res:
+            continue
+        doms = list(res[task])
+        methods = list(res[task][doms[0]])
+        lines += [f"| {task} {metric} | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        for m in methods:
+            cells = []
+            for d in doms:
+                v = res[task][d][m]
+                ci = v.get(f"{metric}_ci")
+                cells.append(f"{v[metric]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ start() {
       --artifacts-destination "$STATE/mlflow/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
       > "$STATE/logs/mlflow.log" 2>&1 &
     echo $! > "$STATE/mlflow.pid"
-    wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 90 || { tail -20 "$STATE/logs/mlflow.log"; exit 1; }
+    wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 300 || { tail -20 "$STATE/logs/mlflow.log"; exit 1; }
   else
     echo "MLflow already running (http://127.0.0.1:$MLFLOW_PORT)"
   fi

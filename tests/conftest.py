@@ -73,7 +73,8 @@ def start_mlflow(d, port: int) -> tuple[subprocess.Popen, str]:
     log.close()
     uri = f"http://127.0.0.1:{port}"
     try:
-        # generous: a loaded 2-core box has needed more than 120 s (sqlite migrations + uvicorn start)
+        # generous: a loaded 2-core box has needed more than 120 s (sqlite migrations + uvicorn start;
+        # cluster/local.sh waits as long)
         wait_http(uri + "/health", 300)
     except BaseException:
         stop_mlflow(proc)

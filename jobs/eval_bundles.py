@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
             wd = os.path.join(work, f"fold{k}")
             split_by_user(args.src, os.path.join(wd, "data"), k)
             folds[k] = run(os.path.join(wd, "data", "train"), os.path.join(wd, "data", "eval"), wd)
+            with open(os.path.join(wd, "results.json"), "w") as f:  # each fold as soon as it is done
+                json.dump(folds[k], f, indent=2)
             print(f"--- fold {k}")
             print_table(folds[k])
         res = {"folds": folds, "summary": summarize_folds(folds)}

@@ -9,6 +9,12 @@
     export/latest.parquet      each user's most recent history in the snapshot
     export/copurchase*.{npz,npy,txt}   co-purchase counts of training baskets (bundle compatibility)
 
+Added beside it by later stages (optional; see bundlerec.bundles.engine / bundlerec.bundles.pricing):
+
+    export/bundle_engine.json  the bundle engine's chosen parameters (fusion weights, compatibility, threshold)
+    export/item_index_pretrained.npy, lexical.json, lexical_items.npz   the engine's extra text channels
+    export/pricing.json, pricing.skops, pricing_context.json   the fitted pricing model (no pickle)
+
 :func:`export` turns a DeepSpeed checkpoint (any ZeRO stage) into this directory; :func:`load_export`
 reads the model back.
 """

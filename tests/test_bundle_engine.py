@@ -189,3 +189,61 @@ def test_fold_summary_means_and_sds_and_markdown():
     assert sm["lift"]["food"]["mean"] == 1.0 and sm["folds"] == [1, 2]
     md = E.markdown({"summary": sm})
     assert "| bundlerec | 0.4000 ± 0.1414 |" in md and "+150.0% [+140.0%, +160.0%] vs lexical" in md
+
+
+def _transition_engine(seed=0):
+    """A catalog where bundles pair category ``k a`` with ``k b`` and the text channels know nothing:
+    random embeddings, titles without shared words across the pair."""
+    rng = np.random.default_rng(seed)
+    cats = [f"Dept{k} > {s}" for k in range(3) for s in ("Left", "Right")]
+    rows = [(f"c{c}-{j}", f"w{c}x{j} v{rng.integers(1000)}", cat) for c, cat in enumerate(cats) for j in range(40)]
+    items = pd.DataFrame(rows, columns=["item_id", "title", "category"]).assign(price=5.0, brand=None)
+    items["text"] = items.title
+    n = len(items)
+    E_ = rng.normal(size=(n, 8))
+    E_ /= np.linalg.norm(E_, axis=1, keepdims=True)
+    eng = BundleEngine(items, None, E_, CoStats.from_groups([], n), PricingModel(), pretrained=E_,
+                       lexical=Lexical.fit(items.text), params=EngineParams(completion={"pretrained": 1.0}))
+    pos = lambda c, j: c * 40 + j  # noqa: E731
+    return eng, pos, rng
+
+
+def test_reranker_learns_category_transitions_that_carry_over_to_unseen_items(tmp_path):
+    from bundlerec.bundles.rerank import CategoryStats, Reranker
+
+    eng, pos, rng = _transition_engine()
+    # training bundles use items 0-29 of each category; the test carts and answers are items 30-39
+    bundles = [[pos(2 * k, int(rng.integers(30))), pos(2 * k + 1, int(rng.integers(30)))]
+               for k in range(3) for _ in range(60)]
+    queries = [([b[0]], [b[1]]) for b in bundles] + [([b[1]], [b[0]]) for b in bundles]
+    half = [bundles[::2], bundles[1::2]]
+    folds = [(queries[f::2], CategoryStats.from_groups(half[1 - f], eng.categories)) for f in range(2)]
+    rr = Reranker.fit(eng, folds, CategoryStats.from_groups(bundles, eng.categories), k=100)
+    eng.reranker = rr
+    carts = [[pos(2 * k, j)] for k in range(3) for j in range(30, 40)]
+    partner = [2 * k + 1 for k in range(3) for _ in range(10)]
+    fused = eng.complete_scores(carts)
+    reranked = eng.with_params(EngineParams(completion={"pretrained": 1.0}, rerank=True)).complete_scores(carts)
+    share = lambda s: np.mean([np.mean(np.argsort(-r)[:10] // 40 == p) for r, p in zip(s, partner)])  # noqa: E731
+    assert share(reranked) > 0.8 > 0.3 > share(fused)
+    assert all(reranked[b, c[0]] == -np.inf for b, c in enumerate(carts))  # the cart is never proposed
+    # safe round trip: same scores after load; foreign pickled types and a changed feature list are refused
+    rr.save(str(tmp_path))
+    back = Reranker.load(str(tmp_path))
+    eng.reranker = back
+    np.testing.assert_allclose(eng.with_params(EngineParams(completion={"pretrained": 1.0}, rerank=True))
+                               .complete_scores(carts), reranked)
+    meta = __import__("json").load(open(tmp_path / "rerank.json"))
+    meta["features"] = meta["features"][:-1]
+    __import__("json").dump(meta, open(tmp_path / "rerank.json", "w"))
+    with pytest.raises(ValueError, match="saved with features"):
+        Reranker.load(str(tmp_path))
+
+
+def test_rerank_without_a_reranker_in_the_export_is_refused(tmp_path):
+    EngineParams(completion={"pretrained": 1.0}, rerank=True).save(str(tmp_path))
+    (tmp_path / "bundlerec.json").write_text("{}")
+    np.save(tmp_path / "item_index.npy", np.zeros((len(_items()), 4), np.float32))
+    CoStats.from_groups([], len(_items())).save(str(tmp_path))
+    with pytest.raises(ValueError, match="no re-ranker"):
+        BundleEngine.from_export(str(tmp_path), model=object(), items=_items())

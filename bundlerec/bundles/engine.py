@@ -42,6 +42,8 @@ from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
 from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.pricing import PricingModel
+from bundlerec.bundles.rerank import FEATURE_CHANNELS as RERANK_CHANNELS
+from bundlerec.bundles.rerank import Reranker
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.data.statistics import CoStats
 
@@ -72,6 +74,9 @@ class EngineParams:
     """Detection: clusters merge while their average compatibility is at least this."""
     max_size: int = 8
     """Detection: largest bundle."""
+    rerank: bool = False
+    """Completion: re-order the fused top candidates with the export's re-ranker
+    (:mod:`bundlerec.bundles.rerank`, ``rerank.json`` + ``rerank.skops``)."""
     selection: dict = field(default_factory=dict)
     """How the values were chosen (validation data and figures), for the record."""
 
@@ -134,7 +139,8 @@ class BundleEngine:
     def __init__(self, items: pd.DataFrame, model, index: np.ndarray, stats: CoStats, pricing: PricingModel,
                  pricing_info: Optional[dict] = None, params: Optional[EngineParams] = None,
                  pretrained: Optional[np.ndarray] = None, lexical: Optional[Lexical] = None,
-                 popularity: Optional[np.ndarray] = None, history_len: int = 64):
+                 popularity: Optional[np.ndarray] = None, history_len: int = 64,
+                 reranker: Optional[Reranker] = None):
         n = len(items)
         for name, arr in (("item index", index), ("pretrained index", pretrained), ("lexical index", lexical),
                           ("popularity", popularity)):
@@ -144,6 +150,8 @@ class BundleEngine:
         self.titles = items.title.astype(str).tolist()
         self.prices = items.price.astype(float).fillna(-1.0).tolist()
         self.categories = items.category.astype(str).tolist()
+        self.brands = items.brand.tolist() if "brand" in items else [None] * n
+        self.reranker = reranker
         self.model, self.index, self.stats = model, np.asarray(index, dtype=np.float32), stats
         self.pretrained, self.lexical = pretrained, lexical
         self.popularity = np.zeros(n) if popularity is None else np.asarray(popularity, dtype=np.float64)
@@ -174,7 +182,9 @@ class BundleEngine:
         eng = cls(items, model, np.load(os.path.join(export_dir, "item_index.npy")), CoStats.load(export_dir, n),
                   pricing, info, params, pretrained=opt("item_index_pretrained.npy"),
                   lexical=Lexical.load(export_dir), popularity=opt("popularity.npy"),
-                  history_len=int(meta.get("history_len", 64)))
+                  history_len=int(meta.get("history_len", 64)), reranker=Reranker.load(export_dir))
+        if params.rerank and eng.reranker is None:
+            raise ValueError(f"{export_dir}: {PARAMS_FILE} asks for re-ranking but the export has no re-ranker")
         eng.export_dir, eng.pretrained_name = export_dir, meta.get("base_model")
         missing = [c for c in {*params.completion, *params.compat, *params.query} if eng._absent(c)]
         if missing:
@@ -225,20 +235,32 @@ class BundleEngine:
             return np.repeat(self.popularity[None, :], len(carts), axis=0)
         raise ValueError(f"unknown channel {channel!r}; known: {CHANNELS}")
 
-    def complete_scores(self, carts: Sequence[Sequence[int]], channels: Optional[dict] = None) -> np.ndarray:
-        """(B, N) fused completion scores; cart items are -inf. ``channels``: precomputed raw scores
-        (validation grids reuse them across weights)."""
+    def fused_scores(self, carts: Sequence[Sequence[int]], channels: Optional[dict] = None,
+                     extra: Sequence[str] = ()) -> tuple[np.ndarray, dict]:
+        """((B, N) fused scores with cart items at -inf, {channel: raw (B, N)}) for the fusion's
+        channels and ``extra`` ones. ``channels``: precomputed raw scores (validation grids reuse them)."""
         carts = [list(dict.fromkeys(int(i) for i in c)) for c in carts]
         if any(not c for c in carts):
             raise ValueError("every cart needs at least one item")
+        raw = {}
+        for ch in dict.fromkeys([*(c for c, w in self.params.completion.items() if w), *extra]):
+            raw[ch] = channels[ch] if channels is not None and ch in channels else self.channel_scores(ch, carts)
         out = np.zeros((len(carts), len(self.item_ids)))
         for ch, w in self.params.completion.items():
             if w:
-                raw = channels[ch] if channels is not None and ch in channels else self.channel_scores(ch, carts)
-                out += w * _standardize(raw)
+                out += w * _standardize(raw[ch])
         for b, c in enumerate(carts):
             out[b, c] = -np.inf
-        return out
+        return out, raw
+
+    def complete_scores(self, carts: Sequence[Sequence[int]], channels: Optional[dict] = None) -> np.ndarray:
+        """(B, N) completion scores; cart items are -inf. The fused channels, then (``params.rerank``)
+        the re-ranker's order of the fused top candidates."""
+        if not self.params.rerank:
+            return self.fused_scores(carts, channels)[0]
+        carts = [list(dict.fromkeys(int(i) for i in c)) for c in carts]
+        fused, raw = self.fused_scores(carts, channels, extra=RERANK_CHANNELS)
+        return self.reranker.rerank(self, carts, fused, raw)
 
     def complete(self, cart: Sequence[int], k: int = 10, exclude: Sequence[int] = ()) -> list[tuple[int, float]]:
         """The ``k`` items that best complete ``cart``, as (position, score)."""

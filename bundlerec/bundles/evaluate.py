@@ -8,9 +8,11 @@ Protocol (every choice on data carved from the training directory, never on the 
    objective built from the fit bundles (checkpoint/early stopping on the validation users).
 3. The export gets the engine's assets: co-occurrence counts and popularity of the fit groups, the
    pretrained encoder's item index, the lexical index (setting chosen on validation).
-4. On the validation users: the completion fusion weights (tuned / pretrained / lexical), the
-   compatibility weights and the detection threshold of bundlerec, and the threshold of every
-   baseline, from grids fixed in this module (all written into the results).
+4. On the validation users: the completion fusion weights (tuned / pretrained / lexical), whether
+   the completion re-ranker (:mod:`bundlerec.bundles.rerank`, fitted on the fit users' bundles with
+   out-of-fold category statistics) is used, the compatibility weights and the detection threshold
+   of bundlerec, and the threshold of every baseline, from grids fixed in this module (all written
+   into the results).
 5. The chosen parameters are saved in the export (``bundle_engine.json``), the engine is loaded
    back with :meth:`BundleEngine.from_export` -- what the Serve app and the pyfunc load -- and the
    evaluation directory is scored through its ``complete_scores`` / ``detect`` methods. Baselines
@@ -51,6 +53,7 @@ from bundlerec.bundles.intent import Domain, load
 from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
 from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.matching import match, prf
+from bundlerec.bundles.rerank import CategoryStats, Reranker
 from bundlerec.config import PipelineConfig
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.data.statistics import CoStats, item_counts
@@ -73,6 +76,8 @@ COMPAT_DATA = (0.0, 0.5, 1.0)  # detection: weight of the co-purchase sPMI term
 COMPAT_TEXT = ({"tuned": 1.0}, {"tuned": 1.0, "pretrained": 1.0}, {"tuned": 1.0, "lexical": 1.0},
                {"tuned": 1.0, "pretrained": 1.0, "lexical": 1.0}, {"pretrained": 1.0, "lexical": 1.0})
 BASELINE_COMPAT = {"itemknn": {"data": 1.0}, "zeroshot": {"pretrained": 1.0}, "lexical": {"lexical": 1.0}}
+RERANK_FOLDS = 5  # out-of-fold category statistics for the re-ranker's training rows (by user)
+RERANK_MAX_QUERIES = 12000  # training queries of the re-ranker (a random subset above this)
 THRESHOLD_QUANTILES = tuple(np.round(np.linspace(0.3, 0.99, 12), 3))  # of within-session pair scores
 
 
@@ -271,6 +276,22 @@ def select_lexical(engine: BundleEngine, items: pd.DataFrame, val_q: dict) -> tu
     return Lexical.fit(items.text.tolist(), best), {"grid": list(LEXICAL_GRID), "val_recall@10": scores, "chosen": best}
 
 
+def fit_reranker(engine: BundleEngine, fit: dict[str, Domain], index: dict, seed: int) -> Reranker:
+    """The completion re-ranker on the fit users' bundles: every item of a bundle is once the cart of
+    the rest; its category statistics come from the other folds' users (out-of-fold)."""
+    fold_of = lambda u: int(hashlib.sha1(f"rerank:{seed}:{u}".encode()).hexdigest(), 16) % RERANK_FOLDS  # noqa: E731
+    bundles = [([index[i] for i in b], fold_of(u)) for d in fit.values()
+               for b, u in zip(d.bundles["items"], d.bundles["user_id"])]
+    queries = [([ids[k]], ids[:k] + ids[k + 1:], f) for ids, f in bundles for k in range(len(ids)) if len(ids) > 1]
+    rng = np.random.default_rng(seed)
+    if len(queries) > RERANK_MAX_QUERIES:
+        queries = [queries[i] for i in sorted(rng.choice(len(queries), RERANK_MAX_QUERIES, replace=False))]
+    folds = [([(c, r) for c, r, f in queries if f == k],
+              CategoryStats.from_groups([ids for ids, f in bundles if f != k], engine.categories))
+             for k in range(RERANK_FOLDS)]
+    return Reranker.fit(engine, folds, CategoryStats.from_groups([ids for ids, _ in bundles], engine.categories))
+
+
 def select_threshold(engine: BundleEngine, compat: dict, val_s: dict) -> tuple[float, float, list]:
     """Best detection threshold for ``compat`` on the validation sessions: (threshold, val F1, grid)."""
     e = engine.with_params(EngineParams(completion=engine.params.completion, compat=compat))
@@ -320,7 +341,8 @@ def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir:
     return train, fit, val, evald, items, index, export, trained
 
 
-def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str, Domain], export: str) -> dict:
+def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str, Domain], val: dict[str, Domain],
+           export: str, seed: int = 0) -> dict:
     """Choose every engine parameter on the validation users; saves bundlerec's in the export."""
     val_q = {d: completion_queries(v.bundles, index, "first") for d, v in val.items()}
     val_s = {d: session_truth(v, index) for d, v in val.items()}
@@ -333,6 +355,16 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str
               for w in fusion_grid()}
     best_w = json.loads(max(fusion, key=fusion.get))
     log.info("eval_bundles: completion fusion %s (val recall@10 %.4f)", best_w, fusion[json.dumps(best_w)])
+    t0 = time.time()
+    engine.reranker = fit_reranker(engine.with_params(EngineParams(completion=best_w)), fit, index, seed)
+    rerank_val = {str(on): _mean_recall(engine.with_params(EngineParams(completion=best_w, rerank=on)), val_q, caches)
+                  for on in (False, True)}
+    use_rerank = rerank_val["True"] > rerank_val["False"]
+    if use_rerank:
+        engine.reranker.save(export)
+    log.info("eval_bundles: re-ranker fitted in %.0f s on %d rows; val recall@10 %.4f without, %.4f with -> %s",
+             time.time() - t0, engine.reranker.info["rows"], rerank_val["False"], rerank_val["True"],
+             "used" if use_rerank else "not used")
     val_i = {d: intent_queries(v.bundles, index) for d, v in val.items()}
     qcache = {d: {ch: engine.query_channel_scores(ch, [t for t, _ in q]) for ch in QUERY_CHANNELS} if q else None
               for d, q in val_i.items()}
@@ -355,11 +387,12 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, val: dict[str
     selection = {"validation": {d: {"users": int(v.bundles.user_id.nunique()), "bundles": len(v.bundles),
                                     "sessions": len(val_s[d])} for d, v in val.items()},
                  "lexical": lex_sel, "completion_val_recall@10": fusion, "query_val_recall@10": query,
+                 "rerank_val_recall@10": rerank_val, "rerank": engine.reranker.info,
                  "detection_val": det,
                  "baseline_detection": baselines}
-    params = EngineParams(completion=best_w, query=best_q, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
+    params = EngineParams(completion=best_w, query=best_q, rerank=use_rerank, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
                           selection={"chosen_on": "validation users carved from the training directory",
-                                     "completion_val_recall@10": fusion[json.dumps(best_w)],
+                                     "completion_val_recall@10": rerank_val[str(use_rerank)],
                                      "detection_val_f1": det[best_c]["val_f1"]})
     params.save(export)
     return selection
@@ -369,6 +402,8 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
     """Every method on one evaluation domain, with intervals."""
     methods = {"bundlerec": engine, **{m: engine.with_params(EngineParams(completion=w)) for m, w in
                                        {**BASELINES, **ABLATIONS}.items()}}
+    # ablation: bundlerec's fusion without the re-ranker (= bundlerec where validation did not choose it)
+    methods["fusion_only"] = engine.with_params(EngineParams(completion=engine.params.completion))
     out: dict = {"completion": {}, "completion_half": {}, "generation": {}}
     per_query = {}
     for mode, key in (("first", "completion"), ("half", "completion_half")):
@@ -418,7 +453,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     t0 = time.time()
     train, fit, val, evald, items, index, export, trained = prepare_export(cfg, train_dir, eval_dir, work_dir,
                                                                            export_dir, cache_dir)
-    selection = select(BundleEngine.from_export(export), items, index, val, export)
+    selection = select(BundleEngine.from_export(export), items, index, fit, val, export, cfg.train.seed)
     engine = BundleEngine.from_export(export)  # exactly what Serve and the pyfunc load
     baseline_engines = {m: engine.with_params(EngineParams(completion=engine.params.completion, compat=s["compat"],
                                                            threshold=s["threshold"]))

@@ -1,11 +1,13 @@
 """Completion re-ranking: a gradient-boosted classifier over content-only (cart, candidate) features.
 
 The engine's fused channels propose the top ``k`` candidates of a cart; the re-ranker orders them by
-the predicted probability that the candidate completes the cart. Its features describe the *pair*
-only, never the item alone, so nothing encodes popularity, item-id order or "seen in training":
+the predicted probability that the candidate completes the cart. Features come from the item text
+and from category-level statistics of the training bundles only -- no item-level interaction count
+-- so nothing encodes popularity, item-id order or "seen in training":
 
 * every text channel's score of the candidate and its rank among the candidates (pretrained
-  encoders, TF-IDF), the fused score, its rank and its gap to the best candidate;
+  encoders, TF-IDF), the fused score, its rank and its gap to the best candidate; the pretrained
+  cosine corrected for hubness (CSLS: minus both items' mean cosine to their 10 nearest items);
 * category paths: depth of the shared prefix, same leaf, both depths; same brand; same first title
   word; Jaccard of title words; both title lengths;
 * category transitions learned from the training bundles: how often a bundle holding an item of
@@ -36,7 +38,9 @@ import scipy.sparse as sp
 RERANK_FILE, RERANK_MODEL = "rerank.json", "rerank.skops"
 DEPTHS = (2, 3, 0)  # category-transition statistics at these path depths; 0 = the whole path (leaf)
 MAX_DEPTH = 6
+NEIGHBOURS = 10
 FEATURE_CHANNELS = ("pretrained", "lexical")
+CSLS_CHANNELS = ("pretrained",)  # lexical CSLS was tried: lower validation recall (fold 1)
 # fixed in code (no search): the trees' settings
 TREES = {"max_iter": 200, "learning_rate": 0.05, "max_leaf_nodes": 31, "min_samples_leaf": 100,
          "l2_regularization": 1.0, "early_stopping": False, "random_state": 0}
@@ -102,6 +106,18 @@ class ItemText:
         self.n_tokens = np.asarray(self.tokens.sum(1)).ravel().astype(np.float32)
 
 
+def neighbourhood(emb: np.ndarray, k: int = NEIGHBOURS, block: int = 1024) -> np.ndarray:
+    """(N,) each item's mean cosine to its ``k`` nearest other items (hubness; CSLS's r term)."""
+    sparse = sp.issparse(emb)
+    emb = emb.tocsr() if sparse else np.asarray(emb, dtype=np.float32)
+    out = np.empty(emb.shape[0], dtype=np.float64)
+    for i in range(0, emb.shape[0], block):
+        s = (emb[i:i + block] @ emb.T).toarray() if sparse else emb[i:i + block] @ emb.T
+        s[np.arange(len(s)), np.arange(i, i + len(s))] = -np.inf
+        out[i:i + block] = np.sort(np.partition(s, -k, axis=1)[:, -k:], axis=1).mean(1)
+    return out
+
+
 class _Transitions:
     """CategoryStats as lookup tables over this catalog's category codes."""
 
@@ -136,6 +152,7 @@ class _Transitions:
 
 
 FEATURES = ([f"{c}_{k}" for c in FEATURE_CHANNELS for k in ("score", "rank")]
+            + [f"{c}_{k}" for c in CSLS_CHANNELS for k in ("csls", "cand_hood")]
             + ["fused", "fused_rank", "fused_gap", "shared_depth", "shared_frac", "same_leaf", "cart_depth",
                "cand_depth", "same_brand", "same_first_word", "title_jaccard", "cart_words", "cand_words"]
             + [f"cat{d or 'leaf'}_{k}" for d in DEPTHS for k in ("pmi", "share")])
@@ -146,11 +163,12 @@ class Reranker:
         self.model, self.stats, self.k, self.info = model, stats, k, info or {}
         self._cache: dict = {}
 
-    def _prepared(self, engine) -> tuple[ItemText, _Transitions]:
+    def _prepared(self, engine) -> tuple[ItemText, _Transitions, np.ndarray]:
         key = id(engine.item_ids)
         if key not in self._cache:
             text = ItemText(engine.titles, engine.categories, engine.brands)
-            self._cache = {key: (text, _Transitions(self.stats, text))}
+            self._cache = {key: (text, _Transitions(self.stats, text),
+                                 {ch: neighbourhood(engine.pretrained) for ch in CSLS_CHANNELS})}
         return self._cache[key]
 
     def candidates(self, fused: np.ndarray) -> np.ndarray:
@@ -163,12 +181,16 @@ class Reranker:
     def features(self, engine, carts: Sequence[Sequence[int]], cand: np.ndarray, fused: np.ndarray,
                  raw: dict) -> np.ndarray:
         """(B * k, len(FEATURES)) features of each cart's candidates."""
-        text, trans = self._prepared(engine)
+        text, trans, hood = self._prepared(engine)
         B, K = cand.shape
         cols = []
         for ch in FEATURE_CHANNELS:
             s = np.take_along_axis(raw[ch], cand, 1)
             cols += [s, np.argsort(np.argsort(-s, 1, kind="stable"), 1).astype(np.float64)]
+        for ch in CSLS_CHANNELS:  # CSLS: the cosine corrected for both items' neighbourhoods
+            s = np.take_along_axis(raw[ch], cand, 1)
+            ra = np.array([hood[ch][list(c)].mean() for c in carts])[:, None]
+            cols += [2 * s - ra - hood[ch][cand], hood[ch][cand]]
         f = np.take_along_axis(fused, cand, 1)
         cols += [f, np.broadcast_to(np.arange(K, dtype=np.float64), (B, K)), f - f[:, :1]]
         # pair features: max over the cart's items

@@ -74,6 +74,9 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     export = res["export_dir"]
     assert json.loads(open(f"{export}/bundle_engine.json").read()) == res["engine_params"]
     assert set(res["engine_params"]["query"]) <= {"tuned", "pretrained", "lexical"}
+    # the re-ranker was fitted on the fit users' bundles; the export holds it exactly when it is used
+    assert res["selection"]["rerank"]["positives"] > 0
+    assert os.path.exists(f"{export}/rerank.skops") == res["engine_params"]["rerank"]
 
     # evaluated as served: the serving object's completion reproduces the evaluation's figure
     from bundlerec.bundles.evaluate import completion_queries

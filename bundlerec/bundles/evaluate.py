@@ -53,7 +53,9 @@ from bundlerec.bundles.intent import Domain, load
 from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
 from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.matching import match, prf
-from bundlerec.bundles.rerank import CategoryStats, Reranker
+from bundlerec.bundles.rerank import FEATURES as RERANK_FEATURES
+from bundlerec.bundles.rerank import TREES as RERANK_TREES
+from bundlerec.bundles.rerank import RERANK_FILE, RERANK_MODEL, CategoryStats, Reranker
 from bundlerec.config import PipelineConfig
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.data.statistics import CoStats, item_counts
@@ -362,6 +364,10 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
     use_rerank = rerank_val["True"] > rerank_val["False"]
     if use_rerank:
         engine.reranker.save(export)
+    else:  # an earlier selection's re-ranker (--reuse-exports) must not stay beside these parameters
+        for f in (RERANK_FILE, RERANK_MODEL):
+            if os.path.exists(os.path.join(export, f)):
+                os.remove(os.path.join(export, f))
     log.info("eval_bundles: re-ranker fitted in %.0f s on %d rows; val recall@10 %.4f without, %.4f with -> %s",
              time.time() - t0, engine.reranker.info["rows"], rerank_val["False"], rerank_val["True"],
              "used" if use_rerank else "not used")
@@ -463,7 +469,9 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
                               "bootstrap": BOOTSTRAP, "catalog_items": len(items),
                               "grids": {"fusion_step": FUSION_STEP, "fusion_channels": FUSION_CHANNELS,
                                         "compat_data": COMPAT_DATA, "compat_text": COMPAT_TEXT,
-                                        "threshold_quantiles": THRESHOLD_QUANTILES, "lexical": list(LEXICAL_GRID)}},
+                                        "threshold_quantiles": THRESHOLD_QUANTILES, "lexical": list(LEXICAL_GRID),
+                                        "rerank": {"folds": RERANK_FOLDS, "max_queries": RERANK_MAX_QUERIES,
+                                                   "trees": RERANK_TREES, "features": list(RERANK_FEATURES)}}},
                  "engine_params": asdict(engine.params), "selection": selection, "export_dir": export,
                  "seen_share": {}, "completion": {}, "completion_half": {}, "generation": {}, "lift": {}}
     for name, d in evald.items():

@@ -110,7 +110,10 @@ def neighbourhood(emb: np.ndarray, k: int = NEIGHBOURS, block: int = 1024) -> np
     """(N,) each item's mean cosine to its ``k`` nearest other items (hubness; CSLS's r term)."""
     sparse = sp.issparse(emb)
     emb = emb.tocsr() if sparse else np.asarray(emb, dtype=np.float32)
-    out = np.empty(emb.shape[0], dtype=np.float64)
+    out = np.zeros(emb.shape[0], dtype=np.float64)
+    k = min(k, emb.shape[0] - 1)
+    if k < 1:
+        return out
     for i in range(0, emb.shape[0], block):
         s = (emb[i:i + block] @ emb.T).toarray() if sparse else emb[i:i + block] @ emb.T
         s[np.arange(len(s)), np.arange(i, i + len(s))] = -np.inf

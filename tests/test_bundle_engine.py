@@ -247,3 +247,31 @@ def test_rerank_without_a_reranker_in_the_export_is_refused(tmp_path):
     CoStats.from_groups([], len(_items())).save(str(tmp_path))
     with pytest.raises(ValueError, match="no re-ranker"):
         BundleEngine.from_export(str(tmp_path), model=object(), items=_items())
+
+
+def test_served_prices_respect_the_shops_limits_with_catalog_costs():
+    from bundlerec.bundles.generate import BundleConstraints
+    from bundlerec.bundles.pricing import PriceLimits
+
+    items = _items().assign(price=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
+    items["cost"] = items.price * 0.5
+    items.loc[7, "cost"] = np.nan  # one item without a cost
+    n = len(items)
+    E_ = np.eye(n)
+    eng = BundleEngine(items, None, E_, CoStats.from_groups([[0, 1], [2, 3], [4, 5]], n), PricingModel(),
+                       params=EngineParams(compat={"data": 1.0}), pretrained=E_)
+    limits = PriceLimits(max_discount=0.3, min_margin=0.5, price_ending=0.95)
+    out = eng.personalized(np.arange(n, dtype=float)[::-1].copy(), BundleConstraints(n=3, max_size=2, max_per_category=2, limits=limits))
+    assert any(b["bundle_price"] is not None for b in out)
+    for b in out:
+        pos = [eng.item_ids.index(i["item_id"]) for i in b["items"]]
+        if 7 in pos:  # min_margin cannot be checked without the cost: not priced, and the response says why
+            assert b["bundle_price"] is None and "cost" in b["price_source"]
+            continue
+        cost = float(items.cost[pos].sum())
+        assert b["bundle_price"] >= cost * 1.5 - 1e-9 and b["discount"] <= 0.3 + 1e-12
+        assert round(b["bundle_price"] * 100) % 100 == 95
+    impossible = eng.personalized(np.arange(n, dtype=float)[::-1].copy(),
+                                  BundleConstraints(n=1, max_size=2, max_per_category=2,
+                                                                  limits=PriceLimits(min_margin=5.0)))
+    assert impossible[0]["bundle_price"] is None and impossible[0]["price_source"].startswith("none (no price")

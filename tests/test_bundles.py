@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bundlerec.bundles.compat import Compatibility
 from bundlerec.bundles.detect import partition
@@ -15,6 +17,7 @@ from bundlerec.bundles.pricing import (
     BUNDLE_FEATURES,
     CONTEXT_FEATURES,
     FEATURES,
+    NoFeasiblePrice,
     PricingContext,
     PricingModel,
     bundle_features,
@@ -77,8 +80,35 @@ def test_pricing_constraints_bind():
     assert margin["bundle_price"] >= 85.0 * 1.1 - 1e-9                                       # minimum margin
     ending = m.price([60.0, 40.0], price_ending=0.99)
     assert round(ending["bundle_price"] % 1, 2) == 0.99 and ending["bundle_price"] <= 100
-    with pytest.raises(ValueError, match="no feasible price"):
+    with pytest.raises(NoFeasiblePrice, match="no price in whole cents"):
         m.price([10.0], costs=[20.0], min_margin=0.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prices=st.lists(st.floats(0.01, 500.0).map(lambda x: round(x, 2)), min_size=1, max_size=6),
+       cost_share=st.floats(0.0, 1.2), max_discount=st.floats(0.0, 1.0), min_margin=st.floats(0.0, 1.0),
+       ending=st.one_of(st.none(), st.integers(0, 99).map(lambda c: c / 100)), fitted_default=st.floats(0.0, 0.9))
+def test_price_limits_are_met_exactly_or_refused(prices, cost_share, max_discount, min_margin, ending, fitted_default):
+    """Every returned price is whole cents, within [list x (1 - max_discount), list], at least the cost
+    x (1 + min_margin), with the asked ending; NoFeasiblePrice only when no such price exists."""
+    m = PricingModel(default_discount=fitted_default)
+    costs = [p * cost_share for p in prices]
+    L = sum(prices)
+    lo = max(L * (1 - max_discount), sum(costs) * (1 + min_margin))
+    feasible = [c for c in range(math.ceil(lo * 100 - 1e-6), math.floor(L * 100 + 1e-6) + 1)
+                if ending is None or c % 100 == round(ending * 100)] if lo <= L + 1e-9 else []
+    try:
+        r = m.price(prices, costs=costs, max_discount=max_discount, min_margin=min_margin, price_ending=ending)
+    except NoFeasiblePrice:
+        assert not feasible
+        return
+    p = r["bundle_price"]
+    assert feasible and round(p * 100) in feasible                      # whole cents, ending, inside [lo, L]
+    assert abs(p * 100 - round(p * 100)) < 1e-6
+    assert p <= L + 1e-9 and r["discount"] <= max_discount + 1e-12
+    assert p >= sum(costs) * (1 + min_margin) - 1e-9
+    if ending is not None:
+        assert round(p * 100) % 100 == round(ending * 100)
 
 
 def test_best_jaccard_matching():

@@ -205,6 +205,16 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             assert 2 <= len(b["items"]) <= 3 and b["list_price"] <= 400
             assert b["bundle_price"] <= b["list_price"] and all(i["reason"] for i in b["items"])
         assert _post(f"{base}/v1/bundles", {"user_id": user, "max_size": 1})[0] == 422
+        # the shop's price limits, respected exactly; min_margin needs catalog costs (the demo has none)
+        code, body = _post(f"{base}/v1/bundles", {"user_id": user, "n": 2, "max_discount": 0.05, "price_ending": 0.49})
+        assert code == 200, body
+        for b in body["bundles"]:
+            if b["bundle_price"] is not None:
+                assert b["discount"] <= 0.05 and round(b["bundle_price"] * 100) % 100 == 49, b
+        code, body = _post(f"{base}/v1/bundles", {"user_id": user, "n": 1, "min_margin": 0.2})
+        assert code == 200 and all(b["bundle_price"] is None and "cost" in b["price_source"] for b in body["bundles"]), body
+        assert _post(f"{base}/v1/bundles", {"user_id": user, "max_discount": 1.5})[0] == 422
+        assert _post(f"{base}/v1/bundles", {"user_id": user, "price_ending": 1.0})[0] == 422
         # --- completion: the served engine (the path jobs.eval_bundles measures), cart items excluded
         code, body = _post(f"{base}/v1/bundles/complete", {"items": [known, "NOPE"], "k": 4})
         assert code == 200, body

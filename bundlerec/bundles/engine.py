@@ -41,7 +41,7 @@ from bundlerec.bundles.compat import Compatibility
 from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
 from bundlerec.bundles.lexical import Lexical
-from bundlerec.bundles.pricing import PricingModel
+from bundlerec.bundles.pricing import NoFeasiblePrice, PriceLimits, PricingModel
 from bundlerec.bundles.rerank import FEATURE_CHANNELS as RERANK_CHANNELS
 from bundlerec.bundles.rerank import Reranker
 from bundlerec.data.schema import EVENT_TYPE_ID
@@ -151,6 +151,8 @@ class BundleEngine:
         self.prices = items.price.astype(float).fillna(-1.0).tolist()
         self.categories = items.category.astype(str).tolist()
         self.brands = items.brand.tolist() if "brand" in items else [None] * n
+        self.costs = (pd.to_numeric(items.cost, errors="coerce").astype(float).tolist() if "cost" in items
+                      else [float("nan")] * n)
         self.reranker = reranker
         self.model, self.index, self.stats = model, np.asarray(index, dtype=np.float32), stats
         self.pretrained, self.lexical = pretrained, lexical
@@ -330,20 +332,30 @@ class BundleEngine:
     def personalized(self, scores: np.ndarray, c: BundleConstraints, seen: Optional[set] = None) -> list[dict]:
         """Priced bundles for one user; ``scores`` (N,) is the user's relevance of every item."""
         seen = seen or set()
-        return [self.describe_bundle(b["items"], b["score"], seen)
+        return [self.describe_bundle(b["items"], b["score"], seen, c.limits)
                 for b in generate(scores, self.compat, self.categories, self.prices, c)]
 
-    def describe_bundle(self, items: list[int], score: float, seen: set) -> dict:
+    def describe_bundle(self, items: list[int], score: float, seen: set, limits: PriceLimits = PriceLimits()) -> dict:
         prices = [max(self.prices[i], 0.0) for i in items]
-        priced = (self.pricing.price(prices, [self.titles[i] for i in items], item_ids=[self.item_ids[i] for i in items])
-                  if sum(prices) > 0 else {})
+        costs = [self.costs[i] for i in items]
+        priced, why = {}, "none (no item prices)"
+        if limits.min_margin > 0 and not all(np.isfinite(costs)):
+            why = "none (min_margin needs every item's catalog cost)"
+        elif sum(prices) > 0:
+            try:
+                priced = self.pricing.price(prices, [self.titles[i] for i in items], item_ids=[self.item_ids[i] for i in items],
+                                            costs=costs if all(np.isfinite(costs)) else None,
+                                            max_discount=limits.max_discount, min_margin=limits.min_margin,
+                                            price_ending=limits.price_ending)
+            except NoFeasiblePrice as e:
+                why = f"none ({e})"
         return {"name": bundle_name([self.categories[i] for i in items]), "score": score,
                 "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
                            "price": None if self.prices[i] < 0 else self.prices[i],
                            "reason": self.reason(i, items, seen)} for i in items],
                 **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
                                                "expected_revenue_separately")},
-                "price_source": self.pricing_info["source"] if priced else "none (no item prices)"}
+                "price_source": self.pricing_info["source"] if priced else why}
 
     def reason(self, item: int, bundle: list, seen: set) -> str:
         if item in seen:

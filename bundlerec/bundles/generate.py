@@ -7,12 +7,13 @@ category-diversity and no-repeat constraints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
 from bundlerec.bundles.compat import Compatibility
+from bundlerec.bundles.pricing import PriceLimits
 
 
 @dataclass
@@ -33,6 +34,8 @@ class BundleConstraints:
     """Top-scored items considered."""
     relevance_weight: float = 0.5
     """Weight of the user's score (standardised) against compatibility when growing a bundle."""
+    limits: PriceLimits = field(default_factory=PriceLimits)
+    """The shop's price constraints (maximum discount, minimum margin over cost, price ending)."""
 
 
 def generate(scores: np.ndarray, compat: Compatibility, categories: Sequence[str], prices: Sequence[float],

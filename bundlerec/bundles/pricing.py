@@ -64,6 +64,22 @@ def bundle_features(item_prices: Sequence[float], item_names: Optional[Sequence[
     return np.asarray(f, dtype=float)
 
 
+@dataclass(frozen=True)
+class PriceLimits:
+    """A shop's constraints on a bundle price (request knobs; one definition of their defaults)."""
+
+    max_discount: float = 0.6
+    """At most this share off the list price."""
+    min_margin: float = 0.0
+    """The price is at least the items' summed catalog ``cost`` times (1 + min_margin)."""
+    price_ending: Optional[float] = None
+    """Cents every price ends in, e.g. 0.99."""
+
+
+class NoFeasiblePrice(ValueError):
+    """No price in whole cents meets the limits (e.g. the minimum margin is above the list price)."""
+
+
 @dataclass
 class PricingContext:
     """Earlier bundles a new one is compared with: their item sets, discounts and sellers.
@@ -212,24 +228,36 @@ class PricingModel:
 
     def price(self, item_prices: Sequence[float], item_names: Optional[Sequence[str]] = None,
               item_genres: Optional[Sequence[str]] = None, bundle_name: str = "", costs: Optional[Sequence[float]] = None,
-              max_discount: float = 0.6, min_margin: float = 0.0, price_ending: Optional[float] = None, grid: int = 400,
+              max_discount: float = PriceLimits.max_discount, min_margin: float = PriceLimits.min_margin,
+              price_ending: Optional[float] = PriceLimits.price_ending, grid: int = 400,
               item_ids: Optional[Sequence] = None) -> dict:
-        """Revenue- (or margin-, when costs are given) maximizing bundle price under constraints."""
+        """Revenue- (or margin-, when costs are given) maximizing bundle price under constraints, in
+        whole cents, each constraint met exactly: ``bundle_price >= list * (1 - max_discount)``,
+        ``bundle_price >= sum(costs) * (1 + min_margin)``, ``bundle_price <= list``, and with
+        ``price_ending`` (e.g. 0.99) the cents are that ending. Raises :class:`NoFeasiblePrice` when
+        no price meets them."""
         prices = np.asarray(item_prices, dtype=float)
         L = float(prices.sum())
-        if L <= 0:
+        if not np.isfinite(L) or L <= 0:
             raise ValueError("bundle list price must be positive")
+        if not 0 <= max_discount <= 1 or min_margin < 0:
+            raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
         x = self.features(prices, item_names, item_genres, bundle_name, item_ids)
         cost = float(np.sum(costs)) if costs is not None else 0.0
         lo = max(L * (1 - max_discount), cost * (1 + min_margin))
-        if lo > L:
-            raise ValueError(f"no feasible price: minimum margin needs {lo:.2f} > list price {L:.2f}")
-        cand = np.linspace(lo, L, grid)
+        cents_lo, cents_hi = math.ceil(round(lo * 100, 6)), math.floor(round(L * 100, 6))  # whole cents inside [lo, L]
+        if cents_lo > cents_hi:
+            raise NoFeasiblePrice(f"no price in whole cents within [{lo:.4f}, {L:.2f}] (minimum margin or maximum discount)")
+        cents = np.unique(np.linspace(cents_lo, cents_hi, grid).round().astype(np.int64))
         if price_ending is not None:  # e.g. 0.99 -> x.99 prices inside [lo, L]
-            cand = np.unique(np.floor(cand - price_ending) + price_ending)
-            cand = cand[(cand >= lo - 1e-9) & (cand <= L + 1e-9)]
-            if len(cand) == 0:
-                raise ValueError(f"no price ending in {price_ending} within [{lo:.2f}, {L:.2f}]")
+            end = int(round(price_ending * 100))
+            if not 0 <= end < 100:
+                raise ValueError("price_ending must be in [0, 1)")
+            cents = np.unique((cents - end) // 100 * 100 + end)
+            cents = cents[(cents >= cents_lo) & (cents <= cents_hi)]
+            if len(cents) == 0:
+                raise NoFeasiblePrice(f"no price ending in .{end:02d} within [{lo:.2f}, {L:.2f}]")
+        cand = cents / 100.0
         prob = np.array([self.purchase_probability(p, L, x) for p in cand])
         objective = (cand - cost) * prob
         best = int(np.argmax(objective))
@@ -240,7 +268,7 @@ class PricingModel:
         sep = sum(float(pi) * self.purchase_probability(float(pi), float(pi),
                                                         self.features([pi], [nm], item_ids=[i] if i else None))
                   for pi, nm, i in zip(prices, names, ids) if pi > 0)
-        return {"list_price": round(L, 2), "bundle_price": round(p_star, 2), "discount": round(1 - p_star / L, 4),
+        return {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
                 "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
                 "expected_margin": float(objective[best]) if costs is not None else None,
                 "expected_revenue_separately": float(sep),

@@ -26,6 +26,7 @@ def normalize_catalog(raw: pd.DataFrame, columns: dict) -> tuple[pd.DataFrame, d
     for c in ("title", "category", "brand", "description"):
         out[c] = df[c].astype("string") if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
     out["price"] = pd.to_numeric(df["price"], errors="coerce") if "price" in df else np.nan
+    out["cost"] = pd.to_numeric(df["cost"], errors="coerce") if "cost" in df else np.nan
     counts = {"catalog_missing_item_id": int(out.item_id.isna().sum())}
     out = out[out.item_id.notna()]
     dup = out.item_id.duplicated(keep="last")
@@ -45,6 +46,7 @@ def from_events(events: pd.DataFrame) -> pd.DataFrame:
 
 def finalize(df: pd.DataFrame) -> pd.DataFrame:
     df = df.sort_values("item_id").reset_index(drop=True)
+    df["cost"] = pd.to_numeric(df["cost"], errors="coerce").astype("float64") if "cost" in df else np.nan
     title = df["title"].astype("string")
     fallback = (df["brand"].fillna("").astype("string") + " " +
                 df["category"].fillna("").astype("string").str.replace(".", " ", regex=False)).str.strip()
@@ -53,7 +55,7 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
     df["text"] = [item_text(t, c, b, p, d) for t, c, b, p, d in
                   zip(df.title, df.category.astype(object), df.brand.astype(object), df.price,
                       df["description"].astype(object) if "description" in df else [None] * len(df))]
-    return df[ITEM_COLUMNS + ["description"]]
+    return df[ITEM_COLUMNS + ["cost", "description"]]
 
 
 @functools.lru_cache(maxsize=4)

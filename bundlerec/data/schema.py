@@ -12,7 +12,8 @@ Events (one row per interaction)::
 
 Catalog (one row per item)::
 
-    item_id, title, category, brand, price, description (optional)
+    item_id, title, category, brand, price, description (optional), cost (optional: unit cost, the
+    floor of a bundle's price under ``min_margin``)
 
 Foreign logs load through a column mapping (canonical -> source column) and an event-type map;
 e.g. REES46 (``event_time, event_type, product_id, category_code, brand, price, user_id,
@@ -33,7 +34,7 @@ EVENT_TYPE_ID = {t: i for i, t in enumerate(EVENT_TYPES)}
 
 EVENT_COLUMNS = ("event_time", "event_type", "user_id", "session_id", "item_id", "price", "quantity")
 REQUIRED_EVENT_COLUMNS = ("event_time", "event_type", "user_id", "item_id")
-CATALOG_COLUMNS = ("item_id", "title", "category", "brand", "price", "description")
+CATALOG_COLUMNS = ("item_id", "title", "category", "brand", "price", "description", "cost")
 REQUIRED_CATALOG_COLUMNS = ("item_id",)
 
 # Quarantine reasons, in the order they are checked (a row gets the first that applies).
@@ -72,6 +73,7 @@ ITEM_SCHEMA = {
     "brand": "string",
     "price": "double",
     "text": "string",
+    "cost": "double",
     "input_ids": "list<int64>",
     "attention_mask": "list<int64>",
 }

@@ -164,7 +164,8 @@ class BundlerecService:
     def bundles(self, req: BundleRequest) -> BundleResponse:
         """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
         m = self.current
-        kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats)
+        kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
+                  limits=req.limits())
         if req.query is not None:
             return BundleResponse(bundles=m.rec.query_bundles(req.query, **kw), cold_start=False, unknown_items=[],
                                   history_source="query", model=m.info)

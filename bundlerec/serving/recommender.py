@@ -22,6 +22,7 @@ import torch
 
 from bundlerec.bundles.engine import BundleEngine
 from bundlerec.bundles.generate import BundleConstraints
+from bundlerec.bundles.pricing import PriceLimits
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.model.collate import pad_history
 
@@ -147,16 +148,19 @@ class Recommender:
         return self.model.score(batch)[0].numpy().astype(np.float64)
 
     def bundles(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size, budget: Optional[float] = None,
-                allow_repeats: bool = _BUNDLE.allow_repeats, exclude_purchased: bool = True) -> list[dict]:
+                allow_repeats: bool = _BUNDLE.allow_repeats, exclude_purchased: bool = True,
+                limits: PriceLimits = _BUNDLE.limits) -> list[dict]:
         """Personalized, priced bundles for one history (the bundle engine over this user's scores)."""
         bought = tuple(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"]) if exclude_purchased else ()
-        c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats)
+        c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats,
+                              limits=limits)
         return self.bundle_engine.personalized(self.full_scores(h), c, seen=set(h.items))
 
     def query_bundles(self, text: str, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
-                      budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats) -> list[dict]:
+                      budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,
+                      limits: PriceLimits = _BUNDLE.limits) -> list[dict]:
         """Priced bundles seeded by a free-text shopping intent (the engine's query fusion)."""
-        c = BundleConstraints(n=n, max_size=max_size, budget=budget, allow_repeats=allow_repeats)
+        c = BundleConstraints(n=n, max_size=max_size, budget=budget, allow_repeats=allow_repeats, limits=limits)
         return self.bundle_engine.from_query(text, c)
 
     def complete(self, item_ids: list[str], k: int = 10) -> dict:

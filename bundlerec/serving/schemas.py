@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bundlerec.bundles.generate import BundleConstraints
+from bundlerec.bundles.pricing import PriceLimits
 from bundlerec.data.schema import EVENT_TYPES
 
 _BUNDLE = BundleConstraints()  # bundle defaults: one definition
@@ -62,6 +63,16 @@ class BundleRequest(RecommendationRequest):
     max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, description="items per bundle, at most")
     budget: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False, description="maximum list price of a bundle")
     allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, description="allow an item in several bundles")
+    max_discount: float = Field(default=_BUNDLE.limits.max_discount, ge=0, le=1, allow_inf_nan=False,
+                                description="at most this share off a bundle's list price")
+    min_margin: float = Field(default=_BUNDLE.limits.min_margin, ge=0, le=100, allow_inf_nan=False,
+                              description="price >= the items' catalog cost x (1 + min_margin); bundles whose "
+                                          "items lack a cost are returned unpriced")
+    price_ending: Optional[float] = Field(default=_BUNDLE.limits.price_ending, ge=0, lt=1, allow_inf_nan=False,
+                                          description="cents every bundle price ends in, e.g. 0.99")
+
+    def limits(self) -> PriceLimits:
+        return PriceLimits(self.max_discount, self.min_margin, self.price_ending)
 
 
 class CompletionRequest(BaseModel):
@@ -90,7 +101,9 @@ class Bundle(BaseModel):
     expected_revenue: Optional[float] = None
     expected_revenue_separately: Optional[float] = None
     price_source: str = Field(description='"fitted": the export\'s fitted pricing model (GET /v1/model has its fit '
-                                          'metadata); "default": no fitted model, a fixed optimal discount is assumed')
+                                          'metadata); "default": no fitted model, a fixed optimal discount is assumed; '
+                                          '"none (...)": not priced, with the reason (no item prices, no price meets '
+                                          'the request\'s limits, min_margin without item costs)')
 
 
 class RecommendedItem(BaseModel):

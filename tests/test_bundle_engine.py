@@ -275,3 +275,26 @@ def test_served_prices_respect_the_shops_limits_with_catalog_costs():
                                   BundleConstraints(n=1, max_size=2, max_per_category=2,
                                                                   limits=PriceLimits(min_margin=5.0)))
     assert impossible[0]["bundle_price"] is None and impossible[0]["price_source"].startswith("none (no price")
+
+
+def test_rouge1_and_intent_names_from_the_nearest_annotated_bundle(tmp_path):
+    from bundlerec.bundles.naming import IntentNamer, rouge1_f1
+
+    assert rouge1_f1("Coffee beans", "coffee") == pytest.approx(2 / 3)
+    assert rouge1_f1("tea", "coffee") == 0.0 and rouge1_f1("", "x") == 0.0
+    eng = _engine()
+    texts = ["morning coffee", "cable kit", "running gear"]
+    groups = [[2, 3], [4, 5], [0, 1]]
+    c = np.stack([eng.pretrained[g].mean(0) for g in groups])
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    namer = IntentNamer(texts, c, np.zeros_like(c), {"neighbour": 1.0})
+    assert namer.names(eng, [[2, 3], [5, 4], [0]]) == ["morning coffee", "cable kit", "running gear"]
+    lexical = namer.names(eng, [[2], [4]], {"lexical": 1.0})  # TF-IDF of the items against the intent texts
+    assert lexical[0] == "morning coffee" and lexical[1] == "cable kit"
+    namer.save(str(tmp_path))
+    back = IntentNamer.load(str(tmp_path))
+    assert back.texts == texts and back.weights == {"neighbour": 1.0}
+    eng.namer = back
+    assert eng.name([2, 3]) == "morning coffee"  # served bundles carry the drawn name
+    with pytest.raises(ValueError, match="unknown naming channels"):
+        IntentNamer(texts, c, c, {"magic": 1.0})

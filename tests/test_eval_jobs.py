@@ -65,6 +65,9 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
             i = res["intent"][domain][method]
             assert i["n"] > 0 and i["recall@10_ci"][0] <= i["recall@10"] <= i["recall@10_ci"][1]
         assert res["intent_lift"][domain]["vs"] in ("lexical", "zeroshot")
+        for method in ("bundlerec", "zeroshot", "lexical", "category"):  # names against the annotated intents
+            n = res["naming"][domain][method]
+            assert n["n"] > 0 and n["rouge1_f1_ci"][0] <= n["rouge1_f1"] <= n["rouge1_f1_ci"][1]
         assert 0 <= res["seen_share"][domain]["eval_targets_seen"] <= 1
         # the text encoder and the lexical index know what goes together: better than popularity
         for m in ("zeroshot", "lexical"):
@@ -77,6 +80,7 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     # the re-ranker was fitted on the fit users' bundles; the export holds it exactly when it is used
     assert res["selection"]["rerank"]["positives"] > 0
     assert os.path.exists(f"{export}/rerank.skops") == res["engine_params"]["rerank"]
+    assert json.load(open(f"{export}/intent_names.json"))["weights"] == res["selection"]["naming"]["chosen"]
 
     # evaluated as served: the serving object's completion reproduces the evaluation's figure
     from bundlerec.bundles.evaluate import completion_queries

@@ -41,6 +41,7 @@ from bundlerec.bundles.compat import Compatibility
 from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
 from bundlerec.bundles.lexical import Lexical
+from bundlerec.bundles.naming import IntentNamer
 from bundlerec.bundles.pricing import NoFeasiblePrice, PriceLimits, PricingModel
 from bundlerec.bundles.rerank import FEATURE_CHANNELS as RERANK_CHANNELS
 from bundlerec.bundles.rerank import Reranker
@@ -140,7 +141,7 @@ class BundleEngine:
                  pricing_info: Optional[dict] = None, params: Optional[EngineParams] = None,
                  pretrained: Optional[np.ndarray] = None, lexical: Optional[Lexical] = None,
                  popularity: Optional[np.ndarray] = None, history_len: int = 64,
-                 reranker: Optional[Reranker] = None):
+                 reranker: Optional[Reranker] = None, namer: Optional[IntentNamer] = None):
         n = len(items)
         for name, arr in (("item index", index), ("pretrained index", pretrained), ("lexical index", lexical),
                           ("popularity", popularity)):
@@ -154,6 +155,7 @@ class BundleEngine:
         self.costs = (pd.to_numeric(items.cost, errors="coerce").astype(float).tolist() if "cost" in items
                       else [float("nan")] * n)
         self.reranker = reranker
+        self.namer = namer
         self.model, self.index, self.stats = model, np.asarray(index, dtype=np.float32), stats
         self.pretrained, self.lexical = pretrained, lexical
         self.popularity = np.zeros(n) if popularity is None else np.asarray(popularity, dtype=np.float64)
@@ -184,7 +186,8 @@ class BundleEngine:
         eng = cls(items, model, np.load(os.path.join(export_dir, "item_index.npy")), CoStats.load(export_dir, n),
                   pricing, info, params, pretrained=opt("item_index_pretrained.npy"),
                   lexical=Lexical.load(export_dir), popularity=opt("popularity.npy"),
-                  history_len=int(meta.get("history_len", 64)), reranker=Reranker.load(export_dir))
+                  history_len=int(meta.get("history_len", 64)), reranker=Reranker.load(export_dir),
+                  namer=IntentNamer.load(export_dir))
         if params.rerank and eng.reranker is None:
             raise ValueError(f"{export_dir}: {PARAMS_FILE} asks for re-ranking but the export has no re-ranker")
         eng.export_dir, eng.pretrained_name = export_dir, meta.get("base_model")
@@ -293,11 +296,14 @@ class BundleEngine:
         """(B, N) raw scores of every item for free-text queries."""
         if channel == "lexical":
             return self.lexical.query_scores(texts)
+        return self.encode_texts(channel, texts) @ (self.index if channel == "tuned" else self.pretrained).T
+
+    def encode_texts(self, channel: str, texts: Sequence[str]) -> np.ndarray:
+        """(B, d) normalised embeddings of free texts by the ``tuned`` or ``pretrained`` item encoder."""
         tok, model = self._encoder(channel)
         enc = tok([str(t) for t in texts], truncation=True, max_length=64, padding=True, return_tensors="pt")
         with torch.no_grad():
-            q = model.encode_items(enc["input_ids"], enc["attention_mask"]).float().numpy()
-        return q @ (self.index if channel == "tuned" else self.pretrained).T
+            return model.encode_items(enc["input_ids"], enc["attention_mask"]).float().numpy()
 
     def query_scores(self, texts: Sequence[str], channels: Optional[dict] = None) -> np.ndarray:
         """(B, N) fused scores of every item for free-text queries (``params.query`` weights)."""
@@ -349,13 +355,20 @@ class BundleEngine:
                                             price_ending=limits.price_ending)
             except NoFeasiblePrice as e:
                 why = f"none ({e})"
-        return {"name": bundle_name([self.categories[i] for i in items]), "score": score,
+        return {"name": self.name(items), "score": score,
                 "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
                            "price": None if self.prices[i] < 0 else self.prices[i],
                            "reason": self.reason(i, items, seen)} for i in items],
                 **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
                                                "expected_revenue_separately")},
                 "price_source": self.pricing_info["source"] if priced else why}
+
+    def name(self, items: list[int]) -> str:
+        """The bundle's name: the best-fitting annotated intent of the training bundles where the
+        export has them (:mod:`bundlerec.bundles.naming`), else from the items' shared category."""
+        if self.namer is not None and self.pretrained is not None and self.lexical is not None:
+            return self.namer.names(self, [items])[0]
+        return bundle_name([self.categories[i] for i in items])
 
     def reason(self, item: int, bundle: list, seen: set) -> str:
         if item in seen:

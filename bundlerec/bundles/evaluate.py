@@ -49,10 +49,13 @@ from bundlerec.bundles.engine import (
     top_k,
     write_engine_assets,
 )
+from bundlerec.bundles.generate import bundle_name
 from bundlerec.bundles.intent import Domain, load
 from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
 from bundlerec.bundles.lexical import Lexical
 from bundlerec.bundles.matching import match, prf
+from bundlerec.bundles.naming import CHANNELS as NAMING_CHANNELS
+from bundlerec.bundles.naming import IntentNamer, rouge1_f1
 from bundlerec.bundles.rerank import FEATURES as RERANK_FEATURES
 from bundlerec.bundles.rerank import TREES as RERANK_TREES
 from bundlerec.bundles.rerank import RERANK_FILE, RERANK_MODEL, CategoryStats, Reranker
@@ -294,6 +297,36 @@ def fit_reranker(engine: BundleEngine, fit: dict[str, Domain], index: dict, seed
     return Reranker.fit(engine, folds, CategoryStats.from_groups([ids for ids, _ in bundles], engine.categories))
 
 
+def annotated(domains: dict[str, Domain], index: dict) -> dict[str, list[tuple[list[int], str]]]:
+    """(items, intent) of every bundle with an annotated intent, per domain."""
+    return {d: [([index[i] for i in items], t) for items, t in zip(v.bundles["items"], v.bundles["intent"])]
+            if "intent" in v.bundles else [] for d, v in domains.items()}
+
+
+def naming_values(engine: BundleEngine, namer: IntentNamer, bundles: list, weights: dict, channels: dict | None = None) -> np.ndarray:
+    """Per-bundle ROUGE-1 F1 of the name given to its items against its annotated intent."""
+    names = namer.names(engine, [b for b, _ in bundles], weights, channels)
+    return np.array([rouge1_f1(n, t) for n, (_, t) in zip(names, bundles)])
+
+
+def _named(pairs: list) -> list:
+    return [(b, str(t)) for b, t in pairs if isinstance(t, str) and t.strip() and b]
+
+
+def select_naming(engine: BundleEngine, fit: dict[str, Domain], val: dict[str, Domain], index: dict) -> tuple[IntentNamer | None, dict]:
+    """The namer from the fit users' annotated bundles, its channel weights chosen on validation."""
+    train = [p for ps in annotated(fit, index).values() for p in _named(ps)]
+    val_b = {d: _named(ps) for d, ps in annotated(val, index).items()}
+    if not train or not any(val_b.values()):
+        return None, {"skipped": "no annotated intents"}
+    namer = IntentNamer.fit([b for b, _ in train], [t for _, t in train], engine)
+    caches = {d: namer.channel_scores(engine, [b for b, _ in v]) for d, v in val_b.items() if v}
+    scores = {json.dumps(w): float(np.mean([naming_values(engine, namer, val_b[d], w, c).mean() for d, c in caches.items()]))
+              for w in fusion_grid(NAMING_CHANNELS)}
+    namer.weights = json.loads(max(scores, key=scores.get))
+    return namer, {"intents": len(train), "val_rouge1_f1": scores, "chosen": namer.weights}
+
+
 def select_threshold(engine: BundleEngine, compat: dict, val_s: dict) -> tuple[float, float, list]:
     """Best detection threshold for ``compat`` on the validation sessions: (threshold, val F1, grid)."""
     e = engine.with_params(EngineParams(completion=engine.params.completion, compat=compat))
@@ -379,6 +412,11 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
              for w in fusion_grid(QUERY_CHANNELS)} if any(val_i.values()) else {json.dumps({"tuned": 1.0}): float("nan")}
     best_q = json.loads(max(query, key=lambda k: query[k] if query[k] == query[k] else -1.0))
     log.info("eval_bundles: query fusion %s (val intent recall@10 %.4f)", best_q, query[json.dumps(best_q)])
+    namer, naming_sel = select_naming(engine, fit, val, index)
+    if namer is not None:
+        namer.save(export)
+        log.info("eval_bundles: naming weights %s (val ROUGE-1 F1 %.4f)", namer.weights,
+                 naming_sel["val_rouge1_f1"][json.dumps(namer.weights)])
     det = {}
     for data_w, text in itertools.product(COMPAT_DATA, COMPAT_TEXT):
         compat = {**({"data": data_w} if data_w else {}), **text}
@@ -393,7 +431,7 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
     selection = {"validation": {d: {"users": int(v.bundles.user_id.nunique()), "bundles": len(v.bundles),
                                     "sessions": len(val_s[d])} for d, v in val.items()},
                  "lexical": lex_sel, "completion_val_recall@10": fusion, "query_val_recall@10": query,
-                 "rerank_val_recall@10": rerank_val, "rerank": engine.reranker.info,
+                 "rerank_val_recall@10": rerank_val, "rerank": engine.reranker.info, "naming": naming_sel,
                  "detection_val": det,
                  "baseline_detection": baselines}
     params = EngineParams(completion=best_w, query=best_q, rerank=use_rerank, compat=json.loads(best_c), threshold=det[best_c]["threshold"],
@@ -439,6 +477,15 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
                                 **{f"{k}_ci": bootstrap_mean_ci(v, seed) for k, v in per_i[m].items() if k.endswith("@10")}}
         best_i = max(("lexical", "zeroshot"), key=lambda m: out["intent"][m]["recall@10"])
         out["intent_lift"] = {"vs": best_i, "recall@10": paired_lift(per_i["bundlerec"]["recall@10"], per_i[best_i]["recall@10"], seed)}
+    named = _named(annotated({d.name: d}, index)[d.name])
+    if engine.namer is not None and named:
+        per_n = {m: naming_values(engine, engine.namer, named, w) for m, w in
+                 (("bundlerec", engine.namer.weights), ("zeroshot", {"zeroshot": 1.0}), ("lexical", {"lexical": 1.0}))}
+        per_n["category"] = np.array([rouge1_f1(bundle_name([engine.categories[i] for i in b]), t) for b, t in named])
+        out["naming"] = {m: {"n": len(named), "rouge1_f1": float(v.mean()), "rouge1_f1_ci": bootstrap_mean_ci(v, seed)}
+                         for m, v in per_n.items()}
+        best_n = max(("zeroshot", "lexical", "category"), key=lambda m: out["naming"][m]["rouge1_f1"])
+        out["naming_lift"] = {"vs": best_n, "rouge1_f1": paired_lift(per_n["bundlerec"], per_n[best_n], seed)}
     sessions = session_truth(d, index)
     for m in ("bundlerec", *BASELINES):
         if m == "popular":
@@ -477,7 +524,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     for name, d in evald.items():
         log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
-        for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift"):
+        for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
         share = lambda bs: float(np.mean([index[i] in seen for b in bs["items"] for i in b[1:]])) if len(bs) else float("nan")  # noqa: E731
@@ -494,7 +541,7 @@ def summarize_folds(results: dict[int, dict]) -> dict:
     out: dict = {"folds": sorted(results)}
     first = next(iter(results.values()))
     for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)),
-                          ("intent", ("recall@10", "ndcg@10"))):
+                          ("intent", ("recall@10", "ndcg@10")), ("naming", ("rouge1_f1",))):
         if task not in first:
             continue
         out[task] = {}
@@ -503,10 +550,10 @@ def summarize_folds(results: dict[int, dict]) -> dict:
             for m in methods:
                 out[task][dom][m] = {k: {"mean": float(np.mean(v := [r[task][dom][m][k] for r in results.values()])),
                                          "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k in metrics}
-    for key in ("lift", "intent_lift"):
+    for key, metric in (("lift", "recall@10"), ("intent_lift", "recall@10"), ("naming_lift", "rouge1_f1")):
         if key in first:
-            out[key] = {dom: {"mean": float(np.mean([r[key][dom]["recall@10"]["lift"] for r in results.values()])),
-                              "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom]["recall@10"]}
+            out[key] = {dom: {"mean": float(np.mean([r[key][dom][metric]["lift"] for r in results.values()])),
+                              "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom][metric]}
                                            for f, r in results.items()}} for dom in first[key]}
     return out
 
@@ -517,7 +564,8 @@ def markdown(res: dict) -> str:
     if "summary" in res:
         sm = res["summary"]
         for task, metric, title in (("completion", "recall@10", "Completion Recall@10"), ("completion", "ndcg@10", "Completion NDCG@10"),
-                                    ("intent", "recall@10", "Intent -> bundle Recall@10"), ("generation", "f1", "Detection F1")):
+                                    ("intent", "recall@10", "Intent -> bundle Recall@10"), ("generation", "f1", "Detection F1"),
+                                    ("naming", "rouge1_f1", "Bundle names: ROUGE-1 F1 against the annotated intent")):
             if task not in sm:
                 continue
             doms = list(sm[task])
@@ -529,7 +577,8 @@ def markdown(res: dict) -> str:
                                                      for d in doms) + " |")
             lines.append("")
         for key, title in (("lift", "bundlerec's completion Recall@10 lift over the best baseline"),
-                           ("intent_lift", "bundlerec's intent Recall@10 lift over the best of lexical/zeroshot")):
+                           ("intent_lift", "bundlerec's intent Recall@10 lift over the best of lexical/zeroshot"),
+                           ("naming_lift", "bundlerec's naming ROUGE-1 F1 lift over the best of zeroshot/lexical/category")):
             if key not in sm:
                 continue
             lines += [f"**{title}** (paired bootstrap 95 % interval per fold)", "", "| domain | mean | per fold |", "|---|---|---|"]
@@ -539,7 +588,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {d} | {v['mean']:+.1%} | {per} |")
             lines.append("")
         return "\n".join(lines)
-    for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1")):
+    for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1"), ("naming", "rouge1_f1")):
         if task not in res:
             continue
         doms = list(res[task])

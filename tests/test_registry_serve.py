@@ -92,13 +92,14 @@ items = m.unwrap_python_model().rec.item_ids
 df = pd.DataFrame({{"user_id": ["live", "live", "ghost"], "item_id": [items[0], items[1], None],
                     "event_type": ["view", "cart", None], "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z", None]}})
 out = m.predict(df, params={{"k": 4}})
-b = m.predict(df, params={{"output": "bundles", "n": 2, "max_size": 3}})
+b = m.predict(df, params={{"output": "bundles", "n": 2, "max_size": 3, "price_ending": 0.99}})
 c = m.predict(df, params={{"output": "complete", "k": 3}})
 print(json.dumps({{"complete": c.item_id.tolist(), "complete_users": c.user_id.unique().tolist(), "cart": items[:2],
                   "rows": len(out), "users": sorted(out.user_id.unique().tolist()),
                   "cold": out.groupby("user_id").cold_start.first().to_dict(), "ray": "ray" in sys.modules,
                   "bundle_sizes": [len(json.loads(x)) for x in b.item_ids], "bundle_prices_ok":
-                  bool((b.bundle_price <= b.list_price).all())}}))
+                  bool((b.bundle_price <= b.list_price).all()),
+                  "endings": sorted({{round(p * 100) % 100 for p in b.bundle_price.dropna()}})}}))
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
     env.pop("RAY_ADDRESS", None)
@@ -109,6 +110,7 @@ print(json.dumps({{"complete": c.item_id.tolist(), "complete_users": c.user_id.u
     assert res["cold"] == {"ghost": True, "live": False}
     assert res["ray"] is False
     assert res["bundle_sizes"] and all(2 <= n <= 3 for n in res["bundle_sizes"]) and res["bundle_prices_ok"]
+    assert res["endings"] == [99]  # the price limits reach the pyfunc too
     # completion: the live user's two items are the cart; three other items complete it
     assert res["complete_users"] == ["live"] and len(res["complete"]) == 3
     assert not set(res["complete"]) & set(res["cart"])

@@ -73,7 +73,7 @@ class IntentNamer:
     def _lexical(self, engine, bundles) -> np.ndarray:
         from sklearn.preprocessing import normalize
 
-        if getattr(self, "_lex_key", None) is not id(engine.lexical):
+        if getattr(self, "_lex_key", None) != id(engine.lexical):
             self._lex_T, self._lex_key = normalize(engine.lexical.vec.transform(self.texts)), id(engine.lexical)
         rows = [np.asarray(engine.lexical.X[list(b)].sum(0)).ravel() for b in bundles]
         q = normalize(np.stack(rows)) if rows else np.zeros((0, engine.lexical.X.shape[1]))

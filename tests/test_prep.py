@@ -29,6 +29,26 @@ def test_prep_on_synthetic_writes_splits_items_and_manifest(tiny_prep):
     assert (joined.target_time > joined.train_t).all()
 
 
+def test_training_read_is_in_file_order_even_when_materialized(tiny_prep):
+    """What makes training reproducible across Ray sessions: the train split, materialized as
+    tiny.yaml and demo.yaml do, lists its rows in file order every time. Without preserve_order on
+    the dataset's own context, the read that finished first came first, so which rank trained on which
+    rows changed between runs (the two outcomes the resume comparisons of test_train.py flipped on)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bundlerec.data.examples import read_examples
+
+    path = f"{tiny_prep[0].data.output_dir}/examples/train"
+    files = pq.ParquetDataset(path).files
+    assert len(files) >= 2  # else there is no order to get wrong
+    want = pa.concat_tables([pq.read_table(f, columns=["user_id", "target_time"]) for f in files])
+    want = list(zip(want["user_id"].to_pylist(), want["target_time"].to_pylist()))
+    for _ in range(6):
+        got = read_examples(tiny_prep[0].data.output_dir, "train", True).materialize().to_pandas()
+        assert list(zip(got.user_id, got.target_time)) == want
+
+
 def _write_malformed(d):
     rows = [
         "event_time,event_type,user_id,item_id,price",

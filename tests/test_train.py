@@ -94,12 +94,12 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
     assert losses[2] < 0.9 * losses[0], losses
 
 
-# Training is deterministic (train.deterministic: fixed shard order, negatives and dropout seeded per
-# epoch), and ZeRO stages only partition the same fp32 optimization, so a resumed run must end where
-# the uninterrupted ZeRO-2 run ended, up to float reduction noise. These comparisons use MiniLM
-# (tiny.yaml as shipped): with the tiny encoder trained from scratch, uninterrupted runs of one config
-# ended on two outcomes (val NDCG@10 / Recall@10 0.7717 / 0.8624 and 0.7823 / 0.9099, fresh-clone CI
-# 2026-11-25), the nondeterminism docs/reliability.md lists under "Not covered", amplified.
+# Training is deterministic (train.deterministic: shards dealt in file order, also when the train split is
+# materialized; negatives and dropout seeded per epoch), and ZeRO stages only partition the same fp32
+# optimization, so a resumed run must end where the uninterrupted ZeRO-2 run ended, up to float
+# reduction noise. Until 2026-11-30 a materialized split listed its blocks in the order the reads
+# finished, so runs of one config ended on one of two outcomes (which rank trained on which rows) and
+# these comparisons failed intermittently; tests/test_prep.py checks the order now.
 TOL = 0.01
 
 

@@ -28,13 +28,18 @@ def load_split(prep_dir: str, split: str) -> pd.DataFrame:
 def read_examples(prep_dir: str, split: str, deterministic: bool):
     """One split of prep's examples as a Ray Dataset. Deterministic: one read task per file, so the
     blocks (and with them each worker's shard) do not depend on how many CPUs happened to be free
-    when the read was planned (Ray sizes reads by the CPUs it sees)."""
+    when the read was planned (Ray sizes reads by the CPUs it sees), and keep the files' order even
+    when materialized (else the read that finishes first comes first, and which rank trains on which
+    block changes from run to run: the two outcomes training used to end on)."""
     import pyarrow.parquet as pq
     import ray.data
 
     path = join(prep_dir, "examples", split)
     n_files = len(pq.ParquetDataset(path).files) if deterministic else None
-    return ray.data.read_parquet(path, override_num_blocks=n_files or None)
+    ds = ray.data.read_parquet(path, override_num_blocks=n_files or None)
+    if deterministic:  # blocks in file order, also through materialize(); without it a materialized
+        ds.context.execution_options.preserve_order = True  # split lists blocks as reads finish
+    return ds
 
 
 class PrepMismatch(ValueError):

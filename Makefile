@@ -43,18 +43,12 @@ lock:
 services: setup
 	cluster/local.sh start
 
-# A just-started (or loaded) head can refuse a submission with "No available agent to submit job,
-# please try again later" before its job agent registers: the job was not created, so retry that.
+# `bundlerec submit` = ray job submit with jobs/runtime_env.yaml and the outputs kept under DEMO_ROOT; it
+# resubmits while a just-started (or loaded) head has no job agent yet ("No available agent to submit job").
 demo: services
-	@start=$$(date +%s); log=$$(mktemp); \
-	for try in 1 2 3 4 5 6; do \
-	  ray job submit --address $(RAY_ADDRESS_HTTP) --runtime-env jobs/runtime_env.yaml -- \
-	    python -m jobs.pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) 2>&1 | tee $$log; \
-	  rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] && break; \
-	  if [ $$try -lt 6 ] && grep -q "No available agent to submit job" $$log; then \
-	    echo "Ray's job agent is not ready yet; submitting again in 10 s ($$try/5)"; sleep 10; \
-	  else rm -f $$log; exit 1; fi; \
-	done; rm -f $$log; \
+	@start=$$(date +%s); \
+	bundlerec submit --address $(RAY_ADDRESS_HTTP) pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) \
+	  || exit 1; \
 	echo "demo wall time: $$(( $$(date +%s) - start ))s (job submit to finish)"; \
 	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json"; \
 	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"

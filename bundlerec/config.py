@@ -421,6 +421,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
+    where = f"{where}." if where and not where.endswith(".") else where  # "data" -> "data.history_len"
     if unknown:
         raise ConfigError(f"unknown config key(s) {sorted(where + k for k in unknown)}; "
                           f"valid keys here: {sorted(names)}")

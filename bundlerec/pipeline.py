@@ -73,12 +73,43 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
         json.dump(results, f, indent=2, default=str)
     log_results(cfg.mlflow.tracking_uri, run_id, metrics, export_dir,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
+    results["report"] = log_report(cfg, run_id, export_dir, metrics)
     return results
+
+
+def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict) -> str:
+    """The run's evaluation report (bundlerec.eval.report) -> MLflow artifacts ``report/``; returns
+    the local report.html path (beside results.json). The curves come from the run's own metrics in
+    MLflow (a train run, or the best trial's child run of a sweep)."""
+    import mlflow
+
+    from bundlerec.data.examples import load_split
+    from bundlerec.eval.report import example_users, write_report
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    steps = [(m.step, m.value) for m in client.get_metric_history(run_id, "step/train_loss")]
+    per_epoch: dict[int, dict] = {}
+    for key in ("train_loss", "val_ndcg_at_10", "val_recall_at_10", "step"):
+        for m in client.get_metric_history(run_id, key):  # the redone epoch of a resumed run: the last value
+            per_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    history = [per_epoch[e] for e in sorted(per_epoch) if "train_loss" in per_epoch[e]]
+    users = load_split(cfg.data.output_dir, "test").user_id.astype(str).drop_duplicates().head(3).tolist()
+    out = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "report")
+    run = client.get_run(run_id)
+    facts = {"MLflow run": run_id, "experiment": cfg.mlflow.experiment, "model": cfg.model.name_or_path,
+             "DeepSpeed ZeRO stage": cfg.train.zero_stage, "workers": cfg.train.num_workers,
+             "epochs run": len(history), "git commit": run.data.tags.get("mlflow.source.git.commit", "unknown"),
+             "prep schema": run.data.tags.get("bundlerec.schema_hash", "")}
+    paths = write_report(out, title=f"bundlerec evaluation report: {cfg.name}", metrics=metrics, history=history,
+                         steps=steps, examples=example_users(export_dir, users), facts=facts)
+    client.log_artifacts(run_id, out, artifact_path="report")
+    log.info("report: %s (MLflow run %s, artifacts report/report.html)", paths["report"], run_id)
+    return paths["report"]
 
 
 def run_train_stage(cfg: PipelineConfig) -> dict:
     """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
-    from bundlerec.tracking import check_server, start_run
+    from bundlerec.tracking import check_server, log_prep_dataset, start_run, system_metrics
     from bundlerec.train.fit import fit
 
     prep_dir = cfg.data.output_dir
@@ -89,7 +120,9 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
     run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
                        flatten(to_dict(cfg)), tags)
     log.info("train: MLflow run %s (experiment %s at %s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    trained = fit(cfg, prep_dir, run_id)
+    log_prep_dataset(cfg.mlflow.tracking_uri, run_id, prep_dir, manifest)
+    with system_metrics(cfg.mlflow.tracking_uri, run_id):
+        trained = fit(cfg, prep_dir, run_id)
     pricing = attach_pricing(cfg, trained["export_dir"])
     return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing,
         "checkpoint": trained["checkpoint"],
@@ -161,11 +194,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             summary["api_token_file"] = os.path.abspath(cfg.serve.token_file)
         dep = deploy(cfg, version=summary.get("champion_version"))
         summary.update(try_endpoint(cfg, dep["serve_url"], token))
+    summary["report_url"] = report_url(cfg.mlflow.tracking_uri, results["run_id"])
+    if "deploy" in cfg.stages:
+        summary["explorer_url"] = f"{cfg.serve.url.rstrip('/')}/"
     summary["pipeline_seconds"] = round(time.time() - t0, 1)
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "summary.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=2, default=str)
     log.info("pipeline: done in %.0fs; summary at %s", summary["pipeline_seconds"], path)
+    print(f"\nevaluation report (MLflow): {summary['report_url']}", flush=True)
+    if "explorer_url" in summary:
+        print(f"bundle explorer:            {summary['explorer_url']}  (API token: {summary.get('api_token_file', 'none')})",
+              flush=True)
     return summary
+
+
+def report_url(tracking_uri: str, run_id: str) -> str:
+    """Where the MLflow UI shows a run's report/report.html."""
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
+    return (f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+            f"/artifacts/report/report.html")
 
 

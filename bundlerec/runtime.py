@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 # Why each default:
 ENV_DEFAULTS = {
@@ -76,3 +77,23 @@ def is_rank_zero() -> bool:
         return ray.train.get_context().get_world_rank() == 0
     except Exception:
         return True
+
+
+def git_commit() -> Optional[str]:
+    """The code's git commit: $BUNDLEREC_GIT_COMMIT (what `bundlerec submit` sets: a Ray job runs in an
+    uploaded copy without .git), else ``git rev-parse HEAD`` of the project, with "-dirty" when the
+    work tree has uncommitted changes; None outside a repository."""
+    import subprocess
+    from pathlib import Path
+
+    if os.environ.get("BUNDLEREC_GIT_COMMIT"):
+        return os.environ["BUNDLEREC_GIT_COMMIT"]
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha or None

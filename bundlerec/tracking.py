@@ -37,10 +37,16 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
 def start_run(tracking_uri: str, experiment: str, run_name: Optional[str], params: dict, tags: dict) -> str:
     import mlflow
 
+    from bundlerec.runtime import git_commit
+
     check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.set_experiment(experiment)
     client = mlflow.MlflowClient(tracking_uri)
+    commit = git_commit()
+    if commit:  # the code that ran (MLflow's UI shows this tag on the run page)
+        tags = {"mlflow.source.git.commit": commit.removesuffix("-dirty"),
+                "bundlerec.git_dirty": str(commit.endswith("-dirty")).lower(), **tags}
     run = client.create_run(exp.experiment_id, run_name=run_name, tags=tags)
     from mlflow.entities import Param
 
@@ -121,6 +127,11 @@ def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optio
     flat = {}
     for method, m in metrics.items():
         for k, v in m.items():
+            if isinstance(v, dict):  # ci95: {metric: [lo, hi]} -> test/<method>/<metric>_ci95_lo|hi
+                for name, (lo, hi) in v.items():
+                    flat[f"test/{method}/{mlflow_name(name)}_{k}_lo"] = lo
+                    flat[f"test/{method}/{mlflow_name(name)}_{k}_hi"] = hi
+                continue
             flat[f"test/{method}/{mlflow_name(k)}"] = v
             if method == "bundlerec":
                 flat[f"test_{mlflow_name(k)}"] = v
@@ -174,3 +185,41 @@ def _metric(key: str, value: float, step: int):
     from mlflow.entities import Metric
 
     return Metric(key, float(value), int(time.time() * 1000), int(step))
+
+
+def log_prep_dataset(tracking_uri: str, run_id: str, prep_dir: str, manifest: dict, context: str = "training") -> str:
+    """The prepared data as the run's MLflow dataset input (Datasets column of the UI): its location
+    and a digest of prep's manifest (row counts, schema hash, config), so two runs on the same data
+    show the same digest. Returns the digest."""
+    import hashlib
+    import json
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local path is a local path
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(prep_dir)
+    ds = MetaDataset(source=source, name=f"bundlerec-prep-{manifest.get('schema_hash', '')}", digest=digest)
+    mlflow.MlflowClient(tracking_uri).log_inputs(
+        run_id, [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+    return digest
+
+
+@contextlib.contextmanager
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where there is one) of this machine, sampled into the run's
+    ``system/*`` metrics while the block runs (MLflow's SystemMetricsMonitor; on a cluster: the node
+    the driver runs on)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    mon.start()
+    try:
+        yield
+    finally:
+        mon.finish()

@@ -109,6 +109,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from bundlerec.progress import sweep_progress_callback
     from bundlerec.tracking import check_server, start_run
 
     tc = cfg.tune
@@ -155,7 +156,8 @@ def run_sweep(cfg: PipelineConfig) -> dict:
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=tc.num_samples, scheduler=scheduler,
                                         search_alg=search, max_concurrent_trials=tc.max_concurrent_trials),
-            run_config=tune.RunConfig(name="tuner", storage_path=sweep_dir, verbose=1))
+            run_config=tune.RunConfig(name="tuner", storage_path=sweep_dir, verbose=1,
+                                      callbacks=[sweep_progress_callback(tc.num_samples, cfg.train.epochs)]))
     t0 = time.time()
     grid = tuner.fit()
     trials = []

@@ -19,7 +19,7 @@ from bundlerec.serving.deploy import deploy
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
-    cfg = parse(argv, "bundlerec Serve deployment")
+    cfg = parse(argv, __doc__)
     if cfg.serve.auth and not os.path.exists(cfg.serve.token_file):  # keep an existing token: clients keep working
         write_token_file(cfg.serve.token_file)
         print(f"wrote a new API token to {cfg.serve.token_file} (mode 0600)")

@@ -46,7 +46,7 @@ def print_table(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
-    p = argparse.ArgumentParser(description="bundlerec bundle completion/detection evaluation (the served engine)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-dir", help="training directory (bundlerec_intent format)")
     p.add_argument("--eval-dir", help="evaluation directory (same format; never used for any choice)")
     p.add_argument("--src", help="with --folds: the directory to split by user into train/eval per fold")

@@ -14,7 +14,7 @@ from bundlerec.bundles.pricing import evaluate_pricing
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="bundlerec pricing evaluation (Steam bundles format)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True, help="folder with bundles.csv.gz and bundle_items.csv.gz")
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=5)

@@ -8,19 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 
-from bundlerec.config import SyntheticConfig, apply_overrides, from_dict
+from bundlerec.config import ConfigError, SyntheticConfig, apply_overrides, from_dict
 from bundlerec.data.synthetic import generate
 from bundlerec.runtime import setup_env
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
-    p = argparse.ArgumentParser(description="bundlerec synthetic clickstream generator")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory (events/, catalog.parquet, bundles.parquet)")
     p.add_argument("overrides", nargs="*", help="synthetic.<key>=value")
     args = p.parse_args(argv)
-    raw = apply_overrides({}, args.overrides).get("synthetic", {})
-    summary = generate(from_dict(SyntheticConfig, raw, "synthetic."), args.out)
+    try:
+        conf = from_dict(SyntheticConfig, apply_overrides({}, args.overrides).get("synthetic", {}), "synthetic.")
+    except ConfigError as e:  # one line, exit status 2, nothing written
+        p.error(str(e))
+    summary = generate(conf, args.out)
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -15,7 +15,7 @@ from bundlerec.serving.loadtest import build_large_catalog, format_report, run_l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="bundlerec endpoint load test")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--export", required=True, help="export dir of the deployed model (users + in-process baseline)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

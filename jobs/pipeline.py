@@ -15,7 +15,7 @@ from bundlerec.serving.privacy import redact
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_job(argv, "bundlerec pipeline: prep + train + evaluate")
+    cfg = config_job(argv, __doc__)
     summary = run_pipeline(cfg)
     print(json.dumps(redact(summary), indent=2))  # summary.json keeps the ids; logs do not
     return summary

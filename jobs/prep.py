@@ -16,7 +16,7 @@ from bundlerec.data.prep import run_prep
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_job(argv, "bundlerec prep stage", tracking=False)
+    cfg = config_job(argv, __doc__, tracking=False)
     manifest = run_prep(cfg)
     print(json.dumps({k: manifest[k] for k in ("rows", "quarantine", "examples", "schema_hash")}, indent=2))
     return manifest

@@ -16,7 +16,7 @@ from bundlerec.runtime import setup_env
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
-    cfg = parse(argv, "bundlerec model registration")
+    cfg = parse(argv, __doc__)
     results = json.load(open(cfg.results_path))
     out = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                    run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)

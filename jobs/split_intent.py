@@ -14,7 +14,7 @@ from bundlerec.bundles.intent import split_by_user
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description="split a bundlerec_intent directory by user")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--fold", type=int, default=1, help="users with sha1 % 5 == fold go to eval (upstream used 0)")

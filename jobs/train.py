@@ -14,7 +14,7 @@ from bundlerec.pipeline import run_train_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_job(argv, "bundlerec train stage")
+    cfg = config_job(argv, __doc__)
     return run_train_stage(cfg)
 
 

@@ -14,7 +14,7 @@ from bundlerec.pipeline import run_tune_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = config_job(argv, "bundlerec hyperparameter sweep")
+    cfg = config_job(argv, __doc__)
     return run_tune_stage(cfg)
 
 

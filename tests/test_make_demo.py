@@ -31,6 +31,7 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     assert "already running" in logs  # local.sh reused the suite's services instead of starting its own
     assert "[bundlerec] epoch 1 done" in logs  # rank-0 progress reached the job log
     assert "demo wall time:" in logs
+    assert f"evaluation report (MLflow): {mlflow_server}/#/experiments/" in logs
 
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
     assert set(summary["metrics"]) == {"bundlerec", "popular", "itemknn", "zeroshot"}
@@ -51,3 +52,44 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     assert {"model/item_index.npy", "model/encoder"} <= {f["path"] for f in arts["files"]}
     found = mlflow_post(mlflow_server, "runs/search", {"experiment_ids": [run["info"]["experiment_id"]]})
     assert [r["info"]["run_id"] for r in found["runs"]] == [summary["run_id"]]
+
+    # lineage: the commit of the code (passed into the job by `bundlerec submit`), the prepared data
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head
+    inputs = run["inputs"]["dataset_inputs"]
+    assert len(inputs) == 1 and inputs[0]["dataset"]["source"] and len(inputs[0]["dataset"]["digest"]) == 16
+    # progress: a loss point every train.log_every_steps (tiny.yaml: 2 of 4 steps/epoch), system metrics
+    step_loss = mlflow_get(mlflow_server, "metrics/get-history", run_id=summary["run_id"], metric_key="step/train_loss")
+    assert sorted(m["step"] for m in step_loss["metrics"]) == [2, 4, 6, 8]
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)[:20]
+    # intervals beside every test metric
+    assert metrics["test/popular/ndcg_at_10_ci95_lo"] <= metrics["test/popular/ndcg_at_10"] <= \
+        metrics["test/popular/ndcg_at_10_ci95_hi"]
+    _report_in_chromium(mlflow_server, summary, tmp_path)
+
+
+def _report_in_chromium(mlflow_server, summary, tmp_path):
+    """The run's evaluation report, as MLflow serves it, rendered by a real headless Chromium: both
+    pictures decode, the table shows the run's own figures, the example bundles are there."""
+    import urllib.parse
+    import urllib.request
+
+    from tests.browser import Chromium
+
+    arts = mlflow_get(mlflow_server, "artifacts/list", run_id=summary["run_id"], path="report")
+    assert {"report/report.html", "report/curves.png", "report/comparison.png", "report/examples.html"} <= \
+        {f["path"] for f in arts["files"]}
+    q = urllib.parse.urlencode({"run_id": summary["run_id"], "path": "report/report.html"})
+    page = urllib.request.urlopen(f"{mlflow_server}/get-artifact?{q}", timeout=30).read()
+    (tmp_path / "report.html").write_bytes(page)
+    with Chromium(tmp_path) as br:
+        br.goto((tmp_path / "report.html").as_uri())
+        sizes = br.run("[...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        assert sizes == [["comparison with baselines", True], ["training curves", True]], sizes
+        table = br.text("table:nth-of-type(2)")
+        for method, m in summary["metrics"].items():
+            assert f"{method}\t{m['ndcg@10']:.4f}" in table, (method, table)
+        assert br.run("document.querySelectorAll('section.example').length") == 3
+        assert br.run("document.querySelectorAll('section.example .bundle').length") >= 3
+        br.screenshot(ROOT / "runs" / "test-artifacts" / "mlflow_report.png")

@@ -25,3 +25,17 @@ def test_top_level_layout():
     for name in ("pyproject.toml", "cluster", "jobs", "bundlerec", "serve", "tests", "README.md", "Makefile",
                  "requirements.lock"):
         assert (ROOT / name).exists(), name
+
+
+def test_readme_commands_are_real_subcommands():
+    """Every `bundlerec …` line of the README's code blocks names a subcommand the command has."""
+    from bundlerec.cli import STAGES
+
+    readme = (ROOT / "README.md").read_text()
+    used = set()
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S):
+        for line in block.splitlines():
+            m = re.match(r"\s*bundlerec (submit )?(?:--\S+ \S+ )*([a-z-]+)", line)
+            if m:
+                used.add(m.group(2))
+    assert used and used <= set(STAGES), used - set(STAGES)

@@ -116,6 +116,40 @@ print(json.dumps({{"complete": c.item_id.tolist(), "complete_users": c.user_id.u
     assert not set(res["complete"]) & set(res["cart"])
 
 
+def test_mlflow_models_serve_answers_with_the_champion(registered, tmp_path):
+    """What an MLflow user tries first: `mlflow models serve -m models:/<name>@champion` (no Ray),
+    then POST /invocations with the logged input example."""
+    import signal
+
+    from tests.conftest import wait_http
+
+    name, port = registered["name"], free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "models_serve.log", "w")
+    proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "mlflow"), "models", "serve", "-m",
+                             f"models:/{name}@champion", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 240)
+        from mlflow.models import Model
+
+        import mlflow
+        mlflow.set_tracking_uri(registered["uri"])
+        info = Model.load(f"models:/{name}@champion")
+        assert info.saved_input_example_info and info.signature is not None
+        example = info.load_input_example(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+        body = {"dataframe_split": example.to_dict(orient="split"), "params": {"k": 3}}
+        code, out = _post(f"http://127.0.0.1:{port}/invocations", body, headers={}, timeout=120)
+        assert code == 200, out
+        rows = out["predictions"]
+        assert len(rows) == 3 and {r["user_id"] for r in rows} == {"u1"} and all(r["item_id"] for r in rows)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
+
+
 def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path):
     from ray import serve
 
@@ -253,6 +287,9 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
         assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
 
+        # --- the explorer page (GET /) in a real headless Chromium, through the authenticated API
+        _explorer_in_chromium(base, token, user, tmp_path)
+
         # --- the alias moves: the app follows it while requests keep flowing, none fails
         failures, versions, stop = [], set(), threading.Event()
 
@@ -316,3 +353,66 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert all(ra == "1" for c, ra in answers if c == 503)
     finally:
         serve.shutdown()  # frees the replica's CPU for the training tests
+
+
+def _explorer_in_chromium(base: str, token: str, user: str, tmp_path) -> None:
+    """Load the page, authenticate (a wrong token first), pick the sample shopper, ask for bundles and
+    check the page renders exactly what the API answers for the same request; also a cart and a
+    query. Screenshots go to runs/test-artifacts/."""
+    from tests.browser import Chromium
+
+    code, page = _get(f"{base}/", headers={})  # open: the page holds no data; its calls need the token
+    assert code == 200 and b"bundlerec explorer" in page and b"<script src" not in page and b"http" not in page
+    shots = ROOT / "runs" / "test-artifacts"
+    with Chromium(tmp_path) as br:
+        br.goto(f"{base}/")
+        br.fill("#token", "wrong-token")
+        br.click("#connect")
+        br.wait_for("document.getElementById('error').textContent.startsWith('403')")
+        br.fill("#token", token)
+        br.click("#connect")
+        br.wait_for("document.body.dataset.connected === '1'")
+        assert br.run("sessionStorage.getItem('bundlerec-token')") == token  # kept in the tab only
+        assert br.run("document.cookie") == "" and br.run("localStorage.length") == 0
+        users = br.run("[...document.querySelectorAll('#user option')].map(o => o.value)")
+        assert users == _get(f"{base}/v1/explore/users?n=12")[1]["users"] and len(users) >= 5
+        assert "v1 @champion" in br.text("#model")
+        br.fill("#user-id", user)
+        br.click("#go")
+        br.wait_for("document.body.dataset.rendered === '1'")
+        want = _post(f"{base}/v1/bundles", {"user_id": user, "n": 3, "max_size": 3})[1]
+        assert want["bundles"]
+        names = br.run("[...document.querySelectorAll('.bundle h3')].map(h => h.textContent)")
+        assert names == [b["name"] for b in want["bundles"]]
+        shown = br.text("#bundles")
+        for b in want["bundles"]:
+            for it in b["items"]:
+                assert it["title"] in shown and it["reason"] in shown
+            if b["bundle_price"] is not None:
+                assert f"bundle {b['bundle_price']:.2f}" in shown
+        assert "answered by bundlerec-test v1 @champion" in br.text("#answered")
+        hist = _post(f"{base}/v1/explore/history", {"user_id": user})[1]["events"]
+        assert hist and br.run("document.querySelectorAll('#history li').length") == len(hist)
+        assert br.run("document.querySelectorAll('#recs li').length") == 8
+        br.screenshot(shots / "explorer_shopper.png")
+        # a cart: search, add two items, get its completion and bundles around it
+        br.click(".tabs button[data-mode=cart]")
+        first = hist[0]["title"].split()[0]
+        br.fill("#search", first)
+        br.click("#find")
+        br.wait_for("document.querySelectorAll('#found li button').length > 0")
+        br.click("#found li button")
+        br.wait_for("document.querySelectorAll('#cart li').length === 1")
+        br.click("#go")
+        br.wait_for("document.body.dataset.rendered === '2'")
+        assert br.run("document.getElementById('recs-title').textContent") == "Completes the cart"
+        assert "goes with" in br.text("#recs")
+        br.screenshot(shots / "explorer_cart.png")
+        # a query
+        br.click(".tabs button[data-mode=query]")
+        br.fill("#query", "a starter kit for a new hobby")
+        br.click("#go")
+        br.wait_for("document.body.dataset.rendered === '3'")
+        assert "history: query" in br.text("#answered") and br.text("#error") == ""
+        br.screenshot(shots / "explorer_query.png")
+        assert not [c for c in br.console if c.startswith("exception")], br.console

@@ -114,7 +114,7 @@ def write_engine_assets(export_dir: str, items: pd.DataFrame, pretrained_name: s
         index = np.load(cached)
     else:
         zs = TwoTower(build_encoder(resolve_model_path(pretrained_name)), temperature).eval()
-        index = zs.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+        index = zs.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="bundle engine: encode catalog (pretrained)").numpy()
         if cached:
             os.makedirs(cache_dir, exist_ok=True)
             np.save(cached + ".tmp.npy", index)

@@ -62,7 +62,20 @@ def _good(batch: pa.Table) -> pa.Table:
 
 
 def run_prep(cfg: PipelineConfig) -> dict:
-    """Run prep on the current Ray cluster; returns the manifest (also written to manifest.json)."""
+    """Run prep on the current Ray cluster; returns the manifest (also written to manifest.json).
+    Ray Data's own progress is on while it runs: bars on a terminal, a line per operator every 10 s
+    (RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL) in `ray job logs`."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, True
+    try:
+        return _run_prep(cfg)
+    finally:
+        ctx.enable_progress_bars = shown
+
+
+def _run_prep(cfg: PipelineConfig) -> dict:
     import ray.data
 
     t0 = time.time()

@@ -28,14 +28,19 @@ class Scorer(Protocol):
 
 
 def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: list[int],
-                    history_len: int, batch_size: int = 256) -> dict:
+                    history_len: int, batch_size: int = 256, name: str = "model") -> dict:
+    from bundlerec.progress import Progress
+
     acc = MetricAccumulator(ks, n_items)
+    progress = Progress(f"eval {name}", len(examples), "baskets")
     for i in range(0, len(examples), batch_size):
         chunk = examples.iloc[i:i + batch_size]
         batch = history_tensors({c: chunk[c].tolist() for c in ("hist_items", "hist_types", "hist_age_hours")},
                                 history_len, "cpu")
         acc.update(scorer.score(batch).float(), chunk["targets"].tolist())
-    return acc.result()
+        progress.update(len(chunk))
+    progress.done()
+    return acc.result(intervals=True)
 
 
 def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float):
@@ -44,7 +49,7 @@ def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float):
 
     model = TwoTower(build_encoder(resolve_model_path(model_name)), temperature).eval()
     ids, mask = padded_tokens(items)
-    model.index_items(torch.as_tensor(ids), torch.as_tensor(mask))
+    model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
     return model
 
 
@@ -66,7 +71,8 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         model, meta = load_export(export_dir)
         model.set_index(torch.as_tensor(np.load(join(export_dir, "item_index.npy"))))
         # the history length the model was trained with (a Tune trial may differ from the base config)
-        out["bundlerec"] = evaluate_scorer(model, examples, **{**kw, "history_len": int(meta["history_len"])})
+        out["bundlerec"] = evaluate_scorer(model, examples, **{**kw, "history_len": int(meta["history_len"])},
+                                           name="bundlerec")
         log.info("eval: bundlerec %.1fs", time.time() - t)
     for name in cfg.eval.baselines:
         t = time.time()
@@ -76,7 +82,7 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
             scorer = ItemKNN.from_examples(train, n)
         else:
             scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
-        out[name] = evaluate_scorer(scorer, examples, **kw)
+        out[name] = evaluate_scorer(scorer, examples, **kw, name=name)
         log.info("eval: %s %.1fs", name, time.time() - t)
     return out
 

@@ -12,6 +12,7 @@ ranked):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 PER_EXAMPLE = ("recall", "ndcg", "mrr", "hitrate")
@@ -48,12 +49,14 @@ def batch_metrics(topk_idx: torch.Tensor, targets: torch.Tensor, ks: list[int]) 
 
 
 class MetricAccumulator:
-    """Streams batches of rankings; ``result()`` gives means plus catalog coverage."""
+    """Streams batches of rankings; ``result()`` gives means plus catalog coverage, and with
+    ``intervals=True`` a 95 % bootstrap interval of every mean (over examples, seeded)."""
 
     def __init__(self, ks: list[int], n_items: int):
         self.ks = sorted(int(k) for k in ks)
         self.n_items = n_items
         self.sums: dict[str, float] = {}
+        self.values: dict[str, list] = {}
         self.n = 0
         self.seen = {k: torch.zeros(n_items, dtype=torch.bool) for k in self.ks}
 
@@ -63,15 +66,31 @@ class MetricAccumulator:
         tg = pad_targets(targets)
         for name, v in batch_metrics(top, tg, self.ks).items():
             self.sums[name] = self.sums.get(name, 0.0) + float(v.sum())
+            self.values.setdefault(name, []).append(v.cpu().numpy())
         for k in self.ks:
             self.seen[k][top[:, :k].reshape(-1)] = True
         self.n += len(targets)
 
-    def result(self) -> dict[str, float]:
+    def result(self, intervals: bool = False) -> dict:
         out = {name: s / max(1, self.n) for name, s in sorted(self.sums.items())}
         for k in self.ks:
             out[f"coverage@{k}"] = float(self.seen[k].float().mean())
         out["n_examples"] = self.n
+        if intervals and self.n:
+            out["ci95"] = {name: bootstrap_ci(np.concatenate(v)) for name, v in sorted(self.values.items())}
         return out
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampling examples, in chunks so
+    memory stays at 50 x len(values))."""
+    rng = np.random.default_rng(seed)
+    values = np.asarray(values, dtype=np.float64)
+    means = []
+    for start in range(0, resamples, 50):
+        idx = rng.integers(0, len(values), size=(min(50, resamples - start), len(values)))
+        means.append(values[idx].mean(axis=1))
+    lo, hi = np.quantile(np.concatenate(means), [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
 
 

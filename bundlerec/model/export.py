@@ -102,7 +102,7 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
                  "item_max_tokens": cfg.data.item_max_tokens})
     items = load_items(prep_dir)
     ids, mask = padded_tokens(items)
-    index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask)).numpy()
+    index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="export: encode catalog").numpy()
     np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
     items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
     train = load_split(prep_dir, "train")

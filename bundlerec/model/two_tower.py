@@ -133,15 +133,22 @@ class TwoTower(nn.Module):
         return logits.masked_fill(hit, -1e4)
 
     @torch.no_grad()
-    def index_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Encode the whole catalog into the item index used by score/topk. Returns (N, d) float32."""
+    def index_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256,
+                    progress: Optional[str] = None) -> torch.Tensor:
+        """Encode the whole catalog into the item index used by score/topk. Returns (N, d) float32.
+        ``progress``: a label to log progress lines under (bundlerec.progress), e.g. on rank 0 only."""
+        from bundlerec.progress import Progress
+
         was_training = self.training
         self.eval()
         chunks = []
+        p = Progress(progress or "", input_ids.shape[0], "items", enabled=bool(progress))
         for i in range(0, input_ids.shape[0], batch_size):
             ids, m = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
             L = int(m.sum(1).max())
             chunks.append(self.encode_items(ids[:, :L], m[:, :L]).float())
+            p.update(ids.shape[0])
+        p.done()
         self._index = torch.cat(chunks)
         self.train(was_training)
         return self._index

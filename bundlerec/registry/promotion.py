@@ -94,6 +94,7 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
         info = mlflow.pyfunc.log_model(
             name="pyfunc", python_model=BundlerecPyfunc(), artifacts={"export": export_dir},
             code_paths=[os.path.dirname(bundlerec.__file__)], signature=signature,
+            input_example=(example, {"k": 10}),  # shown in the UI; `mlflow models serve` docs
             registered_model_name=model_name, pip_requirements=_requirements())
         source_run = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)

@@ -25,7 +25,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 
@@ -39,9 +40,13 @@ from bundlerec.serving.schemas import (
     BundleResponse,
     CompletionRequest,
     CompletionResponse,
+    HistoryRequest,
+    HistoryResponse,
+    ItemSearchResponse,
     ModelInfo,
     RecommendationRequest,
     RecommendationResponse,
+    UserSample,
 )
 
 log = logging.getLogger("ray.serve")
@@ -184,6 +189,38 @@ class BundlerecService:
         measures it (fusion weights from the export's bundle_engine.json)."""
         m = self.current
         return CompletionResponse(**m.rec.complete(req.items, req.k), model=m.info)
+
+    # ---------------------------------------------------------------- the bundle explorer page
+    @api.get("/", include_in_schema=False)
+    def explorer(self) -> HTMLResponse:
+        """The bundle explorer: a static page (no external script, style or font) that calls the
+        authenticated API below with the token typed into it (kept in the tab's sessionStorage)."""
+        from bundlerec.serving.explorer import page
+
+        html, csp = page()
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+                                           "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
+
+    @api.get("/v1/explore/users", response_model=UserSample, dependencies=[Depends(require_token)],
+             responses=ERROR_RESPONSES)
+    def explore_users(self, n: int = Query(10, ge=1, le=50)) -> UserSample:
+        """Sample shoppers of the model's data snapshot (the explorer's picker)."""
+        return UserSample(users=self.current.rec.sample_users(n))
+
+    @api.post("/v1/explore/history", response_model=HistoryResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
+    def explore_history(self, req: HistoryRequest) -> HistoryResponse:
+        """The history the model reads for a user (what recommendations and bundles start from)."""
+        m = self.current
+        h = m.rec.history_for_user(req.user_id)
+        return HistoryResponse(events=m.rec.describe_history(h), history_source=h.source, model=m.info)
+
+    @api.get("/v1/explore/items", response_model=ItemSearchResponse, dependencies=[Depends(require_token)],
+             responses=ERROR_RESPONSES)
+    def explore_items(self, q: str = Query("", max_length=100), limit: int = Query(10, ge=1, le=50)) -> ItemSearchResponse:
+        """Catalog items whose id or title contains ``q`` (the explorer's cart)."""
+        m = self.current
+        return ItemSearchResponse(items=m.rec.search_items(q, limit), model=m.info)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

@@ -182,6 +182,26 @@ class Recommender:
         return [{"item_id": self.item_ids[p], "score": float(s), "title": self.titles[p],
                  "price": None if self.prices[p] < 0 else self.prices[p]} for p, s in ranked]
 
+    # ---------------------------------------------------------------- the explorer page's lookups
+    def sample_users(self, n: int) -> list[str]:
+        """``n`` users of the snapshot with a history (the first in id order: the same every time)."""
+        return sorted(u for u, hit in self.latest.items() if hit[0])[:n]
+
+    def describe_history(self, h: History) -> list[dict]:
+        """The events the model reads for this history (the last ``history_len``), oldest first:
+        item, event type, hours before the snapshot."""
+        names = {v: k for k, v in EVENT_TYPE_ID.items()}
+        n = self.history_len
+        return [{"item_id": self.item_ids[p], "title": self.titles[p],
+                 "price": None if self.prices[p] < 0 else self.prices[p], "event_type": names.get(int(t), str(t)),
+                 "age_hours": round(float(a), 2)} for p, t, a in zip(h.items[-n:], h.types[-n:], h.ages[-n:])]
+
+    def search_items(self, q: str, limit: int) -> list[dict]:
+        """Catalog items whose id or title contains ``q`` (case-insensitive), in catalog order."""
+        q = q.strip().lower()
+        hits = [p for p, (i, t) in enumerate(zip(self.item_ids, self.titles)) if q in i.lower() or q in t.lower()]
+        return self.describe([(p, 0.0) for p in hits[:limit]])
+
     def recommend(self, user_id: Optional[str] = None, events: Optional[list[dict]] = None, k: int = 10) -> dict:
         h = self.history_from_events(events) if events is not None else self.history_for_user(user_id)
         ranked = self.recommend_histories([h], k)[0]

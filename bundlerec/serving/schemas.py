@@ -146,6 +146,34 @@ class BundleResponse(BaseModel):
     model: ModelInfo
 
 
+class UserSample(BaseModel):
+    users: list[str] = Field(description="user ids of the model's data snapshot that have a history")
+
+
+class HistoryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user_id: str = Field(min_length=1, max_length=128)
+
+
+class HistoryEvent(BaseModel):
+    item_id: str
+    title: str
+    price: Optional[float] = None
+    event_type: str
+    age_hours: float = Field(description="hours before the snapshot the model was trained on")
+
+
+class HistoryResponse(BaseModel):
+    events: list[HistoryEvent] = Field(description="the history the model reads for this user, oldest first")
+    history_source: str
+    model: ModelInfo
+
+
+class ItemSearchResponse(BaseModel):
+    items: list[RecommendedItem]
+    model: ModelInfo
+
+
 class ErrorResponse(BaseModel):
     detail: str
 

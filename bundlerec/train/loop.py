@@ -126,16 +126,19 @@ def train_loop_per_worker(config: dict) -> None:
                 el = time.time() - t0
                 sps = n_seen * world / el
                 eta = (steps_per_epoch - step - 1) * el / (step + 1)
+                recent = float(np.mean(losses[-tc.log_every_steps:]))
                 print(f"[bundlerec] epoch {epoch + 1}/{tc.epochs} step {step + 1}/{steps_per_epoch} "
-                      f"loss {np.mean(losses[-tc.log_every_steps:]):.4f} {sps:.1f} samples/s "
-                      f"eta(epoch) {eta:.0f}s", flush=True)
+                      f"loss {recent:.4f} {sps:.1f} samples/s eta(epoch) {eta:.0f}s", flush=True)
+                if logger:  # curves with a point every log_every_steps (x = global step), not only per epoch
+                    logger.log({"step/train_loss": recent, "step/samples_per_s": sps, "step/eta_epoch_s": eta,
+                                "step/data_wait_frac": data_wait / max(el, 1e-9)}, step=global_step)
             tw = time.time()
         epoch_s = time.time() - t0
 
         # ---- validation: every rank runs identical forwards (ZeRO-3 gathers need all ranks)
         engine.eval()
         with torch.no_grad():
-            engine.module.index_items(ids_t, mask_t)
+            engine.module.index_items(ids_t, mask_t, progress="validation: encode catalog" if rank0 else None)
             acc = MetricAccumulator([10, 20], len(items))
             for vb in val_shard.iter_batches(batch_size=256, batch_format="numpy"):
                 hb = history_tensors(vb, dc.history_len, device)

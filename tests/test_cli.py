@@ -1,0 +1,88 @@
+"""The `bundlerec` command as users run it: the installed console script, its help, and
+`bundlerec submit` through a real `ray job submit` to the suite's Ray cluster."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from bundlerec.cli import STAGES, submit_command
+from tests.conftest import ROOT
+
+BUNDLEREC = str(Path(sys.executable).with_name("bundlerec"))  # the console script `make setup` installs
+
+
+def _run(*args, cwd=None, timeout=120):
+    return subprocess.run([BUNDLEREC, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_stage_and_each_stage_explains_itself():
+    r = _run("--help")
+    assert r.returncode == 0, r.stderr
+    for stage in [*STAGES, "submit"]:
+        assert f"  {stage} " in r.stdout, stage
+    r = _run("prep", "--help")  # the stage's own help: its docstring, --config and the overrides
+    assert r.returncode == 0 and r.stdout.startswith("usage: bundlerec prep"), r.stdout + r.stderr
+    assert "--config" in r.stdout and "dotted overrides" in r.stdout and "Ray Data" not in r.stderr
+    r = _run("eval-bundles", "--help")
+    assert r.returncode == 0 and "--eval-dir" in r.stdout
+
+
+def test_a_bad_override_fails_with_one_clear_line_and_no_compute():
+    r = _run("prep", "--config", "jobs/configs/tiny.yaml", "data.no_such_key=3", cwd=ROOT)
+    assert r.returncode != 0
+    assert "data.no_such_key" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr.startswith("usage: bundlerec prep")
+
+
+def test_submit_keeps_outputs_where_the_command_runs(tmp_path):
+    local = "http://127.0.0.1:8265"
+    cmd = submit_command("train", ["--config", "jobs/configs/tiny.yaml"], address=local, output_root=None,
+                         runtime_env=None, no_wait=False, cwd=str(tmp_path))
+    assert cmd[cmd.index("--") + 1:] == ["python", "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml",
+                                         f"output_root={tmp_path.resolve()}"]
+    env = yaml.safe_load(open(cmd[cmd.index("--runtime-env") + 1]))  # the project's, made explicit
+    assert env["working_dir"] == str(ROOT) and ".venv" in env["excludes"]
+    assert env["env_vars"]["BUNDLEREC_GIT_COMMIT"].split("-")[0] == subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    # an explicit output_root wins; argparse stages get their relative paths resolved here
+    cmd = submit_command("train", ["output_root=s3://b/p"], address=local, output_root=None, runtime_env=None,
+                         no_wait=True, cwd=str(tmp_path))
+    assert cmd.count("output_root=s3://b/p") == 1 and "--no-wait" in cmd
+    cmd = submit_command("split-intent", ["--src", "/data/x", "--out", "split", "--fold=2"], address=local,
+                         output_root=None, runtime_env=None, no_wait=False, cwd=str(tmp_path))
+    assert cmd[-5:] == ["--src", "/data/x", "--out", str(tmp_path.resolve() / "split"), "--fold=2"]
+
+
+def test_submit_to_a_remote_cluster_refuses_outputs_that_would_be_lost(tmp_path):
+    remote = "http://10.0.0.5:8265"
+    with pytest.raises(typer.BadParameter, match="--output-root"):
+        submit_command("pipeline", ["--config", "jobs/configs/demo.yaml"], address=remote, output_root=None,
+                       runtime_env=None, no_wait=False)
+    cmd = submit_command("pipeline", [], address=remote, output_root="s3://bucket/br", runtime_env=None, no_wait=False)
+    assert cmd[-1] == "output_root=s3://bucket/br"
+    with pytest.raises(typer.BadParameter, match="relative"):
+        submit_command("eval-pricing", ["--data-dir", "/d", "--out", "res.json"], address=remote, output_root=None,
+                       runtime_env=None, no_wait=False)
+    with pytest.raises(typer.BadParameter, match="unknown stage"):
+        submit_command("trian", [], address=remote, output_root="s3://b", runtime_env=None, no_wait=False)
+    r = _run("submit", "--address", remote, "prep", cwd=tmp_path)  # the command itself: exit 2, nothing sent
+    assert r.returncode == 2 and "--output-root" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_submit_runs_a_ray_job_whose_outputs_land_here(ray_cluster, tmp_path):
+    """A real `ray job submit` from a folder outside the project: the job runs in the uploaded copy of
+    the project, and its relative --out still lands in the folder the command was run from."""
+    r = _run("submit", "--address", ray_cluster, "generate", "--out", "synth", "synthetic.n_users=20",
+             "synthetic.n_items=40", "synthetic.n_events=1000", "synthetic.n_bundles=3", cwd=tmp_path, timeout=280)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "succeeded" in r.stdout
+    assert (tmp_path / "synth" / "catalog.parquet").exists(), os.listdir(tmp_path)
+    assert "synth" in r.stdout and str(tmp_path) in r.stdout  # the job's own output streamed back

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -117,7 +116,3 @@ class Chromium:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_bytes(png)
         return Path(path)
-
-
-def visible_text(html_text: str) -> str:
-    return re.sub(r"\s+", " ", html_text).strip()

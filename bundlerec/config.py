@@ -75,6 +75,20 @@ class DataConfig:
     """Canonical catalog name -> source column, e.g. {title: name}."""
     event_type_map: dict = field(default_factory=dict)
     """Source event type -> canonical (view|click|cart|purchase); unmapped values are quarantined."""
+    event_type_constant: Optional[str] = None
+    """Every event row is this type (logs without an event-type column: reviews as purchases)."""
+    event_type_by_file: dict = field(default_factory=dict)
+    """File-name glob -> event type, for logs with one file per type (Diginetica's train-item-views.csv,
+    train-purchases.csv): {"*views*": view, "*purchases*": purchase}; a file matching none is quarantined."""
+    csv_delimiter: str = ","
+    """Field separator of CSV inputs, events and catalog (";" for Diginetica)."""
+    catalog_layout: str = "wide"
+    """wide: a row per item. long: a row per (item, property, value[, time]) as RetailRocket's
+    item_properties: catalog_columns maps item_id/property/value/time, catalog_properties says which
+    properties become title/category/brand/price/description (the latest value wins); the others
+    are appended to the description as property=value."""
+    catalog_properties: dict = field(default_factory=dict)
+    """catalog_layout long: canonical column -> property name, e.g. {category: categoryid, price: "790"}."""
     time_unit: str = "s"
     """Unit of numeric event_time values: s | ms | us | ns."""
     session_gap_minutes: float = 30.0
@@ -125,6 +139,14 @@ class DataConfig:
         _check(self.max_future_skew_hours >= 0 and self.max_price > 0, "data.max_future_skew_hours>=0, max_price>0")
         for v in self.event_type_map.values():
             _check(v in {None, "view", "click", "cart", "purchase"}, f"data.event_type_map value {v!r}")
+        kinds = {"view", "click", "cart", "purchase"}
+        _check(self.event_type_constant in {None, *kinds}, f"data.event_type_constant={self.event_type_constant!r}")
+        for v in self.event_type_by_file.values():
+            _check(v in kinds, f"data.event_type_by_file value {v!r}")
+        _check(not (self.event_type_constant and self.event_type_by_file),
+               "data.event_type_constant and data.event_type_by_file: choose one")
+        _check(len(self.csv_delimiter) == 1, "data.csv_delimiter must be one character")
+        _check(self.catalog_layout in {"wide", "long"}, f"data.catalog_layout={self.catalog_layout!r}")
 
 
 @dataclass

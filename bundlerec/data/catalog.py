@@ -14,19 +14,68 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from bundlerec.data.schema import REQUIRED_CATALOG_COLUMNS, clean_id, item_text, rename_columns
+from bundlerec.data.schema import REQUIRED_CATALOG_COLUMNS, SchemaError, clean_id, item_text, rename_columns
 
 ITEM_COLUMNS = ["item_idx", "item_id", "title", "category", "brand", "price", "text"]
+
+
+def _text(col: pd.Series, sep: str) -> pd.Series:
+    """Text of a catalog column; list values (Amazon's category paths, description paragraphs) joined."""
+    def one(v):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            parts = [str(x).strip() for x in v if x is not None and str(x).strip()]
+            return sep.join(parts) if parts else None
+        return v
+
+    return col.map(one).astype("string") if col.dtype == object else col.astype("string")
+
+
+def parse_price(col: pd.Series) -> pd.Series:
+    """Prices as numbers: numeric columns as they are; text like "$1,299.00", "EUR 12,5" or RetailRocket's
+    "n552.000" by its first number ("$12.99 - $15.99" -> 12.99); anything else NaN."""
+    if pd.api.types.is_numeric_dtype(col):
+        return pd.to_numeric(col, errors="coerce").astype("float64")
+    s = col.astype("string").str.replace(r"(?<=\d),(?=\d{3}(?!\d))", "", regex=True)  # thousands separators
+    s = s.str.replace(r"(?<=\d),(?=\d{1,2}(?!\d))", ".", regex=True)  # decimal comma
+    return pd.to_numeric(s.str.extract(r"(-?\d+(?:\.\d+)?)", expand=False), errors="coerce").astype("float64")
+
+
+def pivot_properties(raw: pd.DataFrame, columns: dict, properties: dict, max_other: int = 12) -> pd.DataFrame:
+    """A long catalog -- one row per (item, property, value[, time]), RetailRocket's item_properties --
+    as one row per item: the latest value of each property; ``properties`` (canonical -> property)
+    become columns, up to ``max_other`` other properties go into the description as property=value."""
+    col = {c: columns.get(c, c) for c in ("item_id", "property", "value", "time")}
+    missing = [f"{c} ({src})" for c, src in col.items() if src not in raw.columns and c != "time"]
+    if missing:
+        raise SchemaError(f"catalog (long layout): missing column(s) {missing}; found {sorted(map(str, raw.columns))}. "
+                          "Map them with data.catalog_columns.item_id/property/value/time")
+    df = pd.DataFrame({"item_id": clean_id(raw[col["item_id"]]), "property": raw[col["property"]].astype("string"),
+                       "value": raw[col["value"]].astype("string")})
+    if col["time"] in raw.columns:
+        df["t"] = pd.to_numeric(raw[col["time"]], errors="coerce")
+        df = df.sort_values("t", kind="stable")
+    latest = df.dropna(subset=["item_id", "property"]).drop_duplicates(["item_id", "property"], keep="last")
+    wide = latest.pivot(index="item_id", columns="property", values="value")
+    out = pd.DataFrame(index=wide.index)
+    for canon, prop in properties.items():
+        out[canon] = wide[str(prop)] if str(prop) in wide.columns else pd.NA
+    others = sorted(c for c in wide.columns if c not in {str(p) for p in properties.values()})[:max_other]
+    extra = wide[others].apply(lambda r: " ".join(f"{k}={v}" for k, v in r.items() if pd.notna(v)), axis=1) \
+        if others else pd.Series("", index=wide.index)
+    desc = out["description"].astype("string") if "description" in out else pd.Series(pd.NA, index=out.index,
+                                                                                         dtype="string")
+    out["description"] = (desc.fillna("") + " " + extra.astype("string")).str.strip().replace("", pd.NA)
+    return out.reset_index().rename(columns={"index": "item_id"})
 
 
 def normalize_catalog(raw: pd.DataFrame, columns: dict) -> tuple[pd.DataFrame, dict]:
     """Canonical catalog + counts of rows set aside (missing id, duplicate id)."""
     df = rename_columns(raw.copy(), columns, REQUIRED_CATALOG_COLUMNS, "catalog")
     out = pd.DataFrame({"item_id": clean_id(df["item_id"])})
-    for c in ("title", "category", "brand", "description"):
-        out[c] = df[c].astype("string") if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
-    out["price"] = pd.to_numeric(df["price"], errors="coerce") if "price" in df else np.nan
-    out["cost"] = pd.to_numeric(df["cost"], errors="coerce") if "cost" in df else np.nan
+    for c, sep in (("title", " "), ("category", " > "), ("brand", " "), ("description", " ")):
+        out[c] = _text(df[c], sep) if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    out["price"] = parse_price(df["price"]) if "price" in df else np.nan
+    out["cost"] = parse_price(df["cost"]) if "cost" in df else np.nan
     counts = {"catalog_missing_item_id": int(out.item_id.isna().sum())}
     out = out[out.item_id.notna()]
     dup = out.item_id.duplicated(keep="last")

@@ -96,17 +96,24 @@ def _run_prep(cfg: PipelineConfig) -> dict:
     catalog_counts: dict = {}
     catalog = None
     if catalog_path is not None:
-        raw_catalog = read_dataset(catalog_path, "auto", encoding=d.encoding).to_pandas()
-        catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, d.catalog_columns)
+        raw_catalog = read_dataset(catalog_path, "auto", encoding=d.encoding, delimiter=d.csv_delimiter).to_pandas()
+        if d.catalog_layout == "long":  # (item, property, value) rows -> one row per item
+            raw_catalog, catalog_columns = catalog_lib.pivot_properties(raw_catalog, d.catalog_columns,
+                                                                        d.catalog_properties), {}
+        else:
+            catalog_columns = d.catalog_columns
+        catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, catalog_columns)
         log.info("prep: catalog %d items from %s", len(catalog), catalog_path)
 
     # ---- validate: every row is kept or quarantined with a reason. Then one shuffle brings all rows
     # of a user into one block: duplicates across files are caught there, and sessionization below
     # reads the same blocks.
-    raw = read_dataset(events_path, d.format, encoding=d.encoding)
+    raw = read_dataset(events_path, d.format, encoding=d.encoding, delimiter=d.csv_delimiter,
+                       include_paths=bool(d.event_type_by_file))
     tagged = raw.map_batches(
-        _tag, batch_format="pandas",
+        _tag, batch_format="pandas", batch_size=None,  # a block at a time: files may differ in columns
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
+                       event_type_constant=d.event_type_constant, event_type_by_file=d.event_type_by_file,
                        catalog_ids=catalog_lib.catalog_ids(catalog), max_price=d.max_price,
                        max_time=pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=d.max_future_skew_hours)),
     ).repartition(d.num_shards, keys=["user_id"]).map_batches(

@@ -59,7 +59,7 @@ def expand(path: str) -> list[str]:
     return sorted(files)
 
 
-def _csv_header(path: str) -> list[str]:
+def _csv_header(path: str, delimiter: str = ",") -> list[str]:
     if "://" in path:
         fs, p = pafs.FileSystem.from_uri(path)
         f = fs.open_input_stream(p, compression="detect")
@@ -68,7 +68,7 @@ def _csv_header(path: str) -> list[str]:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
             line = f.readline()
-    return [c.strip().strip('"') for c in line.rstrip("\r\n").split(",")]
+    return [c.strip().strip('"') for c in line.rstrip("\r\n").split(delimiter)]
 
 
 def check_parquet(files: list[str]) -> None:
@@ -107,8 +107,10 @@ def check_text_encoding(files: list[str], encoding: str) -> None:
                 offset += len(chunk)
 
 
-def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None, encoding: str = "utf-8"):
-    """Read ``path`` as a Ray Dataset, one or more blocks per file."""
+def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None, encoding: str = "utf-8",
+                 delimiter: str = ",", include_paths: bool = False):
+    """Read ``path`` as a Ray Dataset, one or more blocks per file (``include_paths``: a ``path``
+    column names each row's file)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
@@ -119,14 +121,17 @@ def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None =
         raise SchemaError(f"{path!r} mixes formats {sorted(fmts)}; point at one format or set data.format")
     fmt = fmts.pop()
     kw = {"override_num_blocks": override_num_blocks} if override_num_blocks else {}
+    if include_paths:
+        kw["include_paths"] = True
     if fmt == "parquet":
         check_parquet(files)
         return ray.data.read_parquet(files, **kw)
     check_text_encoding(files, encoding)
     if fmt == "csv":
-        header = _csv_header(files[0])
+        header = sorted({c for f in files for c in _csv_header(f, delimiter)})  # files may differ in columns
         return ray.data.read_csv(
             files, read_options=pacsv.ReadOptions(encoding=encoding),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  strings_can_be_null=True),
             **kw)

@@ -54,7 +54,7 @@ def mark_duplicates(tagged: pd.DataFrame) -> pd.DataFrame:
     if dup.any():
         tagged = tagged.copy()
         tagged.loc[dup, REASON_COL] = DUPLICATE
-        tagged.loc[dup, "raw"] = [json.dumps({k: (None if pd.isna(v) else str(v)) for k, v in rec.items()})
+        tagged.loc[dup, "raw"] = [json.dumps({k: _as_json(v) for k, v in rec.items()})
                                   for rec in tagged.loc[dup, list(KEPT_COLUMNS)].to_dict("records")]
     return tagged
 
@@ -62,9 +62,33 @@ def mark_duplicates(tagged: pd.DataFrame) -> pd.DataFrame:
 MAX_ID_CHARS = 128  # ids longer than this are not ids (the Serve API refuses them too)
 
 
+def _missing(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # list-like values (a JSON array in the source row)
+        return False
+
+
+def _as_json(v):
+    return None if _missing(v) else str(v)
+
+
+def event_types_by_file(paths: pd.Series, by_file: dict) -> pd.Series:
+    """The event type of each row from its file's name (the first glob of ``by_file`` that matches)."""
+    import fnmatch
+    import posixpath
+
+    def kind(p):
+        name = posixpath.basename(str(p))
+        return next((t for g, t in by_file.items() if fnmatch.fnmatch(name, g) or fnmatch.fnmatch(str(p), g)), None)
+
+    return paths.map(kind).astype("string")
+
+
 def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, time_unit: str,
                      catalog_ids: Optional[pd.Index], max_time: Optional[pd.Timestamp] = None,
-                     max_price: float = float("inf")) -> pd.DataFrame:
+                     max_price: float = float("inf"), event_type_constant: Optional[str] = None,
+                     event_type_by_file: Optional[dict] = None) -> pd.DataFrame:
     """Map a raw batch to the canonical event schema and tag each row with a quarantine reason.
 
     ``max_time``: events after it are clock skew (``future_time``); ``max_price``: larger prices are
@@ -74,7 +98,12 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
     (the source row as JSON, only on quarantined rows).
     """
     source = batch.reset_index(drop=True)
-    df = rename_columns(source.copy(), columns, REQUIRED_EVENT_COLUMNS, "events")
+    df = source.copy()
+    if event_type_constant:  # e.g. every review is a purchase
+        df["event_type"] = event_type_constant
+    elif event_type_by_file:  # one file per type; read_dataset(include_paths=True) added "path"
+        df["event_type"] = event_types_by_file(df["path"], event_type_by_file)
+    df = rename_columns(df, columns, REQUIRED_EVENT_COLUMNS, "events")
     n = len(df)
     out = pd.DataFrame(index=df.index)
     out["event_time"] = parse_time(df["event_time"], time_unit)
@@ -125,8 +154,7 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
     bad = out[REASON_COL].notna().to_numpy()
     raw = pd.Series(pd.NA, index=df.index, dtype="string")
     if bad.any():
-        raw[bad] = [json.dumps({str(k): (None if pd.isna(v) else str(v)) for k, v in rec.items()})
-                    for rec in source[bad].to_dict("records")]
+        raw[bad] = [json.dumps({str(k): _as_json(v) for k, v in rec.items()}) for rec in source[bad].to_dict("records")]
     out["raw"] = raw
     return out
 

@@ -1,54 +1,12 @@
-"""The ``bundlerec`` command: one subcommand per stage, ``bundlerec submit <stage>`` for a Ray cluster.
-
-    bundlerec --help                                   # the stages
-    bundlerec prep --help                              # one stage: what it does, its options
-    bundlerec pipeline --config jobs/configs/demo.yaml train.epochs=3
-    bundlerec submit pipeline --config jobs/configs/demo.yaml           # ray job submit, outputs kept here
-    bundlerec submit --address http://head:8265 --output-root s3://bucket/bundlerec train --config ...
-
-Every stage is the thin module in ``jobs/`` (what ``python -m jobs.<stage>`` and ``ray job submit``
-run), so all three spellings take the same ``--config`` and dotted overrides (``train.lr=3e-5``).
-"""
+"""Argument parsing shared by the jobs: ``--config FILE`` plus dotted overrides (``train.lr=3e-5``).
+The ``bundlerec`` command itself (a subcommand per stage, ``submit``) is ``jobs/cli.py``."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
-from typing import Optional
-from urllib.parse import urlparse
-
-import typer
 
 from bundlerec.config import ConfigError, PipelineConfig, load_config
 
-# subcommand -> (module under jobs/, takes --config + dotted overrides, one line for `bundlerec --help`)
-STAGES: dict[str, tuple[str, bool, str]] = {
-    "generate": ("jobs.generate", False, "synthetic clickstream logs with planted bundles (Parquet)"),
-    "prep": ("jobs.prep", True, "Ray Data: validate (quarantine), sessionize, split, tokenize"),
-    "train": ("jobs.train", True, "Ray Train + DeepSpeed ZeRO fine-tuning, export, test-split evaluation"),
-    "tune": ("jobs.tune", True, "Ray Tune sweep of train (ASHA, Optuna); resumable"),
-    "register": ("jobs.register", True, "MLflow registry: new version; champion only if it wins on validation"),
-    "deploy": ("jobs.deploy", True, "Ray Serve: deploy models:/bundlerec@champion and wait until it answers"),
-    "pipeline": ("jobs.pipeline", True, "prep + train (or tune) + register + deploy, as the config's stages say"),
-    "eval-bundles": ("jobs.eval_bundles", False, "bundle completion/detection/intents on bundlerec_intent data"),
-    "eval-pricing": ("jobs.eval_pricing", False, "bundle-price accuracy on the Steam bundles (k-fold)"),
-    "split-intent": ("jobs.split_intent", False, "split a bundlerec_intent directory by user (dev folds)"),
-    "loadtest": ("jobs.loadtest", False, "latency percentiles of the live endpoint at several concurrencies"),
-}
-# options of the argparse stages that name files: resolved where the user runs the command
-PATH_OPTIONS = ("--out", "--work-dir", "--train-dir", "--eval-dir", "--src", "--export", "--data-dir", "--to",
-                "--token-file", "--config")
-OUTPUT_OPTIONS = ("--out", "--work-dir", "--to")
-NO_AGENT = "No available agent to submit job"
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-# ---------------------------------------------------------------- what every job shares
 
 def parse(argv: list[str] | None, description: str) -> PipelineConfig:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,6 +17,7 @@ def parse(argv: list[str] | None, description: str) -> PipelineConfig:
         return load_config(args.config, args.overrides)
     except ConfigError as e:  # a typo in a key or value: one line and exit status 2, before any compute
         p.error(str(e))
+
 
 def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tracking: bool = True) -> PipelineConfig:
     """The preamble every config-driven job shares: environment, config + overrides, the version
@@ -80,166 +39,3 @@ def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tr
     if ray:
         init_ray()
     return cfg
-
-
-# ---------------------------------------------------------------- the command
-
-app = typer.Typer(name="bundlerec", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
-                  help="bundlerec: clickstream logs -> fine-tuned two-tower model -> priced bundles over HTTP. "
-                       "Each stage takes --config FILE and dotted overrides; `bundlerec STAGE --help` explains it.")
-_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-def run_stage(stage: str, argv: list[str]) -> None:
-    """``bundlerec STAGE ARGS`` = ``python -m jobs.STAGE ARGS`` (``--help`` included: the job's own)."""
-    module = STAGES[stage][0]
-    sys.argv[0] = f"bundlerec {stage}"  # argparse's prog in usage lines
-    importlib.import_module(module).main(list(argv))
-
-
-def _add_stage(stage: str, module: str, short: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        run_stage(stage, ctx.args)
-
-    command.__doc__ = f"{short}. `bundlerec {stage} --help` for its options."
-    app.command(stage, context_settings=_FORWARD, add_help_option=False, short_help=short)(command)
-
-
-for _stage, (_module, _, _short) in STAGES.items():
-    _add_stage(_stage, _module, _short)
-
-
-def project_root() -> Path:
-    """The folder holding jobs/ (what ``ray job submit`` uploads as the job's working directory)."""
-    import jobs
-
-    return Path(jobs.__file__).resolve().parent.parent
-
-
-def submit_command(stage: str, args: list[str], *, address: str, output_root: Optional[str],
-                   runtime_env: Optional[str], no_wait: bool, cwd: Optional[str] = None) -> list[str]:
-    """The ``ray job submit`` command line for a stage, with every output location made explicit.
-
-    A job runs in an uploaded copy of the project: a relative output path would land in that copy and
-    vanish with it. On a cluster on this machine (loopback address) relative paths are resolved here,
-    where the command runs; on a remote cluster they are refused unless ``--output-root`` (s3://…, or
-    a path every node shares) says where outputs go."""
-    if stage not in STAGES:
-        raise typer.BadParameter(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", param_hint="STAGE")
-    module, takes_config, _ = STAGES[stage]
-    here = Path(cwd or os.getcwd()).resolve()
-    local = (urlparse(address).hostname or "") in LOOPBACK
-    args = list(args)
-    if takes_config:
-        if not any(a.startswith("output_root=") for a in args):
-            if output_root:
-                args.append(f"output_root={output_root}")
-            elif local:
-                args.append(f"output_root={here}")
-            else:
-                raise typer.BadParameter(
-                    f"{address} is not this machine: the job runs in an uploaded copy of the project, so outputs "
-                    "written under it are lost when the job ends. Say where they go: --output-root s3://bucket/prefix "
-                    "(or a path every node shares), or the override output_root=...", param_hint="--output-root")
-        for i, a in enumerate(args):  # a config file outside the uploaded project: pass it by absolute path
-            if a == "--config" and i + 1 < len(args) and local and (here / args[i + 1]).exists():
-                args[i + 1] = str((here / args[i + 1]).resolve())
-    else:
-        for i, a in enumerate(args):
-            opt, eq, val = a.partition("=")
-            if opt not in PATH_OPTIONS:
-                continue
-            j = i if eq else i + 1
-            v = val if eq else (args[j] if j < len(args) else "")
-            if not v or "://" in v or os.path.isabs(v):
-                continue
-            if local:
-                v = str(here / v)
-            elif opt in OUTPUT_OPTIONS:
-                raise typer.BadParameter(f"{opt} {v} is relative: on {address} it would be written into the job's "
-                                         "uploaded copy of the project and lost; give s3://… or a shared absolute path",
-                                         param_hint=opt)
-            else:
-                continue
-            if eq:
-                args[i] = f"{opt}={v}"
-            else:
-                args[j] = v
-    env = job_runtime_env(runtime_env, here)
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else "ray", "job", "submit", "--address", address, "--runtime-env", env]
-    if no_wait:
-        cmd.append("--no-wait")
-    return [*cmd, "--", "python", "-m", module, *args]
-
-
-def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
-    """The runtime env the job gets, written to a temp file: the given file (default
-    jobs/runtime_env.yaml) with its working_dir made absolute (relative to the project for the
-    default file, to ``cwd`` for the user's own) and BUNDLEREC_GIT_COMMIT in env_vars (the uploaded
-    copy has no .git; the job's MLflow runs are tagged with the commit from it)."""
-    import tempfile
-
-    import yaml
-
-    from bundlerec.runtime import git_commit
-
-    base = cwd if runtime_env else project_root()
-    src = Path(runtime_env) if runtime_env else project_root() / "jobs" / "runtime_env.yaml"
-    conf = yaml.safe_load((cwd / src).read_text()) or {}
-    wd = conf.get("working_dir")
-    if wd and "://" not in wd and not os.path.isabs(wd):
-        conf["working_dir"] = str((base / wd).resolve())
-    commit = git_commit()
-    if commit:
-        conf.setdefault("env_vars", {})["BUNDLEREC_GIT_COMMIT"] = commit
-    fd, path = tempfile.mkstemp(prefix="bundlerec-runtime-env-", suffix=".yaml")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(conf, f)
-    return path
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def submit(ctx: typer.Context,
-           stage: str = typer.Argument(..., help=f"one of: {', '.join(STAGES)}"),
-           address: str = typer.Option(os.environ.get("RAY_ADDRESS", "").startswith("http") and os.environ["RAY_ADDRESS"]
-                                       or "http://127.0.0.1:8265", help="Ray dashboard (job API) address; $RAY_ADDRESS"),
-           output_root: Optional[str] = typer.Option(None, help="where outputs go (s3://…): required for a remote "
-                                                     "cluster; default on this machine: the current directory"),
-           runtime_env: Optional[str] = typer.Option(None, help="runtime env YAML (default: jobs/runtime_env.yaml)"),
-           no_wait: bool = typer.Option(False, "--no-wait", help="return once submitted (follow with `ray job logs -f`)"),
-           retries: int = typer.Option(5, help="resubmit this often while a starting head has no job agent yet")) -> None:
-    """Run a stage as a Ray job (`ray job submit` with the runtime environment and the outputs handled).
-
-    Options of submit come before STAGE; everything after STAGE goes to the stage, e.g.
-    `bundlerec submit pipeline --config jobs/configs/demo.yaml train.epochs=3`."""
-    cmd = submit_command(stage, ctx.args, address=address, output_root=output_root, runtime_env=runtime_env,
-                         no_wait=no_wait)
-    typer.echo("bundlerec: " + " ".join(cmd[cmd.index("--") + 1:]) + f"  (on {address})", err=True)
-    env_file = cmd[cmd.index("--runtime-env") + 1]
-    try:
-        _submit_with_retries(cmd, retries)
-    finally:
-        os.unlink(env_file)
-
-
-def _submit_with_retries(cmd: list[str], retries: int) -> None:
-    for attempt in range(retries + 1):
-        # the uploaded working directory is the project, wherever the command is run from
-        proc = subprocess.Popen(cmd, cwd=project_root(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        no_agent = False
-        for line in proc.stdout:  # streamed as the job logs arrive
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            no_agent = no_agent or NO_AGENT in line
-        rc = proc.wait()
-        if rc == 0 or not no_agent or attempt == retries:
-            raise typer.Exit(rc)
-        # the job was not created: a just-started (or loaded) head's job agent is not up yet
-        typer.echo(f"bundlerec: Ray's job agent is not ready yet; submitting again in 10 s ({attempt + 1}/{retries})",
-                   err=True)
-        time.sleep(10)
-
-
-def main() -> None:
-    app()

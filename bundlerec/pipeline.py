@@ -78,13 +78,13 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
 
 
 def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict) -> str:
-    """The run's evaluation report (bundlerec.eval.report) -> MLflow artifacts ``report/``; returns
+    """The run's evaluation report (bundlerec.report) -> MLflow artifacts ``report/``; returns
     the local report.html path (beside results.json). The curves come from the run's own metrics in
     MLflow (a train run, or the best trial's child run of a sweep)."""
     import mlflow
 
     from bundlerec.data.examples import load_split
-    from bundlerec.eval.report import example_users, write_report
+    from bundlerec.report import example_users, write_report
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     steps = [(m.step, m.value) for m in client.get_metric_history(run_id, "step/train_loss")]

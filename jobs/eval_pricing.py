@@ -19,11 +19,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--s", type=float, default=0.3, help="assumed logistic scale of willingness to pay")
+    p.add_argument("--mlflow-uri", default=None, help="also log the figures, the JSON and the plot to this tracking "
+                   "server (experiment bundlerec-pricing)")
     args = p.parse_args(argv)
-    res = evaluate_pricing(args.data_dir, folds=args.folds, s=args.s)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
+    plot = os.path.splitext(args.out)[0] + "_discounts.png"  # predicted vs actual discount, out of fold
+    res = evaluate_pricing(args.data_dir, folds=args.folds, s=args.s, plot_path=plot)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2)
+    if args.mlflow_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.mlflow_uri)
+        mlflow.set_experiment("bundlerec-pricing")
+        with mlflow.start_run(run_name="eval-pricing"):
+            mlflow.log_params({"folds": args.folds, "s": args.s, "data_dir": args.data_dir})
+            mlflow.log_metrics({f"{m}/{k}": v for m in ("discount_mae", "final_price_mape") for k, v in res[m].items()})
+            mlflow.log_artifact(args.out)
+            mlflow.log_artifact(plot)
+    print(f"plot: {plot}")
     for metric in ("discount_mae", "final_price_mape"):
         print(metric, "  ".join(f"{k} {v:.4f}" for k, v in res[metric].items()))
     r = res["robustness"]

@@ -10,7 +10,7 @@ import pytest
 import typer
 import yaml
 
-from bundlerec.cli import STAGES, submit_command
+from jobs.cli import STAGES, submit_command
 from tests.conftest import ROOT
 
 BUNDLEREC = str(Path(sys.executable).with_name("bundlerec"))  # the console script `make setup` installs

@@ -108,3 +108,6 @@ def test_eval_pricing_command(tmp_path):
     r = res["robustness"]
     assert set(r["mae_ratio_by_fold_seed"]) == {0, 1, 2, 3, 4} and 0 < r["grouped_by_overlap_component"]["ratio"] < 2
     assert 0 < r["no_overlap_subset"]["bundles"] < res["n_bundles"]
+    # the predicted-vs-actual discount picture beside the JSON (a real PNG, one panel per method)
+    png = tmp_path / "pricing_discounts.png"
+    assert res["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

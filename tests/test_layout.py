@@ -11,13 +11,13 @@ PKG = ROOT / "bundlerec"
 
 # package -> packages of bundlerec it must never import (directly, at any depth of the module)
 FORBIDDEN = {
-    "data": {"model", "train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
-    "model": {"train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
-    "train": {"registry", "serving", "bundles", "tune", "pipeline", "demo"},
-    "eval": {"train", "registry", "serving", "bundles", "tune", "pipeline", "demo"},
-    "bundles": {"registry", "serving", "tune", "pipeline", "demo"},
-    "registry": {"tune", "pipeline", "demo"},
-    "serving": {"train", "tune", "pipeline", "demo"},
+    "data": {"model", "train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo", "report"},
+    "model": {"train", "eval", "registry", "serving", "bundles", "tune", "pipeline", "demo", "report"},
+    "train": {"registry", "serving", "bundles", "tune", "pipeline", "demo", "report"},
+    "eval": {"train", "registry", "serving", "bundles", "tune", "pipeline", "demo", "report"},
+    "bundles": {"registry", "serving", "tune", "pipeline", "demo", "report"},
+    "registry": {"tune", "pipeline", "demo", "report"},
+    "serving": {"train", "tune", "pipeline", "demo", "report"},
 }
 # the one sanctioned exception: prep tokenizes item text with the model's tokenizer
 ALLOWED = {"bundlerec.model.pretrained"}

@@ -29,7 +29,7 @@ def test_top_level_layout():
 
 def test_readme_commands_are_real_subcommands():
     """Every `bundlerec …` line of the README's code blocks names a subcommand the command has."""
-    from bundlerec.cli import STAGES
+    from jobs.cli import STAGES
 
     readme = (ROOT / "README.md").read_text()
     used = set()

@@ -374,7 +374,8 @@ def _cv(X, sets, sellers, d, size, fold: np.ndarray, s: float, context: bool = T
     return pred
 
 
-def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3, robustness: bool = True) -> dict:
+def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3, robustness: bool = True,
+                     plot_path: Optional[str] = None) -> dict:
     """K-fold out-of-sample discount MAE and final-price MAPE: bundlerec vs median and median-by-size.
 
     ``robustness``: also the MAE ratio to the median for 5 fold seeds, a cross-validation whose folds
@@ -393,6 +394,10 @@ def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.
         out["discount_mae"][name] = float(np.mean(np.abs(p - d)))
         out["final_price_mape"][name] = float(np.mean(np.abs(L * (1 - p) - final) / final))
     out["mae_ratio_to_median"] = out["discount_mae"]["bundlerec"] / out["discount_mae"]["median"]
+    if plot_path:
+        from bundlerec.eval.plots import plot_pricing
+
+        out["plot"] = plot_pricing(d, pred, plot_path)
     every = np.arange(len(b))
     ctx, F = design(X, sets, d, sellers, every, every)
     full = PricingModel(s=s).fit(F, d)

@@ -6,9 +6,12 @@ What is planted (and why a popularity baseline cannot find it):
   (photography: camera, lens, tripod, memory card, ...);
 * ``n_bundles`` ground-truth bundles, each 2-4 items from different categories of one group;
 * every user has one or two latent intents (groups); a session picks a bundle of one intent,
-  views one or two *anchor* items of it (plus look-alike alternatives and popularity noise),
-  carts some items and purchases a basket drawn from the bundle, which usually includes bundle-mates
-  that were never viewed. Predicting the basket therefore needs "what goes with what I looked at".
+  views one or two *anchor* items of it (plus look-alike alternatives and popularity noise), sometimes
+  carts an alternative it never buys, and purchases a basket drawn from the bundle, which usually
+  includes bundle-mates that were never viewed. Half the purchases happen in a later visit; before
+  paying, about a third of the basket is carted. So the carts just before a purchase announce part
+  of it at most, and predicting the basket needs "what goes with what I looked at" -- which other
+  users' purchases of the same bundles teach (bundles are shared across users).
 
 Deterministic by seed; streams to sharded Parquet files so 10M events never sit in memory at once.
 
@@ -138,17 +141,25 @@ def _user_events(uid: str, rng: np.random.Generator, catalog: pd.DataFrame, bund
         n_noise = rng.binomial(6, noise)
         for it in rng.choice(len(item_ids), size=n_noise, p=pop_p):
             session.append((int(it), "view"))
+        if rng.random() < 0.5:  # an abandoned cart: an alternative carted and never bought
+            session.append((int(rng.choice(by_cat[cats[anchors[0]]])), "cart"))
         rng.shuffle(session)
-        # basket: anchors carted + bundle-mates, most of them bought
         basket = [i for i in bundle if rng.random() < 0.8] or [anchors[0]]
-        for i in basket:
-            if i in anchors or rng.random() < 0.3:
-                session.append((int(i), "cart"))
-        purchases = [(int(i), "purchase") for i in basket]
         t += int(rng.exponential(3 * 86400)) + 7200  # > session gap between sessions
-        for it, et in session + purchases:
+        for it, et in session:
             t += int(rng.integers(10, 240))
-            out.append((t, et, uid, f"{uid}-s{s}", item_ids[it], prices[it], 1 if et == "purchase" else None))
+            out.append((t, et, uid, f"{uid}-s{s}", item_ids[it], prices[it], None))
+        # The purchase: as in real logs, often a later visit (the browsing session ended without one)
+        # and only some of the basket carted first, so the carts right before a purchase announce
+        # part of it at most; the bundle-mates were usually never viewed by this user.
+        sid = f"{uid}-s{s}"
+        if rng.random() < 0.5:
+            t += int(rng.exponential(86400)) + 7200
+            sid = f"{uid}-s{s}b"
+        checkout = [(int(i), "cart") for i in basket if rng.random() < 0.35] + [(int(i), "purchase") for i in basket]
+        for it, et in checkout:
+            t += int(rng.integers(10, 240))
+            out.append((t, et, uid, sid, item_ids[it], prices[it], 1 if et == "purchase" else None))
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:

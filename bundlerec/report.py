@@ -17,67 +17,8 @@ import html
 import os
 from typing import Optional
 
-import numpy as np
-
+from bundlerec.eval.plots import plot_comparison, plot_curves
 from bundlerec.serving.privacy import hash_id
-
-MAIN = ("ndcg@10", "recall@10")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on workers, CI or clusters
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_curves(history: list[dict], steps: Optional[list[tuple[int, float]]], path: str) -> Optional[str]:
-    """Loss (per step when logged, per epoch always) and validation metrics per epoch."""
-    if not history:
-        return None
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    spe = max(1, int(history[0].get("step", 1)))  # global steps per epoch
-    if steps:
-        a.plot([s for s, _ in steps], [v for _, v in steps], lw=1, alpha=.6, label="train loss (logged steps)")
-    a.plot([h["epoch"] * spe for h in history], [h["train_loss"] for h in history], "o-", label="train loss (epoch)")
-    a.set_xlabel("global step")
-    a.set_title("training loss")
-    a.legend(fontsize=8)
-    ep = [h["epoch"] for h in history]
-    for key, label in (("val_ndcg_at_10", "val NDCG@10"), ("val_recall_at_10", "val Recall@10")):
-        if key in history[0]:
-            b.plot(ep, [h[key] for h in history], "o-", label=label)
-    b.set_xlabel("epoch")
-    b.set_title("validation (users carved from training data)")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_comparison(metrics: dict, path: str) -> str:
-    """Grouped bars: every method on NDCG@10 and Recall@10, with 95 % bootstrap intervals."""
-    plt = _plt()
-    methods = list(metrics)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(methods), 3.6))
-    width = 0.38
-    for j, key in enumerate(MAIN):
-        vals = [metrics[m].get(key, np.nan) for m in methods]
-        ci = [metrics[m].get("ci95", {}).get(key, [v, v]) for m, v in zip(methods, vals)]
-        err = np.array([[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]])
-        x = np.arange(len(methods)) + (j - 0.5) * width
-        ax.bar(x, vals, width, yerr=err, capsize=3, label=key)
-    ax.set_xticks(np.arange(len(methods)), methods)
-    ax.set_title(f"test split ({metrics[methods[0]].get('n_examples', '?')} baskets), 95 % bootstrap intervals")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def example_users(export_dir: str, user_ids: list[str], n_bundles: int = 2, k: int = 5) -> list[dict]:

@@ -50,7 +50,8 @@ demo: services
 	bundlerec submit --address $(RAY_ADDRESS_HTTP) pipeline --config $(DEMO_CONFIG) output_root=$(DEMO_ROOT) $(DEMO_ARGS) \
 	  || exit 1; \
 	echo "demo wall time: $$(( $$(date +%s) - start ))s (job submit to finish)"; \
-	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json"; \
+	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json (report_url: the run's evaluation report in MLflow)"; \
+	echo "explorer:  http://127.0.0.1:8000/  (bundle explorer page; API token in $(DEMO_ROOT)/runs/<config name>/api_token)"; \
 	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"
 
 stop:

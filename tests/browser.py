@@ -35,23 +35,28 @@ class Chromium:
 
         assert CHROMIUM, "chromium is not installed (Debian: apt-get install chromium)"
         profile = self.workdir / "chromium-profile"
+        (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a previous browser's port is not ours
         log = open(self.workdir / "chromium.log", "w")
         self.proc = subprocess.Popen(
             [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
              "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0", f"--user-data-dir={profile}",
              f"--window-size={self.size[0]},{self.size[1]}", "about:blank"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        port_file = profile / "DevToolsActivePort"  # chromium writes the port it chose here
-        deadline = time.time() + 60
-        while not (port_file.exists() and port_file.read_text().strip()) and time.time() < deadline:
-            assert self.proc.poll() is None, (self.workdir / "chromium.log").read_text()[-2000:]
-            time.sleep(0.1)
-        port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            target = next(t for t in json.loads(r.read()) if t["type"] == "page")
-        self.ws = connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        self.send("Page.enable")
-        self.send("Runtime.enable")
+        try:
+            port_file = profile / "DevToolsActivePort"  # chromium writes the port it chose here
+            deadline = time.time() + 60
+            while not (port_file.exists() and port_file.read_text().strip()) and time.time() < deadline:
+                assert self.proc.poll() is None, (self.workdir / "chromium.log").read_text()[-2000:]
+                time.sleep(0.1)
+            port = port_file.read_text().split()[0]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+                target = next(t for t in json.loads(r.read()) if t["type"] == "page")
+            self.ws = connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+            self.send("Page.enable")
+            self.send("Runtime.enable")
+        except BaseException:
+            self.__exit__()  # a browser that never became usable is stopped, not left behind
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

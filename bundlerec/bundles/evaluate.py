@@ -521,15 +521,20 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
                                                    "trees": RERANK_TREES, "features": list(RERANK_FEATURES)}}},
                  "engine_params": asdict(engine.params), "selection": selection, "export_dir": export,
                  "seen_share": {}, "completion": {}, "completion_half": {}, "generation": {}, "lift": {}}
+    from bundlerec.progress import Progress
+
+    progress = Progress("eval bundles", sum(len(d.bundles) for d in evald.values()), "bundles", every_s=0)
     for name, d in evald.items():
         log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
+        progress.update(len(d.bundles))  # one line per domain scored, with the ETA of the rest
         for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
         share = lambda bs: float(np.mean([index[i] in seen for b in bs["items"] for i in b[1:]])) if len(bs) else float("nan")  # noqa: E731
         out["seen_share"][name] = {"val_targets_seen": share(val[name].bundles) if name in val else None,
                                    "eval_targets_seen": share(d.bundles)}
+    progress.done()
     out["seconds"] = round(time.time() - t0, 1)
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
     return out

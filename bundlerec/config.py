@@ -247,7 +247,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(all(int(k) > 0 for k in self.ks), "eval.ks must be positive")
-        unknown = set(self.baselines) - {"popular", "itemknn", "zeroshot"}
+        unknown = set(self.baselines) - {"popular", "itemknn", "zeroshot", "recent"}
         _check(not unknown, f"eval.baselines: unknown {sorted(unknown)}")
 
 

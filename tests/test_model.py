@@ -120,3 +120,16 @@ def test_accidental_hits_are_masked_not_counted_as_negatives(tokens):
     assert same[0, 1] == -1e4 and same[1, 0] == -1e4 and same[0, 0] > -1e3 and same[1, 1] > -1e3
     assert (diff > -1e3).all()  # distinct items stay negatives
     assert float(loss_same) < 1e-3  # without the mask two identical columns would cost log(2)
+
+
+def test_recent_baseline_repeats_the_history_carts_first_and_nothing_else():
+    from bundlerec.eval.baselines import Recent
+    from bundlerec.model.collate import history_tensors
+
+    # user 0: viewed 3, carted 1, viewed 2 (most recent); user 1: no history
+    batch = history_tensors({"hist_items": [[3, 1, 2], []], "hist_types": [[0, 2, 0], []],
+                             "hist_age_hours": [[3.0, 2.0, 1.0], []]}, 8, "cpu")
+    s = Recent(n_items=6).score(batch)
+    assert s.shape == (2, 6)
+    assert s[0].argsort(descending=True)[:3].tolist() == [1, 2, 3]  # cart first, then the more recent view
+    assert (s[0, [0, 4, 5]] == 0).all() and (s[1] == 0).all()  # never an item outside the history

@@ -8,7 +8,9 @@ the bundle evaluation (:mod:`bundlerec.bundles.evaluate`):
   (clickstream: history item -> purchased item and items bought in the same basket; bundles:
   items of the same training bundle or session);
 * ``zeroshot`` -- the pretrained encoder without fine-tuning (see bundlerec.model.two_tower: the
-  untrained user tower is the mean of the history item embeddings).
+  untrained user tower is the mean of the history item embeddings);
+* ``recent``   -- the shopper's own history again: carted items first, then purchased, clicked and
+  viewed, the more recent the higher (no training data at all: what "repeat the last carts" earns).
 """
 
 from __future__ import annotations
@@ -76,3 +78,25 @@ class ItemKNN:
     def score(self, batch: dict) -> torch.Tensor:
         q = history_rows(batch["hist_items"].cpu().numpy(), batch["hist_valid"].cpu().numpy(), self.sim.shape[0])
         return torch.as_tensor((q @ self.sim).toarray()) + self.pop.unsqueeze(0)
+
+
+class Recent:
+    """Scores the items of the user's own history: event-type weight (cart > purchase > click > view)
+    plus a small bonus for recency; every other item scores 0."""
+
+    name = "recent"
+    WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 3.0}
+
+    def __init__(self, n_items: int):
+        from bundlerec.data.schema import EVENT_TYPES
+
+        self.n_items = n_items
+        self.type_weight = torch.tensor([self.WEIGHTS[t] for t in EVENT_TYPES])
+
+    def score(self, batch: dict) -> torch.Tensor:
+        items, valid = batch["hist_items"], batch["hist_valid"]
+        B, H = items.shape
+        w = self.type_weight[batch["hist_types"].clamp(0, len(self.type_weight) - 1)]
+        w = (w + torch.arange(H, dtype=torch.float32) / (10.0 * H)) * valid  # later positions: more recent
+        out = torch.zeros(B, self.n_items)
+        return out.scatter_add_(1, items.clamp(min=0), w.float())

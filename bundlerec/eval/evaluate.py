@@ -15,7 +15,7 @@ import torch
 from bundlerec.config import PipelineConfig
 from bundlerec.data.catalog import load_items, padded_tokens
 from bundlerec.data.examples import load_split
-from bundlerec.eval.baselines import ItemKNN, Popular
+from bundlerec.eval.baselines import ItemKNN, Popular, Recent
 from bundlerec.eval.metrics import MetricAccumulator
 from bundlerec.model.collate import history_tensors
 from bundlerec.storage import join
@@ -80,6 +80,8 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
             scorer = Popular.from_examples(train, n)
         elif name == "itemknn":
             scorer = ItemKNN.from_examples(train, n)
+        elif name == "recent":
+            scorer = Recent(n)
         else:
             scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
         out[name] = evaluate_scorer(scorer, examples, **kw, name=name)

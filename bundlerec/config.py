@@ -315,6 +315,9 @@ class ServeConfig:
     """Require a bearer token on the API (the deploy stage writes a fresh one to token_file, mode 0600)."""
     token_file: str = "runs/demo/api_token"
     """Secret file with the accepted tokens, one per line (several = rotation)."""
+    user_key_file: str = "runs/demo/user_key"
+    """Secret key that pseudonymizes user ids in exports (HMAC-SHA256; created 0600 on the first
+    export); Serve replicas and the pyfunc ($BUNDLEREC_USER_KEY_FILE) read it to find histories."""
     torch_threads: int = 1
     """Intra-op threads per replica (= its CPUs)."""
     max_body_bytes: int = 256 * 1024
@@ -390,6 +393,7 @@ class PipelineConfig:
             self.tune.storage_path = fix(self.tune.storage_path)
             self.results_path = fix(self.results_path)
             self.serve.token_file = fix(self.serve.token_file)
+            self.serve.user_key_file = fix(self.serve.user_key_file)
             if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
                 self.data.events = fix(self.data.events)
             if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):

@@ -20,7 +20,7 @@ def sample_request(cfg: PipelineConfig, k: int = 5) -> dict:
 def try_endpoint(cfg: PipelineConfig, serve_url: str, token: Optional[str]) -> dict:
     """POST /v1/recommendations and /v1/bundles for a real user; print both; return the summary keys."""
     from bundlerec.serving.deploy import http_json
-    from bundlerec.serving.privacy import redact
+    from bundlerec.privacy import redact
 
     body = sample_request(cfg)
     response = http_json(f"{serve_url}/v1/recommendations", body, token=token)

@@ -84,6 +84,7 @@ def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict)
     import mlflow
 
     from bundlerec.data.examples import load_split
+    from bundlerec.privacy import read_user_key
     from bundlerec.report import example_users, write_report
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
@@ -101,7 +102,8 @@ def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict)
              "epochs run": len(history), "git commit": run.data.tags.get("mlflow.source.git.commit", "unknown"),
              "prep schema": run.data.tags.get("bundlerec.schema_hash", "")}
     paths = write_report(out, title=f"bundlerec evaluation report: {cfg.name}", metrics=metrics, history=history,
-                         steps=steps, examples=example_users(export_dir, users), facts=facts)
+                         steps=steps, examples=example_users(export_dir, users, read_user_key(cfg.serve.user_key_file)),
+                         facts=facts)
     client.log_artifacts(run_id, out, artifact_path="report")
     log.info("report: %s (MLflow run %s, artifacts report/report.html)", paths["report"], run_id)
     return paths["report"]

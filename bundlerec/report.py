@@ -18,14 +18,15 @@ import os
 from typing import Optional
 
 from bundlerec.eval.plots import plot_comparison, plot_curves
-from bundlerec.serving.privacy import hash_id
+from bundlerec.privacy import hash_id
 
 
-def example_users(export_dir: str, user_ids: list[str], n_bundles: int = 2, k: int = 5) -> list[dict]:
+def example_users(export_dir: str, user_ids: list[str], user_key: Optional[bytes], n_bundles: int = 2,
+                  k: int = 5) -> list[dict]:
     """History -> recommendations -> bundles for each user, from the export as the endpoint serves it."""
     from bundlerec.serving.recommender import Recommender
 
-    rec = Recommender.from_export(export_dir)
+    rec = Recommender.from_export(export_dir, user_key)
     out = []
     for u in user_ids:
         h = rec.history_for_user(u)

@@ -11,7 +11,7 @@ import json
 
 from bundlerec.cli import config_job
 from bundlerec.pipeline import run_pipeline
-from bundlerec.serving.privacy import redact
+from bundlerec.privacy import redact
 
 
 def main(argv: list[str] | None = None) -> dict:

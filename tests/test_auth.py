@@ -12,7 +12,7 @@ from bundlerec.serving.auth import (
     read_token_file,
     write_token_file,
 )
-from bundlerec.serving.privacy import hash_id
+from bundlerec.privacy import hash_id
 
 
 def test_token_file_is_private_and_fresh(tmp_path):
@@ -70,7 +70,7 @@ def test_hash_id_is_stable_and_not_clear():
 
 
 def test_redact_hashes_every_user_id():
-    from bundlerec.serving.privacy import redact
+    from bundlerec.privacy import redact
 
     out = redact({"sample_request": {"user_id": "U1", "k": 5}, "rows": [{"user_id": "U2"}], "user": "keep"})
     assert out == {"sample_request": {"user_id": f"<user {hash_id('U1')}>", "k": 5},

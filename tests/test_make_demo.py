@@ -5,6 +5,7 @@ synthetic data with planted structure, bundlerec ranks held-out baskets better t
 
 import json
 import os
+import re
 import subprocess
 import time
 from urllib.parse import urlparse
@@ -31,6 +32,8 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     assert "already running" in logs  # local.sh reused the suite's services instead of starting its own
     assert "[bundlerec] epoch 1 done" in logs  # rank-0 progress reached the job log
     assert "demo wall time:" in logs
+    # progress: Ray Data's own lines from prep (counts of rows through each operator), the evaluation's
+    assert re.search(r"MapBatches\(_tag\): \d+/\d+", logs) and "[bundlerec] eval itemknn: " in logs
     assert f"evaluation report (MLflow): {mlflow_server}/#/experiments/" in logs
 
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())

@@ -416,3 +416,39 @@ def _explorer_in_chromium(base: str, token: str, user: str, tmp_path) -> None:
         assert "history: query" in br.text("#answered") and br.text("#error") == ""
         br.screenshot(shots / "explorer_query.png")
         assert not [c for c in br.console if c.startswith("exception")], br.console
+
+
+def test_the_model_artifact_holds_no_clear_user_id(tiny_trained, registered, tmp_path):
+    """Histories in the export and in the registered model are keyed by HMAC pseudonyms; the key
+    (serve.user_key_file) links a request's user id to them; without it only pseudonyms work, and
+    the Serve app refuses to start rather than serve every known user as a cold start."""
+    import mlflow
+    import pandas as pd
+
+    from bundlerec.data.examples import load_split
+    from bundlerec.privacy import pseudonym, read_user_key
+    from bundlerec.serving.app import load
+    from bundlerec.serving.recommender import Recommender
+
+    cfg, out, _ = tiny_trained
+    raw = set(load_split(cfg.data.output_dir, "latest").user_id.astype(str))
+    key = read_user_key(cfg.serve.user_key_file)
+    mlflow.set_tracking_uri(registered["uri"])
+    art = mlflow.artifacts.download_artifacts(f"models:/{registered['name']}/1", dst_path=str(tmp_path / "art"))
+    stored = [p for p in __import__("pathlib").Path(art).rglob("latest.parquet")]
+    for path in [f"{out['export_dir']}/latest.parquet", *map(str, stored)]:
+        ids = set(pd.read_parquet(path).user_id.astype(str))
+        assert not ids & raw and ids == {pseudonym(u, key) for u in raw}, path
+    assert stored, "the registered model carries the histories"
+    some = sorted(raw)[:20]
+    for f in __import__("pathlib").Path(art).rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".txt", ".yaml", ".csv", ".html", ".MLmodel", ""):
+            text = f.read_bytes()
+            assert not any(u.encode() in text for u in some), f
+    user = sorted(raw)[0]
+    assert Recommender.from_export(out["export_dir"], key).history_for_user(user).source == "user"
+    without = Recommender.from_export(out["export_dir"])
+    assert without.history_for_user(user).source == "cold_start"
+    assert without.history_for_user("pseudo:" + pseudonym(user, key)).source == "user"
+    with pytest.raises(RuntimeError, match="pseudonymized"):
+        load(out["export_dir"], None, None, user_key=None)

@@ -95,11 +95,12 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     from bundlerec.data.examples import load_split
     from bundlerec.data.statistics import CoStats, basket_groups, popularity
     from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.privacy import SCHEME, ensure_user_key, pseudonym
 
     model.eval()
     save_export(model, load_tokenizer(cfg.model.name_or_path), export_dir,
                 {"base_model": cfg.model.name_or_path, "history_len": cfg.data.history_len,
-                 "item_max_tokens": cfg.data.item_max_tokens})
+                 "item_max_tokens": cfg.data.item_max_tokens, "user_ids": SCHEME})
     items = load_items(prep_dir)
     ids, mask = padded_tokens(items)
     index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="export: encode catalog").numpy()
@@ -108,6 +109,8 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     train = load_split(prep_dir, "train")
     np.save(os.path.join(export_dir, "popularity.npy"), popularity(train, len(items)))
     latest = load_split(prep_dir, "latest")[["user_id", "hist_items", "hist_types", "hist_age_hours", "target_time"]]
+    key = ensure_user_key(cfg.serve.user_key_file)  # no clear user id in the artifact (bundlerec.privacy)
+    latest["user_id"] = [pseudonym(u, key) for u in latest["user_id"]]
     latest.to_parquet(os.path.join(export_dir, "latest.parquet"))
     # co-purchase statistics for bundle compatibility: items bought in the same training basket
     CoStats.from_groups(basket_groups(train), len(items)).save(export_dir)

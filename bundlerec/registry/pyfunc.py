@@ -42,9 +42,21 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
+        """User ids are pseudonymized in the export: with $BUNDLEREC_USER_KEY_FILE (the key file,
+        serve.user_key_file) a ``user_id`` finds its history; without it only ``"pseudo:<hex>"`` ids
+        and rows with events do."""
+        import logging
+        import os
+
+        from bundlerec.privacy import read_user_key
         from bundlerec.serving.recommender import Recommender
 
-        self.rec = Recommender.from_export(context.artifacts["export"])
+        key_file = os.environ.get("BUNDLEREC_USER_KEY_FILE")
+        self.rec = Recommender.from_export(context.artifacts["export"], read_user_key(key_file) if key_file else None)
+        if self.rec.pseudonymized and not key_file:
+            logging.getLogger(__name__).warning(
+                "bundlerec pyfunc: user ids are pseudonymized and $BUNDLEREC_USER_KEY_FILE is not set: "
+                "users are found by pseudonym (pseudo:<hex>) only; send events for the others")
 
     def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))

@@ -78,7 +78,8 @@ def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional
     return model_uri, version or None, None
 
 
-def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None) -> Loaded:
+def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None,
+         user_key: Optional[bytes] = None) -> Loaded:
     if tracking_uri:
         import mlflow
 
@@ -88,11 +89,15 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
         import mlflow
 
         rec = mlflow.pyfunc.load_model(uri).unwrap_python_model().rec
+        rec.user_key = user_key
         name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
     else:
         from bundlerec.serving.recommender import Recommender
 
-        rec, name = Recommender.from_export(uri), os.path.basename(os.path.normpath(uri))
+        rec, name = Recommender.from_export(uri, user_key), os.path.basename(os.path.normpath(uri))
+    if rec.pseudonymized and user_key is None:
+        raise RuntimeError(f"{uri}: its user ids are pseudonymized; give the Serve app the key (arg user_key_file, "
+                           "serve.user_key_file) or shoppers would only be found by pseudonym")
     if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
         rec.configure_ann(**ann)
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
@@ -105,7 +110,8 @@ class BundlerecService:
 
     def __init__(self, model_uri: str, tracking_uri: Optional[str] = None, poll_s: float = DEFAULTS.poll_s,
                  torch_threads: int = DEFAULTS.torch_threads, auth: bool = DEFAULTS.auth,
-                 auth_token_file: Optional[str] = None, max_body_bytes: int = DEFAULTS.max_body_bytes,
+                 auth_token_file: Optional[str] = None, user_key_file: Optional[str] = None,
+                 max_body_bytes: int = DEFAULTS.max_body_bytes,
                  ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe):
         import torch
 
@@ -120,7 +126,10 @@ class BundlerecService:
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
-        self.current: Loaded = load(model_uri, tracking_uri, self.ann)
+        from bundlerec.privacy import read_user_key
+
+        self.user_key = read_user_key(user_key_file) if user_key_file else None
+        self.current: Loaded = load(model_uri, tracking_uri, self.ann, self.user_key)
         self.reloads = 0
         self._stop = threading.Event()
         if poll_s > 0 and "@" in model_uri:
@@ -132,7 +141,7 @@ class BundlerecService:
             try:
                 _, version, _ = _resolve(self.model_uri, self.tracking_uri)
                 if version and version != self.current.info.version:
-                    new = load(self.model_uri, self.tracking_uri, self.ann)
+                    new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key)
                     self.current = new  # atomic: requests in flight keep the object they hold
                     self.reloads += 1
                     log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
@@ -245,7 +254,7 @@ class BundlerecService:
 def build_app(args: dict) -> serve.Application:
     """Application builder for serve/config.yaml (``import_path: bundlerec.serving.app:build_app``);
     args not given take ServeConfig's defaults."""
-    known = {"model_uri", "tracking_uri", "auth_token_file", *DEFAULTS.app_args()}
+    known = {"model_uri", "tracking_uri", "auth_token_file", "user_key_file", *DEFAULTS.app_args()}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown Serve app args {sorted(unknown)}; known: {sorted(known)}")

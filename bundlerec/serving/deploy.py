@@ -31,6 +31,8 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
                         "tracking_uri": cfg.mlflow.tracking_uri, **cfg.serve.app_args()})  # the pipeline config wins
     if cfg.serve.auth:
         app["args"]["auth_token_file"] = os.path.abspath(token_file or cfg.serve.token_file)
+    if os.path.exists(cfg.serve.user_key_file):  # histories are keyed by pseudonym (bundlerec.privacy)
+        app["args"]["user_key_file"] = os.path.abspath(cfg.serve.user_key_file)
     return conf
 
 

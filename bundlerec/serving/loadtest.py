@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from bundlerec.config import ServeConfig
+from bundlerec.privacy import PSEUDO_PREFIX, SCHEME
 
 
 def _pcts(lat_ms: list[float]) -> dict:
@@ -209,7 +210,9 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
     level minus in-process p50)."""
     import pandas as pd
 
-    users = pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str).tolist()
+    # pseudonymized exports (bundlerec.privacy): name each user by pseudonym so the endpoint finds them
+    prefix = PSEUDO_PREFIX if json.load(open(f"{export}/bundlerec.json")).get("user_ids") == SCHEME else ""
+    users = [prefix + u for u in pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str)]
     for _ in range(20):  # warm the replica and the proxy
         http_level(url, users, 1, 1, k, token)
     if kill_replica_at is not None:

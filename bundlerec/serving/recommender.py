@@ -25,6 +25,7 @@ from bundlerec.bundles.generate import BundleConstraints
 from bundlerec.bundles.pricing import PriceLimits
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.model.collate import pad_history
+from bundlerec.privacy import PSEUDO_PREFIX, SCHEME, lookup_key
 
 _BUNDLE = BundleConstraints()  # request defaults: one definition
 
@@ -39,7 +40,7 @@ class History:
 
 class Recommender:
     def __init__(self, model, items: pd.DataFrame, index: torch.Tensor, popularity: np.ndarray,
-                 latest: Optional[pd.DataFrame], meta: dict):
+                 latest: Optional[pd.DataFrame], meta: dict, user_key: Optional[bytes] = None):
         self.model = model.eval()
         self.model.set_index(index)
         self.items = items.reset_index(drop=True)
@@ -52,6 +53,9 @@ class Recommender:
         self.history_len = int(meta.get("history_len", 10))
         self.ann = None  # IVF index for large catalogs (configure_ann)
         self.bundle_engine: Optional[BundleEngine] = None  # set by from_export
+        # histories are keyed by pseudonym (bundlerec.privacy); the key links a request's user id to one
+        self.pseudonymized = meta.get("user_ids") == SCHEME
+        self.user_key = user_key
         self.latest = {}
         if latest is not None:
             for r in latest.itertuples(index=False):
@@ -59,7 +63,9 @@ class Recommender:
                                                r.target_time)
 
     @classmethod
-    def from_export(cls, export_dir: str) -> "Recommender":
+    def from_export(cls, export_dir: str, user_key: Optional[bytes] = None) -> "Recommender":
+        """``user_key``: the secret that pseudonymized the export's user ids (serve.user_key_file);
+        without it users are found by pseudonym (``"pseudo:<hex>"``) only."""
         from bundlerec.model.export import load_export
 
         model, meta = load_export(export_dir)
@@ -69,7 +75,7 @@ class Recommender:
         pop = np.load(pop_path) if os.path.exists(pop_path) else np.zeros(len(items))
         latest_path = os.path.join(export_dir, "latest.parquet")
         latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
-        rec = cls(model, items, index, pop, latest, meta)
+        rec = cls(model, items, index, pop, latest, meta, user_key)
         rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items)
         return rec
 
@@ -83,7 +89,7 @@ class Recommender:
     # ---------------------------------------------------------------- histories
     def history_for_user(self, user_id: str) -> History:
         """The user's most recent events in the training snapshot; cold start if unknown."""
-        hit = self.latest.get(str(user_id))
+        hit = self.latest.get(lookup_key(user_id, self.user_key, self.pseudonymized))
         if not hit or not hit[0]:
             return History([], [], [], source="cold_start")
         items, types, ages, _ = hit
@@ -184,8 +190,10 @@ class Recommender:
 
     # ---------------------------------------------------------------- the explorer page's lookups
     def sample_users(self, n: int) -> list[str]:
-        """``n`` users of the snapshot with a history (the first in id order: the same every time)."""
-        return sorted(u for u, hit in self.latest.items() if hit[0])[:n]
+        """``n`` users of the snapshot with a history (the first in key order: the same every time),
+        named by pseudonym when the export has no clear ids."""
+        prefix = PSEUDO_PREFIX if self.pseudonymized else ""
+        return [prefix + u for u in sorted(u for u, hit in self.latest.items() if hit[0])[:n]]
 
     def describe_history(self, h: History) -> list[dict]:
         """The events the model reads for this history (the last ``history_len``), oldest first:

@@ -284,6 +284,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                     {"user_id": user, "surprise": 1}):
             code, body = _post(f"{base}/v1/recommendations", bad)
             assert code == 422 and body["detail"], (bad, body)
+        _bad_input_corpus(base, user)
         assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
         assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
 
@@ -452,3 +453,53 @@ def test_the_model_artifact_holds_no_clear_user_id(tiny_trained, registered, tmp
     assert without.history_for_user("pseudo:" + pseudonym(user, key)).source == "user"
     with pytest.raises(RuntimeError, match="pseudonymized"):
         load(out["export_dir"], None, None, user_key=None)
+
+
+def _bad_input_corpus(base: str, user: str) -> None:
+    """Malformed requests against the live endpoint, raw bytes over a real connection: each is a 4xx
+    with a JSON reason that does not echo the input, never a 5xx (tests/test_request_guards.py has
+    the same cases without Ray)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(base)
+    ev = '{"item_id": "a", "event_type": "view", "event_time": "%s"}'
+    cases = [
+        ("/v1/bundles", '{"user_id": "u", "budget": NaN}', "application/json"),
+        ("/v1/bundles", '{"user_id": "u", "budget": 1e309}', "application/json"),
+        ("/v1/recommendations", '{"user_id": "\\ud800"}', "application/json"),
+        ("/v1/bundles/complete", '{"items": ["\\udfff"]}', "application/json"),
+        ("/v1/recommendations", b'{"user_id": "\xff\xfe"}', "application/json"),
+        ("/v1/recommendations", b'{"user_id": "\xff\xfe"}', "text/plain"),
+        ("/v1/recommendations", '{"user_id": "u", "k": true}', "application/json"),
+        ("/v1/recommendations", '{"user_id": "u", "k": -1}', "application/json"),
+        ("/v1/recommendations", "[" * 20000 + "]" * 20000, "application/json"),
+        ("/v1/recommendations", '{"user_id": "a", "user_id": "b"}', "application/json"),
+        ("/v1/recommendations", '{"user_id": "u"}', "text/plain"),
+        ("/v1/recommendations", "", "application/json"),
+        ("/v1/recommendations", '{"events": [' + ",".join([ev % "2026-01-01T00:00:00Z"] * 10000) + ']}',
+         "application/json"),
+        ("/v1/recommendations", '{"user_id": "' + "u" * 5000 + '"}', "application/json"),
+        ("/v1/recommendations", '{"events": [' + ev % "9999-12-31T23:59:59Z" + ']}', "application/json"),
+        ("/v1/recommendations", '{"events": [' + ev % "0001-01-01T00:00:00Z" + ']}', "application/json"),
+        ("/v1/recommendations", '{"user_id": "u", "surprise": {"a": 1}}', "application/json"),
+    ]
+    for path, body, ctype in cases:
+        raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", path, body=raw, headers={"Content-Type": ctype, **AUTH})
+        r = conn.getresponse()
+        text = r.read()
+        conn.close()
+        assert 400 <= r.status < 500, (path, body[:80], r.status, text[:300])
+        detail = json.loads(text)["detail"]
+        assert detail and b"uuuuuuuuuu" not in text and b"[[[[" not in text, (path, text[:300])
+    # a body above the limit sent chunked (no Content-Length): 413 once the limit is passed
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.request("POST", "/v1/recommendations", body=iter([b'{"user_id": "', b"x" * 300_000, b'"}']),
+                 headers={"Content-Type": "application/json", **AUTH}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["detail"], r.status
+    conn.close()
+    # and the endpoint still answers
+    assert _post(f"{base}/v1/recommendations", {"user_id": user, "k": 2})[0] == 200

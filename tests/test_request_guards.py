@@ -7,13 +7,15 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
-from bundlerec.serving.guards import validation_error
+from bundlerec.serving import guards
+from bundlerec.serving.guards import limit_body, validation_error
 from bundlerec.serving.schemas import BundleRequest, CompletionRequest, RecommendationRequest
 
 
 @pytest.fixture(scope="module")
 def client():
     app = FastAPI()
+    app.middleware("http")(limit_body)
     app.exception_handler(RequestValidationError)(validation_error)
 
     @app.post("/r")
@@ -41,14 +43,68 @@ def client():
     ("/b", '{"query": "   "}'),
     ("/c", '{"items": []}'),
     ("/c", '{"items": [""]}'),
+    ("/r", '{"user_id": "u", "k": true}'),  # a boolean is not a count
+    ("/r", '{"user_id": "u", "k": 5.0}'),
+    ("/r", '{"user_id": "u", "k": 1e400}'),
+    ("/r", '{"user_id": "u", "k": 99999999999999999999999999}'),
+    ("/b", '{"user_id": "u", "n": -3}'),
+    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "9999-12-31T23:59:59Z"}]}'),
+    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "0001-01-01T00:00:00Z"}]}'),
+    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": 1e20}]}'),
+    ("/r", ""),
+    ("/r", "hello"),
+    ("/r", "null"),
+    ("/r", "[]"),
+    ("/r", '{"user_id": "' + "x" * 129 + '"}'),
+    ("/r", '{"user_id": "u", "surprise": 1}'),
 ])
 def test_bad_input_is_a_clean_422(client, path, body):
     r = client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["detail"]  # valid JSON with the reason
+    assert all("input" not in e for e in r.json()["detail"]) and "x" * 20 not in r.text  # nothing echoed
 
 
 def test_good_input_passes(client):
     assert client.post("/b", json={"query": "a camping starter kit", "budget": 300}).json() == {
         "query": "a camping starter kit", "budget": 300.0}
     assert client.post("/c", json={"items": ["a", "b"]}).json() == {"n": 2}
+
+
+@pytest.mark.parametrize("body,ctype,status", [
+    (b'{"user_id": "\xff\xfe"}', "application/json", 400),   # not UTF-8
+    (b'{"user_id": "\xff\xfe"}', "text/plain", 415),         # was a 500
+    (b'{"user_id": "u"}', "text/plain", 415),
+    (b'{"user_id": "u"}', "", 415),
+    (b'{"user_id": "a", "user_id": "b"}', "application/json", 400),  # which one did the client mean?
+    (("[" * 5000 + "]" * 5000).encode(), "application/json", 400),
+    (('{"user_id": ' + "[" * 100000 + "]" * 100000 + "}").encode(), "application/json", 400),
+    (b'{"user_id": "u"}', "application/json; charset=utf-8", 200),
+])
+def test_malformed_bodies_are_4xx_and_echo_nothing(client, body, ctype, status):
+    r = client.post("/r", content=body, headers={"content-type": ctype} if ctype else {})
+    assert r.status_code == status, r.text
+    if status != 200:
+        assert r.json()["detail"] and "\\xff" not in r.text and "[[[" not in r.text
+
+
+def test_unauthenticated_requests_are_answered_before_the_body_is_read(client, monkeypatch):
+    from bundlerec.serving.auth import TokenAuth
+
+    monkeypatch.setenv("BUNDLEREC_API_TOKENS", "s3cret-token-of-enough-length")
+    app = FastAPI()
+    app.middleware("http")(limit_body)
+
+    @app.post("/v1/r")
+    def r(req: RecommendationRequest):
+        return {"ok": True}
+
+    monkeypatch.setattr(guards.GUARDS, "auth", TokenAuth())
+    c = TestClient(app, raise_server_exceptions=False)
+    huge = b"[" * 1_000_000  # neither the size nor the content is looked at without a token
+    assert c.post("/v1/r", content=huge, headers={"content-type": "application/json"}).status_code == 401
+    bad = {"content-type": "application/json", "authorization": "Bearer wrong"}
+    assert c.post("/v1/r", content=huge, headers=bad).status_code == 403
+    ok = {"content-type": "application/json", "authorization": "Bearer s3cret-token-of-enough-length"}
+    assert c.post("/v1/r", content=huge, headers=ok).status_code == 413
+    assert c.post("/v1/r", content=b'{"user_id": "u"}', headers=ok).json() == {"ok": True}

@@ -50,15 +50,73 @@ def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials]
         raise HTTPException(err[0], err[1], headers={"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
 
 
+MAX_JSON_DEPTH = 32  # the deepest request schema nests 4 levels
+
+
+class _BadJSON(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _BadJSON("a JSON object repeats a key")
+    return dict(pairs)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside strings (checked before parsing: the parser recurses)."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            esc, in_str = (False, True) if esc else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _error(status: int, detail: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
 async def limit_body(request: Request, call_next):
-    """HTTP middleware: 413 for bodies above the limit (declared or actual), before any parsing."""
+    """HTTP middleware for request bodies, before any parsing, in this order: authentication of the
+    /v1 routes (401/403 without reading the body), 415 for a body that is not application/json,
+    413 above the size limit (declared or actual), 400 for a body that is not UTF-8, nested deeper
+    than MAX_JSON_DEPTH, or repeats a key in an object. Error bodies never echo the input."""
     if request.method in ("POST", "PUT", "PATCH"):
+        if GUARDS.auth is not None and request.url.path.startswith("/v1/"):
+            err = GUARDS.auth.check(request.headers.get("authorization"))
+            if err:
+                return _error(err[0], err[1], {"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return _error(415, "send the body as application/json")
         limit = GUARDS.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
-        if declared is None and len(await request.body()) > limit:
-            return JSONResponse({"detail": f"request body larger than {limit} bytes"}, status_code=413)
+            return _error(413, f"request body larger than {limit} bytes")
+        body = await request.body()
+        if len(body) > limit:
+            return _error(413, f"request body larger than {limit} bytes")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(400, "request body is not valid UTF-8")
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            return _error(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except _BadJSON as e:
+            return _error(400, str(e))
+        except ValueError:
+            pass  # not JSON at all: FastAPI answers 422 json_invalid
     return await call_next(request)
 
 
@@ -73,10 +131,12 @@ def _finite(x: Any) -> Any:
 
 
 async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-    """422 with the validation errors, whatever the input held: FastAPI's default renderer fails
+    """422 with the validation errors (type, location, message; not the offending input, which may be
+    huge or personal), whatever the input held: FastAPI's default renderer fails
     (500) on a lone surrogate ("\\ud800") or a NaN in the echoed input; here non-finite numbers become
     strings and the JSON is ASCII (surrogates escaped)."""
-    detail = _finite(jsonable_encoder(exc.errors(), custom_encoder={Exception: str}))
+    errors = [{k: v for k, v in e.items() if k != "input"} for e in exc.errors()]  # never echo the input
+    detail = _finite(jsonable_encoder(errors, custom_encoder={Exception: str}))
     return Response(json.dumps({"detail": detail}, ensure_ascii=True, allow_nan=False, default=str),
                     status_code=422, media_type="application/json")
 

@@ -6,10 +6,10 @@ looks exactly like a clickstream row.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bundlerec.bundles.generate import BundleConstraints
 from bundlerec.bundles.pricing import PriceLimits
@@ -23,11 +23,23 @@ MAX_EVENTS = 512
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]  # view | click | cart | purchase
 
 
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: str = Field(min_length=1, max_length=128)
     event_type: EventType
     event_time: datetime
+
+    @field_validator("event_time")
+    @classmethod
+    def _plausible_time(cls, t: datetime) -> datetime:
+        """From 1970 to a day ahead (clock skew), as prep accepts; naive times are UTC."""
+        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+        if not EARLIEST <= t <= datetime.now(timezone.utc) + timedelta(days=1):
+            raise ValueError("event_time must lie between 1970-01-01 and a day from now")
+        return t
 
 
 class RecommendationRequest(BaseModel):
@@ -36,7 +48,7 @@ class RecommendationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
     events: Optional[list[Event]] = Field(default=None, max_length=MAX_EVENTS)
-    k: int = Field(default=10, ge=1, le=MAX_K)
+    k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -59,10 +71,10 @@ class BundleRequest(RecommendationRequest):
             raise ValueError("query needs some text")
         return self
 
-    n: int = Field(default=_BUNDLE.n, ge=1, le=10, description="bundles to return")
-    max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, description="items per bundle, at most")
+    n: int = Field(default=_BUNDLE.n, ge=1, le=10, strict=True, description="bundles to return")
+    max_size: int = Field(default=_BUNDLE.max_size, ge=2, le=8, strict=True, description="items per bundle, at most")
     budget: Optional[float] = Field(default=None, gt=0, allow_inf_nan=False, description="maximum list price of a bundle")
-    allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, description="allow an item in several bundles")
+    allow_repeats: bool = Field(default=_BUNDLE.allow_repeats, strict=True, description="allow an item in several bundles")
     max_discount: float = Field(default=_BUNDLE.limits.max_discount, ge=0, le=1, allow_inf_nan=False,
                                 description="at most this share off a bundle's list price")
     min_margin: float = Field(default=_BUNDLE.limits.min_margin, ge=0, le=100, allow_inf_nan=False,
@@ -81,7 +93,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         min_length=1, max_length=MAX_EVENTS, description="item ids of the cart (order does not matter)")
-    k: int = Field(default=10, ge=1, le=MAX_K)
+    k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
 
 
 class BundleItem(BaseModel):
@@ -180,9 +192,10 @@ class ErrorResponse(BaseModel):
 
 # Error answers every protected route can give (documented in the OpenAPI schema; 422 is FastAPI's own).
 ERROR_RESPONSES = {
-    400: {"model": ErrorResponse, "description": "body is not valid JSON"},
+    400: {"model": ErrorResponse, "description": "body is not UTF-8, nests deeper than 32 levels or repeats a key"},
     401: {"model": ErrorResponse, "description": "missing bearer token"},
     403: {"model": ErrorResponse, "description": "invalid token"},
     413: {"model": ErrorResponse, "description": "request body too large"},
+    415: {"model": ErrorResponse, "description": "body is not application/json"},
     503: {"model": ErrorResponse, "description": "overloaded (Retry-After) or model not loaded"},
 }

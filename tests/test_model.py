@@ -133,3 +133,25 @@ def test_recent_baseline_repeats_the_history_carts_first_and_nothing_else():
     assert s.shape == (2, 6)
     assert s[0].argsort(descending=True)[:3].tolist() == [1, 2, 3]  # cart first, then the more recent view
     assert (s[0, [0, 4, 5]] == 0).all() and (s[1] == 0).all()  # never an item outside the history
+
+
+def test_export_round_trips_without_pickle(tmp_path):
+    """The export's weights are safetensors (HF encoder and user tower): loading runs no code."""
+    import torch
+
+    from bundlerec.model.export import load_export, save_export
+    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.model.two_tower import TwoTower, build_encoder
+    from tests.conftest import tiny_encoder
+
+    model = TwoTower(build_encoder(tiny_encoder()), temperature=0.07)
+    with torch.no_grad():
+        for p in model.user_tower.parameters():
+            p.normal_()
+    save_export(model, load_tokenizer(tiny_encoder()), str(tmp_path), {"history_len": 4})
+    names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
+    assert "user_tower.safetensors" in names and not any(n.endswith((".pt", ".bin", ".pkl")) for n in names), names
+    loaded, meta = load_export(str(tmp_path))
+    assert meta["temperature"] == 0.07
+    for (k, a), (_, b) in zip(model.user_tower.state_dict().items(), loaded.user_tower.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -1,7 +1,7 @@
 """The serving export: one directory that holds everything inference needs, written once per run.
 
     export/encoder/            HF encoder + tokenizer (LoRA adapters merged)
-    export/user_tower.pt       user-tower weights
+    export/user_tower.safetensors   user-tower weights (safetensors: loading runs no code)
     export/bundlerec.json      metadata (base model, history_len, temperature, ...)
     export/item_index.npy      (N, d) item embeddings
     export/items.parquet       the catalog (ids, text fields, price)
@@ -28,11 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from bundlerec.config import PipelineConfig
 from bundlerec.model.two_tower import TwoTower
 
 log = logging.getLogger(__name__)
+
+USER_TOWER = "user_tower.safetensors"
+
 
 def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
     """Consolidated export: HF encoder dir + user tower weights + metadata."""
@@ -43,7 +47,8 @@ def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
         enc = enc.merge_and_unload()
     enc.save_pretrained(out / "encoder")
     tokenizer.save_pretrained(out / "encoder")
-    torch.save(model.user_tower.state_dict(), out / "user_tower.pt")
+    # safetensors: loading it runs no code (a pickled .pt would; issue 13 "unsafe loading")
+    save_file({k: v.contiguous() for k, v in model.user_tower.state_dict().items()}, out / USER_TOWER)
     (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature}, indent=2))
 
 
@@ -54,7 +59,10 @@ def load_export(export_dir: str) -> tuple[TwoTower, dict]:
     meta = json.loads((d / "bundlerec.json").read_text())
     enc = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
     model = TwoTower(enc, temperature=meta["temperature"])
-    model.user_tower.load_state_dict(torch.load(d / "user_tower.pt", map_location="cpu"))
+    if (d / USER_TOWER).exists():
+        model.user_tower.load_state_dict(load_file(d / USER_TOWER))
+    else:  # exports written before 2026-11-30: tensors only, never arbitrary objects
+        model.user_tower.load_state_dict(torch.load(d / "user_tower.pt", map_location="cpu", weights_only=True))
     model.eval()
     return model, meta
 

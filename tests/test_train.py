@@ -206,7 +206,9 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
         t_down = time.time()
         while _registered(tmp_path) < 2 and time.time() < deadline and th.is_alive():
             time.sleep(0.1)
-        assert _registered(tmp_path) == 2, "epoch 2 never finished while MLflow was down"
+        # epoch 2 finished while the server was down (epoch 3 too when stopping the server took longer
+        # than a tiny-model epoch: then the end-of-run flush sends both; either way none may be lost)
+        assert _registered(tmp_path) >= 2, "epoch 2 never finished while MLflow was down"
         epoch2_s = time.time() - t_down
         proc, uri = start_mlflow(tmp_path, port)  # back
         th.join(timeout=400)

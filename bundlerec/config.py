@@ -326,17 +326,25 @@ class ServeConfig:
     """Approximate (FAISS IVF) top-k from this catalog size on; 0 = always exact."""
     ann_nprobe: int = 48
     """IVF cells searched per request (recall@10 vs exact 0.99 at 100k items)."""
+    max_concurrent_bundles: int = 2
+    """/v1/bundles requests one replica computes at once; beyond that it answers 503 + Retry-After
+    at once, so maximal bundle requests are shed before they slow recommendations down."""
+    model_cache_dir: str = "~/.cache/bundlerec/models"
+    """Each replica's verified local copies of registry versions; the last good one is served
+    when a replica restarts while MLflow is unreachable ("" = no copies)."""
 
     def __post_init__(self) -> None:
         _check(self.poll_s >= 0 and self.torch_threads >= 1, "serve.poll_s >= 0, serve.torch_threads >= 1")
         _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
+        _check(self.max_concurrent_bundles >= 1, "serve.max_concurrent_bundles must be >= 1")
         _check(self.ann_min_items >= 0 and self.ann_nprobe >= 1, "serve.ann_min_items >= 0, serve.ann_nprobe >= 1")
 
     def app_args(self) -> dict:
         """The Serve application's args (serve/config.yaml mirrors these defaults)."""
         return {"poll_s": self.poll_s, "torch_threads": self.torch_threads, "auth": self.auth,
                 "max_body_bytes": self.max_body_bytes, "ann_min_items": self.ann_min_items,
-                "ann_nprobe": self.ann_nprobe}
+                "ann_nprobe": self.ann_nprobe, "model_cache_dir": self.model_cache_dir,
+                "max_concurrent_bundles": self.max_concurrent_bundles}
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import uuid
 
 import pyarrow.fs as pafs
 
@@ -38,10 +39,12 @@ def write_text(path: str, text: str) -> None:
         fs, p = pafs.FileSystem.from_uri(path)
         with fs.open_output_stream(p) as f:
             f.write(text.encode())
-    else:
+    else:  # a temp file renamed over the target: readers see the old text or the new, never half
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w") as f:
             f.write(text)
+        os.replace(tmp, path)
 
 
 def read_text(path: str) -> str:

@@ -56,6 +56,23 @@ def start_run(tracking_uri: str, experiment: str, run_name: Optional[str], param
     return run.info.run_id
 
 
+@contextlib.contextmanager
+def one_try(timeout_s: float = 10) -> Iterator[None]:
+    """MLflow client calls inside this block try once, for at most ``timeout_s`` (MLflow's default:
+    7 retries with exponential backoff, minutes against a server that is down)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class RunLogger:
     """Metric logging that survives a tracking-server outage: a failed write keeps the metrics in a
     buffer (with their original step and timestamp) and training goes on; every later ``log`` sends
@@ -79,21 +96,10 @@ class RunLogger:
         self.pending += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v == v]
         return self._send()
 
-    @contextlib.contextmanager
-    def _one_try(self) -> Iterator[None]:
+    def _one_try(self):
         """MLflow's own HTTP retries (7, exponential backoff: minutes) would stall rank 0 and with it
         every rank at the next collective; here a send tries once and the buffer is the retry."""
-        saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(self.timeout_s))
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return one_try(self.timeout_s)
 
     def _send(self) -> bool:
         try:

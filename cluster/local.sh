@@ -2,6 +2,13 @@
 # Start / stop the local services on 127.0.0.1: a Ray head (dashboard :8265) and an MLflow server (:5000).
 #   cluster/local.sh start | stop | status
 # Everything binds to loopback. State (pids, logs, MLflow sqlite db and artifacts) lives in .cluster/.
+#
+# BACKENDS=postgres-s3 cluster/local.sh start   -- the production-shaped stores instead of sqlite + files:
+#   MLflow's tracking/registry database on PostgreSQL (Debian's postgresql, :$PG_PORT) and its artifacts
+#   on a local S3 server (moto in server mode, :$S3_PORT, bucket $S3_BUCKET). The pipeline can then keep
+#   every output there too (data.output_dir=s3://..., train.storage_path=s3://...): export the lines
+#   printed after "S3 client environment" (or source $STATE/s3.env) in the shell that submits jobs.
+# `stop` stops only what `start` started (a Ray head that was already running is left alone).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STATE="${BUNDLEREC_STATE:-$ROOT/.cluster}"
@@ -10,6 +17,11 @@ RAY_PORT="${RAY_PORT:-6379}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 AGENT_PORT="${AGENT_PORT:-52366}"   # not Ray's default 52365: a second local instance (make test) keeps its job agent
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+BACKENDS="${BACKENDS:-sqlite}"      # sqlite (zero setup) | postgres-s3
+PG_PORT="${PG_PORT:-5433}"
+PG_DATA="${PG_DATA:-$STATE/postgres}"   # must be reachable by the postgres account when run as root
+S3_PORT="${S3_PORT:-9000}"
+S3_BUCKET="${S3_BUCKET:-bundlerec}"
 NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs = bundlerec.runtime.LOCAL_NUM_CPUS (why: see there; tests check they agree)
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
 export PATH="$VENV/bin:$PATH"      # workers and job drivers must run the venv's python
@@ -25,6 +37,37 @@ wait_http() {  # url timeout_s
   done
 }
 
+as_db_user() {  # PostgreSQL refuses to run as root: use its own account then
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_postgres_s3() {
+  local bin; bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
+  [ -x "$bin/initdb" ] || { echo "PostgreSQL not found: apt-get install postgresql" >&2; exit 1; }
+  if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+    mkdir -p "$PG_DATA"; [ "$(id -u)" = 0 ] && chown postgres "$PG_DATA"
+    as_db_user "$bin/initdb" -D "$PG_DATA" -A trust -U mlflow > "$STATE/logs/initdb.log" 2>&1 \
+      || { cat "$STATE/logs/initdb.log"; exit 1; }
+  fi
+  as_db_user "$bin/pg_ctl" -D "$PG_DATA" -o "-h 127.0.0.1 -p $PG_PORT -k $PG_DATA" \
+    -l "$PG_DATA/server.log" -w start > /dev/null
+  psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='mlflow'" \
+    | grep -q 1 || psql -h 127.0.0.1 -p "$PG_PORT" -U mlflow -d postgres -qc "CREATE DATABASE mlflow"
+  echo "PostgreSQL on 127.0.0.1:$PG_PORT (database mlflow)"
+  cat > "$STATE/s3.env" <<ENV
+export AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
+export AWS_ACCESS_KEY_ID=bundlerec-local AWS_SECRET_ACCESS_KEY=bundlerec-local AWS_DEFAULT_REGION=us-east-1
+ENV
+  # shellcheck disable=SC1091
+  . "$STATE/s3.env"
+  setsid python -m moto.server -H 127.0.0.1 -p "$S3_PORT" > "$STATE/logs/s3.log" 2>&1 &
+  echo $! > "$STATE/s3.pid"
+  wait_http "http://127.0.0.1:$S3_PORT/moto-api/" 60
+  python -c "import boto3; boto3.client('s3').create_bucket(Bucket='$S3_BUCKET')"
+  echo "S3 (moto) on http://127.0.0.1:$S3_PORT, bucket s3://$S3_BUCKET; S3 client environment ($STATE/s3.env):"
+  cat "$STATE/s3.env"
+}
+
 start() {
   if ! curl -sf -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/version"; then
     echo "starting Ray head on 127.0.0.1:$RAY_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
@@ -32,13 +75,19 @@ start() {
       --dashboard-port="$DASHBOARD_PORT" --num-cpus="$NUM_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
       --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats > "$STATE/logs/ray-start.log" 2>&1 || { cat "$STATE/logs/ray-start.log"; exit 1; }
     wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60
+    touch "$STATE/ray.started"
   else
     echo "Ray already running (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
   fi
   if ! curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health"; then
     echo "starting MLflow server on http://127.0.0.1:$MLFLOW_PORT"
-    setsid mlflow server --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
-      --artifacts-destination "$STATE/mlflow/artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    local store="sqlite:///$STATE/mlflow/mlflow.db" artifacts="$STATE/mlflow/artifacts"
+    if [ "$BACKENDS" = postgres-s3 ]; then
+      start_postgres_s3
+      store="postgresql://mlflow@127.0.0.1:$PG_PORT/mlflow" artifacts="s3://$S3_BUCKET/mlflow"
+    fi
+    setsid mlflow server --backend-store-uri "$store" \
+      --artifacts-destination "$artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
       > "$STATE/logs/mlflow.log" 2>&1 &
     echo $! > "$STATE/mlflow.pid"
     wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 300 || { tail -20 "$STATE/logs/mlflow.log"; exit 1; }
@@ -55,7 +104,18 @@ stop() {
     rm -f "$STATE/mlflow.pid"
     echo "stopped MLflow (pid $pid)"
   fi
-  ray stop > /dev/null 2>&1 && echo "stopped Ray" || true
+  if [ -f "$STATE/s3.pid" ]; then
+    pid="$(cat "$STATE/s3.pid")"; kill -- -"$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    rm -f "$STATE/s3.pid"; echo "stopped S3 (pid $pid)"
+  fi
+  if [ -f "$PG_DATA/postmaster.pid" ]; then
+    bin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+    as_db_user "$bin/pg_ctl" -D "$PG_DATA" -m fast -w stop > /dev/null && echo "stopped PostgreSQL"
+  fi
+  if [ -f "$STATE/ray.started" ]; then
+    ray stop > /dev/null 2>&1 && echo "stopped Ray" || true
+    rm -f "$STATE/ray.started"
+  fi
 }
 
 status() {

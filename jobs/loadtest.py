@@ -3,6 +3,8 @@
     python -m jobs.loadtest --url http://127.0.0.1:8000 --export runs/demo/export \
         --concurrency 1 8 32 --requests 400 --out docs/bench/loadtest.json --token-file runs/demo/api_token
     python -m jobs.loadtest --export runs/demo/export --build-catalog 100000 --to runs/export100k
+    python -m jobs.loadtest --export runs/demo/export --token-file runs/demo/api_token \
+        --concurrency 4 --requests 600 --bundle-pressure 32      # /v1/bundles must not starve recommendations
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--token-file", default=None, help="bearer token file when the endpoint requires auth")
     p.add_argument("--kill-replica-at", type=float, default=None, metavar="FRACTION",
                    help="fault injection: SIGKILL one replica after this fraction of the requests (one level)")
+    p.add_argument("--bundle-pressure", type=int, default=0, metavar="N",
+                   help="recommendations alone, then beside N clients sending maximal /v1/bundles requests")
     p.add_argument("--build-catalog", type=int, default=0, metavar="N",
                    help="only build a copy of --export grown to N items into --to, then exit")
     p.add_argument("--to", default=None, help="destination export dir for --build-catalog")
@@ -33,8 +37,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(build_large_catalog(args.export, args.to, args.build_catalog))
         return {}
     out = run_loadtest(args.url, args.export, args.concurrency, args.requests, args.k,
-                       read_token(args.token_file), args.kill_replica_at)
-    print(json.dumps(out, indent=2) if args.kill_replica_at is not None else format_report(out))
+                       read_token(args.token_file), args.kill_replica_at, args.bundle_pressure)
+    plain = args.kill_replica_at is None and not args.bundle_pressure
+    print(format_report(out) if plain else json.dumps(out, indent=2))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

@@ -63,13 +63,16 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def start_mlflow(d, port: int) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` (sqlite backend in ``d``, local artifacts) on 127.0.0.1:``port``."""
+def start_mlflow(d, port: int, backend: str | None = None, artifacts: str | None = None,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1:``port``: sqlite in ``d`` and local artifacts unless
+    ``backend`` (e.g. postgresql://...) and ``artifacts`` (e.g. s3://bucket/mlflow) say otherwise."""
     log = open(d / "server.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend or f"sqlite:///{d}/mlflow.db",
+         "--artifacts-destination", artifacts or str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **(env or {})})
     log.close()
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -24,33 +24,43 @@ def test_token_file_is_private_and_fresh(tmp_path):
     assert a != b and read_token_file(str(p)) == [b] and stat.S_IMODE(os.stat(p).st_mode) == 0o600
 
 
+PAD = "-padded-to-at-least-24-chars"  # tokens below MIN_TOKEN_CHARS are refused
+OLD, NEW = "old" + PAD, "new" + PAD
+
+
 def test_decisions_env_and_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("BUNDLEREC_API_TOKENS", "alpha, beta")
+    monkeypatch.setenv("BUNDLEREC_API_TOKENS", f"alpha{PAD}, beta{PAD}")
     f = tmp_path / "tokens"
-    f.write_text("# comment\ngamma\n\n")
+    f.write_text(f"# comment\ngamma{PAD}\n\n")
     auth = TokenAuth(str(f))
     assert len(auth) == 3
     assert auth.check(None) == (401, auth.check(None)[1]) and auth.check(None)[0] == 401
     assert auth.check("Basic alpha")[0] == 401 and auth.check("Bearer ")[0] == 401
-    assert auth.check("Bearer wrong")[0] == 403 and auth.check("Bearer alph")[0] == 403
-    for t in ("alpha", "beta", "gamma"):
+    assert auth.check("Bearer wrong")[0] == 403 and auth.check(f"Bearer alph{PAD}")[0] == 403
+    for t in (f"alpha{PAD}", f"beta{PAD}", f"gamma{PAD}"):
         assert auth.check(f"Bearer {t}") is None and auth.check(f"bearer {t}") is None
 
 
 def test_rotation_reads_the_file_again(tmp_path, monkeypatch):
     monkeypatch.delenv("BUNDLEREC_API_TOKENS", raising=False)
     f = tmp_path / "tokens"
-    f.write_text("old\n")
+    f.write_text(f"{OLD}\n")
     auth = TokenAuth(str(f))
-    assert auth.verify("old") and not auth.verify("new")
-    f.write_text("old\nnew\n")
+    assert auth.verify(OLD) and not auth.verify(NEW)
+    f.write_text(f"{OLD}\n{NEW}\n")
     os.utime(f, (time.time() + 2, time.time() + 2))
-    assert auth.verify("new") and auth.verify("old")
-    f.write_text("new\n")
+    assert auth.verify(NEW) and auth.verify(OLD)
+    f.write_text(f"{NEW}\n")
     os.utime(f, (time.time() + 4, time.time() + 4))
-    assert auth.verify("new") and not auth.verify("old")
+    assert auth.verify(NEW) and not auth.verify(OLD)
     f.unlink()  # briefly missing mid-rotation: the loaded tokens stay valid, nothing opens up
-    assert auth.verify("new") and not auth.verify("anything")
+    assert auth.verify(NEW) and not auth.verify("anything")
+    f.write_text(f"{NEW}\nshort\n")  # a rotation that adds a guessable token is not taken
+    os.utime(f, (time.time() + 6, time.time() + 6))
+    assert auth.verify(NEW) and not auth.verify("short")
+    with pytest.raises(AuthConfigError, match="1 configured token.s. shorter than 24") as e:
+        TokenAuth(str(f))
+    assert "short" not in str(e.value).replace("shorter", "")  # the token itself is never shown
 
 
 def test_no_token_configured_is_an_error(tmp_path, monkeypatch):

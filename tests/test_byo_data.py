@@ -7,7 +7,9 @@ import json
 import pandas as pd
 import pytest
 
+
 from bundlerec.config import load_config
+from bundlerec.data.snapshot import data_root
 from bundlerec.data.prep import run_prep
 from tests.conftest import ROOT
 
@@ -50,7 +52,7 @@ def test_retailrocket_events_and_item_properties(ray_cluster, tmp_path):
     m = run_prep(_cfg("retailrocket", tmp_path, f"data.events={tmp_path}/events.csv",
                       f"data.catalog={tmp_path}/item_properties_part*.csv"))
     assert m["rows"] == {"input": len(ev), "kept": len(ev), "quarantined": 0}
-    items = pd.read_parquet(f"{tmp_path}/out/items").set_index("item_id")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items").set_index("item_id")
     assert len(items) == 10
     # the latest categoryid wins (not the older 999); the price is the number in "n13000.000" (as stored)
     assert items.loc["0003", "category"] == "016" and items.loc["0003", "price"] == pytest.approx(13000.0)
@@ -73,7 +75,7 @@ def test_amazon_2018_reviews_as_purchases_with_metadata(ray_cluster, tmp_path):
     m = run_prep(_cfg("amazon2018", tmp_path, f"data.events={tmp_path}/reviews.json.gz",
                       f"data.catalog={tmp_path}/meta.json.gz"))
     assert m["rows"] == {"input": len(reviews), "kept": len(reviews), "quarantined": 0}
-    items = pd.read_parquet(f"{tmp_path}/out/items").set_index("item_id")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items").set_index("item_id")
     t = items.loc["B00001", "text"]
     assert items.loc["B00001", "price"] == pytest.approx(11.0) and "Electronics > Headphones" in t
     assert t.startswith("Sono X1 headphones") and "everyday use" in t
@@ -94,7 +96,7 @@ def test_amazon_2023_reviews_and_metadata(ray_cluster, tmp_path):
     m = run_prep(_cfg("amazon2023", tmp_path, f"data.events={tmp_path}/reviews.jsonl",
                       f"data.catalog={tmp_path}/meta.jsonl"))
     assert m["rows"]["quarantined"] == 0 and m["rows"]["kept"] == len(reviews)
-    items = pd.read_parquet(f"{tmp_path}/out/items").set_index("item_id")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items").set_index("item_id")
     assert pd.isna(items.loc["B00000", "price"]) and items.loc["B00001", "price"] == pytest.approx(11.0)
     assert "SonoStore" in items.loc["B00001", "text"] and "Electronics > Audio" in items.loc["B00001", "text"]
     assert m["examples"]["test"] == USERS
@@ -119,7 +121,7 @@ def test_diginetica_one_file_per_event_type(ray_cluster, tmp_path):
                       f"data.catalog={tmp_path}/products.csv"))
     assert m["rows"]["input"] == len(views) + len(buys)  # the queries file is not read
     assert m["quarantine"]["by_reason"] == {"missing_user_id": 3}
-    kept = pd.read_parquet(f"{tmp_path}/out/examples/test")
+    kept = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/examples/test")
     assert len(kept) == USERS and m["catalog"]["items"] == 10
-    items = pd.read_parquet(f"{tmp_path}/out/items")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items")
     assert items.title.str.contains(",").all()  # the hashed name tokens are the title

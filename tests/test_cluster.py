@@ -8,7 +8,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_MINOR = re.search(r'"ray\[[^\]]*\]>=(\d+\.\d+)', (ROOT / "pyproject.toml").read_text()).group(1)
-KUBERAY = sorted((ROOT / "cluster/kuberay").glob("*.yaml"))
+KUBERAY = sorted(p for p in (ROOT / "cluster/kuberay").glob("*.yaml") if "kind: Ray" in p.read_text())
 
 
 def _cluster_spec(doc):
@@ -16,9 +16,12 @@ def _cluster_spec(doc):
             "RayService": lambda d: d["spec"]["rayClusterConfig"]}[doc["kind"]](doc)
 
 
+def _pods(spec):
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
 def _images(spec):
-    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-    return [c["image"] for p in pods for c in p["spec"]["containers"]]
+    return [c["image"] for p in _pods(spec) for c in p["spec"]["containers"]]
 
 
 @pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
@@ -36,14 +39,50 @@ def test_kuberay_manifest(path):
         serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
         assert serve["applications"][0]["import_path"] == "bundlerec.serving.app:build_app"
         assert serve["applications"][0]["args"]["auth"] is True  # never an open endpoint on a cluster
-        envs = [e["name"] for p in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
-                for c in p["spec"]["containers"] for e in c.get("env", [])]
-        assert envs.count("BUNDLEREC_API_TOKENS") == 1 + len(spec["workerGroupSpecs"])
+        # tokens from the mounted Secret file (re-read on rotation), not an environment variable
+        token_file = serve["applications"][0]["args"]["auth_token_file"]
+        for p in _pods(spec):
+            vols = {v["name"]: v for v in p["spec"]["volumes"]}
+            for c in p["spec"]["containers"]:
+                assert "BUNDLEREC_API_TOKENS" not in [e["name"] for e in c.get("env", [])]
+                m = [m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
+                assert len(m) == 1 and m[0]["readOnly"] and "secret" in vols[m[0]["name"]]
+    # least privilege: Ray token auth, non-root pods without privilege escalation
+    assert spec["authOptions"] == {"mode": "token"}
+    for p in _pods(spec):
+        sc = p["spec"]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0 and sc["seccompProfile"]["type"] == "RuntimeDefault"
+        for c in p["spec"]["containers"]:
+            assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    if doc["kind"] in ("RayCluster", "RayService"):  # worker groups between min and max replicas
+        assert spec["enableInTreeAutoscaling"] is True
+        assert any(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"])
     assert "LoadBalancer" not in path.read_text() and "NodePort" not in path.read_text()
     if doc["kind"] == "RayCluster":
         gpu = [g for g in spec["workerGroupSpecs"]
                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
         assert gpu, "the RayCluster needs a GPU worker group"
+
+
+def test_network_policy_admits_only_the_clusters_own_pods_and_the_ingress_to_serve():
+    doc = yaml.safe_load((ROOT / "cluster/kuberay/networkpolicy.yaml").read_text())
+    assert doc["kind"] == "NetworkPolicy" and doc["spec"]["policyTypes"] == ["Ingress"]
+    names = {yaml.safe_load(p.read_text())["metadata"]["name"] for p in KUBERAY}
+    selected = set(doc["spec"]["podSelector"]["matchExpressions"][0]["values"])
+    assert names <= selected  # every Ray cluster of the manifests is covered
+    own, ingress = doc["spec"]["ingress"]
+    assert set(own["from"][0]["podSelector"]["matchExpressions"][0]["values"]) == selected and "ports" not in own
+    assert ingress["ports"] == [{"port": 8000, "protocol": "TCP"}]  # only Serve from outside the cluster
+
+
+def test_image_is_built_from_the_lock_and_runs_as_non_root():
+    docker = (ROOT / "cluster/Dockerfile").read_text()
+    assert "requirements.lock" in docker and "--no-deps" in docker
+    users = re.findall(r"^USER (\S+)", docker, re.M)
+    assert users and users[-1] not in ("root", "0")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for secret_or_state in (".git", ".venv", "runs", "*.db", "**/api_token", "**/user_key"):
+        assert secret_or_state in ignored, secret_or_state
 
 
 def test_image_and_launcher_match_the_ray_pin():

@@ -22,7 +22,7 @@ FORBIDDEN = {
 # the one sanctioned exception: prep tokenizes item text with the model's tokenizer
 ALLOWED = {"bundlerec.model.pretrained"}
 # top-level infrastructure modules import nothing from the stage packages
-INFRA = {"config", "runtime", "storage", "tracking", "cli", "privacy"}
+INFRA = {"config", "runtime", "storage", "tracking", "cli", "privacy", "integrity", "progress"}
 
 
 def _imports(path: Path) -> set[str]:

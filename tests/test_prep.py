@@ -2,11 +2,14 @@
 
 import gzip
 import json
+import re
 
 import pandas as pd
 import pytest
 
+
 from bundlerec.config import load_config
+from bundlerec.data.snapshot import data_root
 from bundlerec.data.prep import PrepError, run_prep
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -18,11 +21,11 @@ def test_prep_on_synthetic_writes_splits_items_and_manifest(tiny_prep):
     assert m["rows"]["input"] == m["rows"]["kept"] > 0 and m["rows"]["quarantined"] == 0
     assert m["examples"]["train"] > 0 and m["examples"]["test"] > 0 and m["examples"]["latest"] == 300
     assert json.load(open(f"{out}/manifest.json"))["schema_hash"] == m["schema_hash"]
-    items = pd.read_parquet(f"{out}/items")
+    items = pd.read_parquet(f"{data_root(out)}/items")
     assert len(items) == 120 and items.input_ids.map(len).max() <= cfg.data.item_max_tokens
     assert (items.item_idx.sort_values().to_numpy() == range(120)).all()
-    test = pd.read_parquet(f"{out}/examples/test")
-    train = pd.read_parquet(f"{out}/examples/train")
+    test = pd.read_parquet(f"{data_root(out)}/examples/test")
+    train = pd.read_parquet(f"{data_root(out)}/examples/train")
     # leakage: for every user the test basket is later than all of their training baskets
     last_train = train.groupby("user_id").target_time.max()
     joined = test.set_index("user_id").target_time.to_frame().join(last_train.rename("train_t"), how="inner")
@@ -39,7 +42,7 @@ def test_training_read_is_in_file_order_even_when_materialized(tiny_prep):
 
     from bundlerec.data.examples import read_examples
 
-    path = f"{tiny_prep[0].data.output_dir}/examples/train"
+    path = f"{data_root(tiny_prep[0].data.output_dir)}/examples/train"
     files = pq.ParquetDataset(path).files
     assert len(files) >= 2  # else there is no order to get wrong
     want = pa.concat_tables([pq.read_table(f, columns=["user_id", "target_time"]) for f in files])
@@ -80,14 +83,15 @@ def test_prep_quarantines_malformed_rows_with_exact_counts(ray_cluster, tmp_path
     with pytest.raises(PrepError, match="max_bad_fraction") as e:
         run_prep(load_config(None, base))  # 7 of 14 rows are bad: far above the 5% default
     assert "quarantine" in str(e.value)
-    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")  # written before failing: nothing lost
+    # written before failing, in the run's (never committed) snapshot that the error names: nothing lost
+    q = pd.read_parquet(re.search(r"kept in (\S+) with", str(e.value)).group(1))
     assert len(q) == 7
     m = run_prep(load_config(None, base + ["data.max_bad_fraction=0.6"]))
     assert m["quarantine"]["by_reason"] == {"unparseable_time": 1, "unknown_event_type": 1, "missing_user_id": 1,
                                             "missing_item_id": 1, "negative_price": 1, "item_not_in_catalog": 1,
                                             "unparseable_price": 1}
     assert m["rows"] == {"input": 14, "kept": 7, "quarantined": 7}
-    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")
+    q = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/quarantine/events")
     assert json.loads(q.set_index("quarantine_reason").loc["unparseable_time", "raw"])["event_time"] == "yesterday-ish"
     assert m["examples"]["test"] == 1 and m["examples"]["train"] == 2
 
@@ -108,7 +112,7 @@ def test_prep_quarantines_duplicates_across_files(ray_cluster, tmp_path):
                                     "data.max_bad_fraction=0.5"]))
     assert m["rows"] == {"input": 17, "kept": 12, "quarantined": 5}
     assert m["quarantine"]["by_reason"] == {"duplicate_event": 5}
-    q = pd.read_parquet(f"{tmp_path}/out/quarantine/events")
+    q = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/quarantine/events")
     assert len(q) == 5 and set(q.quarantine_reason) == {"duplicate_event"}
     assert {json.loads(r)["user_id"] for r in q.raw} == {"u1", "u2"}
     assert m["examples"]["test"] == 2 and m["examples"]["train"] == 4  # as if each event came once
@@ -133,7 +137,7 @@ def test_prep_maps_rees46_logs_without_code(ray_cluster, tmp_path):
     m = run_prep(cfg)
     assert m["rows"]["input"] == 72 and m["quarantine"]["by_reason"] == {"ignored_event_type": 18}
     assert m["quarantine"]["bad_fraction"] == 0.0  # ignored types are recorded, not counted as bad
-    items = pd.read_parquet(f"{tmp_path}/out/items")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items")
     assert len(items) == 6 and items.text.str.contains("electronics > audio > headphone").any()
     assert m["examples"]["test"] == 6
 
@@ -158,5 +162,91 @@ def test_prep_names_the_file_for_truncated_parquet_and_bad_encoding(ray_cluster,
     m = run_prep(load_config(None, [f"data.events={tmp_path}/latin.csv", f"data.output_dir={tmp_path}/o3",
                                     "data.encoding=latin-1", "data.num_shards=1", "data.val_baskets=0"]))
     assert m["rows"]["input"] == 8 and m["rows"]["quarantined"] == 0
-    items = pd.read_parquet(f"{tmp_path}/o3/items")
+    items = pd.read_parquet(f"{data_root(str(tmp_path / 'o3'))}/items")
     assert set(items.item_id) == {"café-0", "café-1", "café-2"}  # decoded, not mangled
+
+
+def test_prep_commits_whole_snapshots_and_accounts_for_every_input(ray_cluster, tmp_path):
+    """Every input file (hashed) and skipped file, catalog row and basket is accounted for; a failed
+    re-run leaves the committed snapshot in use; two concurrent preps into one folder both complete
+    and the manifest names one whole snapshot; a damaged file is caught before training."""
+    import hashlib
+    import os
+    import threading
+
+    from bundlerec.data.examples import load_split
+    from bundlerec.data.snapshot import PrepIntegrityError, verify
+
+    ev = tmp_path / "events"
+    ev.mkdir()
+    rows = ["event_time,event_type,user_id,item_id"]
+    for u in range(6):  # each user: a first-ever purchase (cold: nothing before it), then 3 visits
+        rows.append(f"2026-01-01T09:00:00Z,purchase,u{u},a")
+        for day, item in ((2, "b"), (3, "c"), (4, "a")):
+            rows += [f"2026-01-0{day}T10:00:00Z,view,u{u},{item}", f"2026-01-0{day}T10:01:00Z,purchase,u{u},{item}"]
+    (ev / "part-0.csv").write_text("\n".join(rows) + "\n")
+    (ev / "_SUCCESS").write_text("")  # a Spark marker: not read, but recorded
+    pd.DataFrame({"item_id": ["a", "b", "c", None, "b", "d"], "title": ["apple", "old b", "cherry", "x", "banana", "dear"],
+                  "price": ["1.0", "2.0", "3.0", "1.0", "2.5", "inf"]}).to_json(  # text prices, as scraped
+        tmp_path / "catalog.jsonl", orient="records", lines=True)
+    out = str(tmp_path / "out")
+    base = [f"data.events={ev}", f"data.catalog={tmp_path}/catalog.jsonl", f"data.output_dir={out}",
+            "data.num_shards=1", "data.val_baskets=1"]
+    m = run_prep(load_config(None, base))
+    assert m["catalog"] == {"items": 3, "input": 6, "kept": 3, "quarantined": 3, "catalog_missing_item_id": 1,
+                            "catalog_duplicate_item_id": 1, "catalog_bad_price": 1}
+    rejected = pd.read_json(f"{data_root(out)}/quarantine/catalog/rows.jsonl", lines=True)
+    assert sorted(rejected.quarantine_reason) == ["catalog_bad_price", "catalog_duplicate_item_id",
+                                                  "catalog_missing_item_id"]
+    assert json.loads(rejected.set_index("quarantine_reason").loc["catalog_duplicate_item_id", "raw"])["title"] == "old b"
+    assert m["baskets"]["cold_no_history"] == 6
+    assert m["examples"]["train"] + m["examples"]["val"] + m["examples"]["test"] == 6 * 3  # one item per basket
+    f = m["inputs"]["events"]["files"]
+    raw = (ev / "part-0.csv").read_bytes()
+    assert [(x["size"], x["sha256"]) for x in f] == [(len(raw), hashlib.sha256(raw).hexdigest())]
+    assert [os.path.basename(x["path"]) for x in m["inputs"]["events"]["skipped"]] == ["_SUCCESS"]
+    assert m["inputs"]["catalog"]["files"][0]["size"] == os.path.getsize(tmp_path / "catalog.jsonl")
+    verify(out)
+    first = m["snapshot"]
+    train = load_split(out, "train")
+
+    # a re-run that fails (every event row is bad now) leaves the committed snapshot in use
+    (ev / "part-1.csv").write_text("event_time,event_type,user_id,item_id\n" + "\n".join(
+        f"never,view,u{i},a" for i in range(200)) + "\n")
+    with pytest.raises(PrepError):
+        run_prep(load_config(None, base))
+    assert json.load(open(f"{out}/manifest.json"))["snapshot"] == first
+    pd.testing.assert_frame_equal(load_split(out, "train"), train)
+    verify(out)
+    (ev / "part-1.csv").unlink()
+
+    # two preps into one folder at once: both complete, the manifest names one whole snapshot
+    done, errors = [], []
+
+    def prep(extra):
+        try:
+            done.append(run_prep(load_config(None, base + extra))["snapshot"])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=prep, args=(x,)) for x in (["data.val_baskets=0"], ["data.val_baskets=1"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    current = json.load(open(f"{out}/manifest.json"))
+    assert current["snapshot"] in done and len(set(done)) == 2
+    verify(out)
+    n_val = len(load_split(out, "val"))
+    assert n_val == current["examples"]["val"]  # the files are the ones this manifest counted
+    # committed snapshots older than the previous one are deleted; the failed run's is left (reported)
+    names = {f"snapshots/{n}" for n in os.listdir(f"{out}/snapshots")}
+    assert first not in names and {current["snapshot"], *current["previous_snapshots"]} <= names
+    assert len(current["previous_snapshots"]) == 1 and len(names) == 3
+
+    # damage after the commit is caught before training
+    shard = sorted((tmp_path / "out" / current["snapshot"] / "examples" / "train").iterdir())[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(PrepIntegrityError, match="examples/train"):
+        verify(out)

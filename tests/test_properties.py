@@ -56,7 +56,16 @@ def test_split_is_leakage_free_and_exclusive(rows, history_len, val_b, test_b):
     users = sorted(df.user_id.unique())
     latest = out[out.split == "latest"]
     assert sorted(latest.user_id) == users  # exactly one latest row per user
-    ex = out[out.split != "latest"]
+    # every basket (a session with a purchase) is an example or counted as cold (no earlier event)
+    ev = df.copy()
+    ev["_ts"] = ev["event_time"].astype("datetime64[us, UTC]").astype("int64") / 1e6
+    ev = ev.sort_values(["user_id", "_ts"], kind="stable").reset_index(drop=True)
+    ev["_sess"] = assign_sessions(ev, 30.0 * 60.0)
+    baskets = ev[ev.event_type == "purchase"].groupby(["user_id", "_sess"]).ngroups
+    assert out[~out.split.isin(["latest"])].groupby(["user_id", "target_time"]).ngroups == baskets
+    cold = out[out.split == "cold"]
+    assert all(len(h) == 0 for h in cold.hist_items)
+    ex = out[~out.split.isin(["latest", "cold"])]
     assert set(ex.split) <= {"train", "val", "test"}
     for r in ex.itertuples():
         u = df[df.user_id == r.user_id].sort_values("event_time", kind="stable")

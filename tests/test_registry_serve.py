@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlparse
 
 import pytest
 
@@ -53,9 +54,9 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     import mlflow
     import numpy as np
 
-    from bundlerec.registry.promotion import register
-
+    from bundlerec.integrity import seal
     from bundlerec.pipeline import attach_pricing
+    from bundlerec.registry.promotion import register
 
     cfg, trained, _ = tiny_trained
     name = "bundlerec-test"
@@ -67,9 +68,10 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     shutil.copytree(trained["export_dir"], worse_dir)
     index = np.load(f"{worse_dir}/item_index.npy")
     np.save(f"{worse_dir}/item_index.npy", index[np.random.default_rng(0).permutation(len(index))])
+    seal(worse_dir)  # a deliberately different, complete export
     v2 = register(worse_dir, prep, mlflow_server, "registry-test", model_name=name, history_len=cfg.data.history_len)
     return {"cfg": cfg, "name": name, "v1": v1, "v2": v2, "client": mlflow.MlflowClient(mlflow_server),
-            "uri": mlflow_server}
+            "uri": mlflow_server, "good_dir": trained["export_dir"], "worse_dir": worse_dir}
 
 
 def test_champion_only_moves_on_merit(registered):
@@ -80,6 +82,88 @@ def test_champion_only_moves_on_merit(registered):
     assert client.get_model_version_by_alias(name, "challenger").version == "2"
     reason = client.get_model_version(name, "2").tags["alias_reason"]
     assert "does not beat champion v1" in reason
+
+
+@pytest.mark.timeout(600)
+def test_concurrent_registrations_end_with_the_better_model_as_champion(registered):
+    """Two registrations released at the same moment (the race the alias move used to lose: each
+    read "no champion", the slower write won). In both start orders the better model ends as champion."""
+
+    from bundlerec.registry.promotion import register
+
+    cfg, client = registered["cfg"], registered["client"]
+    for order in (("good_dir", "worse_dir"), ("worse_dir", "good_dir")):
+        name = f"race-{order[0]}"
+        barrier, out, errors = threading.Barrier(2), {}, []
+
+        def go(which):
+            try:
+                barrier.wait()
+                out[which] = register(registered[which], cfg.data.output_dir, registered["uri"], "registry-race",
+                                      model_name=name, history_len=cfg.data.history_len)
+            except Exception as e:  # surfaced below
+                errors.append(e)
+
+        threads = [threading.Thread(target=go, args=(w,)) for w in order]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        champ = client.get_model_version_by_alias(name, "champion").version
+        assert champ == out["good_dir"]["version"], (order, out)
+        assert out["good_dir"]["alias"] == "champion" and out["worse_dir"]["alias"] == "challenger"
+        assert client.get_model_version_by_alias(name, "challenger").version == out["worse_dir"]["version"]
+
+
+def test_a_torn_export_is_refused_before_anything_is_registered(registered, tmp_path):
+    import shutil
+
+    from bundlerec.integrity import IntegrityError
+    from bundlerec.registry.promotion import register
+
+    cfg, client, name = registered["cfg"], registered["client"], registered["name"]
+    before = len(client.search_model_versions(f"name='{name}'"))
+    for damage, reason in ((lambda d: open(f"{d}/latest.parquet", "r+b").truncate(100), "latest.parquet"),
+                           (lambda d: os.remove(f"{d}/popularity.npy"), "missing popularity.npy"),
+                           (lambda d: open(f"{d}/pricing.skops", "ab").write(b"x"), "pricing.skops")):
+        torn = str(tmp_path / f"torn-{reason.split()[-1]}")
+        shutil.copytree(registered["good_dir"], torn)
+        damage(torn)
+        with pytest.raises(IntegrityError, match=reason):
+            register(torn, cfg.data.output_dir, registered["uri"], "registry-test", model_name=name,
+                     history_len=cfg.data.history_len)
+    assert len(client.search_model_versions(f"name='{name}'")) == before
+
+
+def test_a_replica_started_while_the_registry_is_down_serves_the_last_good_copy(registered, tmp_path):
+    """What a replica's constructor does (bundlerec.serving.app.load with its ModelStore): with the
+    registry reachable it downloads, verifies and checks the champion and remembers it; restarted
+    while the registry is unreachable it serves that verified copy instead of failing."""
+    from bundlerec.serving.app import load
+    from bundlerec.serving.model_store import ModelStore
+    from bundlerec.privacy import read_user_key
+
+    name, uri = registered["name"], registered["uri"]
+    key = read_user_key(registered["cfg"].serve.user_key_file)
+    store = ModelStore(str(tmp_path / "cache"), uri)
+    model_uri = f"models:/{name}@champion"
+    first = load(model_uri, uri, user_key=key, store=store)
+    assert first.info.version == "1" and first.source == "registry"
+    store.remember(model_uri, first.info.name, first.info.version)
+    dead = f"http://127.0.0.1:{free_port()}"  # the registry is gone
+    with pytest.raises(Exception):
+        load(model_uri, dead, user_key=key)  # no local copy to fall back to: the error, not a guess
+    again = load(model_uri, dead, user_key=key, store=store)
+    assert again.info.version == "1" and again.source.startswith("local copy")
+    assert again.rec.recommend(events=[{"item_id": again.rec.item_ids[0], "event_type": "view",
+                                        "event_time": "2026-01-01T10:00:00Z"}], k=3)["items"]
+    # the copy is checked like a download: altered on disk, it is refused and removed
+    kept = store.last_good(model_uri)["path"]
+    open(os.path.join(kept, "artifacts", "export", "popularity.npy"), "ab").write(b"x")
+    with pytest.raises(Exception, match="popularity.npy"):
+        load(model_uri, dead, user_key=key, store=store)
+    assert store.last_good(model_uri) is None
 
 
 def test_pyfunc_loads_in_a_fresh_process_without_ray(registered):
@@ -150,7 +234,7 @@ def test_mlflow_models_serve_answers_with_the_champion(registered, tmp_path):
         log.close()
 
 
-def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path):
+def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_cluster, tmp_path, tmp_path_factory):
     from ray import serve
 
     from bundlerec.serving.auth import write_token_file
@@ -165,13 +249,14 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                       [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
                        f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
                        f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1",
-                       "serve.auth=true", f"serve.token_file={token_file}"])
+                       "serve.auth=true", f"serve.token_file={token_file}", "serve.max_concurrent_bundles=1"])
     base = cfg.serve.url
     AUTH.clear()
     AUTH["Authorization"] = f"Bearer {token}"
     try:
         dep = deploy(cfg, version="1", timeout_s=240)
         assert dep["model"]["version"] == "1" and dep["model"]["n_items"] == 120
+        _all_listening_sockets_are_loopback({port, urlparse(registered["uri"]).port, urlparse(ray_cluster).port})
 
         # --- authentication: 401 without a token, 403 with a wrong one, probes open, rotation by file
         ok_body = {"user_id": "anyone", "k": 2}
@@ -181,11 +266,35 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _post(f"{base}/v1/bundles", ok_body, headers={})[0] == 401
         assert _get(f"{base}/v1/model", headers={})[0] == 401
         assert _get(f"{base}/healthz", headers={})[0] == 200 and _get(f"{base}/readyz", headers={})[0] == 200
-        new = "rotated-" + token[:8]
+        new = "rotated-" + token[:24]
         token_file.write_text(f"{token}\n{new}\n")  # rotation: both valid until the old one is removed
         os.utime(token_file, (time.time() + 5, time.time() + 5))
         assert _post(f"{base}/v1/recommendations", ok_body, headers={"Authorization": f"Bearer {new}"})[0] == 200
         assert _post(f"{base}/v1/recommendations", ok_body)[0] == 200
+        # --- bundle work is shed first: beyond one bundle at a time per replica, 503 + Retry-After at
+        # once, while recommendations sent at the same moment are all answered
+        go, answers = threading.Barrier(30), []
+
+        def shoot(path, body):
+            req = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json", **AUTH})
+            go.wait()
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    answers.append((path, r.status, None))
+            except urllib.error.HTTPError as e:
+                answers.append((path, e.code, e.headers.get("Retry-After")))
+
+        shots = [threading.Thread(target=shoot, args=("/v1/bundles", {"user_id": "anyone", "n": 10, "max_size": 8}))
+                 for _ in range(24)] + [threading.Thread(target=shoot, args=("/v1/recommendations", ok_body))
+                                        for _ in range(6)]
+        for t in shots:
+            t.start()
+        for t in shots:
+            t.join(120)
+        bundle_codes = [(c, ra) for p, c, ra in answers if p == "/v1/bundles"]
+        assert {c for c, _ in bundle_codes} == {200, 503} and all(ra == "1" for c, ra in bundle_codes if c == 503), bundle_codes
+        assert [c for p, c, _ in answers if p == "/v1/recommendations"] == [200] * 6, answers
         # --- request size limit: 413 before parsing
         code, body = _post(f"{base}/v1/recommendations", None, raw=b'{"user_id": "' + b"x" * 300_000 + b'"}')
         assert code == 413, body
@@ -317,6 +426,37 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _get(f"{base}/v1/model")[1]["version"] == "2", "app did not follow the alias"
         assert failures == [], failures[:3]
         assert versions == {"1", "2"}
+
+        # --- a broken champion (its stored files altered after registration) moved under load: every
+        # replica refuses it (export manifest), version 2 keeps answering, the refusal is visible
+        from bundlerec.registry.promotion import register
+
+        v3 = register(registered["good_dir"], registered["cfg"].data.output_dir, registered["uri"], "registry-test",
+                      model_name=name, history_len=registered["cfg"].data.history_len)
+        model_id = client.get_model_version(name, v3["version"]).model_id
+        stored = [p for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/*/models/{model_id}/artifacts")]
+        assert len(stored) == 1, stored
+        with open(stored[0] / "export" / "latest.parquet", "r+b") as f:
+            f.truncate(64)
+        failures.clear()
+        stop.clear()
+        threads = [threading.Thread(target=load) for _ in range(3)]
+        for t in threads:
+            t.start()
+        client.set_registered_model_alias(name, "champion", v3["version"])
+        deadline = time.time() + 120
+        while time.time() < deadline and (_get(f"{base}/v1/model")[1].get("refused") or {}).get("version") != v3["version"]:
+            time.sleep(0.5)
+        time.sleep(3)  # more polls: the refused version is not retried, nothing changes
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        info = _get(f"{base}/v1/model")[1]
+        assert info["version"] == "2" and info["refused"]["version"] == v3["version"], info
+        assert "latest.parquet" in info["refused"]["error"], info["refused"]
+        assert _get(f"{base}/readyz", headers={})[1]["refused_version"] == v3["version"]
+        assert failures == [], failures[:3]
+        client.set_registered_model_alias(name, "champion", "2")
 
         # --- overload: beyond max_queued_requests Serve answers 503 + Retry-After, nothing queues forever
         import yaml
@@ -453,6 +593,34 @@ def test_the_model_artifact_holds_no_clear_user_id(tiny_trained, registered, tmp
     assert without.history_for_user("pseudo:" + pseudonym(user, key)).source == "user"
     with pytest.raises(RuntimeError, match="pseudonymized"):
         load(out["export_dir"], None, None, user_key=None)
+
+
+def _all_listening_sockets_are_loopback(must_see: set) -> None:
+    """Every socket this user's processes listen on (Ray's GCS, raylet, dashboard and agents, the
+    workers, the Serve proxy, MLflow) is bound to loopback: read from the kernel's socket table
+    (psutil), not from configuration. ``must_see``: ports that have to be among them (else the
+    listing missed the services)."""
+    import ipaddress
+
+    import psutil
+
+    me, seen, exposed = psutil.Process().username(), set(), []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status != psutil.CONN_LISTEN or not c.pid:
+            continue
+        try:
+            if psutil.Process(c.pid).username() != me:
+                continue
+            name = psutil.Process(c.pid).name()
+        except psutil.Error:
+            continue
+        ip = ipaddress.ip_address(c.laddr.ip.split("%")[0])
+        ip = ip.ipv4_mapped or ip if ip.version == 6 else ip
+        seen.add(c.laddr.port)
+        if not ip.is_loopback:
+            exposed.append((c.laddr.ip, c.laddr.port, name))
+    assert not exposed, exposed
+    assert must_see <= seen, (must_see - seen, sorted(seen))
 
 
 def _bad_input_corpus(base: str, user: str) -> None:

@@ -63,6 +63,7 @@ from bundlerec.config import PipelineConfig
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.data.statistics import CoStats, item_counts
 from bundlerec.eval.metrics import batch_metrics, pad_targets
+from bundlerec.integrity import amend
 
 log = logging.getLogger(__name__)
 
@@ -364,15 +365,16 @@ def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir:
     else:
         trained = train_fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
     export = trained["export_dir"]
-    # the engine's statistics: fit users' bundles and sessions only (validation stays unseen)
-    groups = [[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]]
-    groups += [[index[i] for i in s if i in index] for d in fit.values() for s in d.sessions["items"]]
-    CoStats.from_groups(groups, n).save(export)
-    np.save(os.path.join(export, "popularity.npy"),
-            item_counts([[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]], n))
-    log.info("eval_bundles: encoding the catalog with the pretrained encoder (%d items)", n)
-    ids, mask = padded_tokens(items)
-    write_engine_assets(export, items, cfg.model.name_or_path, ids, mask, cfg.model.temperature, cache_dir)
+    with amend(export, "export"):  # verified before, re-sealed after (bundlerec.integrity)
+        # the engine's statistics: fit users' bundles and sessions only (validation stays unseen)
+        groups = [[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]]
+        groups += [[index[i] for i in s if i in index] for d in fit.values() for s in d.sessions["items"]]
+        CoStats.from_groups(groups, n).save(export)
+        np.save(os.path.join(export, "popularity.npy"),
+                item_counts([[index[i] for i in b] for d in fit.values() for b in d.bundles["items"]], n))
+        log.info("eval_bundles: encoding the catalog with the pretrained encoder (%d items)", n)
+        ids, mask = padded_tokens(items)
+        write_engine_assets(export, items, cfg.model.name_or_path, ids, mask, cfg.model.temperature, cache_dir)
     return train, fit, val, evald, items, index, export, trained
 
 
@@ -506,7 +508,8 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     t0 = time.time()
     train, fit, val, evald, items, index, export, trained = prepare_export(cfg, train_dir, eval_dir, work_dir,
                                                                            export_dir, cache_dir)
-    selection = select(BundleEngine.from_export(export), items, index, fit, val, export, cfg.train.seed)
+    with amend(export, "export"):  # the engine's files join the trained export; re-sealed when all are written
+        selection = select(BundleEngine.from_export(export), items, index, fit, val, export, cfg.train.seed)
     engine = BundleEngine.from_export(export)  # exactly what Serve and the pyfunc load
     baseline_engines = {m: engine.with_params(EngineParams(completion=engine.params.completion, compat=s["compat"],
                                                            threshold=s["threshold"]))

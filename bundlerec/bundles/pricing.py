@@ -349,8 +349,11 @@ def attach_to_export(export_dir: str, data_dir: Optional[str], s: float = 0.3) -
     from); with no ``data_dir`` the export keeps no model and serving says price_source "default"."""
     if not data_dir:
         return {"source": "default"}
+    from bundlerec.integrity import amend
+
     model, meta = fit_steam(data_dir, s=s)
-    model.save(export_dir, meta)
+    with amend(export_dir, "export"):  # verified before, re-sealed after (bundlerec.integrity)
+        model.save(export_dir, meta)
     return {"source": "fitted", **meta}
 
 

@@ -8,6 +8,7 @@ never tokenizes per step.
 from __future__ import annotations
 
 import functools
+import json
 from typing import Optional
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from bundlerec.data.schema import REQUIRED_CATALOG_COLUMNS, SchemaError, clean_id, item_text, rename_columns
+from bundlerec.data.validate import as_json
 
 ITEM_COLUMNS = ["item_idx", "item_id", "title", "category", "brand", "price", "text"]
 
@@ -37,7 +39,10 @@ def parse_price(col: pd.Series) -> pd.Series:
         return pd.to_numeric(col, errors="coerce").astype("float64")
     s = col.astype("string").str.replace(r"(?<=\d),(?=\d{3}(?!\d))", "", regex=True)  # thousands separators
     s = s.str.replace(r"(?<=\d),(?=\d{1,2}(?!\d))", ".", regex=True)  # decimal comma
-    return pd.to_numeric(s.str.extract(r"(-?\d+(?:\.\d+)?)", expand=False), errors="coerce").astype("float64")
+    num = pd.to_numeric(s.str.extract(r"(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)", expand=False), errors="coerce")
+    word = s.str.strip().str.lower()  # "inf" spelled out is an infinite price (quarantined), not a missing one
+    num = num.mask(word.isin(["inf", "+inf", "infinity"]), np.inf).mask(word.isin(["-inf", "-infinity"]), -np.inf)
+    return num.astype("float64")
 
 
 def pivot_properties(raw: pd.DataFrame, columns: dict, properties: dict, max_other: int = 12) -> pd.DataFrame:
@@ -68,20 +73,31 @@ def pivot_properties(raw: pd.DataFrame, columns: dict, properties: dict, max_oth
     return out.reset_index().rename(columns={"index": "item_id"})
 
 
-def normalize_catalog(raw: pd.DataFrame, columns: dict) -> tuple[pd.DataFrame, dict]:
-    """Canonical catalog + counts of rows set aside (missing id, duplicate id)."""
+def normalize_catalog(raw: pd.DataFrame, columns: dict, max_price: float = float("inf")
+                      ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """Canonical catalog, counts, and the rows set aside with their reason and raw row (JSON):
+    missing id, duplicate id (the last row of an id wins), a price that is infinite, negative or
+    above ``max_price``. Every input row is in exactly one of the two tables."""
     df = rename_columns(raw.copy(), columns, REQUIRED_CATALOG_COLUMNS, "catalog")
     out = pd.DataFrame({"item_id": clean_id(df["item_id"])})
     for c, sep in (("title", " "), ("category", " > "), ("brand", " "), ("description", " ")):
         out[c] = _text(df[c], sep) if c in df else pd.Series(pd.NA, index=df.index, dtype="string")
     out["price"] = parse_price(df["price"]) if "price" in df else np.nan
     out["cost"] = parse_price(df["cost"]) if "cost" in df else np.nan
-    counts = {"catalog_missing_item_id": int(out.item_id.isna().sum())}
-    out = out[out.item_id.notna()]
-    dup = out.item_id.duplicated(keep="last")
-    counts["catalog_duplicate_item_id"] = int(dup.sum())
-    out = out[~dup]
-    return finalize(out), counts
+    reason = pd.Series(pd.NA, index=out.index, dtype="string")
+    price_bad = out.price.notna() & ~((out.price >= 0) & (out.price <= max_price))  # inf, negative, implausible
+    reason[price_bad] = "catalog_bad_price"
+    reason[out.item_id.isna()] = "catalog_missing_item_id"
+    dup = out.item_id.notna() & reason.isna() & out.item_id.where(reason.isna()).duplicated(keep="last")
+    reason[dup] = "catalog_duplicate_item_id"
+    counts = {"catalog_missing_item_id": int((reason == "catalog_missing_item_id").sum()),
+              "catalog_duplicate_item_id": int((reason == "catalog_duplicate_item_id").sum()),
+              "catalog_bad_price": int((reason == "catalog_bad_price").sum())}
+    bad = reason.notna()
+    rejected = pd.DataFrame({"quarantine_reason": reason[bad].astype(str),
+                             "raw": [json.dumps({k: as_json(v) for k, v in r.items()})
+                                     for r in raw[bad.to_numpy()].to_dict("records")]})
+    return finalize(out[~bad]), counts, rejected
 
 
 def from_events(events: pd.DataFrame) -> pd.DataFrame:
@@ -141,7 +157,9 @@ def load_items(prep_dir: str) -> pd.DataFrame:
 
     from bundlerec.storage import join
 
-    return pq.read_table(join(prep_dir, "items")).to_pandas().sort_values("item_idx").reset_index(drop=True)
+    from bundlerec.data.snapshot import data_root
+
+    return pq.read_table(join(data_root(prep_dir), "items")).to_pandas().sort_values("item_idx").reset_index(drop=True)
 
 
 def item_lookup(items: pd.DataFrame) -> dict:

@@ -22,7 +22,9 @@ EXAMPLE_ARROW = pa.schema([
 
 
 def load_split(prep_dir: str, split: str) -> pd.DataFrame:
-    return pq.read_table(join(prep_dir, "examples", split)).to_pandas()
+    from bundlerec.data.snapshot import data_root
+
+    return pq.read_table(join(data_root(prep_dir), "examples", split)).to_pandas()
 
 
 def read_examples(prep_dir: str, split: str, deterministic: bool):
@@ -34,7 +36,9 @@ def read_examples(prep_dir: str, split: str, deterministic: bool):
     import pyarrow.parquet as pq
     import ray.data
 
-    path = join(prep_dir, "examples", split)
+    from bundlerec.data.snapshot import data_root
+
+    path = join(data_root(prep_dir), "examples", split)
     n_files = len(pq.ParquetDataset(path).files) if deterministic else None
     ds = ray.data.read_parquet(path, override_num_blocks=n_files or None)
     if deterministic:  # blocks in file order, also through materialize(); without it a materialized

@@ -1,11 +1,14 @@
 """The prep stage: raw clickstream -> validated events -> sessions -> split examples + tokenized items.
 
-Output layout under ``data.output_dir``::
+Output layout under ``data.output_dir`` (one snapshot per run, see bundlerec.data.snapshot)::
 
-    items/              tokenized catalog (item_idx, item_id, text fields, input_ids, attention_mask)
-    examples/{train,val,test,latest}/   Parquet shards (see bundlerec.data.sessionize)
-    quarantine/events/  rejected rows with quarantine_reason and the raw source row
-    manifest.json       row counts, quarantine counts, schema hash, model/tokenizer id, config
+    manifest.json       the commit: row/basket/catalog counts, quarantine counts, input files (size,
+                        SHA-256, skipped ones with why), every output file (size, SHA-256), schema
+                        hash, model/tokenizer id, config, and the current snapshot
+    snapshots/<id>/items/              tokenized catalog (item_idx, item_id, text fields, input_ids, attention_mask)
+    snapshots/<id>/examples/{train,val,test,latest}/   Parquet shards (see bundlerec.data.sessionize)
+    snapshots/<id>/quarantine/events/  rejected rows with quarantine_reason and the raw source row
+    snapshots/<id>/quarantine/catalog/ rejected catalog rows (missing/duplicate id, bad price), same columns
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import pyarrow.compute as pc
 from bundlerec.config import PipelineConfig, to_dict
 from bundlerec.data import catalog as catalog_lib
 from bundlerec.data.examples import EXAMPLE_ARROW
-from bundlerec.data.readers import read_dataset
-from bundlerec.data.sessionize import SPLITS, build_examples
-from bundlerec.storage import join, reset_dir, write_text
+from bundlerec.data.readers import expand, read_dataset
+from bundlerec.data.sessionize import COLD, SPLITS, build_examples
+from bundlerec.data.snapshot import commit, file_table, input_table, new_snapshot
+from bundlerec.storage import is_uri, join, reset_dir, write_text
 from bundlerec.data.validate import KEPT_COLUMNS, REASON_COL, mark_duplicates, normalize_events, summarize, tagged_schema
 
 log = logging.getLogger(__name__)
@@ -81,14 +85,24 @@ def _run_prep(cfg: PipelineConfig) -> dict:
     t0 = time.time()
     d = cfg.data
     out = d.output_dir
+    snapshot = new_snapshot()  # everything below is written here; manifest.json commits it at the end
+    root = join(out, snapshot)
     events_path, catalog_path = d.events, d.catalog
     synthetic = None
     if events_path is None:
         from bundlerec.data.synthetic import generate
 
-        raw_dir = join(out, "raw")
-        reset_dir(raw_dir)
-        synthetic = generate(d.synthetic, raw_dir)
+        raw_dir = join(root, "raw")
+        if is_uri(raw_dir):  # generated on local disk, then copied to the object store
+            import tempfile
+
+            import pyarrow.fs as pafs
+
+            with tempfile.TemporaryDirectory() as tmp:
+                synthetic = generate(d.synthetic, tmp)
+                pafs.copy_files(tmp, raw_dir)
+        else:
+            synthetic = generate(d.synthetic, raw_dir)
         events_path, catalog_path = join(raw_dir, "events"), join(raw_dir, "catalog.parquet")
         log.info("prep: generated synthetic clickstream: %s", synthetic)
 
@@ -102,8 +116,12 @@ def _run_prep(cfg: PipelineConfig) -> dict:
                                                                         d.catalog_properties), {}
         else:
             catalog_columns = d.catalog_columns
-        catalog, catalog_counts = catalog_lib.normalize_catalog(raw_catalog, catalog_columns)
-        log.info("prep: catalog %d items from %s", len(catalog), catalog_path)
+        catalog, catalog_counts, rejected = catalog_lib.normalize_catalog(raw_catalog, catalog_columns, d.max_price)
+        catalog_counts = {"input": len(raw_catalog), "kept": len(catalog), "quarantined": len(rejected),
+                          **catalog_counts}
+        if len(rejected):
+            write_text(join(root, "quarantine", "catalog", "rows.jsonl"), rejected.to_json(orient="records", lines=True))
+        log.info("prep: catalog %d items from %s (%d rows quarantined)", len(catalog), catalog_path, len(rejected))
 
     # ---- validate: every row is kept or quarantined with a reason. Then one shuffle brings all rows
     # of a user into one block: duplicates across files are caught there, and sessionization below
@@ -123,7 +141,7 @@ def _run_prep(cfg: PipelineConfig) -> dict:
     bad_reasons = bad.select_columns([REASON_COL]).to_pandas()
     reasons = {} if bad_reasons.empty else {
         str(k): int(v) for k, v in bad_reasons[REASON_COL].value_counts().items()}
-    quarantine_dir = join(out, "quarantine", "events")
+    quarantine_dir = join(root, "quarantine", "events")
     reset_dir(quarantine_dir)
     if reasons:
         bad.write_parquet(quarantine_dir)
@@ -146,8 +164,7 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         log.info("prep: derived a catalog of %d items from the event columns", len(catalog))
 
     # ---- items: text + tokenization in map_batches
-    items_dir = join(out, "items")
-    reset_dir(items_dir)
+    items_dir = join(root, "items")
     items = ray.data.from_pandas(catalog).map_batches(
         catalog_lib.tokenize_batch, batch_format="pandas", batch_size=4096,
         fn_kwargs={"model_name": cfg.model.name_or_path, "max_tokens": d.item_max_tokens})
@@ -162,12 +179,13 @@ def _run_prep(cfg: PipelineConfig) -> dict:
                        test_baskets=d.test_baskets)).materialize()
     counts = {}
     for split in SPLITS:
-        split_dir = join(out, "examples", split)
-        reset_dir(split_dir)
+        split_dir = join(root, "examples", split)
+        reset_dir(split_dir)  # exists even when empty (no val split): readers get zero rows, not an error
         part = examples.map_batches(_split_rows, batch_format="pyarrow", fn_kwargs={"split": split})
         part.write_parquet(split_dir)
         counts[split] = part.count()
     latest = examples.select_columns(["n_sessions"]).sum("n_sessions")
+    cold = examples.map_batches(_split_rows, batch_format="pyarrow", fn_kwargs={"split": COLD}).count()
     if counts["train"] == 0 or counts["test"] == 0:
         raise PrepError(f"not enough baskets to train and test: {counts}. Users need >= 2 sessions with a "
                         f"'{d.target_event}' event (data.target_event).")
@@ -183,12 +201,17 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         "quarantine": q, "catalog": {"items": len(catalog), **catalog_counts},
         "sessions": int(latest or 0), "users": counts["latest"],
         "examples": counts,
+        "baskets": {"cold_no_history": cold},  # baskets with no earlier event of their user: not examples
+        "inputs": {"events": input_table(events_path, expand(events_path)),
+                   "catalog": input_table(catalog_path, expand(catalog_path) if catalog_path else [])},
+        "snapshot": snapshot,
+        "files": file_table(root),
         "schema_hash": hashlib.sha256(schema_str.encode()).hexdigest()[:16],
         "model": cfg.model.name_or_path, "tokenizer": cfg.model.name_or_path,
         "item_max_tokens": d.item_max_tokens, "max_history_len": d.max_history_len,
         "config": to_dict(d),
         "seconds": round(time.time() - t0, 2),
     }
-    write_text(join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
-    log.info("prep: done in %.1fs: %s", manifest["seconds"], counts)
+    commit(out, manifest)
+    log.info("prep: done in %.1fs: %s (snapshot %s)", manifest["seconds"], counts, snapshot)
     return manifest

@@ -23,6 +23,7 @@ import pandas as pd
 from bundlerec.data.schema import EVENT_TYPE_ID
 
 SPLITS = ("train", "val", "test", "latest")
+COLD = "cold"  # a basket with no earlier event of its user: one row each, counted by prep, never written
 
 
 def assign_sessions(df: pd.DataFrame, gap_s: float) -> np.ndarray:
@@ -85,8 +86,9 @@ def build_examples(batch: pd.DataFrame, item_index: dict, gap_minutes: float, hi
         for b, (t_cut, items) in enumerate(baskets):
             split = "test" if b >= nb - n_test else "val" if b >= nb - n_test - n_val else "train"
             h_items, h_types, h_age = history(t_cut)
-            if not h_items:
-                continue  # no input to condition on: not an example (the user's first events)
+            if not h_items:  # no input to condition on (the user's first events): counted, not an example
+                rows.append((uid, COLD, t_cut, items, [], [], [], hi - lo, 0))
+                continue
             targets = [[i] for i in items] if split == "train" else [items]
             for tg in targets:
                 rows.append((uid, split, t_cut, tg, h_items, h_types, h_age, hi - lo, 0))

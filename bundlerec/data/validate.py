@@ -54,7 +54,7 @@ def mark_duplicates(tagged: pd.DataFrame) -> pd.DataFrame:
     if dup.any():
         tagged = tagged.copy()
         tagged.loc[dup, REASON_COL] = DUPLICATE
-        tagged.loc[dup, "raw"] = [json.dumps({k: _as_json(v) for k, v in rec.items()})
+        tagged.loc[dup, "raw"] = [json.dumps({k: as_json(v) for k, v in rec.items()})
                                   for rec in tagged.loc[dup, list(KEPT_COLUMNS)].to_dict("records")]
     return tagged
 
@@ -69,7 +69,8 @@ def _missing(v) -> bool:
         return False
 
 
-def _as_json(v):
+def as_json(v):
+    """A raw cell as JSON: missing -> null, anything else its text (quarantined rows keep what came in)."""
     return None if _missing(v) else str(v)
 
 
@@ -154,7 +155,7 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
     bad = out[REASON_COL].notna().to_numpy()
     raw = pd.Series(pd.NA, index=df.index, dtype="string")
     if bad.any():
-        raw[bad] = [json.dumps({str(k): _as_json(v) for k, v in rec.items()}) for rec in source[bad].to_dict("records")]
+        raw[bad] = [json.dumps({str(k): as_json(v) for k, v in rec.items()}) for rec in source[bad].to_dict("records")]
     out["raw"] = raw
     return out
 

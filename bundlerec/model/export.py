@@ -98,7 +98,18 @@ def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -
 
 def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> str:
     """Everything serving needs, in one directory: HF encoder + tokenizer, user tower, metadata,
-    item index (N, d), items table, training popularity (cold start), users' latest histories."""
+    item index (N, d), items table, training popularity (cold start), users' latest histories.
+    Written in a staging folder, sealed with a manifest (sizes + SHA-256) and swapped in whole
+    (bundlerec.integrity): a crash leaves the previous export, never a mix."""
+    from bundlerec.integrity import staged
+
+    with staged(export_dir) as tmp:
+        _write_export(model, cfg, prep_dir, tmp)
+    log.info("train: exported %s", export_dir)
+    return export_dir
+
+
+def _write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> None:
     from bundlerec.data.catalog import load_items, padded_tokens
     from bundlerec.data.examples import load_split
     from bundlerec.data.statistics import CoStats, basket_groups, popularity
@@ -123,5 +134,4 @@ def write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) -> 
     # co-purchase statistics for bundle compatibility: items bought in the same training basket
     CoStats.from_groups(basket_groups(train), len(items)).save(export_dir)
 
-    log.info("train: exported %s (%d items indexed)", export_dir, len(items))
-    return export_dir
+    log.info("train: export written (%d items indexed)", len(items))

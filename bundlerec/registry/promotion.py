@@ -62,9 +62,81 @@ def current_champion(client, model_name: str):
         raise
 
 
+def validation_data_id(prep_dir: str, history_len: Optional[int]) -> str:
+    """Which validation data a score was computed on: scores tagged with the same id compare."""
+    import hashlib
+
+    from bundlerec.storage import join, read_text
+
+    text = read_text(join(prep_dir, "manifest.json")) + f"|history_len={history_len}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _score_on(client, model_name: str, mv, data_id: str, prep_dir: str, history_len: Optional[int],
+              cache: dict) -> float:
+    """A version's val NDCG@10 on ``data_id``: its tag when it was scored on that data, else re-scored."""
+    if mv.tags.get("val_data") == data_id and "val_ndcg_at_10" in mv.tags:
+        return float(mv.tags["val_ndcg_at_10"])
+    if mv.version not in cache:
+        rec = mlflow.pyfunc.load_model(f"models:/{model_name}/{mv.version}").unwrap_python_model().rec
+        cache[mv.version] = validation_ndcg(rec, prep_dir, history_len)
+    return cache[mv.version]
+
+
+def set_alias(client, model_name: str, alias: str, version: str, tries: int = 5) -> None:
+    """Set an alias; a write that collides with a concurrent one (MLflow's server inserts the alias
+    row, so two writers at once can get a unique-constraint error) is retried after a short pause."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(tries):
+        try:
+            client.set_registered_model_alias(model_name, alias, version)
+            return
+        except MlflowException as e:
+            if attempt == tries - 1 or not any(w in str(e) for w in ("UNIQUE", "IntegrityError", "unique", "duplicate")):
+                raise
+            log.warning("registry: %s@%s write collided with a concurrent one; retrying", model_name, alias)
+            time.sleep(0.2 * (attempt + 1))
+
+
+def settle_champion(client, model_name: str, data_id: str, prep_dir: str, history_len: Optional[int],
+                    rounds: int = 10) -> tuple[object, float, Optional[object]]:
+    """Move ``champion`` to the best version scored on ``data_id`` (or keep the current champion when
+    none beats it), then read it back; repeat until what was read is what the evidence says.
+
+    MLflow has no compare-and-set on aliases, so two registrations racing could each read the old
+    champion and the slower one overwrite the better model. Every registrant tags its version with
+    its score *before* it calls this, and every write here is followed by a read of all scored
+    versions: whichever registrant writes last reads every version tagged before that read, so the
+    race ends with the best model as champion whatever the interleaving (tests/test_registry_serve.py).
+    Returns (champion version, its score, the champion before the first move or None)."""
+    cache: dict = {}
+    first = ()
+    for _ in range(rounds):
+        champ = current_champion(client, model_name)
+        first = (champ,) if first == () else first
+        scored = [mv for mv in client.search_model_versions(f"name='{model_name}'")
+                  if mv.tags.get("val_data") == data_id and "val_ndcg_at_10" in mv.tags]
+        pool = {mv.version: mv for mv in scored}
+        if champ is not None:
+            pool[champ.version] = champ
+        score = {v: _score_on(client, model_name, mv, data_id, prep_dir, history_len, cache) for v, mv in pool.items()}
+        held = champ.version if champ is not None else None
+        # strictly better moves it; on a tie the current champion stays, then the older version wins
+        best = max(pool, key=lambda v: (score[v], v == held, -int(v)))
+        if best == held:
+            return champ, score[best], first[0]
+        set_alias(client, model_name, "champion", best)
+    raise RuntimeError(f"{model_name}: champion alias still moving after {rounds} rounds (concurrent registrations?)")
+
+
 def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str, run_id: Optional[str] = None,
              model_name: str = MODEL_NAME, history_len: Optional[int] = None) -> dict:
-    """Log ``export_dir`` as a pyfunc, register a new version, set champion/challenger. Returns a summary."""
+    """Log ``export_dir`` as a pyfunc, register a new version, then settle champion/challenger on
+    validation merit (:func:`settle_champion`). Returns a summary. A torn or altered export is
+    refused before anything is registered (bundlerec.integrity)."""
     from mlflow.models import infer_signature
 
     import bundlerec
@@ -74,14 +146,9 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
-    cand = Recommender.from_export(export_dir)
+    cand = Recommender.from_export(export_dir)  # verifies the export's manifest
     cand_score = validation_ndcg(cand, prep_dir, history_len)
-
-    champ_score = None
-    champion = current_champion(client, model_name)
-    if champion is not None:
-        champ = mlflow.pyfunc.load_model(f"models:/{model_name}@champion").unwrap_python_model().rec
-        champ_score = validation_ndcg(champ, prep_dir, history_len)
+    data_id = validation_data_id(prep_dir, history_len)
 
     example = pd.DataFrame({"user_id": ["u1", "u1"], "item_id": [cand.item_ids[0], cand.item_ids[1]],
                             "event_type": ["view", "cart"],
@@ -98,20 +165,23 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
             registered_model_name=model_name, pip_requirements=_requirements())
         source_run = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)
-    if champ_score is None or cand_score > champ_score:
+    # the evidence first (tags), then the alias: a racing registrant reads this score
+    client.set_model_version_tag(model_name, version, "val_data", data_id)
+    client.set_model_version_tag(model_name, version, "val_ndcg_at_10", f"{cand_score:.6f}")
+    champion, champ_score, before = settle_champion(client, model_name, data_id, prep_dir, history_len)
+    if champion.version == version:
         alias = "champion"
-        reason = ("first registered version" if champ_score is None else
-                  f"val ndcg@10 {cand_score:.4f} beats champion v{champion.version} ({champ_score:.4f})")
+        reason = ("first registered version" if before is None or before.version == version else
+                  f"val ndcg@10 {cand_score:.4f} beats champion v{before.version}")
     else:
         alias = "challenger"
         reason = (f"val ndcg@10 {cand_score:.4f} does not beat champion v{champion.version} "
                   f"({champ_score:.4f}) on the same validation data")
-    client.set_registered_model_alias(model_name, alias, version)
-    client.set_model_version_tag(model_name, version, "val_ndcg_at_10", f"{cand_score:.6f}")
+        set_alias(client, model_name, alias, version)
     client.set_model_version_tag(model_name, version, "alias_reason", reason)
     client.update_model_version(model_name, version, description=reason)
     log.info("registry: %s v%s -> %s (%s)", model_name, version, alias, reason)
     return {"model_name": model_name, "version": version, "alias": alias, "reason": reason,
             "val_ndcg_at_10": cand_score, "champion_val_ndcg_at_10": champ_score,
-            "champion_version": version if alias == "champion" else champion.version,
+            "champion_version": str(champion.version),
             "model_uri": f"models:/{model_name}/{version}", "run_id": source_run}

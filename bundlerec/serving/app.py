@@ -62,6 +62,7 @@ api.exception_handler(RequestValidationError)(validation_error)
 class Loaded:
     rec: Any  # bundlerec.serving.recommender.Recommender
     info: ModelInfo
+    source: str = "registry"  # registry | local copy (registry unreachable) | export dir
 
 
 def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
@@ -70,37 +71,74 @@ def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional
         return model_uri, None, None
     import mlflow
 
+    from bundlerec.tracking import one_try
+
     name, _, ref = model_uri[len("models:/"):].partition("@")
     if ref:
-        mv = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ref)
+        with one_try(10):  # a registry that is down answers in seconds, not after minutes of retries
+            mv = mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, ref)
         return f"models:/{name}/{mv.version}", str(mv.version), ref
     name, _, version = model_uri[len("models:/"):].partition("/")
     return model_uri, version or None, None
 
 
+def canned_check(rec) -> None:
+    """A new model must answer before it serves: a recommendation and a bundle for a two-event
+    session, with finite scores. Raises ValueError saying what failed."""
+    import math
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    h = rec.history_from_events([{"item_id": i, "event_type": t, "event_time": now - timedelta(minutes=m)}
+                                 for i, t, m in zip(rec.item_ids[:2], ("view", "cart"), (5, 1))])
+    ranked = rec.recommend_histories([h], 5)[0]
+    if len(ranked) != min(5, len(rec.item_ids)) or not all(math.isfinite(float(s)) for _, s in ranked):
+        raise ValueError(f"canned request: {len(ranked)} items, scores {[float(s) for _, s in ranked][:5]}")
+    if rec.bundle_engine is not None:
+        rec.bundles(h, n=1)
+
+
 def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None,
-         user_key: Optional[bytes] = None) -> Loaded:
+         user_key: Optional[bytes] = None, store=None) -> Loaded:
+    """Load, verify (the export's manifest) and check (a canned request) what ``model_uri`` names.
+    ``store`` (bundlerec.serving.model_store.ModelStore): registry versions are downloaded into it,
+    and when the registry cannot be reached the last good version kept there is loaded instead."""
+    import mlflow
+
     if tracking_uri:
-        import mlflow
-
         mlflow.set_tracking_uri(tracking_uri)
-    uri, version, alias = _resolve(model_uri, tracking_uri)
+    source = "registry"
+    try:
+        uri, version, alias = _resolve(model_uri, tracking_uri)
+    except Exception as e:
+        kept = store.last_good(model_uri) if store is not None else None
+        if kept is None:
+            raise
+        log.warning("bundlerec: registry unreachable (%s); serving the last good local copy, %s version %s",
+                    e, kept["name"], kept["version"])
+        uri, version, alias = f"models:/{kept['name']}/{kept['version']}", kept["version"], None
+        source = "local copy (registry unreachable)"
     if uri.startswith("models:/") or uri.startswith("runs:/"):
-        import mlflow
-
-        rec = mlflow.pyfunc.load_model(uri).unwrap_python_model().rec
-        rec.user_key = user_key
         name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
+        local = store.fetch(uri, name, version) if store is not None and version and uri.startswith("models:/") else uri
+        try:
+            rec = mlflow.pyfunc.load_model(local).unwrap_python_model().rec  # verifies the export's manifest
+        except Exception:
+            if store is not None and version:
+                store.discard(name, version)  # a refused copy is not kept
+            raise
+        rec.user_key = user_key
     else:
         from bundlerec.serving.recommender import Recommender
 
-        rec, name = Recommender.from_export(uri, user_key), os.path.basename(os.path.normpath(uri))
+        rec, name, source = Recommender.from_export(uri, user_key), os.path.basename(os.path.normpath(uri)), "export dir"
     if rec.pseudonymized and user_key is None:
         raise RuntimeError(f"{uri}: its user ids are pseudonymized; give the Serve app the key (arg user_key_file, "
                            "serve.user_key_file) or shoppers would only be found by pseudonym")
     if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
         rec.configure_ann(**ann)
-    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri))
+    canned_check(rec)
+    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -112,7 +150,9 @@ class BundlerecService:
                  torch_threads: int = DEFAULTS.torch_threads, auth: bool = DEFAULTS.auth,
                  auth_token_file: Optional[str] = None, user_key_file: Optional[str] = None,
                  max_body_bytes: int = DEFAULTS.max_body_bytes,
-                 ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe):
+                 ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe,
+                 model_cache_dir: Optional[str] = DEFAULTS.model_cache_dir,
+                 max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles):
         import torch
 
         torch.set_num_threads(torch_threads)
@@ -124,29 +164,66 @@ class BundlerecService:
             guards.GUARDS.auth = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
+        self._bundle_slots = threading.BoundedSemaphore(int(max_concurrent_bundles))
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
         from bundlerec.privacy import read_user_key
 
         self.user_key = read_user_key(user_key_file) if user_key_file else None
-        self.current: Loaded = load(model_uri, tracking_uri, self.ann, self.user_key)
+        from bundlerec.serving.model_store import ModelStore
+
+        self.store = ModelStore(model_cache_dir, tracking_uri) if model_cache_dir and model_uri.startswith("models:/") else None
+        self.refused: Optional[dict] = None  # the last version that failed to load or answer
+        try:
+            self.current: Loaded = load(model_uri, tracking_uri, self.ann, self.user_key, self.store)
+        except Exception as e:  # e.g. a broken champion at restart: the last good version, if there is one
+            kept = self.store.last_good(model_uri) if self.store is not None else None
+            if kept is None:
+                raise
+            self._refuse(None, e)
+            self.current = load(f"models:/{kept['name']}/{kept['version']}", tracking_uri, self.ann, self.user_key,
+                                self.store)
+            self.current.source = "last good local copy (champion refused)"
+        self._remember(self.current)
         self.reloads = 0
         self._stop = threading.Event()
         if poll_s > 0 and "@" in model_uri:
             threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
 
+    def _remember(self, m: Loaded) -> None:
+        if self.store is not None and m.info.version and m.info.uri.startswith("models:/"):
+            self.store.remember(self.model_uri, m.info.name, m.info.version)
+
+    def _refuse(self, version: Optional[str], e: Exception) -> None:
+        from datetime import datetime, timezone
+
+        self.refused = {"version": version, "error": f"{type(e).__name__}: {e}"[:500],
+                        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        log.error("bundlerec: refused %s version %s, still serving version %s: %s", self.model_uri, version,
+                  getattr(getattr(self, "current", None), "info", None) and self.current.info.version, e)
+
     def _watch(self, poll_s: float) -> None:
-        """Follow the alias: load a moved champion beside the old one, then swap the reference."""
+        """Follow the alias: load and check a moved champion beside the old one, then swap the
+        reference. A version that fails (manifest, load, canned request) is refused once and the
+        old one keeps serving; it is retried only when the alias moves again."""
         while not self._stop.wait(poll_s):
             try:
                 _, version, _ = _resolve(self.model_uri, self.tracking_uri)
-                if version and version != self.current.info.version:
-                    new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key)
-                    self.current = new  # atomic: requests in flight keep the object they hold
-                    self.reloads += 1
-                    log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
             except Exception as e:  # registry hiccup: keep serving the loaded model
                 log.warning("bundlerec: alias check failed: %s", e)
+                continue
+            if not version or version == self.current.info.version or (self.refused or {}).get("version") == version:
+                continue
+            try:
+                new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)
+            except Exception as e:
+                self._refuse(version, e)
+                continue
+            self.current = new  # atomic: requests in flight keep the object they hold
+            self.refused = None
+            self.reloads += 1
+            self._remember(new)
+            log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
 
     def __del__(self):
         self._stop.set()
@@ -176,7 +253,18 @@ class BundlerecService:
     @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
               responses=ERROR_RESPONSES)
     def bundles(self, req: BundleRequest) -> BundleResponse:
-        """Personalized bundles with optimized prices (runs in FastAPI's thread pool)."""
+        """Personalized bundles with optimized prices (runs in FastAPI's thread pool). At most
+        ``max_concurrent_bundles`` at once per replica; beyond that 503 + Retry-After right away,
+        so bundle work is shed before it slows recommendations down."""
+        if not self._bundle_slots.acquire(blocking=False):
+            raise HTTPException(503, "bundle capacity of this replica is in use; retry shortly",
+                                headers={"Retry-After": "1"})
+        try:
+            return self._bundles(req)
+        finally:
+            self._bundle_slots.release()
+
+    def _bundles(self, req: BundleRequest) -> BundleResponse:
         m = self.current
         kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
                   limits=req.limits())
@@ -240,13 +328,15 @@ class BundlerecService:
         if self.current is None:
             raise HTTPException(503, "model not loaded")
         info = self.current.info  # open endpoint (probes): name/version only, no paths
-        return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias}}
+        return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias},
+                "refused_version": (self.refused or {}).get("version")}
 
     @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def model(self) -> dict:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
-                "reloads": self.reloads, "base_model": m.rec.meta.get("base_model"),
+                "reloads": self.reloads, "source": m.source, "refused": self.refused,
+                "base_model": m.rec.meta.get("base_model"),
                 "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None,
                 "bundle_engine": m.rec.bundle_engine.params.__dict__ if m.rec.bundle_engine else None}
 

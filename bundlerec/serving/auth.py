@@ -20,6 +20,7 @@ import threading
 from typing import Optional
 
 TOKENS_ENV = "BUNDLEREC_API_TOKENS"
+MIN_TOKEN_CHARS = 24  # secrets.token_urlsafe(32) gives 43; a short token is a guessable token
 
 
 class AuthConfigError(ValueError):
@@ -69,6 +70,11 @@ class TokenAuth:
             if mtime is None:
                 raise AuthConfigError(f"token file {self.token_file} does not exist")
             tokens += read_token_file(self.token_file)
+        short = sum(len(t) < MIN_TOKEN_CHARS for t in tokens)
+        if short:  # counted, never shown
+            raise AuthConfigError(f"{short} configured token(s) shorter than {MIN_TOKEN_CHARS} characters "
+                                  f"({self.env_var} / {self.token_file}); generate one with "
+                                  "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         with self._lock:
             self._digests, self._mtime = [_digest(t) for t in tokens], mtime
 

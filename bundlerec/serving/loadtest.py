@@ -203,8 +203,47 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
     return dst_export
 
 
+def bundle_pressure_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
+                          token: str | None, pressure: int) -> dict:
+    """Recommendations (as :func:`http_level`) while ``pressure`` clients send maximal bundle requests
+    (n=10, max_size=8, one after the other, for as long as the level runs); what each bundle request
+    got (200, or 503 when the replica sheds bundle work) is counted."""
+    u = urlparse(url)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    stop, codes, lock = threading.Event(), {}, threading.Lock()
+
+    def bundler(i: int) -> None:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+        j = 0
+        while not stop.is_set():
+            body = json.dumps({"user_id": users[(i * 104729 + j) % len(users)], "n": 10, "max_size": 8})
+            j += 1
+            try:
+                conn.request("POST", "/v1/bundles", body, headers)
+                r = conn.getresponse()
+                r.read()
+                code = r.status
+            except Exception as e:
+                code = type(e).__name__
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+            with lock:
+                codes[str(code)] = codes.get(str(code), 0) + 1
+
+    threads = [threading.Thread(target=bundler, args=(i,)) for i in range(pressure)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # the bundle load is running before the measured recommendations start
+    try:
+        level = http_level(url, users, concurrency, n_requests, k, token)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return {**level, "bundle_clients": pressure, "bundle_answers": codes}
+
+
 def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k: int = 10,
-                 token: str | None = None, kill_replica_at: float | None = None) -> dict:
+                 token: str | None = None, kill_replica_at: float | None = None, bundle_pressure: int = 0) -> dict:
     """Warm up, then one level per concurrency (or one level with a replica killed part-way), plus
     the same model in-process; returns the figures (``serve_overhead_p50_ms`` = HTTP p50 at the first
     level minus in-process p50)."""
@@ -219,6 +258,12 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
         res = kill_replica_level(url, users, concurrency[0], requests, k, token, kill_replica_at)
         res["date"] = datetime.now(timezone.utc).isoformat()
         return res
+    if bundle_pressure:  # recommendations alone, then beside `bundle_pressure` maximal bundle clients
+        solo = http_level(url, users, concurrency[0], requests, k, token)
+        loaded = bundle_pressure_level(url, users, concurrency[0], requests, k, token, bundle_pressure)
+        return {"date": datetime.now(timezone.utc).isoformat(), "url": url, "solo": solo, "with_bundles": loaded,
+                "p99_ratio": loaded["p99_ms"] / solo["p99_ms"],
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
     levels = [http_level(url, users, c, requests, k, token) for c in concurrency]
     local = in_process(export, users, requests, k)
     return {"date": datetime.now(timezone.utc).isoformat(), "url": url, "k": k, "levels": levels,

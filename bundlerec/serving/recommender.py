@@ -65,16 +65,22 @@ class Recommender:
     @classmethod
     def from_export(cls, export_dir: str, user_key: Optional[bytes] = None) -> "Recommender":
         """``user_key``: the secret that pseudonymized the export's user ids (serve.user_key_file);
-        without it users are found by pseudonym (``"pseudo:<hex>"``) only."""
+        without it users are found by pseudonym (``"pseudo:<hex>"``) only.
+
+        The export must verify against its manifest (bundlerec.integrity): a torn or altered export
+        raises IntegrityError instead of serving every known user as a cold start."""
+        from bundlerec.integrity import IntegrityError, require
         from bundlerec.model.export import load_export
 
+        require(export_dir, "export")
         model, meta = load_export(export_dir)
         items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))
-        index = torch.as_tensor(np.load(os.path.join(export_dir, "item_index.npy")))
-        pop_path = os.path.join(export_dir, "popularity.npy")
-        pop = np.load(pop_path) if os.path.exists(pop_path) else np.zeros(len(items))
-        latest_path = os.path.join(export_dir, "latest.parquet")
-        latest = pd.read_parquet(latest_path) if os.path.exists(latest_path) else None
+        index = torch.as_tensor(np.load(os.path.join(export_dir, "item_index.npy"), allow_pickle=False))
+        pop = np.load(os.path.join(export_dir, "popularity.npy"), allow_pickle=False)
+        latest = pd.read_parquet(os.path.join(export_dir, "latest.parquet"))
+        if not (len(items) == index.shape[0] == len(pop)):
+            raise IntegrityError(f"export {export_dir}: {len(items)} items, {index.shape[0]} index rows, "
+                                 f"{len(pop)} popularity counts: they must agree")
         rec = cls(model, items, index, pop, latest, meta, user_key)
         rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items)
         return rec

@@ -11,23 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
 import posixpath
 from typing import Iterator, Optional
 
+from bundlerec.integrity import check_table, sha256_file
+
 log = logging.getLogger(__name__)
 MANIFEST_DIR = "_bundlerec_manifest"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(ckpt_dir: str, rank: int, world_size: int) -> dict:
@@ -38,7 +31,7 @@ def write_manifest(ckpt_dir: str, rank: int, world_size: int) -> dict:
             p = os.path.join(root, n)
             rel = os.path.relpath(p, ckpt_dir)
             if not rel.startswith(MANIFEST_DIR):
-                files[rel] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+                files[rel] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
     manifest = {"rank": rank, "world_size": world_size, "files": files}
     os.makedirs(os.path.join(ckpt_dir, MANIFEST_DIR), exist_ok=True)
     tmp = os.path.join(ckpt_dir, MANIFEST_DIR, f".rank{rank}.json.tmp")
@@ -61,14 +54,9 @@ def verify(ckpt_dir: str, world_size: Optional[int] = None) -> tuple[bool, str]:
     if {d["rank"] for d in docs} != set(range(expected)):
         return False, f"manifests for ranks {sorted(d['rank'] for d in docs)}, expected {expected}"
     for d in docs:
-        for rel, meta in d["files"].items():
-            p = os.path.join(ckpt_dir, rel)
-            if not os.path.exists(p):
-                return False, f"missing {rel}"
-            if os.path.getsize(p) != meta["size"]:
-                return False, f"{rel}: {os.path.getsize(p)} bytes, expected {meta['size']}"
-            if _sha256(p) != meta["sha256"]:
-                return False, f"{rel}: content hash differs"
+        problem = check_table(ckpt_dir, d["files"])
+        if problem:
+            return False, problem
     return True, "ok"
 
 

@@ -28,13 +28,16 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
 
     from bundlerec.data.catalog import load_items
     from bundlerec.data.examples import check_prepared, load_split, read_examples
+    from bundlerec.data.snapshot import verify as verify_prep
     from bundlerec.data.statistics import popularity
     from bundlerec.storage import read_text
     from bundlerec.train.loop import LoopInputs, train_loop_per_worker
 
     tc = cfg.train
     t0 = time.time()
-    check_prepared(json.loads(read_text(join(prep_dir, "manifest.json"))), cfg.data.history_len)
+    manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
+    check_prepared(manifest, cfg.data.history_len)
+    verify_prep(prep_dir, manifest)  # every file of the committed snapshot, size + SHA-256
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process (Tune trial drivers too)
     train_ds = read_examples(prep_dir, "train", tc.deterministic)
     if tc.materialize_train:

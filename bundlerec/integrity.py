@@ -1,0 +1,141 @@
+"""Directories committed whole: a manifest of every file (size + SHA-256) written last, verified
+before use, and directories built in a staging folder and swapped in.
+
+    with staged("runs/demo/export") as tmp:     # written beside the target, swapped in when complete
+        write_everything(tmp)
+    with amend("runs/demo/export"):             # a later stage adds files: verified before, re-sealed after
+        add_pricing("runs/demo/export")
+    require("runs/demo/export")                 # IntegrityError naming the first problem
+
+A writer that stops half-way leaves either the old directory (``staged``) or files that disagree
+with the manifest (``amend``); both are refused by :func:`verify` instead of being served. Files
+whose name starts with ``.`` are not part of the content (editor and OS droppings, our temp files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Iterator, Optional
+
+MANIFEST = "MANIFEST.json"
+
+
+class IntegrityError(RuntimeError):
+    """A directory whose files do not match its manifest (torn write, damage, or no manifest)."""
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: str) -> list[str]:
+    """Relative paths of the content files under ``root`` (no dot-files or dot-folders, no manifest)."""
+    out = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out += [os.path.relpath(os.path.join(d, n), root) for n in sorted(names)
+                if not n.startswith(".") and n != MANIFEST]
+    return out
+
+
+def file_table(root: str) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every content file under ``root``."""
+    return {rel: {"size": os.path.getsize(os.path.join(root, rel)), "sha256": sha256_file(os.path.join(root, rel))}
+            for rel in _files(root)}
+
+
+def check_table(root: str, files: dict[str, dict], hashes: bool = True) -> Optional[str]:
+    """None when every listed file has its size (and hash); else the first problem."""
+    for rel, meta in files.items():
+        p = os.path.join(root, rel)
+        if not os.path.isfile(p):
+            return f"missing {rel}"
+        if os.path.getsize(p) != meta["size"]:
+            return f"{rel}: {os.path.getsize(p)} bytes, expected {meta['size']}"
+        if hashes and sha256_file(p) != meta["sha256"]:
+            return f"{rel}: content hash differs"
+    return None
+
+
+def seal(root: str, **extra) -> dict:
+    """Write ``root``/MANIFEST.json (atomically, last) listing every file now in ``root``."""
+    doc = {"files": file_table(root), **extra}
+    tmp = os.path.join(root, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, MANIFEST))
+    return doc
+
+
+def verify(root: str, hashes: bool = True) -> tuple[bool, str]:
+    """(ok, why): the manifest is there, every listed file matches it, and no unlisted file was added
+    (a later writer that stopped before re-sealing)."""
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except FileNotFoundError:
+        return False, f"no {MANIFEST} (incomplete, or written before manifests)"
+    except (OSError, ValueError, KeyError) as e:
+        return False, f"unreadable {MANIFEST} ({e})"
+    problem = check_table(root, files, hashes)
+    if problem:
+        return False, problem
+    extra = sorted(set(_files(root)) - set(files))
+    if extra:
+        return False, f"files not in the manifest (a write did not finish): {extra[:5]}"
+    return True, "ok"
+
+
+def require(root: str, what: str = "directory", hashes: bool = True) -> None:
+    ok, why = verify(root, hashes)
+    if not ok:
+        raise IntegrityError(f"{what} {root} failed verification: {why}. It was not completely written "
+                             f"(or was changed afterwards); re-create it with the stage that writes it")
+
+
+@contextlib.contextmanager
+def staged(target: str, **extra) -> Iterator[str]:
+    """Yield a fresh staging folder beside ``target``; when the block completes, seal it and swap it
+    in place of ``target`` (the old one is removed). If the block raises, ``target`` is untouched."""
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        seal(tmp, **extra)
+        old = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+        if os.path.lexists(target):
+            os.rename(target, old)  # two renames: a reader sees the old or the new directory, never a mix
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def amend(root: str, what: str = "directory") -> Iterator[str]:
+    """Add to or change a sealed directory: it must verify first; it is re-sealed when the block
+    completes. A block that raises leaves it unsealed-for-the-change, so loaders refuse it."""
+    require(root, what)
+    yield root
+    seal(root, **{k: v for k, v in _manifest(root).items() if k != "files"})
+
+
+def _manifest(root: str) -> dict:
+    with open(os.path.join(root, MANIFEST)) as f:
+        return json.load(f)

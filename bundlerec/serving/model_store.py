@@ -1,0 +1,93 @@
+"""Each replica's verified local copies of registry versions, and the last one it served well.
+
+    <model_cache_dir>/<registry>/<name>/<version>/     a registry version, downloaded whole (staged + renamed)
+    <model_cache_dir>/<registry>/last_good/<key>.json  per model URI (e.g. models:/bundlerec@champion): the
+                                                       version that last loaded and answered the canned request
+
+(<registry>: a hash of the tracking URI: version numbers are only unique within one registry.)
+
+A replica that restarts while MLflow is unreachable loads the last good version from here (its
+export still verifies against its manifest, bundlerec.integrity) instead of failing to start; a
+refused or replaced version's copy is deleted, so polling never piles up downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from typing import Optional
+
+log = logging.getLogger("ray.serve")
+
+
+class ModelStore:
+    def __init__(self, root: str, tracking_uri: Optional[str] = None):
+        registry = hashlib.sha256(str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")).encode()).hexdigest()[:12]
+        self.root = os.path.join(os.path.abspath(os.path.expanduser(root)), registry)
+        os.makedirs(os.path.join(self.root, "last_good"), exist_ok=True)
+
+    def path(self, name: str, version: str) -> str:
+        return os.path.join(self.root, name, str(version))
+
+    def fetch(self, uri: str, name: str, version: str) -> str:
+        """Local directory of registry version ``uri`` (models:/name/version), downloaded once."""
+        import mlflow
+
+        dst = self.path(name, version)
+        if os.path.exists(os.path.join(dst, "MLmodel")):
+            return dst
+        staging = os.path.join(self.root, name, f".{version}.staging-{uuid.uuid4().hex[:8]}")
+        os.makedirs(staging)
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=staging)
+            try:
+                os.rename(staging, dst)  # whole or not at all; another replica may have won the race
+            except OSError:
+                if not os.path.exists(os.path.join(dst, "MLmodel")):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return dst
+
+    def discard(self, name: str, version: str) -> None:
+        shutil.rmtree(self.path(name, version), ignore_errors=True)
+
+    def _pointer(self, model_uri: str) -> str:
+        return os.path.join(self.root, "last_good", hashlib.sha256(model_uri.encode()).hexdigest()[:16] + ".json")
+
+    def remember(self, model_uri: str, name: str, version: str) -> None:
+        """``version`` loaded and answered: the one to fall back to; older copies are removed."""
+        tmp = self._pointer(model_uri) + f".{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"model_uri": model_uri, "name": name, "version": str(version)}, f)
+        os.replace(tmp, self._pointer(model_uri))
+        keep = {str(version)} | {p["version"] for p in self._pointers() if p["name"] == name}
+        for v in os.listdir(os.path.join(self.root, name)) if os.path.isdir(os.path.join(self.root, name)) else []:
+            if not v.startswith(".") and v not in keep:
+                self.discard(name, v)
+
+    def last_good(self, model_uri: str) -> Optional[dict]:
+        """{name, version, path} of the last good version for ``model_uri`` that is still on disk."""
+        try:
+            with open(self._pointer(model_uri)) as f:
+                p = json.load(f)
+        except (OSError, ValueError):
+            return None
+        path = self.path(p["name"], p["version"])
+        return {**p, "path": path} if os.path.exists(os.path.join(path, "MLmodel")) else None
+
+    def _pointers(self) -> list[dict]:
+        out = []
+        d = os.path.join(self.root, "last_good")
+        for n in os.listdir(d):
+            if n.endswith(".json"):
+                try:
+                    with open(os.path.join(d, n)) as f:
+                        out.append(json.load(f))
+                except (OSError, ValueError):
+                    continue
+        return out

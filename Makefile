@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # The environment defaults are bundlerec.runtime.ENV_DEFAULTS (tests/test_config.py checks they agree).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
+export RAY_AUTH_MODE := token
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # Ports of the local services (cluster/local.sh reads the same variables; it reuses services already up).
@@ -52,7 +52,7 @@ demo: services
 	echo "demo wall time: $$(( $$(date +%s) - start ))s (job submit to finish)"; \
 	echo; echo "summary:   $(DEMO_ROOT)/runs/<config name>/summary.json (report_url: the run's evaluation report in MLflow)"; \
 	echo "explorer:  http://127.0.0.1:8000/  (bundle explorer page; API token in $(DEMO_ROOT)/runs/<config name>/api_token)"; \
-	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP)   (stop with: make stop)"
+	echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT)   Ray dashboard: $(RAY_ADDRESS_HTTP) (token: ray get-auth-token)   (stop with: make stop)"
 
 stop:
 	cluster/local.sh stop

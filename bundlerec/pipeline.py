@@ -12,7 +12,7 @@ import os
 import time
 
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
-from bundlerec.storage import join, read_text
+from bundlerec.storage import join, read_text, write_text
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
     results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
                "export_dir": export_dir, "metrics": metrics, "eval_seconds": time.time() - t,
                "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")}, **(extra or {})}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.results_path)), exist_ok=True)
-    with open(cfg.results_path, "w") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_text(cfg.results_path, json.dumps(results, indent=2, default=str))  # atomic: the next stage reads it
     log_results(cfg.mlflow.tracking_uri, run_id, metrics, export_dir,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
     results["report"] = log_report(cfg, run_id, export_dir, metrics)

@@ -14,7 +14,8 @@ ENV_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node mode: keeps every Ray listener on 127.0.0.1
     "RAY_USAGE_STATS_ENABLED": "0",            # no phoning home
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-    "RAY_AUTH_MODE": "disabled",               # must match between cluster and client; services bind to loopback
+    "RAY_AUTH_MODE": "token",                  # Ray's token authentication on every port (same for cluster and
+                                               # client; the token: $RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token)
     "HF_HUB_OFFLINE": "1",                     # never download weights at run time
     "TOKENIZERS_PARALLELISM": "false",         # tokenizers + fork = warnings and deadlocks
 }

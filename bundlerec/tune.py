@@ -24,7 +24,8 @@ from bundlerec.config import (
     from_dict,
     to_dict,
 )
-from bundlerec.storage import absolute
+from bundlerec import integrity
+from bundlerec.storage import absolute, write_text
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
         best_val = float(hist[METRIC].max()) if hist is not None and METRIC in hist else r.metrics.get(METRIC)
         runs = client.search_runs([state["experiment_id"]], filter_string=f"tags.`bundlerec.trial_id` = '{tid}'")
         run_id = runs[0].info.run_id if runs else None
-        done = export_dir and os.path.exists(os.path.join(export_dir, "bundlerec.json"))
+        done = export_dir and integrity.verify(export_dir, hashes=False)[0]  # a complete, committed export
         if run_id and not done:
             client.set_terminated(run_id, "KILLED")  # stopped early by ASHA
         trials.append({"trial_id": tid, "config": r.config, METRIC: best_val, "epochs": r.metrics.get("epoch"),
@@ -188,8 +189,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
              "sweep_dir": sweep_dir}
     client.log_metric(state["parent_run_id"], f"best_{METRIC}", finished[0][METRIC])
     client.set_tag(state["parent_run_id"], "bundlerec.best_trial", finished[0]["trial_id"])
-    with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-        json.dump(sweep, f, indent=2, default=str)
+    write_text(os.path.join(sweep_dir, "sweep.json"), json.dumps(sweep, indent=2, default=str))
     return sweep
 
 

@@ -25,7 +25,7 @@ S3_BUCKET="${S3_BUCKET:-bundlerec}"
 NUM_CPUS="${NUM_CPUS:-6}"          # logical CPUs = bundlerec.runtime.LOCAL_NUM_CPUS (why: see there; tests check they agree)
 OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
 export PATH="$VENV/bin:$PATH"      # workers and job drivers must run the venv's python
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$STATE/mlflow/artifacts" "$STATE/logs"
 
@@ -69,12 +69,19 @@ ENV
 }
 
 start() {
-  if ! curl -sf -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/version"; then
+  # Ray's token authentication (RAY_AUTH_MODE=token): the cluster and every client (ray job submit,
+  # bundlerec, the dashboard in a browser) use the token in ~/.ray/auth_token (or $RAY_AUTH_TOKEN_PATH);
+  # made here once, mode 0600 (`ray get-auth-token` prints it, e.g. to paste into the dashboard)
+  if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}" ]; then
+    ray get-auth-token --generate > /dev/null && chmod 600 "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    echo "generated a Ray auth token in ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+  fi
+  if ! curl -sf -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz"; then
     echo "starting Ray head on 127.0.0.1:$RAY_PORT (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
     ray start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT" --dashboard-host=127.0.0.1 \
       --dashboard-port="$DASHBOARD_PORT" --num-cpus="$NUM_CPUS" --object-store-memory="$OBJECT_STORE_BYTES" \
       --dashboard-agent-listen-port="$AGENT_PORT" --disable-usage-stats > "$STATE/logs/ray-start.log" 2>&1 || { cat "$STATE/logs/ray-start.log"; exit 1; }
-    wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/version" 60
+    wait_http "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz" 60
     touch "$STATE/ray.started"
   else
     echo "Ray already running (dashboard http://127.0.0.1:$DASHBOARD_PORT)"
@@ -119,7 +126,7 @@ stop() {
 }
 
 status() {
-  curl -sf -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/version" && echo "Ray: up (http://127.0.0.1:$DASHBOARD_PORT)" || echo "Ray: down"
+  curl -sf -o /dev/null "http://127.0.0.1:$DASHBOARD_PORT/api/gcs_healthz" && echo "Ray: up (http://127.0.0.1:$DASHBOARD_PORT)" || echo "Ray: down"
   curl -sf -o /dev/null "http://127.0.0.1:$MLFLOW_PORT/health" && echo "MLflow: up (http://127.0.0.1:$MLFLOW_PORT)" || echo "MLflow: down"
 }
 

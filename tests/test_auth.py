@@ -85,3 +85,23 @@ def test_redact_hashes_every_user_id():
     out = redact({"sample_request": {"user_id": "U1", "k": 5}, "rows": [{"user_id": "U2"}], "user": "keep"})
     assert out == {"sample_request": {"user_id": f"<user {hash_id('U1')}>", "k": 5},
                    "rows": [{"user_id": f"<user {hash_id('U2')}>"}], "user": "keep"}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_the_ray_control_plane_requires_its_token(ray_cluster):
+    """Ray's token authentication is on (bundlerec.runtime, the Makefile, cluster/local.sh): the
+    dashboard's job API refuses a request without the token and answers one that carries it."""
+    import urllib.error
+    import urllib.request
+
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{ray_cluster}/api/jobs/", timeout=10)
+    assert e.value.code in (401, 403)
+    headers = get_auth_headers_if_auth_enabled({})
+    assert headers, "no Ray auth token found"
+    with urllib.request.urlopen(urllib.request.Request(f"{ray_cluster}/api/jobs/", headers=headers), timeout=10) as r:
+        assert r.status == 200

@@ -112,8 +112,9 @@ def test_concurrent_registrations_end_with_the_better_model_as_champion(register
         assert not errors, errors
         champ = client.get_model_version_by_alias(name, "champion").version
         assert champ == out["good_dir"]["version"], (order, out)
-        assert out["good_dir"]["alias"] == "champion" and out["worse_dir"]["alias"] == "challenger"
-        assert client.get_model_version_by_alias(name, "challenger").version == out["worse_dir"]["version"]
+        # the better one's registrant saw it win; the worse one was champion at most until then
+        assert out["good_dir"]["alias"] == "champion" and out["good_dir"]["champion_version"] == champ
+        assert out["worse_dir"]["alias"] == "challenger" or int(out["worse_dir"]["version"]) < int(champ)
 
 
 def test_a_torn_export_is_refused_before_anything_is_registered(registered, tmp_path):
@@ -433,10 +434,10 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
 
         v3 = register(registered["good_dir"], registered["cfg"].data.output_dir, registered["uri"], "registry-test",
                       model_name=name, history_len=registered["cfg"].data.history_len)
-        model_id = client.get_model_version(name, v3["version"]).model_id
-        stored = [p for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/*/models/{model_id}/artifacts")]
+        model_id = client.get_model_version(name, v3["version"]).source.rsplit("/", 1)[-1]  # models:/m-<id>
+        stored = list({p.resolve() for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/*/models/{model_id}/artifacts")})
         assert len(stored) == 1, stored
-        with open(stored[0] / "export" / "latest.parquet", "r+b") as f:
+        with open(next(stored[0].rglob("export/latest.parquet")), "r+b") as f:
             f.truncate(64)
         failures.clear()
         stop.clear()
@@ -581,6 +582,8 @@ def test_the_model_artifact_holds_no_clear_user_id(tiny_trained, registered, tmp
         ids = set(pd.read_parquet(path).user_id.astype(str))
         assert not ids & raw and ids == {pseudonym(u, key) for u in raw}, path
     assert stored, "the registered model carries the histories"
+    # no pickle anywhere in the model (models from code, safetensors, skops, JSON, Arrow, NumPy)
+    assert not [p for p in __import__("pathlib").Path(art).rglob("*") if p.suffix in (".pkl", ".pickle", ".pt")]
     some = sorted(raw)[:20]
     for f in __import__("pathlib").Path(art).rglob("*"):
         if f.is_file() and f.suffix in (".json", ".txt", ".yaml", ".csv", ".html", ".MLmodel", ""):

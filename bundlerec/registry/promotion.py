@@ -159,7 +159,9 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
         info = mlflow.pyfunc.log_model(
-            name="pyfunc", python_model=BundlerecPyfunc(), artifacts={"export": export_dir},
+            # models from code: the model is this file + bundlerec's code + the export, never a pickle
+            name="pyfunc", python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
+            artifacts={"export": export_dir},
             code_paths=[os.path.dirname(bundlerec.__file__)], signature=signature,
             input_example=(example, {"k": 10}),  # shown in the UI; `mlflow models serve` docs
             registered_model_name=model_name, pip_requirements=_requirements())

@@ -141,6 +141,29 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source)
 
 
+def bind_internal_grpc_to_node_ip() -> None:
+    """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on ``[::]:0``, i.e. on
+    every interface of the machine, although nothing uses it unless RAY_SERVE_USE_GRPC_BY_DEFAULT=1
+    (found by listing the demo's sockets: tests/test_registry_serve.py). Called in the replica's
+    constructor, which Serve runs before it starts that server: bind it to this node's own address
+    (127.0.0.1 on one machine) instead. A Ray without this hook is left as it is."""
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    original = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "bundlerec_bound", False):
+        return
+    ip = ray.util.get_node_ip_address()
+
+    def bind(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{f'[{ip}]' if ':' in ip else ip}:{address.rsplit(':', 1)[1]}"
+        return original(server, address)
+
+    bind.bundlerec_bound = True
+    serve_replica.add_port_to_grpc_server = bind
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class BundlerecService:
@@ -155,6 +178,7 @@ class BundlerecService:
                  max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles):
         import torch
 
+        bind_internal_grpc_to_node_ip()
         torch.set_num_threads(torch_threads)
         # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
         if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):

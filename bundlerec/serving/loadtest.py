@@ -200,6 +200,9 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
     params = EngineParams.load(dst_export)
     if {"pretrained", "lexical"} & {*params.completion, *params.compat}:
         EngineParams().save(dst_export)
+    from bundlerec.integrity import seal
+
+    seal(dst_export)  # a new, complete export: its own manifest
     return dst_export
 
 

@@ -148,7 +148,12 @@ def log_results(tracking_uri: str, run_id: str, metrics: dict, export_dir: Optio
     if export_dir:
         client.log_artifacts(run_id, export_dir, artifact_path="model")
     for name, path in (files or {}).items():
-        client.log_artifact(run_id, path, artifact_path=name)
+        if "://" in path:  # on object storage (s3://...): its text, under its file name
+            from bundlerec.storage import read_text
+
+            client.log_text(run_id, read_text(path), f"{name}/{path.rstrip('/').rsplit('/', 1)[-1]}")
+        else:
+            client.log_artifact(run_id, path, artifact_path=name)
 
 
 def mlflow_name(metric: str) -> str:

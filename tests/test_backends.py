@@ -47,7 +47,8 @@ def backends(ray_cluster, tmp_path_factory):
         shutil.rmtree(pg_data, ignore_errors=True)
 
 
-def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(backends, ray_cluster, tmp_path):
+def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(backends, ray_cluster, tmp_path,
+                                                                               monkeypatch):
     import boto3
     import mlflow
     import psycopg
@@ -69,6 +70,8 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
 
     # prep's committed snapshot and the checkpoints are objects in the bucket, nothing on local disk
+    for k, v in s3_env.items():
+        monkeypatch.setenv(k, v)
     keys = [o["Key"] for page in boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_paginator(
         "list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
     manifest = json.loads(boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_object(
@@ -84,7 +87,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
         aliases = conn.execute("SELECT alias, version FROM registered_model_aliases WHERE name = 'bundlerec-s3'").fetchall()
     assert versions == [(1,)] and aliases == [("champion", 1)]
     assert any(k.startswith("mlflow/") and k.endswith("export/MANIFEST.json") for k in keys)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(backends["mlflow"])
     rec = mlflow.pyfunc.load_model("models:/bundlerec-s3@champion").unwrap_python_model().rec  # verified export
     assert len(rec.item_ids) == 120

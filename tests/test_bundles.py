@@ -171,8 +171,11 @@ def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     """The export carries the fitted model as JSON + skops (no pickle), with its fit metadata; the
     loaded model prices exactly as the fitted one, and prices depend on what is in the bundle."""
     from bundlerec.bundles.pricing import attach_to_export
+    from bundlerec.integrity import seal, verify
 
+    seal(str(tmp_path))  # an (empty) committed export: attaching verifies it first, then re-seals
     info = attach_to_export(str(tmp_path), STEAM)
+    assert verify(str(tmp_path)) == (True, "ok")
     assert info["source"] == "fitted" and info["n_bundles"] > 500
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "pricing.skops").exists()
     model, meta = PricingModel.load(str(tmp_path))

@@ -19,9 +19,11 @@ itself with 503 + Retry-After once ``max_queued_requests`` is reached (serve/con
 """
 
 
+import asyncio
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -141,6 +143,15 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source)
 
 
+def _lower_this_threads_priority(nice: int = 19) -> None:
+    """Raise the calling thread's nice value (Linux: per thread; needs no privilege): the bundle
+    pool's threads, so that the replica's event loop, which answers recommendations, gets the CPU first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed: keep the default priority
+        pass
+
+
 def bind_internal_grpc_to_node_ip() -> None:
     """Ray Serve 2.60 starts an inter-deployment gRPC server in every replica on ``[::]:0``, i.e. on
     every interface of the machine, although nothing uses it unless RAY_SERVE_USE_GRPC_BY_DEFAULT=1
@@ -189,6 +200,8 @@ class BundlerecService:
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
         self._bundle_slots = threading.BoundedSemaphore(int(max_concurrent_bundles))
+        self._bundle_pool = ThreadPoolExecutor(int(max_concurrent_bundles), thread_name_prefix="bundles",
+                                               initializer=_lower_this_threads_priority)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
         from bundlerec.privacy import read_user_key
@@ -276,15 +289,16 @@ class BundlerecService:
 
     @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
               responses=ERROR_RESPONSES)
-    def bundles(self, req: BundleRequest) -> BundleResponse:
-        """Personalized bundles with optimized prices (runs in FastAPI's thread pool). At most
-        ``max_concurrent_bundles`` at once per replica; beyond that 503 + Retry-After right away,
-        so bundle work is shed before it slows recommendations down."""
+    async def bundles(self, req: BundleRequest) -> BundleResponse:
+        """Personalized bundles with optimized prices. At most ``max_concurrent_bundles`` at once per
+        replica, computed in the replica's own low-priority threads (nice 19) so that the event loop,
+        which answers recommendations, gets the CPU first; beyond that 503 + Retry-After right away:
+        bundle work is shed before recommendations are."""
         if not self._bundle_slots.acquire(blocking=False):
             raise HTTPException(503, "bundle capacity of this replica is in use; retry shortly",
                                 headers={"Retry-After": "1"})
         try:
-            return self._bundles(req)
+            return await asyncio.get_running_loop().run_in_executor(self._bundle_pool, self._bundles, req)
         finally:
             self._bundle_slots.release()
 

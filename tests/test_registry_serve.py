@@ -85,31 +85,25 @@ def test_champion_only_moves_on_merit(registered):
 
 
 @pytest.mark.timeout(600)
-def test_concurrent_registrations_end_with_the_better_model_as_champion(registered):
-    """Two registrations released at the same moment (the race the alias move used to lose: each
-    read "no champion", the slower write won). In both start orders the better model ends as champion."""
-
-    from bundlerec.registry.promotion import register
-
+def test_concurrent_registrations_end_with_the_better_model_as_champion(registered, tmp_path):
+    """Two registrations started at the same moment, each in its own process as two jobs would be
+    (the race the alias move used to lose: each read "no champion", the slower write won). In both
+    start orders the better model ends as champion."""
     cfg, client = registered["cfg"], registered["client"]
     for order in (("good_dir", "worse_dir"), ("worse_dir", "good_dir")):
         name = f"race-{order[0]}"
-        barrier, out, errors = threading.Barrier(2), {}, []
-
-        def go(which):
-            try:
-                barrier.wait()
-                out[which] = register(registered[which], cfg.data.output_dir, registered["uri"], "registry-race",
-                                      model_name=name, history_len=cfg.data.history_len)
-            except Exception as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=go, args=(w,)) for w in order]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-        assert not errors, errors
+        procs = {}
+        for which in order:
+            code = (f"import json; from bundlerec.registry.promotion import register; print(json.dumps(register("
+                    f"{registered[which]!r}, {cfg.data.output_dir!r}, {registered['uri']!r}, 'registry-race', "
+                    f"model_name={name!r}, history_len={cfg.data.history_len})))")
+            procs[which] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True, cwd=str(tmp_path))
+        out = {}
+        for which, p in procs.items():
+            stdout, stderr = p.communicate(timeout=300)
+            assert p.returncode == 0, stderr[-3000:]
+            out[which] = json.loads(stdout.strip().splitlines()[-1])
         champ = client.get_model_version_by_alias(name, "champion").version
         assert champ == out["good_dir"]["version"], (order, out)
         # the better one's registrant saw it win; the worse one was champion at most until then
@@ -151,7 +145,7 @@ def test_a_replica_started_while_the_registry_is_down_serves_the_last_good_copy(
     model_uri = f"models:/{name}@champion"
     first = load(model_uri, uri, user_key=key, store=store)
     assert first.info.version == "1" and first.source == "registry"
-    store.remember(model_uri, first.info.name, first.info.version)
+    store.remember(model_uri, first.info.name, first.info.version, first.local)
     dead = f"http://127.0.0.1:{free_port()}"  # the registry is gone
     with pytest.raises(Exception):
         load(model_uri, dead, user_key=key)  # no local copy to fall back to: the error, not a guess
@@ -250,7 +244,8 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                       [f"data.output_dir={registered['cfg'].data.output_dir}", f"serve.model_name={name}",
                        f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
                        f"mlflow.tracking_uri={registered['uri']}", "serve.poll_s=1",
-                       "serve.auth=true", f"serve.token_file={token_file}", "serve.max_concurrent_bundles=1"])
+                       "serve.auth=true", f"serve.token_file={token_file}", "serve.max_concurrent_bundles=1",
+                       f"serve.model_cache_dir={tmp_path / 'models'}"])
     base = cfg.serve.url
     AUTH.clear()
     AUTH["Authorization"] = f"Bearer {token}"

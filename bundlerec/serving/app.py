@@ -65,6 +65,7 @@ class Loaded:
     rec: Any  # bundlerec.serving.recommender.Recommender
     info: ModelInfo
     source: str = "registry"  # registry | local copy (registry unreachable) | export dir
+    local: Optional[str] = None  # the verified local copy it was loaded from (ModelStore)
 
 
 def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
@@ -109,7 +110,7 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    source = "registry"
+    source, local = "registry", None
     try:
         uri, version, alias = _resolve(model_uri, tracking_uri)
     except Exception as e:
@@ -118,16 +119,19 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
             raise
         log.warning("bundlerec: registry unreachable (%s); serving the last good local copy, %s version %s",
                     e, kept["name"], kept["version"])
-        uri, version, alias = f"models:/{kept['name']}/{kept['version']}", kept["version"], None
+        uri, version, alias, local = f"models:/{kept['name']}/{kept['version']}", kept["version"], None, kept["path"]
         source = "local copy (registry unreachable)"
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
-        local = store.fetch(uri, name, version) if store is not None and version and uri.startswith("models:/") else uri
+        if local is None:
+            local = store.fetch(uri, name, version) if store is not None and version and uri.startswith("models:/") else uri
         try:
             rec = mlflow.pyfunc.load_model(local).unwrap_python_model().rec  # verifies the export's manifest
         except Exception:
-            if store is not None and version:
-                store.discard(name, version)  # a refused copy is not kept
+            if store is not None and source.startswith("local copy"):
+                store.discard(local)  # a kept copy that no longer verifies is of no use to any replica
+            # a fresh download that fails is left for ModelStore.remember's pruning: replicas on this
+            # node share the store, and another one may be reading that folder right now
             raise
         rec.user_key = user_key
     else:
@@ -140,7 +144,7 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
     if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
         rec.configure_ann(**ann)
     canned_check(rec)
-    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source)
+    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source, local)
 
 
 def _lower_this_threads_priority(nice: int = 19) -> None:
@@ -228,8 +232,8 @@ class BundlerecService:
             threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
 
     def _remember(self, m: Loaded) -> None:
-        if self.store is not None and m.info.version and m.info.uri.startswith("models:/"):
-            self.store.remember(self.model_uri, m.info.name, m.info.version)
+        if self.store is not None and m.info.version and m.local and m.info.uri.startswith("models:/"):
+            self.store.remember(self.model_uri, m.info.name, m.info.version, m.local)
 
     def _refuse(self, version: Optional[str], e: Exception) -> None:
         from datetime import datetime, timezone

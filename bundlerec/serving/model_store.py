@@ -1,6 +1,6 @@
 """Each replica's verified local copies of registry versions, and the last one it served well.
 
-    <model_cache_dir>/<registry>/<name>/<version>/     a registry version, downloaded whole (staged + renamed)
+    <model_cache_dir>/<registry>/<name>/<version>-<model id>/   a registry version, downloaded whole (staged + renamed)
     <model_cache_dir>/<registry>/last_good/<key>.json  per model URI (e.g. models:/bundlerec@champion): the
                                                        version that last loaded and answered the canned request
 
@@ -30,14 +30,17 @@ class ModelStore:
         self.root = os.path.join(os.path.abspath(os.path.expanduser(root)), registry)
         os.makedirs(os.path.join(self.root, "last_good"), exist_ok=True)
 
-    def path(self, name: str, version: str) -> str:
-        return os.path.join(self.root, name, str(version))
+    def path(self, name: str, folder: str) -> str:
+        return os.path.join(self.root, name, str(folder))
 
     def fetch(self, uri: str, name: str, version: str) -> str:
-        """Local directory of registry version ``uri`` (models:/name/version), downloaded once."""
+        """Local directory of registry version ``uri`` (models:/name/version), downloaded once. The
+        folder is named by version *and* the registered model's id: a version number alone may name
+        another model in a registry recreated at the same address."""
         import mlflow
 
-        dst = self.path(name, version)
+        source = mlflow.MlflowClient().get_model_version(name, version).source or ""
+        dst = self.path(name, f"{version}-{source.rstrip('/').rsplit('/', 1)[-1] or 'model'}")
         if os.path.exists(os.path.join(dst, "MLmodel")):
             return dst
         staging = os.path.join(self.root, name, f".{version}.staging-{uuid.uuid4().hex[:8]}")
@@ -53,22 +56,26 @@ class ModelStore:
             shutil.rmtree(staging, ignore_errors=True)
         return dst
 
-    def discard(self, name: str, version: str) -> None:
-        shutil.rmtree(self.path(name, version), ignore_errors=True)
+    def discard(self, path: str) -> None:
+        if os.path.abspath(path).startswith(self.root + os.sep):
+            shutil.rmtree(path, ignore_errors=True)
 
     def _pointer(self, model_uri: str) -> str:
         return os.path.join(self.root, "last_good", hashlib.sha256(model_uri.encode()).hexdigest()[:16] + ".json")
 
-    def remember(self, model_uri: str, name: str, version: str) -> None:
-        """``version`` loaded and answered: the one to fall back to; older copies are removed."""
+    def remember(self, model_uri: str, name: str, version: str, path: str) -> None:
+        """``path`` (version ``version``) loaded and answered: the one to fall back to; other copies of
+        the model are removed."""
         tmp = self._pointer(model_uri) + f".{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"model_uri": model_uri, "name": name, "version": str(version)}, f)
+            json.dump({"model_uri": model_uri, "name": name, "version": str(version),
+                       "folder": os.path.basename(path)}, f)
         os.replace(tmp, self._pointer(model_uri))
-        keep = {str(version)} | {p["version"] for p in self._pointers() if p["name"] == name}
-        for v in os.listdir(os.path.join(self.root, name)) if os.path.isdir(os.path.join(self.root, name)) else []:
+        keep = {os.path.basename(path)} | {p.get("folder") for p in self._pointers() if p["name"] == name}
+        d = os.path.join(self.root, name)
+        for v in os.listdir(d) if os.path.isdir(d) else []:
             if not v.startswith(".") and v not in keep:
-                self.discard(name, v)
+                self.discard(os.path.join(d, v))
 
     def last_good(self, model_uri: str) -> Optional[dict]:
         """{name, version, path} of the last good version for ``model_uri`` that is still on disk."""
@@ -77,7 +84,7 @@ class ModelStore:
                 p = json.load(f)
         except (OSError, ValueError):
             return None
-        path = self.path(p["name"], p["version"])
+        path = self.path(p["name"], p.get("folder", p["version"]))
         return {**p, "path": path} if os.path.exists(os.path.join(path, "MLmodel")) else None
 
     def _pointers(self) -> list[dict]:

@@ -9,12 +9,19 @@ from bundlerec.config import ConfigError, PipelineConfig, load_config
 
 
 def parse(argv: list[str] | None, description: str) -> PipelineConfig:
+    return parse_with(argv, description)[0]
+
+
+def parse_with(argv: list[str] | None, description: str, add_arguments=None) -> tuple[PipelineConfig, argparse.Namespace]:
+    """``parse`` for a job with options of its own: ``add_arguments(parser)`` adds them."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="YAML config (jobs/configs/*.yaml); defaults otherwise")
+    if add_arguments is not None:
+        add_arguments(p)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 data.history_len=20")
     args = p.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides), args
     except ConfigError as e:  # a typo in a key or value: one line and exit status 2, before any compute
         p.error(str(e))
 

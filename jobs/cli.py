@@ -36,6 +36,9 @@ STAGES: dict[str, tuple[str, bool, str]] = {
     "eval-pricing": ("jobs.eval_pricing", False, "bundle-price accuracy on the Steam bundles (k-fold)"),
     "split-intent": ("jobs.split_intent", False, "split a bundlerec_intent directory by user (dev folds)"),
     "loadtest": ("jobs.loadtest", False, "latency percentiles of the live endpoint at several concurrencies"),
+    "experiment": ("jobs.experiment", True, "start / status / stop an online experiment (arms = registry versions)"),
+    "experiment-report": ("jobs.experiment_report", True, "per-arm online metrics with intervals, SRM; --promote"),
+    "simulate-traffic": ("jobs.simulate_traffic", True, "simulated shoppers against the live endpoint (A/B, A/A)"),
 }
 # options of the argparse stages that name files: resolved where the user runs the command
 PATH_OPTIONS = ("--out", "--work-dir", "--train-dir", "--eval-dir", "--src", "--export", "--data-dir", "--to",

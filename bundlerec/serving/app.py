@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -38,10 +39,13 @@ from bundlerec.serving import guards  # a module reference: see the note in bund
 from bundlerec.serving.guards import limit_body, require_token, validation_error
 from bundlerec.serving.schemas import (
     ERROR_RESPONSES,
+    FEEDBACK_EVENT_TYPE,
     BundleRequest,
     BundleResponse,
     CompletionRequest,
     CompletionResponse,
+    FeedbackRequest,
+    FeedbackResponse,
     HistoryRequest,
     HistoryResponse,
     ItemSearchResponse,
@@ -190,7 +194,10 @@ class BundlerecService:
                  max_body_bytes: int = DEFAULTS.max_body_bytes,
                  ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe,
                  model_cache_dir: Optional[str] = DEFAULTS.model_cache_dir,
-                 max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles):
+                 max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles,
+                 event_log_dir: str = DEFAULTS.event_log_dir, event_flush_s: float = DEFAULTS.event_flush_s):
+        import hashlib
+
         import torch
 
         bind_internal_grpc_to_node_ip()
@@ -227,8 +234,22 @@ class BundlerecService:
             self.current.source = "last good local copy (champion refused)"
         self._remember(self.current)
         self.reloads = 0
+        # --- online experiments: signed impression ids, durable impression/feedback logs, arms
+        from bundlerec.serving.event_log import OnlineLog
+        from bundlerec.serving.experiment import ImpressionSigner
+
+        self.signer = ImpressionSigner(self.user_key or hashlib.sha256(f"bundlerec:{model_uri}".encode()).digest())
+        self.log = OnlineLog(event_log_dir, event_flush_s) if event_log_dir else None
+        self._seen: "OrderedDict[str, None]" = OrderedDict()  # recent (impression, event) keys: idempotency
+        self._seen_lock = threading.Lock()
+        self.experiment = None  # bundlerec.serving.experiment.Experiment while one runs
+        self.experiment_refused: Optional[dict] = None
+        self._experiment_key: Optional[str] = None
+        self.model_name = model_uri[len("models:/"):].split("@")[0].split("/")[0] if model_uri.startswith("models:/") else None
+        if self.model_name:
+            self._sync_experiment()
         self._stop = threading.Event()
-        if poll_s > 0 and "@" in model_uri:
+        if poll_s > 0 and model_uri.startswith("models:/"):
             threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
 
     def _remember(self, m: Loaded) -> None:
@@ -244,30 +265,113 @@ class BundlerecService:
                   getattr(getattr(self, "current", None), "info", None) and self.current.info.version, e)
 
     def _watch(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            if "@" in self.model_uri:
+                self._follow_alias()
+            self._sync_experiment()
+
+    def _follow_alias(self) -> None:
         """Follow the alias: load and check a moved champion beside the old one, then swap the
         reference. A version that fails (manifest, load, canned request) is refused once and the
         old one keeps serving; it is retried only when the alias moves again."""
-        while not self._stop.wait(poll_s):
-            try:
-                _, version, _ = _resolve(self.model_uri, self.tracking_uri)
-            except Exception as e:  # registry hiccup: keep serving the loaded model
-                log.warning("bundlerec: alias check failed: %s", e)
-                continue
-            if not version or version == self.current.info.version or (self.refused or {}).get("version") == version:
-                continue
-            try:
-                new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)
-            except Exception as e:
-                self._refuse(version, e)
-                continue
-            self.current = new  # atomic: requests in flight keep the object they hold
-            self.refused = None
-            self.reloads += 1
-            self._remember(new)
-            log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
+        try:
+            _, version, _ = _resolve(self.model_uri, self.tracking_uri)
+        except Exception as e:  # registry hiccup: keep serving the loaded model
+            log.warning("bundlerec: alias check failed: %s", e)
+            return
+        if not version or version == self.current.info.version or (self.refused or {}).get("version") == version:
+            return
+        try:
+            new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)
+        except Exception as e:
+            self._refuse(version, e)
+            return
+        self.current = new  # atomic: requests in flight keep the object they hold
+        self.refused = None
+        self.reloads += 1
+        self._remember(new)
+        log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
+
+    def _sync_experiment(self) -> None:
+        """Follow the registry's experiment tag: load and check every arm's version (reusing loaded
+        ones) beside what serves, then swap the experiment in one assignment. An experiment whose
+        arms fail to load is refused (``GET /v1/experiment`` says why) and traffic stays as it was."""
+        import json
+
+        import mlflow
+
+        from bundlerec.registry import experiment as registry_experiment
+        from bundlerec.serving.experiment import Experiment
+        from bundlerec.tracking import one_try
+
+        try:
+            client = mlflow.MlflowClient(self.tracking_uri)
+            with one_try(10):
+                spec = registry_experiment.read(client, self.model_name)
+                versions = {a: registry_experiment.resolve(client, self.model_name, arm["model"])
+                            for a, arm in (spec or {}).get("arms", {}).items()}
+        except Exception as e:  # registry hiccup: keep the traffic split as it is
+            log.warning("bundlerec: experiment check failed: %s", e)
+            return
+        if spec is None:
+            if self.experiment is not None:
+                log.info("bundlerec: experiment %s ended; all traffic to %s", self.experiment.name, self.model_uri)
+            self.experiment, self._experiment_key = None, None
+            return
+        key = json.dumps([spec, versions], sort_keys=True)
+        if key in (self._experiment_key, (self.experiment_refused or {}).get("key")):
+            return
+        pool = {self.current.info.version: self.current}
+        if self.experiment is not None:
+            pool.update({m.info.version: m for m in self.experiment.arms.values()})
+        arms = {}
+        try:
+            for arm, version in sorted(versions.items()):
+                if version not in pool:
+                    pool[version] = load(f"models:/{self.model_name}/{version}", self.tracking_uri, self.ann,
+                                         self.user_key, self.store)
+                arms[arm] = pool[version]
+        except Exception as e:
+            self.experiment_refused = {"name": spec.get("name"), "key": key, "error": f"{type(e).__name__}: {e}"[:500]}
+            log.error("bundlerec: experiment %s refused (arm %s, version %s): %s", spec.get("name"), arm, version, e)
+            return
+        spec = {**spec, "arms": {a: {**spec["arms"][a], "version": versions[a]} for a in spec["arms"]}}
+        self.experiment = Experiment(spec, arms)  # atomic: a request routes on the object it read
+        self._experiment_key, self.experiment_refused = key, None
+        log.info("bundlerec: experiment %s running: %s", spec["name"], {a: versions[a] for a in sorted(arms)})
+
+    def _route(self, user_id: Optional[str], session_id: Optional[str]):
+        """(model, experiment name, arm, unit, new session id) for one request."""
+        from bundlerec.serving.experiment import new_session_id
+
+        new = None
+        unit = user_id or session_id
+        if unit is None:
+            unit = new = new_session_id()
+        exp = self.experiment
+        if exp is None:
+            return self.current, None, None, unit, new
+        arm, m = exp.route(unit)
+        return m, exp.name, arm, unit, new
+
+    def _impression(self, m: Loaded, exp: Optional[str], arm: Optional[str], unit: str, new_session: Optional[str],
+                    endpoint: str, items: list, bundles: list) -> dict:
+        """Issue the answer's impression id and log what was shown (before the answer goes out)."""
+        iid, f = self.signer.issue(unit, exp, arm, m.info.version, endpoint)
+        if self.log is not None:
+            self.log.impressions.append([{
+                "impression_id": iid, "event_time": f["t"], "experiment": exp, "arm": arm, "model_name": m.info.name,
+                "model_version": m.info.version, "endpoint": endpoint, "user_id": unit, "session_id": new_session,
+                "items": items, "bundle_items": [[i["item_id"] for i in b["items"]] for b in bundles],
+                "bundle_list_prices": [b.get("list_price") for b in bundles],
+                "bundle_prices": [b.get("bundle_price") for b in bundles]}])
+        return {"impression_id": iid, "experiment": {"experiment": exp, "arm": arm} if exp else None,
+                "session_id": new_session}
 
     def __del__(self):
         self._stop.set()
+        if getattr(self, "log", None) is not None:  # Serve calls this on graceful shutdown: flush
+            self.log.close()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0005)
     async def _score(self, models: list, histories: list, ks: list) -> list:
@@ -282,14 +386,16 @@ class BundlerecService:
     @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)],
               responses=ERROR_RESPONSES)
     async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
-        m = self.current  # pinned for this request
+        m, exp, arm, unit, new = self._route(req.user_id, req.session_id)  # the model is pinned for this request
         if req.events is not None:
             h = m.rec.history_from_events([e.model_dump() for e in req.events])
         else:
             h = m.rec.history_for_user(req.user_id)
         ranked = await self._score(m, h, req.k)
-        return RecommendationResponse(items=m.rec.describe(ranked), cold_start=not h.items,
-                                      unknown_items=h.unknown_items, history_source=h.source, model=m.info)
+        items = m.rec.describe(ranked)
+        shown = self._impression(m, exp, arm, unit, new, "recommendations", [i["item_id"] for i in items], [])
+        return RecommendationResponse(items=items, cold_start=not h.items, unknown_items=h.unknown_items,
+                                      history_source=h.source, model=m.info, **shown)
 
     @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
               responses=ERROR_RESPONSES)
@@ -307,19 +413,83 @@ class BundlerecService:
             self._bundle_slots.release()
 
     def _bundles(self, req: BundleRequest) -> BundleResponse:
-        m = self.current
+        m, exp, arm, unit, new = self._route(req.user_id, req.session_id)
         kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
                   limits=req.limits())
         if req.query is not None:
-            return BundleResponse(bundles=m.rec.query_bundles(req.query, **kw), cold_start=False, unknown_items=[],
-                                  history_source="query", model=m.info)
-        if req.events is not None:
-            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+            out, cold, unknown, source = m.rec.query_bundles(req.query, **kw), False, [], "query"
         else:
-            h = m.rec.history_for_user(req.user_id)
-        out = m.rec.bundles(h, **kw)
-        return BundleResponse(bundles=out, cold_start=not h.items, unknown_items=h.unknown_items,
-                              history_source=h.source, model=m.info)
+            if req.events is not None:
+                h = m.rec.history_from_events([e.model_dump() for e in req.events])
+            else:
+                h = m.rec.history_for_user(req.user_id)
+            out, cold, unknown, source = m.rec.bundles(h, **kw), not h.items, h.unknown_items, h.source
+        shown = self._impression(m, exp, arm, unit, new, "bundles", [], out)
+        return BundleResponse(bundles=out, cold_start=cold, unknown_items=unknown, history_source=source,
+                              model=m.info, **shown)
+
+    # ---------------------------------------------------------------- feedback and experiments
+    @api.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_token)],
+              responses=ERROR_RESPONSES)
+    def feedback(self, req: FeedbackRequest) -> FeedbackResponse:
+        """What shoppers did with an answer: clicks, carts, purchases, accepted bundles, each against
+        the ``impression_id`` of the answer. All events of a request are checked before any is
+        written (422 names the first bad one); a repeated (impression_id, event_id) is counted once."""
+        import time as _time
+
+        if self.log is None:
+            raise HTTPException(503, "feedback is not recorded by this deployment (serve.event_log_dir is empty)")
+        rec, now = self.current.rec, int(_time.time() * 1e6)
+        rows, keys, dup = [], set(), 0
+        for i, e in enumerate(req.events):
+            try:
+                imp = self.signer.check(e.impression_id)
+            except ValueError as err:
+                raise RequestValidationError([{"loc": ("body", "events", i, "impression_id"), "msg": str(err),
+                                               "type": "value_error"}]) from None
+            items = e.items if e.type == "bundle_accept" else [e.item_id]
+            unknown = [x for x in items if x not in rec.item_pos]
+            if unknown:
+                field = "items" if e.type == "bundle_accept" else "item_id"
+                raise RequestValidationError([{"loc": ("body", "events", i, field), "type": "value_error",
+                                               "msg": f"not in the catalog: {unknown[:5]}"}])
+            key = f"{e.impression_id}|{e.event_id}"
+            with self._seen_lock:
+                seen = key in self._seen or key in keys
+            if seen:
+                dup += 1
+                continue
+            keys.add(key)
+            list_prices = [max(rec.prices[rec.item_pos[x]], 0.0) for x in items]
+            if e.type == "bundle_accept":  # the bundle price split over its items in proportion to list price
+                total = sum(list_prices)
+                paid = [e.price * (p / total if total > 0 else 1 / len(items)) for p in list_prices]
+            else:
+                paid = [e.price if e.price is not None else list_prices[0]]
+            t = int(e.event_time.timestamp() * 1e6) if e.event_time else now
+            for x, p in zip(items, paid):
+                rows.append({"event_time": t, "event_type": FEEDBACK_EVENT_TYPE[e.type], "user_id": imp["u"],
+                             "session_id": imp["u"] if imp["u"].startswith("anon-") else None, "item_id": x,
+                             "price": round(p, 4), "quantity": e.quantity, "impression_id": e.impression_id,
+                             "event_id": e.event_id, "feedback_type": e.type, "experiment": imp["e"], "arm": imp["a"],
+                             "model_version": imp["v"], "bundle_index": e.bundle_index,
+                             "revenue": round(p * e.quantity, 4) if FEEDBACK_EVENT_TYPE[e.type] == "purchase" else 0.0,
+                             "received_time": now})
+        self.log.feedback.append(rows)  # durable (write-ahead) before the answer
+        with self._seen_lock:
+            for k in keys:
+                self._seen[k] = None
+            while len(self._seen) > 500_000:
+                self._seen.popitem(last=False)
+        return FeedbackResponse(accepted=len(keys), duplicates=dup)
+
+    @api.get("/v1/experiment", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
+    def experiment_state(self) -> dict:
+        """The experiment this replica runs (registry spec with each arm's version), or none, and
+        the last one it refused."""
+        exp = self.experiment
+        return {"experiment": exp.spec if exp else None, "refused": self.experiment_refused,
+                "impressions_logged": self.log is not None}
 
     @api.post("/v1/bundles/complete", response_model=CompletionResponse, dependencies=[Depends(require_token)],
               responses=ERROR_RESPONSES)

@@ -29,6 +29,10 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
     app = conf["applications"][0]
     app["args"].update({"model_uri": model_uri or cfg.serve.model_uri or f"models:/{cfg.serve.model_name}@champion",
                         "tracking_uri": cfg.mlflow.tracking_uri, **cfg.serve.app_args()})  # the pipeline config wins
+    if app["args"].get("event_log_dir"):  # replicas run in Ray's working dirs: never a relative path
+        from bundlerec.storage import absolute
+
+        app["args"]["event_log_dir"] = absolute(app["args"]["event_log_dir"])
     if cfg.serve.auth:
         app["args"]["auth_token_file"] = os.path.abspath(token_file or cfg.serve.token_file)
     if os.path.exists(cfg.serve.user_key_file):  # histories are keyed by pseudonym (bundlerec.privacy)

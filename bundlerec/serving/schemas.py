@@ -35,11 +35,15 @@ class Event(BaseModel):
     @field_validator("event_time")
     @classmethod
     def _plausible_time(cls, t: datetime) -> datetime:
-        """From 1970 to a day ahead (clock skew), as prep accepts; naive times are UTC."""
-        t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-        if not EARLIEST <= t <= datetime.now(timezone.utc) + timedelta(days=1):
-            raise ValueError("event_time must lie between 1970-01-01 and a day from now")
-        return t
+        return plausible_time(t)
+
+
+def plausible_time(t: datetime) -> datetime:
+    """From 1970 to a day ahead (clock skew), as prep accepts; naive times are UTC."""
+    t = t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    if not EARLIEST <= t <= datetime.now(timezone.utc) + timedelta(days=1):
+        raise ValueError("event_time must lie between 1970-01-01 and a day from now")
+    return t
 
 
 class RecommendationRequest(BaseModel):
@@ -49,6 +53,9 @@ class RecommendationRequest(BaseModel):
     user_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
     events: Optional[list[Event]] = Field(default=None, max_length=MAX_EVENTS)
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
+    session_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                      description="an anonymous shopper's session: send back the session_id of "
+                                                  "the first answer to keep the same experiment arm")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -132,7 +139,20 @@ class ModelInfo(BaseModel):
     uri: str
 
 
-class RecommendationResponse(BaseModel):
+class ArmInfo(BaseModel):
+    experiment: str
+    arm: str
+
+
+class Impression(BaseModel):
+    """What every recommendation and bundle answer carries for feedback and experiments."""
+
+    impression_id: str = Field(description="send it with POST /v1/feedback")
+    experiment: Optional[ArmInfo] = Field(default=None, description="the running experiment and this shopper's arm")
+    session_id: Optional[str] = Field(default=None, description="the assignment unit of an anonymous shopper")
+
+
+class RecommendationResponse(Impression):
     items: list[RecommendedItem]
     cold_start: bool = Field(description="no usable history: the answer is the most popular items")
     unknown_items: list[str] = Field(default_factory=list, description="request items not in the catalog (ignored)")
@@ -150,7 +170,7 @@ class CompletionResponse(BaseModel):
     model: ModelInfo
 
 
-class BundleResponse(BaseModel):
+class BundleResponse(Impression):
     bundles: list[Bundle]
     cold_start: bool
     unknown_items: list[str] = Field(default_factory=list)
@@ -184,6 +204,56 @@ class HistoryResponse(BaseModel):
 class ItemSearchResponse(BaseModel):
     items: list[RecommendedItem]
     model: ModelInfo
+
+
+FeedbackType = Literal["click", "cart", "purchase", "bundle_accept"]
+FEEDBACK_EVENT_TYPE = {"click": "click", "cart": "cart", "purchase": "purchase", "bundle_accept": "purchase"}
+"""Feedback type -> clickstream event type (an accepted bundle is a purchase of each of its items)."""
+
+
+class FeedbackEvent(BaseModel):
+    """One thing a shopper did with what an answer showed."""
+
+    model_config = ConfigDict(extra="forbid")
+    impression_id: str = Field(min_length=10, max_length=1024)
+    event_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
+                          description="the client's id of this event: a repeat is counted once")
+    type: FeedbackType
+    item_id: Optional[str] = Field(default=None, min_length=1, max_length=128,
+                                   description="the item clicked, carted or bought (not for bundle_accept)")
+    bundle_index: Optional[int] = Field(default=None, ge=0, le=9, strict=True,
+                                        description="bundle_accept: which bundle of the answer (0 = first)")
+    items: Optional[list[Annotated[str, Field(min_length=1, max_length=128)]]] = Field(
+        default=None, min_length=1, max_length=8, description="bundle_accept: the bundle's item ids")
+    price: Optional[float] = Field(default=None, ge=0, le=1e7, allow_inf_nan=False,
+                                   description="purchase: unit price paid (default: the catalog price); "
+                                               "bundle_accept: the bundle price paid")
+    quantity: int = Field(default=1, ge=1, le=1000, strict=True)
+    event_time: Optional[datetime] = Field(default=None, description="when it happened (default: when received)")
+
+    @field_validator("event_time")
+    @classmethod
+    def _plausible_time(cls, t: Optional[datetime]) -> Optional[datetime]:
+        return None if t is None else plausible_time(t)
+
+    @model_validator(mode="after")
+    def _fields_of_type(self):
+        if self.type == "bundle_accept":
+            if self.bundle_index is None or self.items is None or self.price is None or self.item_id is not None:
+                raise ValueError("bundle_accept needs bundle_index, items and price (and no item_id)")
+        elif self.item_id is None or self.items is not None or self.bundle_index is not None:
+            raise ValueError(f"{self.type} needs item_id (and no items or bundle_index)")
+        return self
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=100)
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="events recorded now")
+    duplicates: int = Field(description="events already recorded (same impression_id and event_id): counted once")
 
 
 class ErrorResponse(BaseModel):

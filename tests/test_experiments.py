@@ -1,0 +1,339 @@
+"""Online experiments: assignment, impression ids, the durable event log, the report and the
+promotion rule (fast, no services), then the whole loop over real HTTP against the Serve app
+(`test_an_experiment_over_http_finds_the_better_arm_and_promotes_it`)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from bundlerec.config import ExperimentConfig, PromotionRule
+from bundlerec.eval import online
+from bundlerec.registry.experiment import decide, spec_of
+from bundlerec.serving.event_log import EventLog, OnlineLog, wal_dir_for
+from bundlerec.serving.experiment import ImpressionSigner, assign, bucket
+from tests.conftest import ROOT
+
+
+# ---------------------------------------------------------------- assignment and impression ids
+def test_assignment_is_sticky_deterministic_and_follows_the_shares():
+    spec = spec_of(ExperimentConfig(name="e1", arms={"a": "champion", "b": "challenger", "c": "3"},
+                                    shares={"a": 0.5, "b": 0.3, "c": 0.2}, control="a"))
+    units = [f"u{i}" for i in range(20_000)]
+    arms = [assign(spec, u) for u in units]
+    assert arms == [assign(spec, u) for u in units]  # sticky: the same unit, the same arm
+    share = pd.Series(arms).value_counts(normalize=True)
+    assert abs(share["a"] - 0.5) < 0.015 and abs(share["b"] - 0.3) < 0.015 and abs(share["c"] - 0.2) < 0.015
+    other = [assign({**spec, "salt": "e2"}, u) for u in units]  # a new salt reshuffles
+    assert abs(np.mean([x == y for x, y in zip(arms, other)]) - (.5**2 + .3**2 + .2**2)) < 0.02  # independent
+    assert 0 <= bucket("s", "u") < 1
+
+
+def test_impression_ids_are_signed_and_any_replica_can_check_them():
+    a, b = ImpressionSigner(b"k" * 32), ImpressionSigner(b"k" * 32)
+    iid, fields = a.issue("u1", "e1", "treatment", "3", "bundles")
+    assert b.check(iid) == fields and fields["a"] == "treatment" and fields["v"] == "3"
+    payload, _, tag = iid.partition(".")
+    forged = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + tag
+    for bad in (forged, payload + ".x", "nonsense", iid + "x"):
+        with pytest.raises(ValueError):
+            b.check(bad)
+    with pytest.raises(ValueError):
+        ImpressionSigner(b"other-key" * 4).check(iid)
+
+
+def test_experiment_config_is_validated():
+    from bundlerec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sum to 1"):
+        ExperimentConfig(shares={"control": 0.5, "treatment": 0.6})
+    with pytest.raises(ConfigError, match="same arms"):
+        ExperimentConfig(arms={"control": "champion", "x": "2"})
+    with pytest.raises(ConfigError, match="metric"):
+        PromotionRule(metric="ndcg")
+
+
+# ---------------------------------------------------------------- the event log
+def _imp(i: int) -> dict:
+    return {"impression_id": f"i{i}", "event_time": 1_700_000_000_000_000 + i, "experiment": "e", "arm": "a",
+            "model_name": "m", "model_version": "1", "endpoint": "bundles", "user_id": f"u{i}", "session_id": None,
+            "items": ["I1"], "bundle_items": [["I1", "I2"]], "bundle_list_prices": [10.0], "bundle_prices": [9.0]}
+
+
+def test_a_killed_writer_loses_nothing_it_acknowledged(tmp_path):
+    """A process appends impressions and is SIGKILLed mid-stream; every row whose append returned
+    (printed) is in Parquet after the next replica's recovery, none twice."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from bundlerec.serving.event_log import EventLog\n"
+            "from tests.test_experiments import _imp\n"
+            f"el = EventLog({str(tmp_path)!r}, 'impressions', {str(tmp_path / '_wal')!r}, flush_rows=300)\n"
+            "for i in range(100000):\n"
+            "    el.append([_imp(i)]); print(i, flush=True)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    acked = []
+    for line in p.stdout:
+        acked.append(int(line))
+        if len(acked) == 1000:  # after 3 rotations to Parquet and part of a 4th segment
+            os.kill(p.pid, signal.SIGKILL)
+            break
+    p.wait()
+    for line in p.stdout:  # printed before the kill landed: acknowledged too
+        acked.append(int(line))
+    assert len(list((tmp_path / "_wal" / "impressions").glob("*.jsonl"))) == 1  # the dead writer's segment
+    survivor = EventLog(str(tmp_path), "impressions", str(tmp_path / "_wal"))
+    assert survivor.recover() >= len(acked) - 900
+    survivor.close()
+    ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
+    assert set(f"i{i}" for i in acked) <= set(ids) and len(ids) == len(set(ids))
+    assert not list((tmp_path / "_wal" / "impressions").glob("*.jsonl"))
+
+
+def test_online_log_flushes_on_time_and_on_close(tmp_path):
+    log = OnlineLog(str(tmp_path), flush_s=0.2)
+    log.impressions.append([_imp(0)])
+    deadline = time.time() + 10
+    while online.count_rows(str(tmp_path), "e") < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert online.count_rows(str(tmp_path), "e") == 1  # by the flusher thread
+    log.impressions.append([_imp(1)])
+    log.close()  # Serve's graceful shutdown
+    assert online.count_rows(str(tmp_path), "e") == 2
+    assert wal_dir_for("s3://b/x").endswith(".cache/bundlerec/wal") and wal_dir_for(str(tmp_path)).endswith("_wal")
+
+
+# ---------------------------------------------------------------- the report and the rule
+def _logs(rates: dict, users: int = 400, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Impressions (two per user: a recommendation and a bundle answer) and feedback whose click and
+    bundle-accept probabilities are ``rates[arm]``; users split 50/50."""
+    rng = np.random.default_rng(seed)
+    imp, fb = [], []
+    for u in range(users):
+        arm = "control" if u % 2 == 0 else "treatment"
+        p = rates[arm]
+        for endpoint in ("recommendations", "bundles"):
+            iid = f"{u}-{endpoint}"
+            imp.append({"impression_id": iid, "experiment": "e", "arm": arm, "model_version": "1" if arm == "control" else "2",
+                        "endpoint": endpoint, "user_id": f"u{u}",
+                        "bundle_list_prices": [100.0, 50.0] if endpoint == "bundles" else []})
+            if endpoint == "recommendations" and rng.random() < p:
+                fb.append({"impression_id": iid, "event_id": "c", "item_id": "I1", "feedback_type": "click",
+                           "revenue": 0.0, "price": 10.0, "quantity": 1, "bundle_index": None, "experiment": "e"})
+                fb.append(fb[-1])  # sent twice: counted once
+            if endpoint == "bundles" and rng.random() < p:
+                for x, paid in (("I1", 60.0), ("I2", 30.0)):  # the 100.0 bundle bought at 90.0
+                    fb.append({"impression_id": iid, "event_id": "b", "item_id": x, "feedback_type": "bundle_accept",
+                               "revenue": paid, "price": paid, "quantity": 1, "bundle_index": 0, "experiment": "e"})
+    return pd.DataFrame(imp), pd.DataFrame(fb)
+
+
+SPEC = spec_of(ExperimentConfig(name="e"))
+
+
+def test_report_counts_once_and_finds_a_real_difference():
+    imp, fb = _logs({"control": 0.2, "treatment": 0.4})
+    rep = online.report(imp, fb, SPEC, bootstrap=1000)
+    assert rep["duplicate_rows_dropped"] > 0 and rep["feedback_without_impression"] == 0
+    c, t = rep["arms"]["control"], rep["arms"]["treatment"]
+    assert c["units"] == t["units"] == 200 and c["impressions"] == 400
+    clicked = fb.drop_duplicates(["impression_id", "event_id", "item_id"])
+    for arm, m in (("control", c), ("treatment", t)):
+        rows = clicked[clicked.impression_id.isin(imp[imp.arm == arm].impression_id)]
+        assert m["metrics"]["ctr"]["estimate"] == pytest.approx((rows.feedback_type == "click").sum() / 400)
+        assert m["metrics"]["realized_discount"]["estimate"] == pytest.approx(0.1)
+        lo, hi = m["metrics"]["ctr"]["ci95"]
+        assert lo < m["metrics"]["ctr"]["estimate"] < hi
+    d = rep["differences"]["treatment"]["revenue_per_impression"]
+    assert d["lower"] > 0 and d["ci95"][0] > 0 and rep["srm"]["p_value"] > 0.01
+    rule = PromotionRule(min_units=100)
+    assert decide(rep, rule, "control")["promote"] == "treatment"
+    # the other way round: nothing to promote, and why
+    worse = decide(online.report(*_logs({"control": 0.4, "treatment": 0.2}), SPEC, bootstrap=500), rule, "control")
+    assert worse["promote"] is None and "not better" in worse["reasons"][0]
+
+
+def test_the_rule_refuses_on_sample_ratio_mismatch_guardrails_and_small_samples():
+    imp, fb = _logs({"control": 0.2, "treatment": 0.4})
+    lopsided = imp[(imp.arm == "control") | (imp.user_id.str[1:].astype(int) % 4 == 1)]  # half the treatment lost
+    rep = online.report(lopsided, fb, SPEC, bootstrap=500)
+    d = decide(rep, PromotionRule(min_units=10), "control")
+    assert rep["srm"]["p_value"] < 0.001 and d["promote"] is None and "sample ratio mismatch" in d["reasons"][0]
+    rep = online.report(imp, fb, SPEC, bootstrap=500)
+    assert decide(rep, PromotionRule(min_units=1000), "control")["promote"] is None
+    rep["differences"]["treatment"]["conversion"]["upper"] = -0.01  # a guardrail clearly worse
+    assert "guardrail" in decide(rep, PromotionRule(min_units=10), "control")["reasons"][0]
+
+
+def test_an_aa_comparison_rarely_promotes():
+    """Both arms the same: over 40 simulated A/A logs the one-sided 95 % rule promotes at most a few."""
+    promoted = sum(decide(online.report(*_logs({"control": 0.3, "treatment": 0.3}, seed=s), SPEC, bootstrap=300,
+                                        seed=s), PromotionRule(min_units=10), "control")["promote"] is not None
+                   for s in range(40))
+    assert promoted <= 6, promoted  # binomial(40, 0.05): P(> 6) < 0.01
+
+
+def test_feedback_rows_are_clickstream_rows_prep_accepts(tmp_path):
+    """What /v1/feedback writes reads back through prep's own normalization with nothing quarantined."""
+    from bundlerec.data.validate import normalize_events
+
+    el = EventLog(str(tmp_path), "feedback", str(tmp_path / "_wal"))
+    el.append([{"event_time": 1_700_000_000_000_000, "event_type": t, "user_id": "u1", "session_id": None,
+                "item_id": "I000001", "price": 9.5, "quantity": 1, "impression_id": "x.y", "event_id": f"e{t}",
+                "feedback_type": t, "experiment": "e", "arm": "a", "model_version": "1", "bundle_index": None,
+                "revenue": 9.5 if t == "purchase" else 0.0, "received_time": 1_700_000_000_000_000}
+               for t in ("click", "cart", "purchase")])
+    el.close()
+    batch = pq.read_table(tmp_path / "feedback").to_pandas()
+    out = normalize_events(batch, {}, {}, "s", pd.Index(["I000001"]))
+    assert out.quarantine_reason.isna().all() and list(out.event_type) == ["click", "cart", "purchase"]
+    assert json.loads(json.dumps(list(out.columns)))[:5] == ["event_time", "event_type", "user_id", "session_id", "item_id"]
+
+
+# ---------------------------------------------------------------- the whole loop over real HTTP
+def _post(url, body, token):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_trained, mlflow_server, ray_cluster,
+                                                                       tmp_path):
+    """champion = a deliberately worse model (the trained export with a shuffled item index),
+    challenger = the trained model. Started with `jobs.experiment start`, the replicas split
+    simulated shoppers between them (sticky); one replica is SIGKILLed mid-run and every impression a
+    shopper received is still in the Parquet log; `jobs.experiment_report --promote` finds the
+    challenger better and moves champion, which the replicas then serve. Then one A/A run of the
+    documented false-positive command does not promote."""
+    import shutil
+    import threading
+
+    import mlflow
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from bundlerec.eval.simulator import simulate
+    from bundlerec.integrity import seal
+    from bundlerec.pipeline import attach_pricing
+    from bundlerec.registry.experiment import aa_false_positives, read, wait_for_experiment
+    from bundlerec.registry.promotion import register, set_alias
+    from bundlerec.serving.auth import write_token_file
+    from bundlerec.serving.deploy import deploy, http_json
+    from jobs import experiment as experiment_job, experiment_report
+    from tests.conftest import free_port, tiny_config
+
+    cfg0, trained, _ = tiny_trained
+    name, prep = "bundlerec-exp", cfg0.data.output_dir
+    good, worse = str(tmp_path / "good"), str(tmp_path / "worse")
+    shutil.copytree(trained["export_dir"], good)
+    attach_pricing(cfg0, good)
+    shutil.copytree(good, worse)
+    index = np.load(f"{worse}/item_index.npy")
+    np.save(f"{worse}/item_index.npy", index[np.random.default_rng(0).permutation(len(index))])
+    seal(worse)
+    v_good = register(good, prep, mlflow_server, "experiments-test", model_name=name, history_len=cfg0.data.history_len)
+    v_worse = register(worse, prep, mlflow_server, "experiments-test", model_name=name, history_len=cfg0.data.history_len)
+    client = mlflow.MlflowClient(mlflow_server)
+    set_alias(client, name, "champion", v_worse["version"])  # the incumbent is the worse model
+    set_alias(client, name, "challenger", v_good["version"])
+
+    port, logs = free_port(), tmp_path / "online"
+    token = write_token_file(str(tmp_path / "api_token"))
+    overrides = [f"data.output_dir={prep}", f"serve.model_name={name}", f"serve.url=http://127.0.0.1:{port}",
+                 f"serve.dashboard_url={ray_cluster}", f"mlflow.tracking_uri={mlflow_server}", "serve.poll_s=1",
+                 "serve.auth=true", f"serve.token_file={tmp_path / 'api_token'}", f"serve.event_log_dir={logs}",
+                 "serve.event_flush_s=1", f"serve.model_cache_dir={tmp_path / 'models'}", "experiment.name=ab-1",
+                 "experiment.promotion.min_units=50", "experiment.bootstrap=1000"]
+    cfg = tiny_config(*overrides)
+    url = cfg.serve.url
+    try:
+        deploy(cfg, version=v_worse["version"], timeout_s=240)
+        # --- no experiment: every answer still carries an impression id and the version
+        code, body = _post(f"{url}/v1/recommendations", {"user_id": "nobody", "k": 3}, token)
+        assert code == 200 and body["impression_id"] and body["experiment"] is None
+        assert body["model"]["version"] == v_worse["version"]
+
+        # --- start (what users run); every replica loads both arms, no redeploy
+        experiment_job.main(["start", *overrides])
+        wait_for_experiment(url, token, "ab-1")
+        state = http_json(f"{url}/v1/experiment", token=token)["experiment"]
+        assert {a: v["version"] for a, v in state["arms"].items()} == {"control": v_worse["version"],
+                                                                       "treatment": v_good["version"]}
+        # anonymous shopper: the session id comes back and keeps the arm
+        events = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-11-30T10:00:00Z"}]
+        code, first = _post(f"{url}/v1/recommendations", {"events": events, "k": 3}, token)
+        assert code == 200 and first["session_id"].startswith("anon-") and first["experiment"]["experiment"] == "ab-1"
+        for _ in range(6):
+            code, again = _post(f"{url}/v1/bundles", {"events": events, "n": 1, "session_id": first["session_id"]}, token)
+            assert code == 200 and again["experiment"] == first["experiment"] and again["session_id"] is None
+            assert again["model"]["version"] == state["arms"][first["experiment"]["arm"]]["version"]
+        # --- feedback: checked before anything is written; a repeat counts once
+        ok = {"impression_id": first["impression_id"], "event_id": "c1", "type": "click",
+              "item_id": first["items"][0]["item_id"]}
+        forged = {**ok, "impression_id": first["impression_id"][:-3] + "abc"}
+        code, body = _post(f"{url}/v1/feedback", {"events": [ok, forged]}, token)
+        assert code == 422 and body["detail"][0]["loc"] == ["body", "events", 1, "impression_id"], body
+        assert _post(f"{url}/v1/feedback", {"events": [{**ok, "item_id": "no-such-item"}]}, token)[0] == 422
+        assert _post(f"{url}/v1/feedback", {"events": [{**ok, "type": "bundle_accept"}]}, token)[0] == 422
+        assert _post(f"{url}/v1/feedback", {"events": [ok]}, None)[0] == 401
+        code, res = _post(f"{url}/v1/feedback", {"events": [ok, ok]}, token)  # ok was in the refused request
+        assert code == 200 and res == {"accepted": 1, "duplicates": 1}  # ... and was not recorded then
+
+        # --- simulated shoppers; one replica SIGKILLed part-way
+        box: dict = {}
+        sim = threading.Thread(target=lambda: box.update(simulate(url, prep, 300, token, seed=1, collect_ids=True)))
+        sim.start()
+        time.sleep(8)
+        victim = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                  if a.class_name.startswith("ServeReplica:bundlerec:")][0]
+        os.kill(victim.pid, signal.SIGKILL)
+        sim.join(600)
+        truth = box["truth"]
+        assert set(truth) == {"control", "treatment"}, truth  # sticky: no shopper saw two arms
+        received = set(box["impression_ids"])
+        online.wait_for_rows(str(logs), "ab-1", len(received) + 7, timeout_s=60)
+        logged = set(pq.read_table(logs / "impressions", columns=["impression_id"]).column(0).to_pylist())
+        assert received <= logged, f"{len(received - logged)} impressions shoppers received are not logged"
+
+        # --- report + promotion (what users run)
+        out = experiment_report.main([*overrides, "--promote"])
+        rep = out["report"]
+        for arm in ("control", "treatment"):
+            assert rep["arms"][arm]["units"] >= truth[arm]["users"]  # + the anonymous shopper above
+        assert out["decision"]["promote"] == "treatment", out["decision"]
+        assert rep["differences"]["treatment"]["revenue_per_impression"]["lower"] > 0
+        assert out["promotion"]["promoted"] and client.get_model_version_by_alias(name, "champion").version == v_good["version"]
+        tags = client.get_model_version(name, v_good["version"]).tags
+        assert json.loads(tags["promotion"])["arm"] == "treatment" and "online.ab-1" in tags
+        run = client.get_run(client.get_model_version(name, v_good["version"]).run_id)
+        assert run.data.metrics["online.ab-1.revenue_per_impression"] == pytest.approx(
+            rep["arms"]["treatment"]["metrics"]["revenue_per_impression"]["estimate"])
+        assert (logs / "reports" / "ab-1.png").stat().st_size > 10_000
+        assert read(client, name) is None  # the promotion ended the experiment
+        wait_for_experiment(url, token, None)
+        deadline = time.time() + 60  # and the replicas follow the moved champion
+        while http_json(f"{url}/readyz")["model"]["version"] != v_good["version"] and time.time() < deadline:
+            time.sleep(1)
+        assert http_json(f"{url}/readyz")["model"]["version"] == v_good["version"]
+
+        # --- A/A: the documented false-positive command, one run, does not promote
+        aa = aa_false_positives(cfg, runs=1, users=120, token=token, seed=7, tag="test")
+        assert aa["false_positives"] == 0, aa
+        assert aa["results"][0]["srm_p"] > 0.001
+    finally:
+        serve.shutdown()

@@ -332,6 +332,10 @@ class ServeConfig:
     model_cache_dir: str = "~/.cache/bundlerec/models"
     """Each replica's verified local copies of registry versions; the last good one is served
     when a replica restarts while MLflow is unreachable ("" = no copies)."""
+    tracking_credentials_file: str = ""
+    """MLflow credentials of the Serve replicas (MLFLOW_TRACKING_USERNAME/PASSWORD lines, mode 0600;
+    cluster/local.sh MLFLOW_AUTH=basic writes .cluster/mlflow-serving.env: a read-only identity);
+    "" = none (a server without authentication)."""
     event_log_dir: str = "runs/demo/online"
     """Where replicas write impressions and shopper feedback as Parquet (a local dir or s3://...;
     "" = not logged). Each event is first appended to a local write-ahead file under

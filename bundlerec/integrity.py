@@ -29,10 +29,11 @@ class IntegrityError(RuntimeError):
     """A directory whose files do not match its manifest (torn write, damage, or no manifest)."""
 
 
-def sha256_file(path: str) -> str:
+def sha256_file(path: str, fs=None) -> str:
+    """SHA-256 of a local file, or of ``path`` on the pyarrow filesystem ``fs`` (object stores)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with (fs.open_input_stream(path) if fs is not None else open(path, "rb")) as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 from typing import Iterator, Optional
 
@@ -26,12 +27,81 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return
+            healthy = r.status == 200
     except Exception as e:
         raise TrackingError(f"MLflow tracking server {uri} is not reachable ({e}). Start it with "
                             f"`make services` (cluster/local.sh start) or set mlflow.tracking_uri.") from None
-    raise TrackingError(f"MLflow tracking server {uri} answered /health with an error")
+    if not healthy:
+        raise TrackingError(f"MLflow tracking server {uri} answered /health with an error")
+    check_credentials(uri, timeout_s)
+
+
+def check_credentials(uri: str, timeout_s: float = 10.0) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) answers 401 without
+    credentials and 403 to wrong ones: say which, before any compute."""
+    import base64
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    req = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/registered-models/search?max_results=1")
+    if user and password:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise TrackingError(
+                f"MLflow tracking server {uri} refused {'user ' + repr(user) if user else 'a request without credentials'} "
+                f"(HTTP {e.code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (with cluster/local.sh "
+                "MLFLOW_AUTH=basic: source .cluster/mlflow-trainer.env)") from None
+    except Exception:  # other trouble shows up at the first real call, with MLflow's own message
+        return
+
+
+def write_env_file(path: str, values: dict) -> None:
+    """KEY=VALUE lines, created with mode 0600 (secrets)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(f"{k}={v}\n" for k, v in values.items()))
+
+
+def read_env_file(path: str) -> dict:
+    with open(path) as f:
+        return dict(line.strip().split("=", 1) for line in f if "=" in line and not line.startswith("#"))
+
+
+def setup_basic_auth(uri: str, admin_password: str, out_dir: str) -> dict:
+    """Identities of an MLflow server run with ``--app-name basic-auth`` (default permission READ):
+
+    * ``trainer``: the jobs (prep, train, tune, register, experiments): creates the registered model,
+      so it manages it; the only identity that may write it (versions, aliases, tags);
+    * ``serving``: Serve replicas and readers: READ everywhere, every write to the model refused (403).
+
+    Writes ``mlflow-<identity>.env`` (MLFLOW_TRACKING_USERNAME/PASSWORD, mode 0600) under ``out_dir``
+    for each; existing files are kept (so re-running is harmless). Returns {identity: env file}."""
+    import secrets
+
+    from mlflow.server.auth.client import AuthServiceClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin_password)
+    out = {}
+    try:
+        admin = AuthServiceClient(uri)
+        for name in ("trainer", "serving"):
+            path = os.path.join(out_dir, f"mlflow-{name}.env")
+            if not os.path.exists(path):
+                password = secrets.token_urlsafe(24)
+                try:
+                    admin.create_user(name, password)
+                except Exception:  # the user exists (env file lost): give it a new password
+                    admin.update_user_password(name, password)
+                write_env_file(path, {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": password})
+            out[name] = path
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return out
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: Optional[str], params: dict, tags: dict) -> str:

@@ -8,6 +8,10 @@
 #   on a local S3 server (moto in server mode, :$S3_PORT, bucket $S3_BUCKET). The pipeline can then keep
 #   every output there too (data.output_dir=s3://..., train.storage_path=s3://...): export the lines
 #   printed after "S3 client environment" (or source $STATE/s3.env) in the shell that submits jobs.
+# MLFLOW_AUTH=basic cluster/local.sh start   -- MLflow with its basic-auth app: no request without a user;
+#   identities `trainer` (the jobs: the only one that may write the registered model) and `serving` (read
+#   only), credentials in $STATE/mlflow-trainer.env and $STATE/mlflow-serving.env (mode 0600): source the
+#   first in the shell that runs jobs; give the second to Serve (serve.tracking_credentials_file).
 # `stop` stops only what `start` started (a Ray head that was already running is left alone).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,6 +22,7 @@ DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 AGENT_PORT="${AGENT_PORT:-52366}"   # not Ray's default 52365: a second local instance (make test) keeps its job agent
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 BACKENDS="${BACKENDS:-sqlite}"      # sqlite (zero setup) | postgres-s3
+MLFLOW_AUTH="${MLFLOW_AUTH:-none}"  # none | basic (MLflow's basic-auth app, see above)
 PG_PORT="${PG_PORT:-5433}"
 PG_DATA="${PG_DATA:-$STATE/postgres}"   # must be reachable by the postgres account when run as root
 S3_PORT="${S3_PORT:-9000}"
@@ -93,11 +98,25 @@ start() {
       start_postgres_s3
       store="postgresql://mlflow@127.0.0.1:$PG_PORT/mlflow" artifacts="s3://$S3_BUCKET/mlflow"
     fi
-    setsid mlflow server --backend-store-uri "$store" \
+    local app=()
+    if [ "$MLFLOW_AUTH" = basic ]; then
+      [ -s "$STATE/mlflow-admin" ] || (umask 077; python -c "import secrets; print(secrets.token_urlsafe(24))" > "$STATE/mlflow-admin")
+      printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/mlflow/auth.db\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\ngrant_default_workspace_access = true\n' "$STATE" > "$STATE/mlflow-auth.ini"
+      [ -s "$STATE/mlflow-flask-key" ] || (umask 077; python -c "import secrets; print(secrets.token_hex(16))" > "$STATE/mlflow-flask-key")
+      export MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow-auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$STATE/mlflow-admin")"
+      export MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE/mlflow-flask-key")"
+      app=(--app-name basic-auth)
+    fi
+    setsid mlflow server "${app[@]}" --backend-store-uri "$store" \
       --artifacts-destination "$artifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
       > "$STATE/logs/mlflow.log" 2>&1 &
     echo $! > "$STATE/mlflow.pid"
     wait_http "http://127.0.0.1:$MLFLOW_PORT/health" 300 || { tail -20 "$STATE/logs/mlflow.log"; exit 1; }
+    if [ "$MLFLOW_AUTH" = basic ]; then
+      python -c "from bundlerec.tracking import setup_basic_auth as s; print(s('http://127.0.0.1:$MLFLOW_PORT', open('$STATE/mlflow-admin').read().strip(), '$STATE'))"
+      echo "MLflow requires a user: source $STATE/mlflow-trainer.env before running jobs;"
+      echo "  deploy with serve.tracking_credentials_file=$STATE/mlflow-serving.env (read-only identity)"
+    fi
   else
     echo "MLflow already running (http://127.0.0.1:$MLFLOW_PORT)"
   fi

@@ -141,7 +141,8 @@ def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
     """The runtime env the job gets, written to a temp file: the given file (default
     jobs/runtime_env.yaml) with its working_dir made absolute (relative to the project for the
     default file, to ``cwd`` for the user's own) and BUNDLEREC_GIT_COMMIT in env_vars (the uploaded
-    copy has no .git; the job's MLflow runs are tagged with the commit from it)."""
+    copy has no .git; the job's MLflow runs are tagged with the commit from it), and the submitting
+    shell's MLFLOW_TRACKING_USERNAME/PASSWORD when set."""
     import tempfile
 
     import yaml
@@ -157,6 +158,9 @@ def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
     commit = git_commit()
     if commit:
         conf.setdefault("env_vars", {})["BUNDLEREC_GIT_COMMIT"] = commit
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # MLflow with authentication: the
+        if os.environ.get(k):  # submitting shell's identity (readable by whoever holds the Ray token)
+            conf.setdefault("env_vars", {})[k] = os.environ[k]
     fd, path = tempfile.mkstemp(prefix="bundlerec-runtime-env-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(conf, f)

@@ -31,10 +31,14 @@ def main(argv: list[str] | None = None) -> dict:
     token = read_token(cfg.serve.token_file) if cfg.serve.auth else None
 
     def progress(done, total, s):
-        print(f"[simulate] {done}/{total} shoppers, {s:.0f}s", flush=True)
+        what = "A/A runs" if args.aa_runs else "shoppers"
+        print(f"[simulate] {done}/{total} {what}" + (f", {s:.0f}s" if s else ""), flush=True)
 
     if args.aa_runs:
         from bundlerec.registry.experiment import aa_false_positives
+        from bundlerec.runtime import init_ray
+
+        init_ray()  # the reports read the logs with Ray Data
 
         out = aa_false_positives(cfg, args.aa_runs, args.users, token, args.seed, args.concurrency, progress)
     else:

@@ -64,12 +64,13 @@ def ray_cluster():
 
 
 def start_mlflow(d, port: int, backend: str | None = None, artifacts: str | None = None,
-                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict | None = None, app_name: str | None = None) -> tuple[subprocess.Popen, str]:
     """A real `mlflow server` on 127.0.0.1:``port``: sqlite in ``d`` and local artifacts unless
-    ``backend`` (e.g. postgresql://...) and ``artifacts`` (e.g. s3://bucket/mlflow) say otherwise."""
+    ``backend`` (e.g. postgresql://...) and ``artifacts`` (e.g. s3://bucket/mlflow) say otherwise;
+    ``app_name="basic-auth"``: with MLflow's authentication app."""
     log = open(d / "server.log", "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend or f"sqlite:///{d}/mlflow.db",
+        [sys.executable, "-m", "mlflow", "server", *(["--app-name", app_name] if app_name else []), "--backend-store-uri", backend or f"sqlite:///{d}/mlflow.db",
          "--artifacts-destination", artifacts or str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, **(env or {})})

@@ -105,3 +105,69 @@ def test_the_ray_control_plane_requires_its_token(ray_cluster):
     assert headers, "no Ray auth token found"
     with urllib.request.urlopen(urllib.request.Request(f"{ray_cluster}/api/jobs/", headers=headers), timeout=10) as r:
         assert r.status == 200
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_mlflow_basic_auth_only_the_training_identity_writes_the_registry(tmp_path, monkeypatch):
+    """`mlflow server --app-name basic-auth` (what cluster/local.sh MLFLOW_AUTH=basic starts) with the
+    identities bundlerec sets up: no request without a user; `trainer` registers, moves aliases and
+    starts experiments; `serving` (the replicas) reads the champion and every write it tries is 403."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from bundlerec.config import ExperimentConfig
+    from bundlerec.registry import experiment
+    from bundlerec.registry.promotion import set_alias
+    from bundlerec.serving.app import _resolve
+    from bundlerec.tracking import TrackingError, check_server, read_env_file, setup_basic_auth
+    from tests.conftest import free_port, start_mlflow, stop_mlflow
+
+    (tmp_path / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "grant_default_workspace_access = true\n")  # the file cluster/local.sh writes
+    admin = "admin-" + os.urandom(12).hex()
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    proc, uri = start_mlflow(tmp_path, free_port(), app_name="basic-auth",
+                             env={"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+                                  "MLFLOW_AUTH_ADMIN_PASSWORD": admin, "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(8).hex()})
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        ids = setup_basic_auth(uri, admin, str(tmp_path))
+        assert stat.S_IMODE(os.stat(ids["trainer"]).st_mode) == 0o600 and setup_basic_auth(uri, admin, str(tmp_path)) == ids
+        with pytest.raises(TrackingError, match="without credentials"):  # a job without a user stops at once
+            check_server(uri)
+
+        def as_identity(name):
+            for k, v in read_env_file(ids[name]).items():
+                monkeypatch.setenv(k, v)
+            return mlflow.MlflowClient(uri)
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password-123456")
+        with pytest.raises(TrackingError, match="HTTP 401"):
+            check_server(uri)
+        trainer = as_identity("trainer")
+        check_server(uri)
+        run = trainer.create_run(trainer.create_experiment("auth-test"))
+        trainer.create_registered_model("bundlerec")
+        v = trainer.create_model_version("bundlerec", f"runs:/{run.info.run_id}/model", run.info.run_id).version
+        set_alias(trainer, "bundlerec", "champion", v)
+        experiment.start(trainer, "bundlerec", ExperimentConfig(arms={"control": "champion", "treatment": "1"}))
+
+        serving = as_identity("serving")
+        check_server(uri)  # reading is allowed
+        assert _resolve("models:/bundlerec@champion", uri)[1] == v  # what a replica does
+        assert experiment.read(serving, "bundlerec")["name"] == "exp-1"
+        for write in (lambda: set_alias(serving, "bundlerec", "champion", v),
+                      lambda: serving.create_model_version("bundlerec", f"runs:/{run.info.run_id}/model", run.info.run_id),
+                      lambda: experiment.stop(serving, "bundlerec"),
+                      lambda: serving.set_model_version_tag("bundlerec", v, "promotion", "{}")):
+            with pytest.raises(MlflowException, match="403"):
+                write()
+        assert as_identity("trainer").get_model_version_by_alias("bundlerec", "champion").version == v
+    finally:
+        stop_mlflow(proc)

@@ -107,3 +107,17 @@ def test_serve_config_is_valid_for_ray_serve():
     local = (ROOT / "cluster/local.sh").read_text()
     assert "--dashboard-host=127.0.0.1" in local and "--host 127.0.0.1" in local
     assert conf["applications"][0]["import_path"] == "bundlerec.serving.app:build_app"
+
+
+def test_an_open_endpoint_beyond_loopback_is_refused_at_deploy():
+    """jobs.deploy builds the Serve config: a proxy listening beyond this machine needs serve.auth."""
+    from bundlerec.config import load_config
+    from bundlerec.serving.deploy import serve_config
+
+    with pytest.raises(ValueError, match="serve.auth=true"):
+        serve_config(load_config(None, ["serve.url=http://0.0.0.0:8000", "serve.auth=false"]))
+    conf = serve_config(load_config(None, ["serve.url=http://0.0.0.0:8000", "serve.auth=true"]))
+    assert conf["http_options"]["host"] == "0.0.0.0" and conf["applications"][0]["args"]["auth"] is True
+    assert serve_config(load_config(None, ["serve.auth=false"]))["http_options"]["host"] == "127.0.0.1"
+    kuberay = yaml.safe_load(yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"])
+    assert kuberay["applications"][0]["args"]["auth"] is True  # the cluster manifest never serves openly

@@ -13,7 +13,6 @@ SHA-256 (and the ones the reader skips, with why); :func:`verify` checks them be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -23,6 +22,7 @@ from typing import Optional
 
 import pyarrow.fs as pafs
 
+from bundlerec.integrity import sha256_file
 from bundlerec.storage import absolute, is_uri, join, read_text, write_text
 
 log = logging.getLogger(__name__)
@@ -44,21 +44,13 @@ def new_snapshot() -> str:
     return posixpath.join(SNAPSHOTS, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}")
 
 
-def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    h = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_table(root: str) -> dict[str, dict]:
     """{path relative to root: {size, sha256}} of every file under ``root`` (local or URI)."""
     fs, base = _fs(root)
     out = {}
     for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
         if i.type == pafs.FileType.File:
-            out[posixpath.relpath(i.path, base)] = {"size": i.size, "sha256": _sha256(fs, i.path)}
+            out[posixpath.relpath(i.path, base)] = {"size": i.size, "sha256": sha256_file(i.path, fs)}
     return dict(sorted(out.items()))
 
 
@@ -70,7 +62,7 @@ def input_table(path: Optional[str], read: list[str]) -> dict:
     files = []
     for f in read:
         fs, p = _fs(f)
-        files.append({"path": f, "size": fs.get_file_info(p).size, "sha256": _sha256(fs, p)})
+        files.append({"path": f, "size": fs.get_file_info(p).size, "sha256": sha256_file(p, fs)})
     skipped = []
     if not any(ch in path for ch in "*?["):
         fs, base = _fs(path)
@@ -130,6 +122,6 @@ def verify(prep_dir: str, manifest: Optional[dict] = None, hashes: bool = True) 
         info = fs.get_file_info(p)
         why = ("missing" if info.type != pafs.FileType.File else
                f"{info.size} bytes, expected {meta['size']}" if info.size != meta["size"] else
-               "content hash differs" if hashes and _sha256(fs, p) != meta["sha256"] else None)
+               "content hash differs" if hashes and sha256_file(p, fs) != meta["sha256"] else None)
         if why:
             raise PrepIntegrityError(f"prep output {root}: {rel} {why}; re-run prep (python -m jobs.prep)")

@@ -162,6 +162,12 @@ def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, s
     """Play ``users`` shoppers against the endpoint at ``url``; returns the truth per arm (and, with
     ``collect_ids``, every impression id the shoppers received)."""
     world = World(prep_dir)
+    from bundlerec.serving.deploy import http_json
+
+    n_served = http_json(f"{url}/v1/model", token=token)["n_items"]
+    if n_served != len(world.items):  # the shoppers' world must be the served model's catalog
+        raise ValueError(f"{url} serves {n_served} items, the prep snapshot at {prep_dir} holds {len(world.items)}: "
+                         "point data.output_dir at the served model's prep")
     truth: dict = defaultdict(lambda: defaultdict(float))
     t0, done, ids = time.time(), 0, []
     with ThreadPoolExecutor(concurrency) as pool:

@@ -195,13 +195,20 @@ class BundlerecService:
                  ann_min_items: int = DEFAULTS.ann_min_items, ann_nprobe: int = DEFAULTS.ann_nprobe,
                  model_cache_dir: Optional[str] = DEFAULTS.model_cache_dir,
                  max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles,
-                 event_log_dir: str = DEFAULTS.event_log_dir, event_flush_s: float = DEFAULTS.event_flush_s):
+                 event_log_dir: str = DEFAULTS.event_log_dir, event_flush_s: float = DEFAULTS.event_flush_s,
+                 tracking_credentials_file: Optional[str] = None):
         import hashlib
 
         import torch
 
         bind_internal_grpc_to_node_ip()
         torch.set_num_threads(torch_threads)
+        if tracking_credentials_file:  # MLflow with authentication: this replica's (read-only) identity
+            from bundlerec.tracking import read_env_file
+
+            creds = read_env_file(tracking_credentials_file)
+            os.environ.update({k: v for k, v in creds.items() if k in ("MLFLOW_TRACKING_USERNAME",
+                                                                       "MLFLOW_TRACKING_PASSWORD")})
         # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
         if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
             guards.GUARDS.auth = TokenAuth(auth_token_file)
@@ -281,11 +288,18 @@ class BundlerecService:
             return
         if not version or version == self.current.info.version or (self.refused or {}).get("version") == version:
             return
-        try:
-            new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)
-        except Exception as e:
-            self._refuse(version, e)
-            return
+        arms = {m.info.version: m for m in self.experiment.arms.values()} if self.experiment is not None else {}
+        if version in arms:  # promoted from an experiment: that arm's model is loaded and checked already
+            a = arms[version]
+            new = Loaded(a.rec, a.info.model_copy(update={"alias": self.model_uri.rsplit("@", 1)[-1],
+                                                            "uri": f"models:/{self.model_name}/{version}"}),
+                         a.source, a.local)
+        else:
+            try:
+                new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)
+            except Exception as e:
+                self._refuse(version, e)
+                return
         self.current = new  # atomic: requests in flight keep the object they hold
         self.refused = None
         self.reloads += 1
@@ -556,7 +570,8 @@ class BundlerecService:
 def build_app(args: dict) -> serve.Application:
     """Application builder for serve/config.yaml (``import_path: bundlerec.serving.app:build_app``);
     args not given take ServeConfig's defaults."""
-    known = {"model_uri", "tracking_uri", "auth_token_file", "user_key_file", *DEFAULTS.app_args()}
+    known = {"model_uri", "tracking_uri", "auth_token_file", "user_key_file", "tracking_credentials_file",
+             *DEFAULTS.app_args()}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown Serve app args {sorted(unknown)}; known: {sorted(known)}")

@@ -25,6 +25,9 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
 
     conf = yaml.safe_load(open(cfg.serve.config_path))
     url = urlparse(cfg.serve.url)  # the proxy listens where the config says the endpoint is
+    if url.hostname not in ("127.0.0.1", "localhost", "::1") and not cfg.serve.auth:
+        raise ValueError(f"serve.url {cfg.serve.url} listens beyond this machine: set serve.auth=true (bearer "
+                         "tokens), or keep 127.0.0.1 behind an authenticating proxy; an open endpoint is refused")
     conf.setdefault("http_options", {}).update({"host": url.hostname, "port": url.port or 80})
     app = conf["applications"][0]
     app["args"].update({"model_uri": model_uri or cfg.serve.model_uri or f"models:/{cfg.serve.model_name}@champion",
@@ -35,6 +38,8 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
         app["args"]["event_log_dir"] = absolute(app["args"]["event_log_dir"])
     if cfg.serve.auth:
         app["args"]["auth_token_file"] = os.path.abspath(token_file or cfg.serve.token_file)
+    if cfg.serve.tracking_credentials_file:  # a read-only MLflow identity (basic-auth servers)
+        app["args"]["tracking_credentials_file"] = os.path.abspath(cfg.serve.tracking_credentials_file)
     if os.path.exists(cfg.serve.user_key_file):  # histories are keyed by pseudonym (bundlerec.privacy)
         app["args"]["user_key_file"] = os.path.abspath(cfg.serve.user_key_file)
     return conf

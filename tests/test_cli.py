@@ -39,8 +39,10 @@ def test_a_bad_override_fails_with_one_clear_line_and_no_compute():
     assert r.returncode == 2 and r.stderr.startswith("usage: bundlerec prep")
 
 
-def test_submit_keeps_outputs_where_the_command_runs(tmp_path):
+def test_submit_keeps_outputs_where_the_command_runs(tmp_path, monkeypatch):
     local = "http://127.0.0.1:8265"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")  # MLflow with authentication: forwarded
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret-of-the-trainer")
     cmd = submit_command("train", ["--config", "jobs/configs/tiny.yaml"], address=local, output_root=None,
                          runtime_env=None, no_wait=False, cwd=str(tmp_path))
     assert cmd[cmd.index("--") + 1:] == ["python", "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml",
@@ -50,6 +52,8 @@ def test_submit_keeps_outputs_where_the_command_runs(tmp_path):
     assert env["env_vars"]["BUNDLEREC_GIT_COMMIT"].split("-")[0] == subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "trainer"
+    assert env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "secret-of-the-trainer"
     # an explicit output_root wins; argparse stages get their relative paths resolved here
     cmd = submit_command("train", ["output_root=s3://b/p"], address=local, output_root=None, runtime_env=None,
                          no_wait=True, cwd=str(tmp_path))

@@ -162,9 +162,9 @@ def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, s
     """Play ``users`` shoppers against the endpoint at ``url``; returns the truth per arm (and, with
     ``collect_ids``, every impression id the shoppers received)."""
     world = World(prep_dir)
-    from bundlerec.serving.deploy import http_json
-
-    n_served = http_json(f"{url}/v1/model", token=token)["n_items"]
+    req = urllib.request.Request(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        n_served = json.loads(r.read())["n_items"]
     if n_served != len(world.items):  # the shoppers' world must be the served model's catalog
         raise ValueError(f"{url} serves {n_served} items, the prep snapshot at {prep_dir} holds {len(world.items)}: "
                          "point data.output_dir at the served model's prep")

@@ -121,3 +121,25 @@ def test_an_open_endpoint_beyond_loopback_is_refused_at_deploy():
     assert serve_config(load_config(None, ["serve.auth=false"]))["http_options"]["host"] == "127.0.0.1"
     kuberay = yaml.safe_load(yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"])
     assert kuberay["applications"][0]["args"]["auth"] is True  # the cluster manifest never serves openly
+
+
+def test_mlflow_on_the_cluster_requires_users_and_jobs_and_serve_use_their_own():
+    """cluster/kuberay/mlflow.yaml runs MLflow's basic-auth app with every secret from a Secret; the
+    training RayJob writes as the trainer identity, the RayService reads as the serving identity."""
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster/kuberay/mlflow.yaml").read_text())}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert "--app-name basic-auth" in c["args"][0] and docs["Service"]["spec"]["type"] == "ClusterIP"
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in c["env"] if "valueFrom" in e}
+    assert {"MLFLOW_AUTH_ADMIN_PASSWORD", "BACKEND_STORE_URI", "AUTH_DATABASE_URI"} <= set(secrets)
+    assert pod["securityContext"]["runAsNonRoot"] and c["securityContext"]["allowPrivilegeEscalation"] is False
+    job = yaml.safe_load((ROOT / "cluster/kuberay/rayjob.yaml").read_text())
+    for p in _pods(_cluster_spec(job)):
+        assert all({"secretRef": {"name": "bundlerec-mlflow-trainer"}} in x["envFrom"] for x in p["spec"]["containers"])
+    service = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    creds = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["tracking_credentials_file"]
+    for p in _pods(_cluster_spec(service)):
+        vols = {v["name"]: v for v in p["spec"]["volumes"]}
+        for x in p["spec"]["containers"]:
+            m = [m for m in x["volumeMounts"] if creds.startswith(m["mountPath"] + "/")]
+            assert len(m) == 1 and m[0]["readOnly"] and vols[m[0]["name"]]["secret"]["secretName"] == "bundlerec-mlflow-serving"

@@ -371,3 +371,28 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         assert only["srm_p"] > 0.001 and sum(only["units"].values()) == 100
     finally:
         serve.shutdown()
+
+
+def test_two_replicas_on_one_node_never_take_each_others_live_segments(tmp_path):
+    """Replicas on a node share the write-ahead folder; each recovers unlocked segments every flush.
+    One writes and rotates fast while the other recovers in a loop: every row is in Parquet once."""
+    import threading
+
+    wal = str(tmp_path / "_wal")
+    writer, other = EventLog(str(tmp_path), "impressions", wal, flush_rows=7), EventLog(str(tmp_path), "impressions", wal)
+    stop = threading.Event()
+
+    def recover_forever():
+        while not stop.is_set():
+            other.recover()
+
+    t = threading.Thread(target=recover_forever)
+    t.start()
+    for i in range(3000):
+        writer.append([_imp(i)])
+    stop.set()
+    t.join()
+    writer.close()
+    other.close()
+    ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
+    assert sorted(ids) == sorted(f"i{i}" for i in range(3000))

@@ -72,8 +72,12 @@ class EventLog:
     def _open(self) -> None:
         self.segment = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
         self.path = os.path.join(self.wal, f"{self.segment}.jsonl")
-        self.f = open(self.path, "a")
+        # created under a name recover() does not look at, locked, then renamed: a segment is never
+        # visible unlocked (another replica's recover() would take an empty new segment for a dead one's)
+        hidden = os.path.join(self.wal, f".{self.segment}.jsonl.new")
+        self.f = open(hidden, "a")
         fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this replica lives
+        os.rename(hidden, self.path)
         self.pending = 0
 
     def append(self, rows: list[dict]) -> None:

@@ -51,3 +51,40 @@ def test_recommender_uses_ann_above_threshold(tiny_export_recommender):
     finally:
         rec.configure_ann(min_items=0, nprobe=1)
     assert rec.ann is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_bundles_read_only_the_retrieved_pool_and_equal_bundles_from_every_score(tiny_export_recommender):
+    """Bundle generation reads the top ``bundle_pool`` items retrieved like recommendations (exact
+    top-k, or the ANN index for large catalogs), not a score of the whole catalog: the bundles are
+    the ones generated from every item's score, with purchases excluded, and with the index too."""
+    import torch
+
+    from bundlerec.data.schema import EVENT_TYPE_ID
+    from bundlerec.model.collate import pad_history
+
+    rec = tiny_export_recommender
+    hs = [h for h in (rec.history_for_user(u) for u in list(rec.latest)[:30]) if h.items]
+    assert any(EVENT_TYPE_ID["purchase"] in h.types for h in hs)  # some histories hold purchases: excluded
+
+    def from_every_score(h, c):
+        items, types, age, valid = pad_history([h.items], [h.types], [h.ages], rec.history_len)
+        batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
+                 "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
+        with torch.no_grad():
+            full = rec.model.score(batch)[0].numpy().astype(np.float64)
+        return rec.bundle_engine.personalized(full, c, seen=set(h.items))
+
+    cs = [rec.bundle_constraints(h, n=3, max_size=3) for h in hs]
+    for c in cs:
+        c.candidates = 12  # fewer than the catalog, so the pool matters
+    reference = [from_every_score(h, c) for h, c in zip(hs, cs)]
+    assert sum(len(r) for r in reference) > 0
+    assert [rec.bundles_for(h, c) for h, c in zip(hs, cs)] == reference
+    rec.configure_ann(min_items=1, nprobe=10_000)  # probing every cell = exact
+    try:
+        got = [rec.bundles_for(h, c) for h, c in zip(hs, cs)]
+    finally:
+        rec.configure_ann(min_items=0, nprobe=1)
+    assert [[b["items"] for b in g] for g in got] == [[b["items"] for b in r] for r in reference]

@@ -205,3 +205,63 @@ def test_pricing_file_with_foreign_types_is_refused(tmp_path):
     (tmp_path / "pricing.json").write_text(json.dumps({"s": 0.3, "features": list(FEATURES)}))
     with pytest.raises(ValueError, match="not scikit-learn"):
         PricingModel.load(str(tmp_path))
+
+
+def _context_features_by_full_scan(ctx: PricingContext, item_ids, exclude=None) -> np.ndarray:
+    """CONTEXT_FEATURES as their definition reads: every earlier bundle compared, one by one."""
+    s_ = set(map(str, item_ids))
+    keep = [k for k in range(len(ctx.item_sets)) if k != exclude]
+    sets, d = [set(map(str, ctx.item_sets[k])) for k in keep], np.array([ctx.discounts[k] for k in keep], dtype=float)
+    med = float(np.median(d)) if len(d) else 0.2
+    jac = np.array([len(s_ & t) / len(s_ | t) if s_ else 0.0 for t in sets])
+    f = [0.0, med, med, 0.0]
+    if len(jac) and jac.max() > 0:
+        w = jac[jac > 0]
+        f = [float(jac.max()), float(d[int(jac.argmax())]), float((w * d[jac > 0]).sum() / w.sum()), 1.0]
+    for key in ("publisher", "developer"):
+        seller, share = ctx.dominant(s_, key)
+        same = [di for di, t in zip(d, sets) if seller is not None and ctx.dominant(t, key)[0] == seller]
+        f += [share, float(np.mean(same)) if same else med, float(len(same))]
+    return np.asarray(f)
+
+
+def test_pricing_context_indexes_agree_with_a_full_scan():
+    """The overlap and seller features come from inverted indexes (a served bundle is compared only
+    with the earlier bundles it shares an item or a seller with); they equal, bit for bit, the
+    definition's scan over every earlier bundle, also leave-one-out."""
+    rng = np.random.default_rng(0)
+    items = [f"i{k}" for k in range(60)]
+    sellers = {i: {"publisher": f"p{rng.integers(4)}", "developer": f"d{rng.integers(6)}"} for i in items[:45]}
+    sets = [list(rng.choice(items, rng.integers(1, 6), replace=False)) for _ in range(80)]
+    ctx = PricingContext(sets, rng.uniform(0, 0.9, len(sets)).round(3).tolist(), sellers)
+    for n in range(300):
+        ids = list(sets[n % len(sets)]) if n % 3 == 0 else list(rng.choice(items, rng.integers(0, 6), replace=False))
+        exclude = None if n % 2 else int(rng.integers(len(sets)))
+        np.testing.assert_array_equal(ctx.features(ids, exclude=exclude), _context_features_by_full_scan(ctx, ids, exclude))
+
+
+@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
+def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
+    """The price grid is evaluated with one pricing-model call for all bundles of an answer (the
+    location mu does not depend on the price asked); the chosen price is the argmax of the
+    objective computed point by point with the scalar model, and price_many equals price."""
+    from bundlerec.bundles.pricing import PricingContext, fit_steam
+
+    model, _ = fit_steam(STEAM, folds=2)
+    rng = np.random.default_rng(1)
+    specs = [dict(item_prices=rng.uniform(0.5, 40, rng.integers(1, 6)).round(2).tolist()) for _ in range(12)]
+    specs[0]["costs"] = [p * 0.5 for p in specs[0]["item_prices"]]
+    batch = model.price_many(specs, max_discount=0.5)
+    assert isinstance(model.context, PricingContext)
+    for spec, got in zip(specs, batch):
+        one = model.price(**spec, max_discount=0.5)
+        assert got == one
+        L, cost = sum(spec["item_prices"]), sum(spec.get("costs") or [0.0])
+        x = model.features(spec["item_prices"])
+        cents = np.unique(np.linspace(math.ceil(round(L * 50, 6)), math.floor(round(L * 100, 6)), 400).round())
+        objective = [(c / 100 - cost) * model.purchase_probability(c / 100, L, x) for c in cents]
+        assert one["bundle_price"] == cents[int(np.argmax(objective))] / 100
+        alone = sum(p * model.purchase_probability(p, p, model.features([p])) for p in spec["item_prices"])
+        assert one["expected_revenue_separately"] == pytest.approx(alone, rel=1e-12)
+    refused = model.price_many([dict(item_prices=[10.0], costs=[20.0])] + specs[:1], min_margin=0.0)
+    assert isinstance(refused[0], NoFeasiblePrice) and refused[1]["bundle_price"] > 0

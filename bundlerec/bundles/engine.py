@@ -337,24 +337,35 @@ class BundleEngine:
 
     def personalized(self, scores: np.ndarray, c: BundleConstraints, seen: Optional[set] = None) -> list[dict]:
         """Priced bundles for one user; ``scores`` (N,) is the user's relevance of every item."""
-        seen = seen or set()
-        return [self.describe_bundle(b["items"], b["score"], seen, c.limits)
-                for b in generate(scores, self.compat, self.categories, self.prices, c)]
+        found = generate(scores, self.compat, self.categories, self.prices, c)
+        priced = self.price_bundles([b["items"] for b in found], c.limits)
+        return [self.describe_bundle(b["items"], b["score"], seen or set(), p) for b, p in zip(found, priced)]
 
-    def describe_bundle(self, items: list[int], score: float, seen: set, limits: PriceLimits = PriceLimits()) -> dict:
-        prices = [max(self.prices[i], 0.0) for i in items]
-        costs = [self.costs[i] for i in items]
-        priced, why = {}, "none (no item prices)"
-        if limits.min_margin > 0 and not all(np.isfinite(costs)):
-            why = "none (min_margin needs every item's catalog cost)"
-        elif sum(prices) > 0:
-            try:
-                priced = self.pricing.price(prices, [self.titles[i] for i in items], item_ids=[self.item_ids[i] for i in items],
-                                            costs=costs if all(np.isfinite(costs)) else None,
-                                            max_discount=limits.max_discount, min_margin=limits.min_margin,
-                                            price_ending=limits.price_ending)
-            except NoFeasiblePrice as e:
-                why = f"none ({e})"
+    def price_bundles(self, bundles: list[list[int]], limits: PriceLimits = PriceLimits()) -> list[tuple[dict, str]]:
+        """(price dict, why not) of each bundle: all of them priced with one pricing-model call; an
+        empty dict and the reason where a bundle gets no price."""
+        out: list = [({}, "none (no item prices)")] * len(bundles)
+        todo = []
+        for k, items in enumerate(bundles):
+            costs = [self.costs[i] for i in items]
+            if limits.min_margin > 0 and not all(np.isfinite(costs)):
+                out[k] = ({}, "none (min_margin needs every item's catalog cost)")
+            elif sum(max(self.prices[i], 0.0) for i in items) > 0:
+                todo.append(k)
+        specs = []
+        for k in todo:
+            items, costs = bundles[k], [self.costs[i] for i in bundles[k]]
+            specs.append(dict(item_prices=[max(self.prices[i], 0.0) for i in items], item_names=[self.titles[i] for i in items],
+                              item_ids=[self.item_ids[i] for i in items], costs=costs if all(np.isfinite(costs)) else None))
+        for k, res in zip(todo, self.pricing.price_many(specs, max_discount=limits.max_discount,
+                                                         min_margin=limits.min_margin, price_ending=limits.price_ending)):
+            out[k] = ({}, f"none ({res})") if isinstance(res, NoFeasiblePrice) else (res, "")
+        return out
+
+    def describe_bundle(self, items: list[int], score: float, seen: set, priced: tuple[dict, str]) -> dict:
+        """The answer's form of one bundle: name, items with their reason, price (``priced``: an
+        entry of :meth:`price_bundles`)."""
+        priced, why = priced
         return {"name": self.name(items), "score": score,
                 "items": [{"item_id": self.item_ids[i], "title": self.titles[i],
                            "price": None if self.prices[i] < 0 else self.prices[i],

@@ -43,7 +43,7 @@ def generate(scores: np.ndarray, compat: Compatibility, categories: Sequence[str
     """Greedy bundle construction for one user. ``scores``: (N,) relevance of every catalog item."""
     s = np.asarray(scores, dtype=np.float64).copy()
     s[list(c.exclude)] = -np.inf
-    order = [int(i) for i in np.argsort(-s)[: c.candidates] if np.isfinite(s[i])]
+    order = [int(i) for i in np.argsort(-s, kind="stable")[: c.candidates] if np.isfinite(s[i])]  # ties: lower position first
     if not order:
         return []
     rel = (s[order] - s[order].mean()) / (s[order].std() + 1e-9)

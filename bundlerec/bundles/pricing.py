@@ -100,6 +100,19 @@ class PricingContext:
         self._sets = [set(map(str, x)) for x in self.item_sets]
         self._d = np.asarray(self.discounts, dtype=float)
         self._dom = [{k: self.dominant(s_, k) for k in SELLER_KEYS} for s_ in self._sets]
+        # inverted indexes: a bundle is compared only with the earlier ones it shares an item or a
+        # seller with (the others add nothing), in index order, so the sums are the full scan's
+        self._sizes = np.array([len(t) for t in self._sets], dtype=np.int64)
+        self._by_item: dict = {}
+        for k, t in enumerate(self._sets):
+            for i in t:
+                self._by_item.setdefault(i, []).append(k)
+        self._by_seller = {key: {} for key in SELLER_KEYS}
+        for k, o in enumerate(self._dom):
+            for key in SELLER_KEYS:
+                if o[key][0] is not None:
+                    self._by_seller[key].setdefault(o[key][0], []).append(k)
+        self._median = float(np.median(self._d)) if len(self._d) else 0.2
 
     def dominant(self, items, key: str) -> tuple[Optional[str], float]:
         vals = [self.sellers[i][key] for i in items if self.sellers.get(i, {}).get(key)]
@@ -110,20 +123,26 @@ class PricingContext:
 
     def features(self, item_ids: Optional[Sequence] = None, exclude: Optional[int] = None) -> np.ndarray:
         s_ = set(map(str, item_ids or []))
-        keep = np.ones(len(self._sets), dtype=bool)
-        if exclude is not None:
-            keep[exclude] = False
-        d = self._d[keep]
-        med = float(np.median(d)) if len(d) else 0.2
-        jac = np.array([len(s_ & t) / len(s_ | t) if s_ else 0.0 for t, k in zip(self._sets, keep) if k])
+        if exclude is None:
+            med = self._median
+        else:
+            rest = np.delete(self._d, exclude)
+            med = float(np.median(rest)) if len(rest) else 0.2
+        shared: dict = {}
+        for i in s_:
+            for k in self._by_item.get(i, ()):
+                if k != exclude:
+                    shared[k] = shared.get(k, 0) + 1
         f = [0.0, med, med, 0.0]
-        if len(jac) and jac.max() > 0:
-            w = jac[jac > 0]
-            f = [float(jac.max()), float(d[int(jac.argmax())]), float((w * d[jac > 0]).sum() / w.sum()), 1.0]
-        dom = [x for x, k in zip(self._dom, keep) if k]
+        if shared:
+            idx = np.array(sorted(shared), dtype=np.int64)
+            common = np.array([shared[k] for k in idx], dtype=np.int64)
+            jac = common / (len(s_) + self._sizes[idx] - common)  # |s & t| / |s | t|
+            d = self._d[idx]
+            f = [float(jac.max()), float(d[int(jac.argmax())]), float((jac * d).sum() / jac.sum()), 1.0]
         for key in SELLER_KEYS:
             seller, share = self.dominant(s_, key)
-            same = [di for di, o in zip(d, dom) if seller is not None and o[key][0] == seller]
+            same = [self._d[k] for k in self._by_seller[key].get(seller, ()) if k != exclude] if seller is not None else []
             f += [share, float(np.mean(same)) if same else med, float(len(same))]
         return np.asarray(f, dtype=float)
 
@@ -211,14 +230,19 @@ class PricingModel:
         return self.s * math.log((1 - self.s) / self.s)
 
     # ---------------------------------------------------------------- demand and prices
-    def mu(self, x: np.ndarray) -> float:
-        """Location of log(WTP / list price) implied by the fitted optimal discount."""
-        d = float(self.predict_discount(x[None, :])[0])
-        return math.log(max(1.0 - d, 1e-6)) + self.offset()
+    def mu(self, X: np.ndarray) -> np.ndarray:
+        """Location of log(WTP / list price) implied by the fitted optimal discount, for each row of
+        ``X`` (one model call for all rows: it does not depend on the price asked)."""
+        d = self.predict_discount(np.atleast_2d(X))
+        return np.log(np.maximum(1.0 - d, 1e-6)) + self.offset()
 
-    def purchase_probability(self, price: float, list_price: float, x: np.ndarray) -> float:
-        z = (self.mu(x) - math.log(max(price, 1e-9) / list_price)) / self.s
-        return 1.0 / (1.0 + math.exp(-z))
+    def purchase_probability(self, price, list_price, x: Optional[np.ndarray] = None, mu=None):
+        """P(buy) at ``price`` (scalar or array, against ``list_price``) for a bundle with features
+        ``x``, or with its location ``mu`` already computed (:meth:`mu`)."""
+        m = self.mu(x)[0] if mu is None else mu
+        z = (m - np.log(np.maximum(np.asarray(price, dtype=float), 1e-9) / np.asarray(list_price, dtype=float))) / self.s
+        p = 1.0 / (1.0 + np.exp(-z))
+        return float(p) if np.ndim(p) == 0 else p
 
     def predict_discount(self, X: np.ndarray) -> np.ndarray:
         """Unconstrained revenue-optimal discount for each row of X."""
@@ -236,38 +260,69 @@ class PricingModel:
         ``bundle_price >= sum(costs) * (1 + min_margin)``, ``bundle_price <= list``, and with
         ``price_ending`` (e.g. 0.99) the cents are that ending. Raises :class:`NoFeasiblePrice` when
         no price meets them."""
-        prices = np.asarray(item_prices, dtype=float)
-        L = float(prices.sum())
-        if not np.isfinite(L) or L <= 0:
-            raise ValueError("bundle list price must be positive")
+        out = self.price_many([dict(item_prices=item_prices, item_names=item_names, item_genres=item_genres,
+                                    bundle_name=bundle_name, costs=costs, item_ids=item_ids)],
+                              max_discount=max_discount, min_margin=min_margin, price_ending=price_ending, grid=grid)[0]
+        if isinstance(out, NoFeasiblePrice):
+            raise out
+        return out
+
+    def price_many(self, bundles: Sequence[dict], max_discount: float = PriceLimits.max_discount,
+                   min_margin: float = PriceLimits.min_margin, price_ending: Optional[float] = PriceLimits.price_ending,
+                   grid: int = 400) -> list:
+        """:meth:`price` for several bundles (dicts of its per-bundle arguments: ``item_prices`` and
+        optionally ``item_names``, ``item_genres``, ``bundle_name``, ``costs``, ``item_ids``) with one
+        model call for all of them and their items sold alone; each entry is the price dict, or the
+        :class:`NoFeasiblePrice` of that bundle."""
         if not 0 <= max_discount <= 1 or min_margin < 0:
             raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
-        x = self.features(prices, item_names, item_genres, bundle_name, item_ids)
+        end = None if price_ending is None else int(round(price_ending * 100))
+        if end is not None and not 0 <= end < 100:
+            raise ValueError("price_ending must be in [0, 1)")
+        rows, plans = [], []
+        for b in bundles:
+            prices = np.asarray(b["item_prices"], dtype=float)
+            L = float(prices.sum())
+            if not np.isfinite(L) or L <= 0:
+                raise ValueError("bundle list price must be positive")
+            names, ids = b.get("item_names"), b.get("item_ids")
+            rows.append(self.features(prices, names, b.get("item_genres"), b.get("bundle_name", ""), ids))
+            # selling separately: each item alone at its own list price, under the same model (n = 1)
+            alone = [(float(pi), nm, i) for pi, nm, i in zip(prices, list(names or [""] * len(prices)),
+                                                              list(ids or [None] * len(prices))) if pi > 0]
+            rows += [self.features([pi], [nm], item_ids=[i] if i else None) for pi, nm, i in alone]
+            plans.append((L, b.get("costs"), np.array([pi for pi, _, _ in alone])))
+        mus = self.mu(np.stack(rows)) if rows else np.zeros(0)
+        out, r = [], 0
+        for L, costs, alone in plans:
+            try:
+                out.append(self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
+                                            min_margin, end, grid))
+            except NoFeasiblePrice as e:
+                out.append(e)
+            r += 1 + len(alone)
+        return out
+
+    def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
+                    min_margin: float, end: Optional[int], grid: int) -> dict:
+        """The best whole-cent price of one bundle (list price ``L``, location ``mu``) on the grid."""
         cost = float(np.sum(costs)) if costs is not None else 0.0
         lo = max(L * (1 - max_discount), cost * (1 + min_margin))
         cents_lo, cents_hi = math.ceil(round(lo * 100, 6)), math.floor(round(L * 100, 6))  # whole cents inside [lo, L]
         if cents_lo > cents_hi:
             raise NoFeasiblePrice(f"no price in whole cents within [{lo:.4f}, {L:.2f}] (minimum margin or maximum discount)")
         cents = np.unique(np.linspace(cents_lo, cents_hi, grid).round().astype(np.int64))
-        if price_ending is not None:  # e.g. 0.99 -> x.99 prices inside [lo, L]
-            end = int(round(price_ending * 100))
-            if not 0 <= end < 100:
-                raise ValueError("price_ending must be in [0, 1)")
+        if end is not None:  # e.g. 0.99 -> x.99 prices inside [lo, L]
             cents = np.unique((cents - end) // 100 * 100 + end)
             cents = cents[(cents >= cents_lo) & (cents <= cents_hi)]
             if len(cents) == 0:
                 raise NoFeasiblePrice(f"no price ending in .{end:02d} within [{lo:.2f}, {L:.2f}]")
         cand = cents / 100.0
-        prob = np.array([self.purchase_probability(p, L, x) for p in cand])
+        prob = self.purchase_probability(cand, L, mu=mu)  # the whole grid at once: mu does not depend on the price
         objective = (cand - cost) * prob
         best = int(np.argmax(objective))
         p_star = float(cand[best])
-        # selling separately: each item alone at its own list price, under the same model (n = 1)
-        names = list(item_names or [""] * len(prices))
-        ids = list(item_ids or [None] * len(prices))
-        sep = sum(float(pi) * self.purchase_probability(float(pi), float(pi),
-                                                        self.features([pi], [nm], item_ids=[i] if i else None))
-                  for pi, nm, i in zip(prices, names, ids) if pi > 0)
+        sep = float(np.sum(alone * self.purchase_probability(alone, alone, mu=mu_alone))) if len(alone) else 0.0
         return {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
                 "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
                 "expected_margin": float(objective[best]) if costs is not None else None,

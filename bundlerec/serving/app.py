@@ -422,25 +422,28 @@ class BundlerecService:
             raise HTTPException(503, "bundle capacity of this replica is in use; retry shortly",
                                 headers={"Retry-After": "1"})
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._bundle_pool, self._bundles, req)
+            m, exp, arm, unit, new = self._route(req.user_id, req.session_id)
+            kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
+                      limits=req.limits())
+            loop = asyncio.get_running_loop()
+            if req.query is not None:
+                out = await loop.run_in_executor(self._bundle_pool, lambda: m.rec.query_bundles(req.query, **kw))
+                cold, unknown, source = False, [], "query"
+            else:
+                if req.events is not None:
+                    h = m.rec.history_from_events([e.model_dump() for e in req.events])
+                else:
+                    h = m.rec.history_for_user(req.user_id)
+                c = m.rec.bundle_constraints(h, **kw)
+                # retrieval through the batcher (ANN index for large catalogs) with the recommendations
+                ranked = await self._score(m, h, m.rec.bundle_pool(c)) if h.items else None
+                out = await loop.run_in_executor(self._bundle_pool, m.rec.bundles_for, h, c, ranked)
+                cold, unknown, source = not h.items, h.unknown_items, h.source
+            shown = self._impression(m, exp, arm, unit, new, "bundles", [], out)
+            return BundleResponse(bundles=out, cold_start=cold, unknown_items=unknown, history_source=source,
+                                  model=m.info, **shown)
         finally:
             self._bundle_slots.release()
-
-    def _bundles(self, req: BundleRequest) -> BundleResponse:
-        m, exp, arm, unit, new = self._route(req.user_id, req.session_id)
-        kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
-                  limits=req.limits())
-        if req.query is not None:
-            out, cold, unknown, source = m.rec.query_bundles(req.query, **kw), False, [], "query"
-        else:
-            if req.events is not None:
-                h = m.rec.history_from_events([e.model_dump() for e in req.events])
-            else:
-                h = m.rec.history_for_user(req.user_id)
-            out, cold, unknown, source = m.rec.bundles(h, **kw), not h.items, h.unknown_items, h.source
-        shown = self._impression(m, exp, arm, unit, new, "bundles", [], out)
-        return BundleResponse(bundles=out, cold_start=cold, unknown_items=unknown, history_source=source,
-                              model=m.info, **shown)
 
     # ---------------------------------------------------------------- feedback and experiments
     @api.post("/v1/feedback", response_model=FeedbackResponse, dependencies=[Depends(require_token)],

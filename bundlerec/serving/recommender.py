@@ -149,24 +149,46 @@ class Recommender:
                 out[i] = top
         return out
 
-    @torch.no_grad()
-    def full_scores(self, h: History) -> np.ndarray:
-        """(N,) scores of every item for one history (popularity for a cold start)."""
+    def bundle_constraints(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
+                           budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,
+                           exclude_purchased: bool = True, limits: PriceLimits = _BUNDLE.limits) -> BundleConstraints:
+        """A bundle request's constraints for this history (what it bought is excluded)."""
+        bought = tuple(dict.fromkeys(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"])) \
+            if exclude_purchased else ()
+        return BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats,
+                                 limits=limits)
+
+    @staticmethod
+    def bundle_pool(c: BundleConstraints) -> int:
+        """How many top items a bundle request needs retrieved: generation grows bundles from the
+        ``c.candidates`` best items that are not excluded."""
+        return c.candidates + len(c.exclude)
+
+    def bundle_scores(self, h: History, c: BundleConstraints, ranked: Optional[list] = None) -> np.ndarray:
+        """(N,) the user's scores that bundle generation reads: the top :meth:`bundle_pool` items
+        (``ranked``, as :meth:`recommend_histories` gives them: the ANN index or exact top-k,
+        retrieved here when not given) and -inf elsewhere; a cold start reads popularity."""
         if not h.items:
             return self.popularity.numpy().astype(np.float64)
-        items, types, age, valid = pad_history([h.items], [h.types], [h.ages], self.history_len)
-        batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
-                 "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
-        return self.model.score(batch)[0].numpy().astype(np.float64)
+        if ranked is None:
+            ranked = self.recommend_histories([h], self.bundle_pool(c))[0]
+        scores = np.full(len(self.item_ids), -np.inf)
+        if ranked:
+            pos, val = zip(*ranked)
+            scores[list(pos)] = val
+        return scores
 
     def bundles(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size, budget: Optional[float] = None,
                 allow_repeats: bool = _BUNDLE.allow_repeats, exclude_purchased: bool = True,
                 limits: PriceLimits = _BUNDLE.limits) -> list[dict]:
         """Personalized, priced bundles for one history (the bundle engine over this user's scores)."""
-        bought = tuple(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"]) if exclude_purchased else ()
-        c = BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats,
-                              limits=limits)
-        return self.bundle_engine.personalized(self.full_scores(h), c, seen=set(h.items))
+        c = self.bundle_constraints(h, n, max_size, budget, allow_repeats, exclude_purchased, limits)
+        return self.bundles_for(h, c)
+
+    def bundles_for(self, h: History, c: BundleConstraints, ranked: Optional[list] = None) -> list[dict]:
+        """:meth:`bundles` with the constraints built and, optionally, the retrieval done (the Serve
+        replica retrieves through its request batcher, then generates off the event loop)."""
+        return self.bundle_engine.personalized(self.bundle_scores(h, c, ranked), c, seen=set(h.items))
 
     def query_bundles(self, text: str, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
                       budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="fault injection: SIGKILL one replica after this fraction of the requests (one level)")
     p.add_argument("--bundle-pressure", type=int, default=0, metavar="N",
                    help="recommendations alone, then beside N clients sending maximal /v1/bundles requests")
+    p.add_argument("--honor-retry-after", action="store_true",
+                   help="with --bundle-pressure: a bundle client answered 503 waits Retry-After before retrying")
     p.add_argument("--build-catalog", type=int, default=0, metavar="N",
                    help="only build a copy of --export grown to N items into --to, then exit")
     p.add_argument("--to", default=None, help="destination export dir for --build-catalog")
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(build_large_catalog(args.export, args.to, args.build_catalog))
         return {}
     out = run_loadtest(args.url, args.export, args.concurrency, args.requests, args.k,
-                       read_token(args.token_file), args.kill_replica_at, args.bundle_pressure)
+                       read_token(args.token_file), args.kill_replica_at, args.bundle_pressure,
+                       args.honor_retry_after)
     plain = args.kill_replica_at is None and not args.bundle_pressure
     print(format_report(out) if plain else json.dumps(out, indent=2))
     if args.out:

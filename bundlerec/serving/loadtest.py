@@ -207,10 +207,12 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
 
 
 def bundle_pressure_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
-                          token: str | None, pressure: int) -> dict:
+                          token: str | None, pressure: int, honor_retry_after: bool = False) -> dict:
     """Recommendations (as :func:`http_level`) while ``pressure`` clients send maximal bundle requests
     (n=10, max_size=8, one after the other, for as long as the level runs); what each bundle request
-    got (200, or 503 when the replica sheds bundle work) is counted."""
+    got (200, or 503 when the replica sheds bundle work) is counted. With ``honor_retry_after`` a
+    client answered 503 waits the ``Retry-After`` seconds before its next request (as well-behaved
+    clients do); without, it retries at once (a hostile client)."""
     u = urlparse(url)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
     stop, codes, lock = threading.Event(), {}, threading.Lock()
@@ -226,6 +228,8 @@ def bundle_pressure_level(url: str, users: list[str], concurrency: int, n_reques
                 r = conn.getresponse()
                 r.read()
                 code = r.status
+                if honor_retry_after and code == 503 and r.getheader("Retry-After"):
+                    stop.wait(float(r.getheader("Retry-After")))
             except Exception as e:
                 code = type(e).__name__
                 conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
@@ -242,11 +246,12 @@ def bundle_pressure_level(url: str, users: list[str], concurrency: int, n_reques
         stop.set()
         for t in threads:
             t.join()
-    return {**level, "bundle_clients": pressure, "bundle_answers": codes}
+    return {**level, "bundle_clients": pressure, "bundle_answers": codes, "honor_retry_after": honor_retry_after}
 
 
 def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k: int = 10,
-                 token: str | None = None, kill_replica_at: float | None = None, bundle_pressure: int = 0) -> dict:
+                 token: str | None = None, kill_replica_at: float | None = None, bundle_pressure: int = 0,
+                 honor_retry_after: bool = False) -> dict:
     """Warm up, then one level per concurrency (or one level with a replica killed part-way), plus
     the same model in-process; returns the figures (``serve_overhead_p50_ms`` = HTTP p50 at the first
     level minus in-process p50)."""
@@ -263,7 +268,8 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
         return res
     if bundle_pressure:  # recommendations alone, then beside `bundle_pressure` maximal bundle clients
         solo = http_level(url, users, concurrency[0], requests, k, token)
-        loaded = bundle_pressure_level(url, users, concurrency[0], requests, k, token, bundle_pressure)
+        loaded = bundle_pressure_level(url, users, concurrency[0], requests, k, token, bundle_pressure,
+                                       honor_retry_after)
         return {"date": datetime.now(timezone.utc).isoformat(), "url": url, "solo": solo, "with_bundles": loaded,
                 "p99_ratio": loaded["p99_ms"] / solo["p99_ms"],
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}

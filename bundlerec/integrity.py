@@ -6,6 +6,9 @@ before use, and directories built in a staging folder and swapped in.
     with amend("runs/demo/export"):             # a later stage adds files: verified before, re-sealed after
         add_pricing("runs/demo/export")
     require("runs/demo/export")                 # IntegrityError naming the first problem
+    local = workdir_for("s3://b/run/export")    # an object-store target: built in a local folder,
+    ...; publish(local, "s3://b/run/export")    # uploaded with the manifest last (the commit)
+    checkout("s3://b/run/export")               # a verified local copy to read or amend
 
 A writer that stops half-way leaves either the old directory (``staged``) or files that disagree
 with the manifest (``amend``); both are refused by :func:`verify` instead of being served. Files
@@ -19,8 +22,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from typing import Iterator, Optional
+
+from bundlerec.storage import is_uri
 
 MANIFEST = "MANIFEST.json"
 
@@ -81,7 +87,9 @@ def seal(root: str, **extra) -> dict:
 
 def verify(root: str, hashes: bool = True) -> tuple[bool, str]:
     """(ok, why): the manifest is there, every listed file matches it, and no unlisted file was added
-    (a later writer that stopped before re-sealing)."""
+    (a later writer that stopped before re-sealing). ``root`` may be an object-store URI."""
+    if is_uri(root):
+        return _verify_remote(root, hashes)
     path = os.path.join(root, MANIFEST)
     try:
         with open(path) as f:
@@ -97,6 +105,83 @@ def verify(root: str, hashes: bool = True) -> tuple[bool, str]:
     if extra:
         return False, f"files not in the manifest (a write did not finish): {extra[:5]}"
     return True, "ok"
+
+
+def _verify_remote(uri: str, hashes: bool) -> tuple[bool, str]:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as f:
+            files = json.loads(f.read())["files"]
+    except FileNotFoundError:
+        return False, f"no {MANIFEST} (incomplete, or written before manifests)"
+    except (OSError, ValueError, KeyError) as e:
+        return False, f"unreadable {MANIFEST} ({e})"
+    found = {os.path.relpath(i.path, root): i.size for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File}
+    for rel, meta in files.items():
+        if rel not in found:
+            return False, f"missing {rel}"
+        if found[rel] != meta["size"]:
+            return False, f"{rel}: {found[rel]} bytes, expected {meta['size']}"
+        if hashes and sha256_file(f"{root}/{rel}", fs) != meta["sha256"]:
+            return False, f"{rel}: content hash differs"
+    extra = sorted(r for r in found if r not in files and r != MANIFEST
+                   and not any(part.startswith(".") for part in r.split("/")))
+    if extra:
+        return False, f"files not in the manifest (a write did not finish): {extra[:5]}"
+    return True, "ok"
+
+
+def workdir_for(target: str) -> str:
+    """Where a directory bound for ``target`` is built: ``target`` itself when it is local, a fresh
+    local folder when it is an object-store URI (then :func:`publish` it)."""
+    if not is_uri(target):
+        return target
+    return os.path.join(tempfile.mkdtemp(prefix="bundlerec-"), os.path.basename(target.rstrip("/")) or "dir")
+
+
+def publish(local: str, target: str) -> None:
+    """Put the sealed directory ``local`` at ``target``. Local: they must be the same folder (it was
+    built in place). Object store: ``local`` is verified, the target's old objects are removed
+    (manifest included, so readers refuse the directory meanwhile), the files are uploaded and the
+    manifest last: the commit, after which readers can verify every object against it."""
+    if not is_uri(target):
+        if os.path.abspath(local) != os.path.abspath(target):
+            raise ValueError(f"publish: {local} was built for {target}; build it with workdir_for({target!r})")
+        return
+    import pyarrow.fs as pafs
+
+    require(local)
+    fs, root = pafs.FileSystem.from_uri(target)
+    old = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+           if i.type == pafs.FileType.File]
+    for path in sorted(old, key=lambda p: not p.endswith(f"/{MANIFEST}")):  # the old manifest first
+        fs.delete_file(path)
+    for rel in [*_files(local), MANIFEST]:  # the manifest last (object stores need no folders)
+        with open(os.path.join(local, rel), "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def checkout(source: str, what: str = "directory") -> str:
+    """A verified local copy of ``source``: ``source`` itself when local (verified), else a fresh
+    local folder with the objects (verified against the manifest they were committed with)."""
+    if not is_uri(source):
+        require(source, what)
+        return source
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(source)
+    local = workdir_for(source)
+    os.makedirs(local)
+    pafs.copy_files(root, local, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    ok, why = verify(local)
+    if not ok:
+        shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+        raise IntegrityError(f"{what} {source} failed verification: {why}. It was not completely written "
+                             f"(or was changed afterwards); re-create it with the stage that writes it")
+    return local
 
 
 def require(root: str, what: str = "directory", hashes: bool = True) -> None:

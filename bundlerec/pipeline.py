@@ -12,7 +12,8 @@ import os
 import time
 
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
-from bundlerec.storage import join, read_text, write_text
+from bundlerec import integrity
+from bundlerec.storage import is_uri, join, parent, read_text, write_text
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +56,27 @@ def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
     return info
 
 
-def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None) -> dict:
-    """Test metrics of the export and of every baseline -> results.json + the MLflow run."""
+def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None,
+                     local: str | None = None) -> dict:
+    """Test metrics of the export and of every baseline -> results.json + the MLflow run.
+    ``export_dir`` is where the export is kept (recorded in results.json; may be an object-store
+    URI), ``local`` a verified local copy of it (checked out when not given)."""
     from bundlerec.eval.evaluate import evaluate_run, format_table
     from bundlerec.tracking import log_results
 
+    local = local or integrity.checkout(export_dir, "export")
     prep_dir = cfg.data.output_dir
     manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
     t = time.time()
-    metrics = evaluate_run(prep_dir, export_dir, cfg, split="test")
+    metrics = evaluate_run(prep_dir, local, cfg, split="test")
     print("\n" + format_table(metrics, SUMMARY_METRICS) + "\n", flush=True)
     results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
                "export_dir": export_dir, "metrics": metrics, "eval_seconds": time.time() - t,
                "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")}, **(extra or {})}
     write_text(cfg.results_path, json.dumps(results, indent=2, default=str))  # atomic: the next stage reads it
-    log_results(cfg.mlflow.tracking_uri, run_id, metrics, export_dir,
+    log_results(cfg.mlflow.tracking_uri, run_id, metrics, local,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
-    results["report"] = log_report(cfg, run_id, export_dir, metrics)
+    results["report"] = log_report(cfg, run_id, local, metrics)
     return results
 
 
@@ -93,7 +98,7 @@ def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict)
             per_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
     history = [per_epoch[e] for e in sorted(per_epoch) if "train_loss" in per_epoch[e]]
     users = load_split(cfg.data.output_dir, "test").user_id.astype(str).drop_duplicates().head(3).tolist()
-    out = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "report")
+    out = _local_beside(cfg.results_path, "report")
     run = client.get_run(run_id)
     facts = {"MLflow run": run_id, "experiment": cfg.mlflow.experiment, "model": cfg.model.name_or_path,
              "DeepSpeed ZeRO stage": cfg.train.zero_stage, "workers": cfg.train.num_workers,
@@ -105,6 +110,16 @@ def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict)
     client.log_artifacts(run_id, out, artifact_path="report")
     log.info("report: %s (MLflow run %s, artifacts report/report.html)", paths["report"], run_id)
     return paths["report"]
+
+
+def _local_beside(path: str, name: str) -> str:
+    """A local folder ``name`` beside ``path``, or a fresh local one when ``path`` is an object-store
+    URI (what is written there goes to MLflow too)."""
+    if is_uri(path):
+        import tempfile
+
+        return os.path.join(tempfile.mkdtemp(prefix="bundlerec-"), name)
+    return os.path.join(parent(path), name)
 
 
 def run_train_stage(cfg: PipelineConfig) -> dict:
@@ -123,10 +138,13 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
     log_prep_dataset(cfg.mlflow.tracking_uri, run_id, prep_dir, manifest)
     with system_metrics(cfg.mlflow.tracking_uri, run_id):
         trained = fit(cfg, prep_dir, run_id)
-    pricing = attach_pricing(cfg, trained["export_dir"])
+    local = trained["local_export"]
+    pricing = attach_pricing(cfg, local)
+    integrity.publish(local, trained["export_dir"])  # object store: the amended export, manifest last
     return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing,
         "checkpoint": trained["checkpoint"],
-        "train": {k: v for k, v in trained.items() if k not in ("export_dir", "checkpoint")}})
+        "train": {k: v for k, v in trained.items() if k not in ("export_dir", "local_export", "checkpoint")}},
+        local=local)
 
 
 def run_tune_stage(cfg: PipelineConfig) -> dict:
@@ -139,9 +157,12 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
     sweep = run_sweep(cfg)
     print("\n" + trial_summary(sweep) + "\n", flush=True)
     best = sweep["best"]
-    pricing = attach_pricing(cfg, best["export_dir"])
+    local = integrity.checkout(best["export_dir"], "the best trial's export")
+    pricing = attach_pricing(cfg, local)
+    integrity.publish(local, best["export_dir"])
     results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {"pricing": pricing,
-        "sweep_run_id": sweep["parent_run_id"], "best_trial": best, "sweep_seconds": sweep["seconds"]})
+        "sweep_run_id": sweep["parent_run_id"], "best_trial": best, "sweep_seconds": sweep["seconds"]},
+        local=local)
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     client.log_metric(sweep["parent_run_id"], "best_test_ndcg_at_10", results["metrics"]["bundlerec"]["ndcg@10"])
     client.set_terminated(sweep["parent_run_id"], "FINISHED")
@@ -166,7 +187,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         results = run_tune_stage(cfg)
         summary["sweep_run_id"] = results["sweep_run_id"]
     else:
-        results = json.load(open(cfg.results_path))
+        results = json.loads(read_text(cfg.results_path))
     summary.update({
         "run_id": results["run_id"], "export_dir": results["export_dir"],
         "metrics": {m: {k: v[k] for k in SUMMARY_METRICS if k in v} for m, v in results["metrics"].items()},
@@ -198,9 +219,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if "deploy" in cfg.stages:
         summary["explorer_url"] = f"{cfg.serve.url.rstrip('/')}/"
     summary["pipeline_seconds"] = round(time.time() - t0, 1)
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "summary.json")
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    path = join(parent(cfg.results_path), "summary.json")
+    write_text(path, json.dumps(summary, indent=2, default=str))
     log.info("pipeline: done in %.0fs; summary at %s", summary["pipeline_seconds"], path)
     print(f"\nevaluation report (MLflow): {summary['report_url']}", flush=True)
     if "explorer_url" in summary:

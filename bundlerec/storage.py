@@ -18,9 +18,29 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts) if is_uri(base) else os.path.join(base, *parts)
 
 
+def parent(path: str) -> str:
+    """The folder holding ``path`` (absolute when local)."""
+    return posixpath.dirname(path.rstrip("/")) if is_uri(path) else os.path.dirname(os.path.abspath(path))
+
+
 def absolute(path: str) -> str:
     """Absolute local path (Ray Train storage and Ray Data writers need one), URIs unchanged."""
     return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def exists(path: str) -> bool:
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        return fs.get_file_info(p).type != pafs.FileType.NotFound
+    return os.path.exists(path)
+
+
+def makedirs(path: str) -> None:
+    if is_uri(path):
+        fs, p = pafs.FileSystem.from_uri(path)
+        fs.create_dir(p, recursive=True)
+    else:
+        os.makedirs(path, exist_ok=True)
 
 
 def reset_dir(path: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Callable
 
@@ -25,7 +24,7 @@ from bundlerec.config import (
     to_dict,
 )
 from bundlerec import integrity
-from bundlerec.storage import absolute, write_text
+from bundlerec.storage import absolute, exists, join, makedirs, read_text, reset_dir, write_text
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +95,9 @@ def trial_driver(trial_config: dict, base: dict, parent_run_id: str, experiment_
     cfg = from_dict(PipelineConfig, raw)
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     run_id = _child_run(client, experiment_id, parent_run_id, trial_id, flatten(to_dict(cfg)))
-    client.set_tag(run_id, "bundlerec.export_dir", os.path.join(sweep_dir, "exports", trial_id))
-    fit(cfg, cfg.data.output_dir, run_id=run_id, export_dir=os.path.join(sweep_dir, "exports", trial_id),
-        callbacks=[TuneReportCallback()], name=f"trial-{trial_id}",
-        storage_path=os.path.join(sweep_dir, "trials"))
+    client.set_tag(run_id, "bundlerec.export_dir", join(sweep_dir, "exports", trial_id))
+    fit(cfg, cfg.data.output_dir, run_id=run_id, export_dir=join(sweep_dir, "exports", trial_id),
+        callbacks=[TuneReportCallback()], name=f"trial-{trial_id}", storage_path=join(sweep_dir, "trials"))
     client.set_terminated(run_id, "FINISHED")
 
 
@@ -116,16 +114,15 @@ def run_sweep(cfg: PipelineConfig) -> dict:
     tc = cfg.tune
     check_server(cfg.mlflow.tracking_uri)
     sweep_name = f"{cfg.name}-sweep"
-    sweep_dir = os.path.join(absolute(tc.storage_path), sweep_name)
-    if not tc.resume and os.path.exists(sweep_dir):
-        import shutil
-
-        shutil.rmtree(sweep_dir)  # a fresh sweep never mixes with an old one
-    os.makedirs(sweep_dir, exist_ok=True)
-    state_path = os.path.join(sweep_dir, "bundlerec_sweep_state.json")
-    restoring = tc.resume and tune.Tuner.can_restore(os.path.join(sweep_dir, "tuner")) and os.path.exists(state_path)
+    sweep_dir = join(absolute(tc.storage_path), sweep_name)  # a local folder or an object-store URI
+    if tc.resume:
+        makedirs(sweep_dir)
+    else:
+        reset_dir(sweep_dir)  # a fresh sweep never mixes with an old one
+    state_path = join(sweep_dir, "bundlerec_sweep_state.json")
+    restoring = tc.resume and tune.Tuner.can_restore(join(sweep_dir, "tuner")) and exists(state_path)
     if restoring:
-        state = json.load(open(state_path))
+        state = json.loads(read_text(state_path))
         log.info("tune: resuming sweep %s (parent run %s)", sweep_name, state["parent_run_id"])
     else:
         parent = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, sweep_name,
@@ -133,7 +130,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
         state = {"parent_run_id": parent,
                  "experiment_id": mlflow.get_experiment_by_name(cfg.mlflow.experiment).experiment_id}
-        json.dump(state, open(state_path, "w"))
+        write_text(state_path, json.dumps(state))
 
     space = search_space(tc.space)
     trainable = tune.with_resources(
@@ -141,7 +138,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
                              experiment_id=state["experiment_id"], sweep_dir=sweep_dir),
         {"cpu": tc.trial_cpus})
     if restoring:
-        tuner = tune.Tuner.restore(os.path.join(sweep_dir, "tuner"), trainable=trainable, resume_errored=False,
+        tuner = tune.Tuner.restore(join(sweep_dir, "tuner"), trainable=trainable, resume_errored=False,
                                    param_space=space)
     else:
         search = None
@@ -167,7 +164,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
         if r.metrics is None:
             continue
         tid = r.metrics.get("trial_id")
-        export_dir = os.path.join(sweep_dir, "exports", tid) if tid else None
+        export_dir = join(sweep_dir, "exports", tid) if tid else None
         hist = r.metrics_dataframe
         best_val = float(hist[METRIC].max()) if hist is not None and METRIC in hist else r.metrics.get(METRIC)
         runs = client.search_runs([state["experiment_id"]], filter_string=f"tags.`bundlerec.trial_id` = '{tid}'")
@@ -189,7 +186,7 @@ def run_sweep(cfg: PipelineConfig) -> dict:
              "sweep_dir": sweep_dir}
     client.log_metric(state["parent_run_id"], f"best_{METRIC}", finished[0][METRIC])
     client.set_tag(state["parent_run_id"], "bundlerec.best_trial", finished[0]["trial_id"])
-    write_text(os.path.join(sweep_dir, "sweep.json"), json.dumps(sweep, indent=2, default=str))
+    write_text(join(sweep_dir, "sweep.json"), json.dumps(sweep, indent=2, default=str))
     return sweep
 
 

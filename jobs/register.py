@@ -12,12 +12,13 @@ import json
 from bundlerec.cli import parse
 from bundlerec.registry.promotion import register
 from bundlerec.runtime import setup_env
+from bundlerec.storage import read_text
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_env()
     cfg = parse(argv, __doc__)
-    results = json.load(open(cfg.results_path))
+    results = json.loads(read_text(cfg.results_path))  # a local file or an object-store URI
     out = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
                    run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
     print(json.dumps(out, indent=2))

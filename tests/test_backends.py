@@ -63,6 +63,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     cmd = [str(Path(sys.executable).with_name("bundlerec")), "submit", "--address", ray_cluster,
            "--runtime-env", str(renv), "pipeline", "--config", "jobs/configs/tiny.yaml",
            f"output_root={tmp_path}", f"data.output_dir={prefix}/prep", f"train.storage_path={prefix}/ray_results",
+           f"results_path={prefix}/results.json", f"tune.storage_path={prefix}/tune",
            f"mlflow.tracking_uri={backends['mlflow']}", "mlflow.experiment=backends", "serve.model_name=bundlerec-s3",
            "stages=[prep,train,register]"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
@@ -74,12 +75,22 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
         monkeypatch.setenv(k, v)
     keys = [o["Key"] for page in boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_paginator(
         "list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
-    manifest = json.loads(boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_object(
-        Bucket=bucket, Key="run/prep/manifest.json")["Body"].read())
+    def s3_get(key: str) -> bytes:
+        return boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    manifest = json.loads(s3_get("run/prep/manifest.json"))
     assert all(f"run/prep/{manifest['snapshot']}/{rel}" in keys for rel in manifest["files"])
     assert any(rel.startswith("examples/train/") for rel in manifest["files"])
     assert any(k.startswith("run/ray_results/") and "_bundlerec_manifest" in k for k in keys)  # verified checkpoints
+    # the export (committed by its manifest, pricing included), results.json and summary.json too
+    from bundlerec.integrity import verify
+
+    results = json.loads(s3_get("run/results.json"))
+    assert results["export_dir"] == f"{prefix}/export" and verify(results["export_dir"]) == (True, "ok")
+    assert "run/export/item_index.npy" in keys and "run/export/user_tower.safetensors" in keys
+    assert json.loads(s3_get("run/summary.json"))["export_dir"] == f"{prefix}/export"
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("s3:*"))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("results.json"))
 
     # the registry lives in PostgreSQL, the model's files in the bucket
     with psycopg.connect(backends["pg"]) as conn:
@@ -91,3 +102,23 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     mlflow.set_tracking_uri(backends["mlflow"])
     rec = mlflow.pyfunc.load_model("models:/bundlerec-s3@champion").unwrap_python_model().rec  # verified export
     assert len(rec.item_ids) == 120
+
+    # a sweep on the same bucket: Tune's state, the trials' checkpoints and exports, sweep.json and the
+    # best trial's export (amended with pricing, evaluated, registered) are bucket objects
+    steam = ROOT.parent / "shared" / "data" / "steam_bundles"
+    sweep = cmd[:cmd.index("stages=[prep,train,register]")] + ["stages=[tune,register]", "tune.num_samples=1",
+                                                                "train.epochs=1", f"pricing.data_dir={steam}"]
+    r = subprocess.run(sweep, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
+    (tmp_path / "sweep.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    results = json.loads(s3_get("run/results.json"))
+    best = results["best_trial"]["export_dir"]
+    assert best.startswith(f"{prefix}/tune/tiny-sweep/exports/") and results["export_dir"] == best
+    assert verify(best) == (True, "ok") and "pricing.json" in json.loads(s3_get(best[len(f"s3://{bucket}/"):]
+                                                                                 + "/MANIFEST.json"))["files"]
+    keys = [o["Key"] for page in boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).get_paginator(
+        "list_objects_v2").paginate(Bucket=bucket, Prefix="run/tune/") for o in page.get("Contents", [])]
+    assert "run/tune/tiny-sweep/sweep.json" in keys and "run/tune/tiny-sweep/bundlerec_sweep_state.json" in keys
+    assert any(k.startswith("run/tune/tiny-sweep/tuner/") for k in keys)  # Tune's own state (resumable)
+    with psycopg.connect(backends["pg"]) as conn:
+        assert conn.execute("SELECT count(*) FROM model_versions WHERE name = 'bundlerec-s3'").fetchone() == (2,)

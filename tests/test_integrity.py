@@ -82,3 +82,75 @@ def test_amend_reseals_and_a_writer_that_stops_half_way_is_refused(tmp_path):
     with pytest.raises(IntegrityError):  # nor can a later stage build on it
         with amend(root):
             pass
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real local S3 server (moto in server mode, as `BACKENDS=postgres-s3 cluster/local.sh start`
+    runs it) with one bucket; its client environment is what pyarrow's S3 filesystem reads."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, wait_http
+
+    port = free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bundlerec-local",
+           "AWS_SECRET_ACCESS_KEY": "bundlerec-local", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", 60)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="bundlerec-local", aws_secret_access_key="bundlerec-local").create_bucket(Bucket="bundlerec-it")
+        yield env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_an_export_on_object_storage_is_committed_by_its_manifest_and_verified_when_read(s3_server, tmp_path,
+                                                                                        monkeypatch):
+    """Exports kept on s3:// (results_path there): built locally, uploaded with the manifest last;
+    a re-publish leaves no object of the old one; a read (checkout) verifies sizes and hashes, and
+    refuses a damaged object, an added one, and an upload that stopped before its manifest."""
+    import boto3
+
+    from bundlerec.integrity import checkout, publish, seal, workdir_for
+
+    for k, v in s3_server.items():
+        monkeypatch.setenv(k, v)
+    s3 = boto3.client("s3")
+    uri = "s3://bundlerec-it/run/export"
+    local = workdir_for(uri)
+    assert local != uri and not local.startswith("s3:")
+    os.makedirs(local)
+    _write(local, {"a.txt": "alpha", "encoder/config.json": "{}", "old.bin": "x" * 100})
+    seal(local)
+    publish(local, uri)
+    assert verify(uri) == (True, "ok")
+    got = checkout(uri)
+    assert got != local and _read_all(got) == _read_all(local) and verify(got) == (True, "ok")
+
+    os.remove(os.path.join(local, "old.bin"))  # the next export has other files
+    _write(local, {"a.txt": "alpha 2"})
+    seal(local)
+    publish(local, uri)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="bundlerec-it", Prefix="run/export/")["Contents"]
+                  if not o["Key"].endswith("/"))  # (pyarrow keeps empty "folder" markers; not content)
+    assert keys == ["run/export/MANIFEST.json", "run/export/a.txt", "run/export/encoder/config.json"]
+    assert _read_all(checkout(uri)) == {"a.txt": "alpha 2", os.path.join("encoder", "config.json"): "{}"}
+
+    s3.put_object(Bucket="bundlerec-it", Key="run/export/a.txt", Body=b"ALPHA 2")  # same size, other bytes
+    assert verify(uri) == (False, "a.txt: content hash differs")
+    with pytest.raises(IntegrityError, match="content hash differs"):
+        checkout(uri)
+    publish(local, uri)
+    s3.put_object(Bucket="bundlerec-it", Key="run/export/extra.bin", Body=b"?")  # a later writer that did not re-seal
+    assert not verify(uri)[0] and "extra.bin" in verify(uri)[1]
+    s3.delete_object(Bucket="bundlerec-it", Key="run/export/MANIFEST.json")  # an upload that stopped before its commit
+    assert verify(uri) == (False, f"no {MANIFEST} (incomplete, or written before manifests)")
+    with pytest.raises(ValueError, match="workdir_for"):
+        publish(local, str(tmp_path / "elsewhere"))  # a local target is built in place, never copied

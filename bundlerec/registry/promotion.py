@@ -143,9 +143,12 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     from bundlerec.tracking import check_server
     from bundlerec.serving.recommender import Recommender
 
+    from bundlerec.integrity import checkout
+
     check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
+    export_dir = checkout(export_dir, "export")  # an object-store export: a verified local copy
     cand = Recommender.from_export(export_dir)  # verifies the export's manifest
     cand_score = validation_ndcg(cand, prep_dir, history_len)
     data_id = validation_data_id(prep_dir, history_len)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 from bundlerec.config import PipelineConfig
-from bundlerec.storage import absolute, join
+from bundlerec import integrity
+from bundlerec.storage import absolute, join, parent
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,21 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
         from bundlerec.tracking import ensure_logged
 
         ensure_logged(cfg.mlflow.tracking_uri, run_id, history)
-    export_dir = export_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.results_path)), "export")
-    best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, tc.num_workers, prep_dir, export_dir)
-    return {"export_dir": export_dir, "checkpoint": best_ckpt.path, "best_epoch_metrics": best_metrics,
+    export_dir = export_dir or export_target(cfg)
+    local = integrity.workdir_for(export_dir)  # built locally, uploaded with its manifest last for s3://
+    best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, tc.num_workers, prep_dir, local)
+    integrity.publish(local, export_dir)
+    return {"export_dir": export_dir, "local_export": local, "checkpoint": best_ckpt.path,
+            "best_epoch_metrics": best_metrics,
             "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
             "history": history, "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
+
+
+def export_target(cfg: PipelineConfig) -> str:
+    """Where a training run's export goes: ``export/`` beside ``results_path`` (a local folder or an
+    object-store URI)."""
+    return join(parent(cfg.results_path), "export")
 
 
 def _ingest_options(deterministic: bool):

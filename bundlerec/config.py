@@ -210,6 +210,10 @@ class TrainConfig:
     """Worker-group restarts (from the last checkpoint) before the run fails."""
     storage_path: str = "runs/demo/ray_results"
     """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster."""
+    resume: bool = False
+    """True: if the last training run of this config name did not finish (its driver was killed),
+    continue it: the same MLflow run, and Ray Train restores its latest checkpoint from storage_path;
+    a finished run is never resumed (a new one starts). False: always a new run."""
     seed: int = 0
     """Seed for model init and data order."""
     deterministic: bool = True

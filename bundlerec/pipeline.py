@@ -10,10 +10,11 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
 from bundlerec import integrity
-from bundlerec.storage import is_uri, join, parent, read_text, write_text
+from bundlerec.storage import absolute, exists, is_uri, join, parent, read_text, write_text
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +131,30 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
     prep_dir = cfg.data.output_dir
     manifest = require_prep(cfg)
     check_server(cfg.mlflow.tracking_uri)  # fail before any compute is spent
-    tags = {"bundlerec.config_hash": config_hash(cfg), "bundlerec.schema_hash": manifest["schema_hash"],
-            "bundlerec.stage": "train", **{f"version.{k}": v for k, v in _versions().items()}}
-    run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
-                       flatten(to_dict(cfg)), tags)
+    chash = config_hash(replace(cfg, train=replace(cfg.train, resume=False)))
+    state_path = join(absolute(cfg.train.storage_path), f"{cfg.name}-train-state.json")
+    state = json.loads(read_text(state_path)) if cfg.train.resume and exists(state_path) else None
+    if state and not state.get("finished"):  # the last run's driver died: continue that run
+        if state["config_hash"] != chash:
+            raise ValueError(f"train.resume: the interrupted run {state['run_id']} of '{cfg.name}' was started with "
+                             f"another config (hash {state['config_hash']}, now {chash}); rerun with "
+                             f"train.resume=false to start over, or with that run's config")
+        run_id = state["run_id"]
+        log.info("train: resuming MLflow run %s (Ray Train run %s restores its latest checkpoint)", run_id,
+                 state["name"])
+        print(f"[bundlerec] train: resuming the interrupted run {run_id}", flush=True)
+    else:
+        tags = {"bundlerec.config_hash": chash, "bundlerec.schema_hash": manifest["schema_hash"],
+                "bundlerec.stage": "train", **{f"version.{k}": v for k, v in _versions().items()}}
+        run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
+                           flatten(to_dict(cfg)), tags)
+        state = {"run_id": run_id, "name": f"{cfg.name}-{run_id[:8]}", "config_hash": chash, "finished": False}
+        write_text(state_path, json.dumps(state))  # before any compute: a killed driver leaves it behind
+        log_prep_dataset(cfg.mlflow.tracking_uri, run_id, prep_dir, manifest)
     log.info("train: MLflow run %s (experiment %s at %s)", run_id, cfg.mlflow.experiment, cfg.mlflow.tracking_uri)
-    log_prep_dataset(cfg.mlflow.tracking_uri, run_id, prep_dir, manifest)
     with system_metrics(cfg.mlflow.tracking_uri, run_id):
-        trained = fit(cfg, prep_dir, run_id)
+        trained = fit(cfg, prep_dir, run_id, name=state["name"])
+    write_text(state_path, json.dumps({**state, "finished": True}))
     local = trained["local_export"]
     pricing = attach_pricing(cfg, local)
     integrity.publish(local, trained["export_dir"])  # object store: the amended export, manifest last

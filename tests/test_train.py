@@ -224,3 +224,47 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
         assert epoch2_s < 120, epoch2_s
     finally:
         stop_mlflow(proc)
+
+
+def test_a_killed_training_driver_is_resumed_by_rerunning_the_command(tiny_trained, tmp_path, mlflow_server):
+    """`python -m jobs.train` (the driver: it owns the Ray Train run) SIGKILLed after the 1st
+    checkpoint is registered; the same command with train.resume=true continues that run: the same
+    MLflow run, Ray Train restores the latest checkpoint from storage, the remaining epochs run, and
+    the run ends where the uninterrupted `tiny_trained` run (same config) ended."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from tests.conftest import tiny_overrides
+
+    ref_cfg, ref_out, _ = tiny_trained
+    args = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml", *tiny_overrides(),
+            f"data.output_dir={ref_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
+            f"results_path={tmp_path}/results.json", "train.zero_stage=2", "train.epochs=3",
+            "train.max_steps_per_epoch=12", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=driver-kill",
+            "train.resume=true"]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    with open(tmp_path / "first.log", "w") as log:
+        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and p.poll() is None and _registered(tmp_path) < 1:
+            time.sleep(0.1)
+        assert p.poll() is None and _registered(tmp_path) == 1, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGKILL)  # the driver dies mid-run, with its Train controller and workers
+        p.wait(timeout=30)
+    state = json.loads((tmp_path / "ray" / "tiny-train-state.json").read_text())
+    assert state["finished"] is False and not (tmp_path / "results.json").exists()
+    time.sleep(5)  # the dead driver's actors are reclaimed by Ray
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"resuming the interrupted run {state['run_id']}" in r.stdout + r.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    m = results["train"]["last_metrics"]
+    assert results["run_id"] == state["run_id"] and m["epoch"] == 3 and m["resumes"] >= 1
+    assert [h["epoch"] for h in results["train"]["history"]] == [1, 2, 3]  # epochs 2 and 3 ran after the restart
+    hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=state["run_id"], metric_key="train_loss")["metrics"]
+    assert set(h["step"] for h in hist) == {1, 2, 3}
+    _record("driver_kill", m, ref_out["last_metrics"], hist)
+    _close_to_reference(m, ref_out["last_metrics"])
+    assert json.loads((tmp_path / "ray" / "tiny-train-state.json").read_text())["finished"] is True

@@ -226,45 +226,95 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
         stop_mlflow(proc)
 
 
-def test_a_killed_training_driver_is_resumed_by_rerunning_the_command(tiny_trained, tmp_path, mlflow_server):
-    """`python -m jobs.train` (the driver: it owns the Ray Train run) SIGKILLed after the 1st
-    checkpoint is registered; the same command with train.resume=true continues that run: the same
-    MLflow run, Ray Train restores the latest checkpoint from storage, the remaining epochs run, and
-    the run ends where the uninterrupted `tiny_trained` run (same config) ended."""
+@pytest.fixture
+def small_volume(tmp_path):
+    """A 256 MiB tmpfs mounted for the test (a disk that can fill up); skipped where mounting is not
+    allowed (needs root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(vol)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
+    try:
+        yield vol
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], check=False)
+
+
+def test_a_full_disk_then_a_killed_driver_each_rerun_continues_the_run(tiny_trained, tmp_path, small_volume,
+                                                                       mlflow_server):
+    """Checkpoints on a small volume. (1) After the 1st checkpoint is registered the volume is filled:
+    the 2nd checkpoint cannot be written, the run fails with ENOSPC named, the 1st checkpoint stays
+    intact. (2) With space freed, the same command with train.resume=true continues that run from it;
+    its driver (`python -m jobs.train`, which owns the Ray Train run) is SIGKILLed after the next
+    checkpoint. (3) The command again: the same MLflow run finishes, and ends exactly where the
+    uninterrupted `tiny_trained` run (same config) ended."""
     import subprocess
     import sys
 
     import ray
 
+    from bundlerec.train.checkpoints import verify as verify_checkpoint
     from tests.conftest import tiny_overrides
 
     ref_cfg, ref_out, _ = tiny_trained
+    store = small_volume / "ray"
     args = [sys.executable, "-m", "jobs.train", "--config", "jobs/configs/tiny.yaml", *tiny_overrides(),
-            f"data.output_dir={ref_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
+            f"data.output_dir={ref_cfg.data.output_dir}", f"train.storage_path={store}",
             f"results_path={tmp_path}/results.json", "train.zero_stage=2", "train.epochs=3",
-            "train.max_steps_per_epoch=12", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=driver-kill",
+            "train.max_steps_per_epoch=12", f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=driver-faults",
             "train.resume=true"]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    with open(tmp_path / "first.log", "w") as log:
-        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    state_path = store / "tiny-train-state.json"
+
+    def start(log_name: str):
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=open(tmp_path / log_name, "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_registered(p, n: int, log_name: str) -> None:
         deadline = time.time() + 400
-        while time.time() < deadline and p.poll() is None and _registered(tmp_path) < 1:
+        while time.time() < deadline and p.poll() is None and _registered(small_volume) < n:
             time.sleep(0.1)
-        assert p.poll() is None and _registered(tmp_path) == 1, (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(p.pid, signal.SIGKILL)  # the driver dies mid-run, with its Train controller and workers
-        p.wait(timeout=30)
-    state = json.loads((tmp_path / "ray" / "tiny-train-state.json").read_text())
+        assert p.poll() is None and _registered(small_volume) >= n, (tmp_path / log_name).read_text()[-3000:]
+
+    # (1) the disk fills up after the first checkpoint
+    p = start("full.log")
+    wait_registered(p, 1, "full.log")
+    free = os.statvfs(small_volume)
+    filler = small_volume / "filler"
+    with open(filler, "wb") as f:  # leave 2 MiB: far less than a checkpoint (~33 MB)
+        f.write(b"\0" * (free.f_bavail * free.f_frsize - (2 << 20)))
+    assert p.wait(timeout=400) != 0
+    log = (tmp_path / "full.log").read_text()
+    assert "No space left on device" in log, log[-3000:]
+    state = json.loads(state_path.read_text())
     assert state["finished"] is False and not (tmp_path / "results.json").exists()
-    time.sleep(5)  # the dead driver's actors are reclaimed by Ray
+    first = _ckpts(small_volume)[0]
+    assert verify_checkpoint(first, 2)[0], "the checkpoint written before the disk filled was damaged"
+    filler.unlink()
+    time.sleep(5)  # the failed run's actors are reclaimed by Ray
+
+    # (2) resumed; its driver killed after the next checkpoint
+    p = start("killed.log")
+    wait_registered(p, 2, "killed.log")
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert "resuming the interrupted run" in (tmp_path / "killed.log").read_text()
+    assert json.loads(state_path.read_text())["run_id"] == state["run_id"]
+    time.sleep(5)
+
+    # (3) resumed again: finishes
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"resuming the interrupted run {state['run_id']}" in r.stdout + r.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     m = results["train"]["last_metrics"]
     assert results["run_id"] == state["run_id"] and m["epoch"] == 3 and m["resumes"] >= 1
-    assert [h["epoch"] for h in results["train"]["history"]] == [1, 2, 3]  # epochs 2 and 3 ran after the restart
+    assert [h["epoch"] for h in results["train"]["history"]] == [1, 2, 3]
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=state["run_id"], metric_key="train_loss")["metrics"]
     assert set(h["step"] for h in hist) == {1, 2, 3}
-    _record("driver_kill", m, ref_out["last_metrics"], hist)
+    _record("disk_full_then_driver_kill", m, ref_out["last_metrics"], hist)
     _close_to_reference(m, ref_out["last_metrics"])
-    assert json.loads((tmp_path / "ray" / "tiny-train-state.json").read_text())["finished"] is True
+    assert json.loads(state_path.read_text())["finished"] is True

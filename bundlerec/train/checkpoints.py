@@ -90,3 +90,37 @@ def newest_valid(ckpt, world_size: Optional[int] = None) -> Iterator[Optional[st
         log.warning("checkpoint %s is damaged (%s)%s", path, why,
                     "; looking for an earlier one" if path == latest else "")
     yield None
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def recover_torn_snapshot(storage_path: str, run_name: str):
+    """Ray Train writes its run's ``checkpoint_manager_snapshot.json`` in place (not atomically): a disk
+    that fills up while it is written leaves it torn, and a restarted run then fails at once parsing
+    it. When it is unreadable, move it aside (``.torn-<time>``) and return the run's newest checkpoint
+    (a ``ray.train.Checkpoint``, for ``resume_from_checkpoint``; :func:`newest_valid` then walks back to
+    an intact one); None when the snapshot is fine or the run has none."""
+    import time
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path else os.path.abspath(storage_path))
+    run_dir = posixpath.join(root, run_name)
+    snap = posixpath.join(run_dir, SNAPSHOT)
+    if fs.get_file_info(snap).type == pafs.FileType.NotFound:
+        return None
+    try:
+        with fs.open_input_stream(snap) as f:
+            json.loads(f.read())
+        return None
+    except (ValueError, OSError) as e:
+        why = e
+    fs.move(snap, f"{snap}.torn-{int(time.time())}")
+    ckpts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(run_dir))
+                   if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
+    log.warning("Ray Train's %s of run %s is unreadable (%s; a disk that filled up while it was written?): "
+                "moved aside; resuming from the newest intact checkpoint at or before %s", SNAPSHOT, run_name,
+                why, ckpts[-1] if ckpts else "none")
+    return Checkpoint(ckpts[-1], filesystem=fs) if ckpts else None

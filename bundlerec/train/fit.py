@@ -52,16 +52,22 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
         raise ValueError(f"{n_train} training examples are fewer than one global batch "
                          f"({tc.micro_batch} x {tc.num_workers} workers); lower train.micro_batch")
     n_items = len(load_items(prep_dir))
+    run_name = name or f"{cfg.name}-{run_id[:8] if run_id else int(t0)}"
+    storage = absolute(storage_path or tc.storage_path)
+    # a resumed run whose Ray snapshot was torn (disk full) restarts from its newest intact checkpoint
+    from bundlerec.train.checkpoints import recover_torn_snapshot
+
+    resume_from = recover_torn_snapshot(storage, run_name)
     inputs = LoopInputs(cfg=cfg, prep_dir=absolute(prep_dir), steps_per_epoch=steps, run_id=run_id,
-                        popularity=popularity(load_split(prep_dir, "train"), n_items).tolist())
+                        popularity=popularity(load_split(prep_dir, "train"), n_items).tolist(), resume_from=resume_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},  # Ray Train wants a dict; the worker gets the typed config
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                                resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name or f"{cfg.name}-{run_id[:8] if run_id else int(t0)}",
-            storage_path=absolute(storage_path or tc.storage_path),
+            name=run_name,
+            storage_path=storage,
             callbacks=callbacks or [],
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(

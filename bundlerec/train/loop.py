@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -34,6 +34,9 @@ class LoopInputs:
     """Training purchase counts per item: the sampling distribution of negatives and the logQ term."""
     run_id: Optional[str] = None
     """MLflow run that rank 0 logs per-epoch metrics to."""
+    resume_from: Any = None
+    """A ``ray.train.Checkpoint`` to start from when Ray Train has none for the run (its own record of
+    the run was torn: :func:`bundlerec.train.checkpoints.recover_torn_snapshot`)."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -84,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint() or inp.resume_from
     state = _restore(engine, ckpt, world, rank0) if ckpt else None
     if state is not None:
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]

@@ -8,6 +8,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -299,14 +300,18 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                              "-H", f"Authorization: Bearer {token}", "--checks",
                              "not_a_server_error,negative_data_rejection,status_code_conformance,"
                              "content_type_conformance,response_schema_conformance",
-                             "-n", "30", "--phases", "coverage,fuzzing", "--seed", "20261124",
+                             "-n", "30", "--phases", "coverage,fuzzing,stateful", "--seed", "20261124",
                              # every warning but validation_mismatch: /v1/feedback refuses generated
                              # impression ids by design (HMAC-signed; tests/test_experiments.py)
                              "--warnings", "missing_auth,missing_test_data,base_url_mismatch,missing_deserializer,"
                              "unused_openapi_auth,unsupported_regex,method_not_allowed,unresolvable_reference,"
                              "rate_limited,timeout_units"],
                             capture_output=True, text=True, timeout=300)
+        (ROOT / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
+        (ROOT / "runs" / "test-artifacts" / "schemathesis.txt").write_text(st.stdout)
         assert st.returncode == 0 and "No issues found" in st.stdout, st.stdout[-3000:]
+        # the stateful phase followed both documented links (answer -> POST /v1/feedback on its impression)
+        assert re.search(r"API Links:\s+2 covered", st.stdout), st.stdout[-3000:]
         # --- nothing secret or personal in the cluster's logs (Serve access logs, replica logs, ...)
         import ray
 
@@ -395,6 +400,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             code, body = _post(f"{base}/v1/recommendations", bad)
             assert code == 422 and body["detail"], (bad, body)
         _bad_input_corpus(base, user)
+        _replica_memory_is_bounded_under_the_corpus(base, user)
         assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
         assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
 
@@ -624,6 +630,32 @@ def _all_listening_sockets_are_loopback(must_see: set) -> None:
             exposed.append((c.laddr.ip, c.laddr.port, name))
     assert not exposed, exposed
     assert must_see <= seen, (must_see - seen, sorted(seen))
+
+
+def _replica_memory_is_bounded_under_the_corpus(base: str, user: str, rounds: int = 5,
+                                                 bound_mib: float = 64.0) -> None:
+    """Every Serve replica's resident memory (read from the kernel, psutil) after the bad-input corpus
+    was sent ``rounds`` more times stays within ``bound_mib`` of what it was after the first round:
+    nothing of a refused request (10,000-event histories, 300 KB chunked bodies, deep nesting) is
+    kept. The figures go to runs/test-artifacts/replica_memory.json."""
+    import psutil
+    from ray.util.state import list_actors
+
+    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+            if a.class_name.startswith("ServeReplica:") and "BundlerecService" in a.class_name]
+    assert pids, "no Serve replica found"
+    before = {pid: psutil.Process(pid).memory_info().rss for pid in pids}
+    for _ in range(rounds):
+        _bad_input_corpus(base, user)
+    after = {pid: psutil.Process(pid).memory_info().rss for pid in pids}
+    growth = {pid: (after[pid] - before[pid]) / 2**20 for pid in pids}
+    artifacts = ROOT / "runs" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    (artifacts / "replica_memory.json").write_text(json.dumps(
+        {"rounds": rounds, "rss_mib_before": {str(k): v / 2**20 for k, v in before.items()},
+         "rss_mib_after": {str(k): v / 2**20 for k, v in after.items()}, "growth_mib": {str(k): v for k, v in growth.items()}},
+        indent=2))
+    assert all(g <= bound_mib for g in growth.values()), growth
 
 
 def _bad_input_corpus(base: str, user: str) -> None:

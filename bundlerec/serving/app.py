@@ -38,6 +38,7 @@ from bundlerec.serving.auth import TokenAuth
 from bundlerec.serving import guards  # a module reference: see the note in bundlerec/serving/guards.py
 from bundlerec.serving.guards import limit_body, require_token, validation_error
 from bundlerec.serving.schemas import (
+    feedback_links,
     ERROR_RESPONSES,
     FEEDBACK_EVENT_TYPE,
     BundleRequest,
@@ -398,7 +399,7 @@ class BundlerecService:
         return out
 
     @api.post("/v1/recommendations", response_model=RecommendationResponse, dependencies=[Depends(require_token)],
-              responses=ERROR_RESPONSES)
+              responses={**ERROR_RESPONSES, **feedback_links("/items/0/item_id")})
     async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
         m, exp, arm, unit, new = self._route(req.user_id, req.session_id)  # the model is pinned for this request
         if req.events is not None:
@@ -412,7 +413,7 @@ class BundlerecService:
                                       history_source=h.source, model=m.info, **shown)
 
     @api.post("/v1/bundles", response_model=BundleResponse, dependencies=[Depends(require_token)],
-              responses=ERROR_RESPONSES)
+              responses={**ERROR_RESPONSES, **feedback_links("/bundles/0/items/0/item_id")})
     async def bundles(self, req: BundleRequest) -> BundleResponse:
         """Personalized bundles with optimized prices. At most ``max_concurrent_bundles`` at once per
         replica, computed in the replica's own low-priority threads (nice 19) so that the event loop,

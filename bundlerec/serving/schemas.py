@@ -269,3 +269,14 @@ ERROR_RESPONSES = {
     415: {"model": ErrorResponse, "description": "body is not application/json"},
     503: {"model": ErrorResponse, "description": "overloaded (Retry-After) or model not loaded"},
 }
+
+
+def feedback_links(item_pointer: str) -> dict:
+    """OpenAPI links from an answer to ``POST /v1/feedback`` (a click on its first item, against its
+    impression id): the documented way a client goes on, and what schemathesis' stateful phase
+    follows. ``item_pointer``: JSON pointer of the first item id in the answer."""
+    return {200: {"links": {"ClickOnTheFirstItem": {
+        "operationId": "feedback_v1_feedback_post",
+        "description": "report a click on the answer's first item",
+        "requestBody": {"events": [{"impression_id": "$response.body#/impression_id", "event_id": "click-1",
+                                    "type": "click", "item_id": f"$response.body#{item_pointer}"}]}}}}}

@@ -155,3 +155,87 @@ def test_export_round_trips_without_pickle(tmp_path):
     assert meta["temperature"] == 0.07
     for (k, a), (_, b) in zip(model.user_tower.state_dict().items(), loaded.user_tower.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# Tiny random-init models of four families, built from configs (no hub): two encoders, two decoder LLMs.
+FAMILIES = {
+    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
+    "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=130, pad_token_id=1),
+    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64),
+}
+
+
+def tiny_model_dir(family: str, root) -> str:
+    """A tiny random-init model directory of ``family`` with MiniLM's tokenizer (vocabulary sized to it)."""
+    from transformers import AutoConfig, AutoModel
+
+    from bundlerec.model.pretrained import load_tokenizer
+
+    out = root / family
+    if not (out / "config.json").exists():
+        tok = load_tokenizer(MODEL)
+        kw = dict(FAMILIES[family])
+        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), **kw)
+        torch.manual_seed(0)
+        AutoModel.from_config(conf).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("family,pooling", [("bert", "mean"), ("roberta", "cls"), ("llama", "last"),
+                                            ("qwen2", "last")])
+def test_any_encoder_or_decoder_family_trains_freezes_and_takes_lora(family, pooling, tmp_path_factory, tokens):
+    """The item tower loads encoders and decoder LLMs alike (no BERT-only arguments or names): the
+    lowest blocks and the input embeddings freeze by the architecture's own block stack, LoRA goes on
+    PEFT's default modules of that architecture, the configured pooling embeds items, gradients reach
+    what trains, and the export round-trips with its pooling."""
+    from bundlerec.model.export import load_export, save_export
+    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.model.two_tower import transformer_blocks
+
+    path = tiny_model_dir(family, tmp_path_factory.getbasetemp() / "families")
+    enc = build_encoder(path, freeze_layers=2)
+    blocks = transformer_blocks(enc)
+    assert len(blocks) == 3
+    frozen = {n for n, p in enc.named_parameters() if not p.requires_grad}
+    assert all(not p.requires_grad for b in blocks[:2] for p in b.parameters())
+    assert all(p.requires_grad for p in blocks[2].parameters())
+    assert all(not p.requires_grad for p in enc.get_input_embeddings().parameters()) and frozen
+    m = TwoTower(enc, 0.05, pooling)
+    ids, mask = (torch.as_tensor(x) for x in tokens)
+    emb = m.encode_items(ids, mask)
+    assert emb.shape == (ids.shape[0], 32) and torch.allclose(emb.norm(dim=-1), torch.ones(len(emb)), atol=1e-5)
+    emb.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[2].parameters())
+
+    lora = build_encoder(path, lora_rank=2)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), trainable[:5]
+    model = TwoTower(lora, 0.05, pooling).eval()
+    with torch.no_grad():
+        before = model.encode_items(ids, mask)
+    out = tmp_path_factory.mktemp(f"export-{family}")
+    save_export(model, load_tokenizer(path), str(out), {"base_model": family})
+    loaded, meta = load_export(str(out))  # adapters merged into plain weights
+    assert meta["pooling"] == pooling and loaded.pooling == pooling
+    assert not any("lora_" in n for n, _ in loaded.encoder.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_items(ids, mask), before, atol=1e-5, rtol=1e-4)
+
+
+def test_last_token_pooling_reads_the_last_valid_token_with_either_padding_side():
+    from bundlerec.model.two_tower import pool
+
+    h = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert pool(h, right, "last").flatten().tolist() == [1.0, 7.0]
+    assert pool(h, left, "last").flatten().tolist() == [3.0, 7.0]
+    assert pool(h, right, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pool(h, right, "mean").flatten().tolist() == [0.5, 5.5]
+    with pytest.raises(ValueError, match="pooling"):
+        TwoTower(torch.nn.Linear(1, 1), pooling="max")

@@ -43,11 +43,11 @@ def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: li
     return acc.result(intervals=True)
 
 
-def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float):
+def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "mean"):
     from bundlerec.model.pretrained import resolve_model_path
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
-    model = TwoTower(build_encoder(resolve_model_path(model_name)), temperature).eval()
+    model = TwoTower(build_encoder(resolve_model_path(model_name)), temperature, pooling).eval()
     ids, mask = padded_tokens(items)
     model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
     return model
@@ -83,7 +83,7 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         elif name == "recent":
             scorer = Recent(n)
         else:
-            scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature)
+            scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling)
         out[name] = evaluate_scorer(scorer, examples, **kw, name=name)
         log.info("eval: %s %.1fs", name, time.time() - t)
     return out

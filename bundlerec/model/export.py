@@ -49,16 +49,17 @@ def save_export(model: TwoTower, tokenizer, out_dir: str, meta: dict) -> None:
     tokenizer.save_pretrained(out / "encoder")
     # safetensors: loading it runs no code (a pickled .pt would; issue 13 "unsafe loading")
     save_file({k: v.contiguous() for k, v in model.user_tower.state_dict().items()}, out / USER_TOWER)
-    (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature}, indent=2))
+    (out / "bundlerec.json").write_text(json.dumps({**meta, "temperature": model.temperature,
+                                                    "pooling": model.pooling}, indent=2))
 
 
 def load_export(export_dir: str) -> tuple[TwoTower, dict]:
-    from transformers import AutoModel
+    from bundlerec.model.two_tower import load_backbone
 
     d = Path(export_dir)
     meta = json.loads((d / "bundlerec.json").read_text())
-    enc = AutoModel.from_pretrained(d / "encoder", add_pooling_layer=False)
-    model = TwoTower(enc, temperature=meta["temperature"])
+    model = TwoTower(load_backbone(str(d / "encoder")), temperature=meta["temperature"],
+                     pooling=meta.get("pooling", "mean"))
     if (d / USER_TOWER).exists():
         model.user_tower.load_state_dict(load_file(d / USER_TOWER))
     else:  # exports written before 2026-11-30: tensors only, never arbitrary objects
@@ -88,8 +89,8 @@ def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -
     from bundlerec.model.two_tower import build_encoder
 
     mc = cfg.model
-    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank),
-                     mc.temperature)
+    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank,
+                                   mc.lora_targets), mc.temperature, mc.pooling)
     missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")

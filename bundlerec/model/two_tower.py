@@ -30,26 +30,76 @@ def recency_bucket(age_hours: torch.Tensor) -> torch.Tensor:
     return torch.log2(1.0 + age_hours.clamp(min=0)).floor().long().clamp(0, N_RECENCY - 1)
 
 
-def build_encoder(model_dir: str, random_init: bool = False, freeze_layers: int = 0, lora_rank: int = 0):
-    """HF encoder without the pooler (unused -> DDP/ZeRO reduction errors), optionally frozen / LoRA."""
+POOLINGS = ("mean", "cls", "last")
+
+
+def _model_kwargs(config) -> dict:
+    """``add_pooling_layer=False`` for the architectures that have a pooler (BERT, RoBERTa, MPNet ...:
+    unused, it would break DDP/ZeRO gradient reduction); nothing for the others (decoders)."""
+    import inspect
+
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    cls = MODEL_MAPPING.get(type(config), None)
+    return {"add_pooling_layer": False} if cls and "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
+
+
+def load_backbone(model_dir: str, random_init: bool = False):
+    """Any Hugging Face encoder or decoder (``AutoModel``: the transformer without its LM head)."""
     from transformers import AutoConfig, AutoModel
 
+    conf = AutoConfig.from_pretrained(model_dir)
     if random_init:
-        enc = AutoModel.from_config(AutoConfig.from_pretrained(model_dir), add_pooling_layer=False)
-    else:
-        enc = AutoModel.from_pretrained(model_dir, add_pooling_layer=False)
+        return AutoModel.from_config(conf, **_model_kwargs(conf))
+    return AutoModel.from_pretrained(model_dir, **_model_kwargs(conf))
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of transformer blocks, whatever the architecture calls it (``encoder.layer``
+    in BERT, ``layers`` in Llama/Qwen/Mistral, ``h`` in GPT-2 ...): its longest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(model).__name__}: no stack of transformer blocks found")
+    return max(lists, key=len)
+
+
+def build_encoder(model_dir: str, random_init: bool = False, freeze_layers: int = 0, lora_rank: int = 0,
+                  lora_targets: Optional[list] = None):
+    """The item tower's transformer (any HF encoder or decoder, without pooler or LM head), optionally
+    with its input embeddings and lowest ``freeze_layers`` blocks frozen, or with LoRA adapters of rank
+    ``lora_rank`` on ``lora_targets`` (module names; None = PEFT's default for the architecture)."""
+    enc = load_backbone(model_dir, random_init)
     if freeze_layers:
-        for p in enc.embeddings.parameters():
+        # the embedding layer (BERT-like: words, positions, types, its LayerNorm; decoders: the tokens)
+        emb = getattr(enc, "embeddings", None) if isinstance(getattr(enc, "embeddings", None), nn.Module) \
+            else enc.get_input_embeddings()
+        for p in emb.parameters():
             p.requires_grad_(False)
-        for layer in enc.encoder.layer[:freeze_layers]:
+        for layer in transformer_blocks(enc)[:freeze_layers]:
             for p in layer.parameters():
                 p.requires_grad_(False)
     if lora_rank:
         from peft import LoraConfig, get_peft_model
 
         enc = get_peft_model(enc, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                             target_modules=["query", "key", "value", "dense"]))
+                                             target_modules=list(lora_targets) if lora_targets else None))
     return enc
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """(N, L, d) token states -> (N, d): the mean over valid tokens, the first token (``cls``), or the
+    last valid token (``last``: decoders, whose last token has seen the whole text; right or left
+    padding alike)."""
+    if how == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (attention_mask.long() * (positions + 1)).argmax(1)  # index of the last 1 in each row
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"pooling must be one of {POOLINGS}, not {how!r}")
 
 
 class UserTower(nn.Module):
@@ -82,19 +132,21 @@ class UserTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    def __init__(self, encoder: nn.Module, temperature: float = 0.05):
+    def __init__(self, encoder: nn.Module, temperature: float = 0.05, pooling: str = "mean"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
         self.encoder = encoder
+        self.pooling = pooling
         self.user_tower = UserTower(encoder.config.hidden_size)
         self.temperature = temperature
         self._index: Optional[torch.Tensor] = None  # (N, d) item embeddings for score/topk
 
     # ---------------------------------------------------------------- towers
     def encode_items(self, input_ids, attention_mask) -> torch.Tensor:
-        """(N, L) tokens -> (N, d) normalised mean-pooled embeddings."""
+        """(N, L) tokens -> (N, d) normalised embeddings, pooled as ``self.pooling`` says."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, d)
-        m = attention_mask.unsqueeze(-1).to(out.dtype)
-        return F.normalize((out * m).sum(1) / m.sum(1).clamp(min=1.0), dim=-1)
+        return F.normalize(pool(out, attention_mask, self.pooling), dim=-1)
 
     def user_embed(self, hist_emb, batch) -> torch.Tensor:
         return self.user_tower(hist_emb, batch["hist_types"], batch["hist_age"], batch["hist_valid"])

@@ -69,8 +69,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
 
     # ---- model + engine
-    encoder = build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, mc.freeze_layers, mc.lora_rank)
-    model = TwoTower(encoder, mc.temperature)
+    encoder = build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, mc.freeze_layers, mc.lora_rank,
+                            mc.lora_targets)
+    model = TwoTower(encoder, mc.temperature, mc.pooling)
     steps_per_epoch = inp.steps_per_epoch
     total_opt_steps = max(1, steps_per_epoch * tc.epochs // tc.grad_accum)
     optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay))

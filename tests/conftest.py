@@ -150,6 +150,36 @@ def tiny_encoder() -> str:
     return str(TINY_ENCODER)
 
 
+# Tiny random-init models of four families, built from configs (no hub): two encoders, two decoder LLMs.
+FAMILIES = {
+    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
+    "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=130, pad_token_id=1),
+    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, intermediate_size=64),
+}
+
+
+def tiny_model_dir(family: str, root) -> str:
+    """A tiny random-init model directory of ``family`` with MiniLM's tokenizer (vocabulary sized to it)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from bundlerec.model.pretrained import load_tokenizer
+
+    out = root / family
+    if not (out / "config.json").exists():
+        tok = load_tokenizer("all-MiniLM-L6-v2")
+        kw = dict(FAMILIES[family])
+        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), **kw)
+        torch.manual_seed(0)
+        AutoModel.from_config(conf).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
 SHARED_DATA = ROOT.parent / "shared" / "data"  # the project's real datasets, beside the checkout
 STEAM = SHARED_DATA / "steam_bundles"
 

@@ -12,6 +12,7 @@ from bundlerec.model.pretrained import (
     resolve_model_path,
 )
 from bundlerec.model.two_tower import TwoTower, build_encoder
+from tests.conftest import tiny_model_dir
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Lumix pro zoom lens | category: photography > camera lenses", "Kestrel travel tripod | category: tripods",
@@ -155,35 +156,6 @@ def test_export_round_trips_without_pickle(tmp_path):
     assert meta["temperature"] == 0.07
     for (k, a), (_, b) in zip(model.user_tower.state_dict().items(), loaded.user_tower.state_dict().items()):
         assert torch.equal(a, b), k
-
-
-# Tiny random-init models of four families, built from configs (no hub): two encoders, two decoder LLMs.
-FAMILIES = {
-    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
-    "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=130, pad_token_id=1),
-    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64),
-}
-
-
-def tiny_model_dir(family: str, root) -> str:
-    """A tiny random-init model directory of ``family`` with MiniLM's tokenizer (vocabulary sized to it)."""
-    from transformers import AutoConfig, AutoModel
-
-    from bundlerec.model.pretrained import load_tokenizer
-
-    out = root / family
-    if not (out / "config.json").exists():
-        tok = load_tokenizer(MODEL)
-        kw = dict(FAMILIES[family])
-        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), **kw)
-        torch.manual_seed(0)
-        AutoModel.from_config(conf).save_pretrained(out)
-        tok.save_pretrained(out)
-    return str(out)
 
 
 @pytest.mark.parametrize("family,pooling", [("bert", "mean"), ("roberta", "cls"), ("llama", "last"),

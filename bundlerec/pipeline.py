@@ -42,7 +42,9 @@ def require_prep(cfg: PipelineConfig) -> dict:
     except (FileNotFoundError, OSError):
         raise FileNotFoundError(f"no prepared data at {cfg.data.output_dir} ({path} missing): run "
                                 f"`python -m jobs.prep` with the same config first, or jobs.pipeline") from None
-    check_prepared(manifest, cfg.data.history_len)
+    from bundlerec.data.catalog import _tokenizer, tokenizer_fingerprint
+
+    check_prepared(manifest, cfg.data.history_len, tokenizer_fingerprint(_tokenizer(cfg.model.name_or_path)))
     return manifest
 
 

@@ -211,3 +211,30 @@ def test_last_token_pooling_reads_the_last_valid_token_with_either_padding_side(
     assert pool(h, right, "mean").flatten().tolist() == [0.5, 5.5]
     with pytest.raises(ValueError, match="pooling"):
         TwoTower(torch.nn.Linear(1, 1), pooling="max")
+
+
+def test_training_refuses_items_tokenized_by_another_tokenizer_and_pads_with_the_tokenizers_pad_id(tmp_path):
+    """Prep records its tokenizer's fingerprint (vocabulary, special tokens, pad id); a model whose
+    tokenizer differs is refused before any compute, with what to do; the pad id is the tokenizer's
+    (its end-of-text token when it has no pad token, as decoder LLMs often do)."""
+    import pandas as pd
+
+    from bundlerec.data.catalog import pad_id, padded_tokens, tokenizer_fingerprint
+    from bundlerec.data.examples import PrepMismatch, check_prepared
+    from bundlerec.model.pretrained import load_tokenizer
+    from tests.conftest import tiny_encoder
+
+    minilm = load_tokenizer(MODEL)
+    same = tokenizer_fingerprint(load_tokenizer(tiny_encoder()))  # the tiny test encoder reuses MiniLM's
+    manifest = {"examples": {"val": 5}, "tokenizer": MODEL, "tokenizer_fingerprint": tokenizer_fingerprint(minilm)}
+    check_prepared(manifest, 4, same)
+    other = load_tokenizer(MODEL)
+    other.add_tokens(["<shop-token>"])
+    with pytest.raises(PrepMismatch, match="Re-run prep with this model.name_or_path"):
+        check_prepared(manifest, 4, tokenizer_fingerprint(other))
+    other.pad_token = None
+    assert pad_id(minilm) == minilm.pad_token_id and pad_id(other) in (other.eos_token_id, 0)
+    items = pd.DataFrame({"input_ids": [[5, 6, 7], [8]]})
+    items.attrs["pad_token_id"] = 9
+    ids, mask = padded_tokens(items)
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]

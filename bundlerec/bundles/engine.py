@@ -278,17 +278,15 @@ class BundleEngine:
     def _encoder(self, channel: str):
         """(tokenizer, model with encode_items) of the tuned or pretrained encoder, loaded once."""
         if channel not in self._text:
-            from transformers import AutoTokenizer
-
-            from bundlerec.model.pretrained import resolve_model_path
+            from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
 
             if channel == "tuned":
-                tok, model = AutoTokenizer.from_pretrained(os.path.join(self.export_dir, "encoder")), self.model
+                tok, model = load_tokenizer(os.path.join(self.export_dir, "encoder")), self.model
             else:
                 from bundlerec.model.two_tower import TwoTower, build_encoder
 
                 path = resolve_model_path(self.pretrained_name)
-                tok, model = AutoTokenizer.from_pretrained(path), TwoTower(build_encoder(path)).eval()
+                tok, model = load_tokenizer(path), TwoTower(build_encoder(path)).eval()
             self._text[channel] = (tok, model)
         return self._text[channel]
 

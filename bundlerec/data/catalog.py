@@ -130,6 +130,28 @@ def _tokenizer(model_name: str):
     return load_tokenizer(model_name)
 
 
+def pad_id(tok) -> int:
+    """The id padding uses: the tokenizer's pad token, else its end-of-text token (decoder LLMs often
+    have no pad token), else 0. Padded positions are masked; the id only has to be a real token."""
+    for t in (tok.pad_token_id, tok.eos_token_id):
+        if t is not None:
+            return int(t)
+    return 0
+
+
+def tokenizer_fingerprint(tok) -> dict:
+    """What makes token ids mean the same thing: the vocabulary (SHA-256 of its token -> id pairs),
+    the special tokens and the pad id. Prep records it; training refuses a model whose tokenizer
+    differs (the ids would index other embeddings)."""
+    import hashlib
+    import json
+
+    vocab = json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]), ensure_ascii=False)
+    specials = json.dumps(tok.special_tokens_map, sort_keys=True, default=str)
+    return {"class": type(tok).__name__, "vocab_size": len(tok), "pad_token_id": pad_id(tok),
+            "sha256": hashlib.sha256((vocab + specials).encode()).hexdigest()[:16]}
+
+
 def tokenize_batch(batch: pd.DataFrame, model_name: str, max_tokens: int) -> pa.Table:
     """Ray Data UDF: item text -> input_ids / attention_mask (unpadded lists)."""
     tok = _tokenizer(model_name)
@@ -139,8 +161,10 @@ def tokenize_batch(batch: pd.DataFrame, model_name: str, max_tokens: int) -> pa.
                  .append_column("attention_mask", pa.array(enc["attention_mask"], pa.list_(pa.int64()))))
 
 
-def padded_tokens(items: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stack tokenized items into (N, L) int64 arrays padded to the longest item."""
+def padded_tokens(items: pd.DataFrame, pad_id: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stack tokenized items into (N, L) int64 arrays padded (right) to the longest item, with the
+    tokenizer's pad id (recorded by prep, :func:`load_items` carries it; 0 for older preps)."""
+    pad_id = items.attrs.get("pad_token_id", 0) if pad_id is None else pad_id
     lengths = items["input_ids"].map(len).to_numpy()
     L = int(lengths.max()) if len(lengths) else 1
     ids = np.full((len(items), L), pad_id, dtype=np.int64)
@@ -159,7 +183,17 @@ def load_items(prep_dir: str) -> pd.DataFrame:
 
     from bundlerec.data.snapshot import data_root
 
-    return pq.read_table(join(data_root(prep_dir), "items")).to_pandas().sort_values("item_idx").reset_index(drop=True)
+    import json
+
+    from bundlerec.storage import read_text
+
+    items = pq.read_table(join(data_root(prep_dir), "items")).to_pandas().sort_values("item_idx").reset_index(drop=True)
+    try:
+        manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
+    except FileNotFoundError:  # a prep-format folder without manifest (jobs.eval_bundles)
+        manifest = {}
+    items.attrs["pad_token_id"] = manifest.get("tokenizer_fingerprint", {}).get("pad_token_id", 0)
+    return items
 
 
 def item_lookup(items: pd.DataFrame) -> dict:

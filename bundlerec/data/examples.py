@@ -7,6 +7,8 @@ before it, and the split it belongs to (train | val | test | latest). Read them 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,10 +52,18 @@ class PrepMismatch(ValueError):
     """The prepared data cannot serve this config (fix the config or re-run prep)."""
 
 
-def check_prepared(manifest: dict, history_len: int) -> None:
+def check_prepared(manifest: dict, history_len: int, tokenizer: Optional[dict] = None) -> None:
     """Fail before any compute when prep's output cannot give what training/evaluation will read:
-    an empty validation split (model selection would fall back on test), or histories shorter than
-    ``history_len`` (the knob would silently do nothing)."""
+    an empty validation split (model selection would fall back on test), histories shorter than
+    ``history_len`` (the knob would silently do nothing), or items tokenized by another tokenizer
+    than the model's (``tokenizer``: its :func:`bundlerec.model.pretrained.tokenizer_fingerprint`)."""
+    had = manifest.get("tokenizer_fingerprint")
+    if tokenizer is not None and had is not None and had["sha256"] != tokenizer["sha256"]:
+        raise PrepMismatch(f"prep tokenized the catalog with {manifest.get('tokenizer')} ({had['class']}, "
+                           f"{had['vocab_size']} tokens, fingerprint {had['sha256']}) but the model's tokenizer "
+                           f"is {tokenizer['class']} ({tokenizer['vocab_size']} tokens, fingerprint "
+                           f"{tokenizer['sha256']}): its token ids would index other embeddings. Re-run prep "
+                           f"with this model.name_or_path")
     n_val = int(manifest.get("examples", {}).get("val", 0))
     if n_val == 0:
         raise PrepMismatch("the prepared data has no validation examples: checkpoints, early stopping and the "

@@ -193,6 +193,8 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         log.warning("prep: no validation examples (data.val_baskets=%d): training and promotion will refuse "
                     "this output, since they select on validation only", d.val_baskets)
 
+    from bundlerec.data.catalog import _tokenizer, tokenizer_fingerprint
+
     schema_str = json.dumps({"examples": str(EXAMPLE_ARROW), "items": str(items.schema())}, sort_keys=True)
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(),
@@ -208,6 +210,7 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         "files": file_table(root),
         "schema_hash": hashlib.sha256(schema_str.encode()).hexdigest()[:16],
         "model": cfg.model.name_or_path, "tokenizer": cfg.model.name_or_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(_tokenizer(cfg.model.name_or_path)),
         "item_max_tokens": d.item_max_tokens, "max_history_len": d.max_history_len,
         "config": to_dict(d),
         "seconds": round(time.time() - t0, 2),

@@ -55,4 +55,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tok.pad_token is None and tok.eos_token is not None:  # decoder LLMs: pad with end-of-text (masked)
+        tok.pad_token = tok.eos_token
+    return tok
+

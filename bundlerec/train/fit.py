@@ -36,7 +36,9 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     tc = cfg.train
     t0 = time.time()
     manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
-    check_prepared(manifest, cfg.data.history_len)
+    from bundlerec.data.catalog import _tokenizer, tokenizer_fingerprint
+
+    check_prepared(manifest, cfg.data.history_len, tokenizer_fingerprint(_tokenizer(cfg.model.name_or_path)))
     verify_prep(prep_dir, manifest)  # every file of the committed snapshot, size + SHA-256
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process (Tune trial drivers too)
     train_ds = read_examples(prep_dir, "train", tc.deterministic)

@@ -171,12 +171,15 @@ def tiny_model_dir(family: str, root) -> str:
 
     out = root / family
     if not (out / "config.json").exists():
-        tok = load_tokenizer("all-MiniLM-L6-v2")
         kw = dict(FAMILIES[family])
-        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(tok), **kw)
+        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=1, **kw)
+        conf.save_pretrained(out)
+        load_tokenizer("all-MiniLM-L6-v2").save_pretrained(out)
+        # the architecture's tokenizer class reads MiniLM's vocabulary (and may add its own end-of-text
+        # token): the embedding table is sized to the tokenizer as this directory loads it
+        conf.vocab_size = len(load_tokenizer(str(out)))
         torch.manual_seed(0)
         AutoModel.from_config(conf).save_pretrained(out)
-        tok.save_pretrained(out)
     return str(out)
 
 

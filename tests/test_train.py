@@ -321,18 +321,25 @@ def test_a_full_disk_then_a_killed_driver_each_rerun_continues_the_run(tiny_trai
 
 
 def test_a_tiny_decoder_llm_trains_with_lora_under_zero3_and_serves(tiny_prep, tmp_path_factory):
-    """A decoder LLM (a tiny random-init Qwen2, last-token pooling) through the real path: Ray Train with
+    """A decoder LLM (a tiny random-init Qwen2, its own tokenizer class, last-token pooling) through the
+    real path: prep tokenizes with it (items tokenized for another model are refused), Ray Train with
     2 CPU workers, DeepSpeed ZeRO-3 and LoRA adapters -> checkpoint -> consolidated export with the
     adapters merged -> the serving Recommender answers."""
+    from bundlerec.data.examples import PrepMismatch
+    from bundlerec.data.prep import run_prep
     from bundlerec.serving.recommender import Recommender
     from tests.conftest import tiny_model_dir
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("qwen2")
     model = tiny_model_dir("qwen2", tmp_path_factory.getbasetemp() / "families")
-    cfg = tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={root}/ray",
-                      f"results_path={root}/results.json", f"model.name_or_path={model}", "model.pooling=last",
-                      "model.lora_rank=4", "train.zero_stage=3", "train.epochs=1", "train.max_steps_per_epoch=6")
+    over = [f"train.storage_path={root}/ray", f"results_path={root}/results.json", f"model.name_or_path={model}",
+            "model.pooling=last", "model.lora_rank=4", "train.zero_stage=3", "train.epochs=1",
+            "train.max_steps_per_epoch=6"]
+    with pytest.raises(PrepMismatch, match="Qwen2Tokenizer"):  # tiny_prep's items are BERT-tokenized
+        fit(tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", *over), prep_cfg.data.output_dir)
+    cfg = tiny_config(f"data.output_dir={root}/prep", *over)
+    run_prep(cfg)
     out = fit(cfg, cfg.data.output_dir)
     m = out["last_metrics"]
     assert m["epoch"] == 1 and 0 <= m["val_ndcg_at_10"] <= 1 and m["train_loss"] > 0

@@ -65,7 +65,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
            f"output_root={tmp_path}", f"data.output_dir={prefix}/prep", f"train.storage_path={prefix}/ray_results",
            f"results_path={prefix}/results.json", f"tune.storage_path={prefix}/tune",
            f"mlflow.tracking_uri={backends['mlflow']}", "mlflow.experiment=backends", "serve.model_name=bundlerec-s3",
-           "stages=[prep,train,register]"]
+           "train.epochs=1", "stages=[prep,train,register]"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
     (tmp_path / "job.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
@@ -107,7 +107,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     # best trial's export (amended with pricing, evaluated, registered) are bucket objects
     steam = ROOT.parent / "shared" / "data" / "steam_bundles"
     sweep = cmd[:cmd.index("stages=[prep,train,register]")] + ["stages=[tune,register]", "tune.num_samples=1",
-                                                                "train.epochs=1", f"pricing.data_dir={steam}"]
+                                                                f"pricing.data_dir={steam}"]
     r = subprocess.run(sweep, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
     (tmp_path / "sweep.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]

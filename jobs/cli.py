@@ -142,7 +142,8 @@ def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
     jobs/runtime_env.yaml) with its working_dir made absolute (relative to the project for the
     default file, to ``cwd`` for the user's own) and BUNDLEREC_GIT_COMMIT in env_vars (the uploaded
     copy has no .git; the job's MLflow runs are tagged with the commit from it), and the submitting
-    shell's MLFLOW_TRACKING_USERNAME/PASSWORD when set."""
+    shell's MLFLOW_TRACKING_USERNAME/PASSWORD when set, and BUNDLEREC_ALLOW_DOWNLOAD=1 (with
+    HF_HUB_OFFLINE=0) when the shell allows hub downloads."""
     import tempfile
 
     import yaml
@@ -161,6 +162,8 @@ def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # MLflow with authentication: the
         if os.environ.get(k):  # submitting shell's identity (readable by whoever holds the Ray token)
             conf.setdefault("env_vars", {})[k] = os.environ[k]
+    if os.environ.get("BUNDLEREC_ALLOW_DOWNLOAD") == "1":  # the documented switch: hub downloads allowed
+        conf.setdefault("env_vars", {}).update({"BUNDLEREC_ALLOW_DOWNLOAD": "1", "HF_HUB_OFFLINE": "0"})
     fd, path = tempfile.mkstemp(prefix="bundlerec-runtime-env-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(conf, f)

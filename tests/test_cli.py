@@ -54,6 +54,19 @@ def test_submit_keeps_outputs_where_the_command_runs(tmp_path, monkeypatch):
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
     assert env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "trainer"
     assert env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "secret-of-the-trainer"
+    # the documented switch for hub downloads reaches the job (and overrides the offline default)
+    monkeypatch.setenv("BUNDLEREC_ALLOW_DOWNLOAD", "1")
+    cmd = submit_command("train", ["--config", "jobs/configs/tiny.yaml"], address=local, output_root=None,
+                         runtime_env=None, no_wait=False, cwd=str(tmp_path))
+    env = yaml.safe_load(open(cmd[cmd.index("--runtime-env") + 1]))
+    assert env["env_vars"]["HF_HUB_OFFLINE"] == "0" and env["env_vars"]["BUNDLEREC_ALLOW_DOWNLOAD"] == "1"
+    from bundlerec.runtime import setup_env, worker_env
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as the Makefile exports it
+    setup_env()
+    assert os.environ["HF_HUB_OFFLINE"] == "0" and worker_env()["HF_HUB_OFFLINE"] == "0"
+    monkeypatch.delenv("BUNDLEREC_ALLOW_DOWNLOAD")
+    assert worker_env()["HF_HUB_OFFLINE"] == "1"
     # an explicit output_root wins; argparse stages get their relative paths resolved here
     cmd = submit_command("train", ["output_root=s3://b/p"], address=local, output_root=None, runtime_env=None,
                          no_wait=True, cwd=str(tmp_path))

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -40,7 +39,13 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist")
     from huggingface_hub import snapshot_download
 
-    allow = os.environ.get("BUNDLEREC_ALLOW_DOWNLOAD", "0") == "1"
+    from bundlerec.runtime import allow_download
+
+    allow = allow_download()
+    if allow:  # huggingface_hub read HF_HUB_OFFLINE when it was imported
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = False
     try:
         return snapshot_download(name_or_path, local_files_only=not allow)
     except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, offline errors ...

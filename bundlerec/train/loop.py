@@ -46,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     tc, mc, dc = inp.cfg.train, inp.cfg.model, inp.cfg.data
     use_gpu = tc.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "0" if os.environ.get("BUNDLEREC_ALLOW_DOWNLOAD") == "1" else "1")
     import deepspeed
     import ray.train
     import torch.distributed as dist

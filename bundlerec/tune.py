@@ -95,8 +95,17 @@ def trial_driver(trial_config: dict, base: dict, parent_run_id: str, experiment_
     cfg = from_dict(PipelineConfig, raw)
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     run_id = _child_run(client, experiment_id, parent_run_id, trial_id, flatten(to_dict(cfg)))
-    client.set_tag(run_id, "bundlerec.export_dir", join(sweep_dir, "exports", trial_id))
-    fit(cfg, cfg.data.output_dir, run_id=run_id, export_dir=join(sweep_dir, "exports", trial_id),
+    export_dir = join(sweep_dir, "exports", trial_id)
+    if integrity.verify(export_dir, hashes=False)[0]:
+        # finished before: the sweep driver was killed after this trial's export was committed but
+        # before Tune recorded the trial as done, so the resumed sweep runs it again. Its Train run is
+        # complete (training again would restore it and report nothing): report its final metrics.
+        final = {"epoch": cfg.train.epochs, **client.get_run(run_id).data.metrics}
+        log.info("tune: trial %s had finished (export %s); reporting its final metrics again", trial_id, export_dir)
+        ray.tune.report({k: v for k, v in final.items() if not k.startswith(("step/", "system/"))})
+        return
+    client.set_tag(run_id, "bundlerec.export_dir", export_dir)
+    fit(cfg, cfg.data.output_dir, run_id=run_id, export_dir=export_dir,
         callbacks=[TuneReportCallback()], name=f"trial-{trial_id}", storage_path=join(sweep_dir, "trials"))
     client.set_terminated(run_id, "FINISHED")
 

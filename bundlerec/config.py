@@ -187,7 +187,26 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one per GPU on a GPU cluster)."""
     use_gpu: bool = False
-    """GPU workers with NCCL and bf16; False: CPU workers with gloo and fp32."""
+    """GPU workers with NCCL; False: CPU workers with gloo."""
+    precision: str = "auto"
+    """auto | fp32 | bf16 | fp16. GPU: bf16/fp16 are DeepSpeed's mixed precision (fp16 with dynamic loss
+    scaling), auto = bf16. CPU: bf16 = torch.autocast (weights, gradients and reductions stay fp32),
+    auto = bf16 where the CPU has native bf16 matmuls (AVX512-BF16/AMX), else fp32; fp16 needs a GPU."""
+    attention: str = "auto"
+    """The encoder's attention kernel (transformers' attn_implementation): auto = sdpa on GPU and eager
+    on CPU (PyTorch's CPU flash-attention backward is slower than eager at item-text lengths), or
+    eager | sdpa | flash_attention_2."""
+    cache_frozen: bool = True
+    """Compute the frozen layers' output (embeddings + model.freeze_layers blocks, no LoRA on them) once
+    per item and reuse it every step instead of recomputing it (no dropout inside those layers)."""
+    gradient_checkpointing: bool = False
+    """Recompute the encoder's activations in backward (Hugging Face gradient checkpointing): memory for
+    compute, for models or batches that do not fit."""
+    offload: str = "none"
+    """none | optimizer | all: ZeRO-Offload of the optimizer state (ZeRO >= 1) and, with all, of the
+    parameters (ZeRO-3) to CPU memory."""
+    compile: bool = False
+    """torch.compile the encoder's blocks (GPU: fuses the small kernels; compile time counts)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per worker."""
     zero_stage: int = 2
@@ -236,6 +255,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto, fp32, bf16 or fp16")
+        _check(self.precision != "fp16" or self.use_gpu,
+               "train.precision=fp16 needs GPUs (train.use_gpu=true); on CPU use bf16 or fp32")
+        _check(self.attention in ("auto", "eager", "sdpa", "flash_attention_2"),
+               "train.attention must be auto, eager, sdpa or flash_attention_2")
+        _check(self.offload in ("none", "optimizer", "all"), "train.offload must be none, optimizer or all")
+        _check(self.offload == "none" or self.zero_stage >= 1, "train.offload needs train.zero_stage >= 1")
+        _check(self.offload != "all" or self.zero_stage == 3,
+               "train.offload=all (parameters too) needs train.zero_stage=3")
         _check(self.micro_batch >= 2, "train.micro_batch must be >= 2 (in-batch negatives)")
         _check(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         _check(self.lr > 0 and self.head_lr > 0, "train.lr and train.head_lr must be > 0")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bundlerec.config import ConfigError, PipelineConfig, from_dict, load_config, to_dict
-from bundlerec.train.ds_config import deepspeed_config
+from bundlerec.config import ConfigError, PipelineConfig, TrainConfig, from_dict, load_config, to_dict
+from bundlerec.train.ds_config import deepspeed_config, resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "jobs/configs").glob("*.yaml"))
@@ -52,14 +52,30 @@ def test_output_root_makes_paths_absolute(tmp_path):
 
 
 def test_deepspeed_config_is_derived_from_train_config():
-    ds = deepspeed_config(micro_batch=16, grad_accum=4, world_size=8, zero_stage=3, use_gpu=True)
+    ds = deepspeed_config(micro_batch=16, grad_accum=4, world_size=8, zero_stage=3, use_gpu=True,
+                          precision="bf16", offload="all")
     assert ds["train_batch_size"] == 16 * 4 * 8
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    fp16 = deepspeed_config(16, 1, 8, 2, True, precision="fp16", offload="optimizer")
+    assert fp16["fp16"]["enabled"] and fp16["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
+    assert "offload_param" not in fp16["zero_optimization"] and not fp16["bf16"]["enabled"]
     cpu = deepspeed_config(8, 1, 2, 2, False, {"zero_optimization": {"reduce_bucket_size": 1e6}})
     assert cpu["bf16"]["enabled"] is False and cpu["zero_optimization"]["stage"] == 2
     assert cpu["zero_optimization"]["reduce_bucket_size"] == 1e6
     with pytest.raises(ValueError, match="derived"):
         deepspeed_config(8, 1, 2, 2, False, {"train_batch_size": 64})
+    # CPU: bf16 is autocast in the loop, the engine stays fp32; fp16 is refused with the fix
+    assert resolve_precision("bf16", False) == "bf16" and resolve_precision("auto", True) == "bf16"
+    assert resolve_precision("auto", False) in ("bf16", "fp32")
+    assert not deepspeed_config(8, 1, 2, 2, False, precision="bf16")["bf16"]["enabled"]
+    with pytest.raises(ValueError, match="needs GPUs"):
+        resolve_precision("fp16", False)
+    with pytest.raises(ValueError, match="fp16 needs GPUs"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="offload=all"):
+        TrainConfig(offload="all", zero_stage=2)
 
 
 def test_relative_output_root_round_trips_unchanged(tmp_path, monkeypatch):

@@ -199,6 +199,52 @@ def test_any_encoder_or_decoder_family_trains_freezes_and_takes_lora(family, poo
         torch.testing.assert_close(loaded.encode_items(ids, mask), before, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family,pooling,attention", [("bert", "mean", "eager"), ("roberta", "cls", "sdpa"),
+                                                      ("llama", "last", "eager"), ("qwen2", "last", "sdpa")])
+def test_the_frozen_prefix_cache_gives_the_full_forwards_embeddings_and_gradients(family, pooling, attention,
+                                                                                tmp_path_factory, tokens):
+    """With the embeddings and the lowest blocks frozen, their output is computed once per item and the
+    step runs only the trainable blocks: item embeddings and the trainable blocks' gradients are those
+    of the full forward (eval mode: no dropout), for encoders and decoders, eager or SDPA attention,
+    and with gradient checkpointing; clearing the cache runs every block again."""
+    from bundlerec.model.two_tower import frozen_prefix_depth, transformer_blocks
+
+    path = tiny_model_dir(family, tmp_path_factory.getbasetemp() / "families")
+    ids, mask = (torch.as_tensor(x) for x in tokens)
+    rows = torch.tensor([4, 1, 3])  # a step's distinct items, in any order, trimmed to their longest text
+    L = int(mask[rows].sum(1).max())
+
+    def run(cached: bool, checkpointing: bool = False):
+        torch.manual_seed(0)
+        enc = build_encoder(path, freeze_layers=2, attn_implementation=attention,
+                            gradient_checkpointing=checkpointing)
+        m = TwoTower(enc, 0.05, pooling).eval()
+        assert frozen_prefix_depth(enc) == 2
+        if cached:
+            assert m.cache_frozen_prefix(ids, mask) == 2
+        emb = m.encode_items(ids[rows, :L], mask[rows, :L], rows)
+        (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
+        grads = [p.grad.clone() for p in transformer_blocks(enc)[2].parameters()]
+        return m, emb.detach(), grads
+
+    _, full, g_full = run(False)
+    m, cached, g_cached = run(True)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_cached, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    _, ckpt, g_ckpt = run(True, checkpointing=True)
+    torch.testing.assert_close(ckpt, full, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_ckpt, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="item ids"):
+        m.encode_items(ids, mask)
+    torch.testing.assert_close(m.index_items(ids, mask)[rows], full, atol=1e-5, rtol=1e-4)  # validation path
+    m.clear_frozen_prefix()
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_items(ids[rows, :L], mask[rows, :L]), full, atol=1e-5, rtol=1e-4)
+    assert frozen_prefix_depth(build_encoder(path, lora_rank=2)) == 0  # LoRA on every block: nothing to skip
+
+
 def test_last_token_pooling_reads_the_last_valid_token_with_either_padding_side():
     from bundlerec.model.two_tower import pool
 

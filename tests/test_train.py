@@ -324,8 +324,9 @@ def test_a_full_disk_then_a_killed_driver_each_rerun_continues_the_run(tiny_trai
 def test_a_tiny_decoder_llm_trains_with_lora_under_zero3_and_serves(tiny_prep, tmp_path_factory):
     """A decoder LLM (a tiny random-init Qwen2, its own tokenizer class, last-token pooling) through the
     real path: prep tokenizes with it (items tokenized for another model are refused), Ray Train with
-    2 CPU workers, DeepSpeed ZeRO-3 and LoRA adapters -> checkpoint -> consolidated export with the
-    adapters merged -> the serving Recommender answers."""
+    2 CPU workers, DeepSpeed ZeRO-3 with parameters and optimizer offloaded (the client AdamW kept),
+    gradient checkpointing and LoRA adapters -> checkpoint -> consolidated export with the adapters
+    merged -> the serving Recommender answers."""
     from bundlerec.data.examples import PrepMismatch
     from bundlerec.data.prep import run_prep
     from bundlerec.serving.recommender import Recommender
@@ -336,7 +337,7 @@ def test_a_tiny_decoder_llm_trains_with_lora_under_zero3_and_serves(tiny_prep, t
     model = tiny_model_dir("qwen2", tmp_path_factory.getbasetemp() / "families")
     over = [f"train.storage_path={root}/ray", f"results_path={root}/results.json", f"model.name_or_path={model}",
             "model.pooling=last", "model.lora_rank=4", "train.zero_stage=3", "train.epochs=1",
-            "train.max_steps_per_epoch=6"]
+            "train.max_steps_per_epoch=6", "train.offload=all", "train.gradient_checkpointing=true"]
     with pytest.raises(PrepMismatch, match="Qwen2Tokenizer"):  # tiny_prep's items are BERT-tokenized
         fit(tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", *over), prep_cfg.data.output_dir)
     cfg = tiny_config(f"data.output_dir={root}/prep", *over)

@@ -71,6 +71,26 @@ class MetricAccumulator:
             self.seen[k][top[:, :k].reshape(-1)] = True
         self.n += len(targets)
 
+    def all_reduce(self, device=None) -> "MetricAccumulator":
+        """Sum the counts, metric sums and coverage of every rank of the default process group into
+        this accumulator (each rank scored a disjoint part of the examples; every rank must have
+        scored at least one). No-op without one. ``device``: where the collective's tensors live
+        (a CUDA device with NCCL)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        names = sorted(self.sums)
+        totals = torch.tensor([self.n] + [self.sums[n] for n in names], dtype=torch.float64, device=device)
+        seen = torch.stack([self.seen[k] for k in self.ks]).to(device=device, dtype=torch.int32)
+        dist.all_reduce(totals)
+        dist.all_reduce(seen)  # MAX is not on every backend for every dtype: a count > 0 is seen
+        totals, seen = totals.cpu(), seen.cpu()
+        self.n = int(totals[0])
+        self.sums = {n: float(v) for n, v in zip(names, totals[1:])}
+        self.seen = {k: seen[i] > 0 for i, k in enumerate(self.ks)}
+        return self
+
     def result(self, intervals: bool = False) -> dict:
         out = {name: s / max(1, self.n) for name, s in sorted(self.sums.items())}
         for k in self.ks:

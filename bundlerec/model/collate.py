@@ -65,6 +65,6 @@ class Collator:
         L = int(mask.sum(1).max())
         log_q = self.log_q[cand] if self.logq else np.zeros(len(cand), dtype=np.float32)
         t = lambda a: torch.as_tensor(a, device=dev)  # noqa: E731
-        return {"tokens": t(self.ids[uniq][:, :L]), "token_mask": t(mask[:, :L]),
+        return {"tokens": t(self.ids[uniq][:, :L]), "token_mask": t(mask[:, :L]), "items": t(uniq),
                 "hist_pos": t(hist_pos), "hist_types": t(types), "hist_age": t(age), "hist_valid": t(valid),
                 "cand_pos": t(cand_pos), "cand_log_q": t(log_q), "cand_item": t(cand), "target_item": t(target)}

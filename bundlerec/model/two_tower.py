@@ -44,14 +44,16 @@ def _model_kwargs(config) -> dict:
     return {"add_pooling_layer": False} if cls and "add_pooling_layer" in inspect.signature(cls.__init__).parameters else {}
 
 
-def load_backbone(model_dir: str, random_init: bool = False):
-    """Any Hugging Face encoder or decoder (``AutoModel``: the transformer without its LM head)."""
+def load_backbone(model_dir: str, random_init: bool = False, attn_implementation: Optional[str] = None):
+    """Any Hugging Face encoder or decoder (``AutoModel``: the transformer without its LM head);
+    ``attn_implementation``: eager | sdpa | flash_attention_2 (None: transformers' default)."""
     from transformers import AutoConfig, AutoModel
 
     conf = AutoConfig.from_pretrained(model_dir)
+    kw = {**_model_kwargs(conf), **({"attn_implementation": attn_implementation} if attn_implementation else {})}
     if random_init:
-        return AutoModel.from_config(conf, **_model_kwargs(conf))
-    return AutoModel.from_pretrained(model_dir, **_model_kwargs(conf))
+        return AutoModel.from_config(conf, **kw)
+    return AutoModel.from_pretrained(model_dir, **kw)
 
 
 def transformer_blocks(model: nn.Module) -> nn.ModuleList:
@@ -63,17 +65,27 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The embedding layer (BERT-like: words, positions, types and their LayerNorm; decoders: tokens)."""
+    emb = getattr(model, "embeddings", None)
+    return emb if isinstance(emb, nn.Module) else model.get_input_embeddings()
+
+
 def build_encoder(model_dir: str, random_init: bool = False, freeze_layers: int = 0, lora_rank: int = 0,
-                  lora_targets: Optional[list] = None):
+                  lora_targets: Optional[list] = None, attn_implementation: Optional[str] = None,
+                  gradient_checkpointing: bool = False):
     """The item tower's transformer (any HF encoder or decoder, without pooler or LM head), optionally
     with its input embeddings and lowest ``freeze_layers`` blocks frozen, or with LoRA adapters of rank
-    ``lora_rank`` on ``lora_targets`` (module names; None = PEFT's default for the architecture)."""
-    enc = load_backbone(model_dir, random_init)
+    ``lora_rank`` on ``lora_targets`` (module names; None = PEFT's default for the architecture);
+    ``gradient_checkpointing`` recomputes block activations in backward."""
+    enc = load_backbone(model_dir, random_init, attn_implementation)
+    if gradient_checkpointing:
+        if hasattr(enc, "activation_checkpointing_enable"):  # transformers >= 5.2 (the old name is deprecated)
+            enc.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if freeze_layers:
-        # the embedding layer (BERT-like: words, positions, types, its LayerNorm; decoders: the tokens)
-        emb = getattr(enc, "embeddings", None) if isinstance(getattr(enc, "embeddings", None), nn.Module) \
-            else enc.get_input_embeddings()
-        for p in emb.parameters():
+        for p in input_embeddings(enc).parameters():
             p.requires_grad_(False)
         for layer in transformer_blocks(enc)[:freeze_layers]:
             for p in layer.parameters():
@@ -84,6 +96,19 @@ def build_encoder(model_dir: str, random_init: bool = False, freeze_layers: int 
         enc = get_peft_model(enc, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
                                              target_modules=list(lora_targets) if lora_targets else None))
     return enc
+
+
+def frozen_prefix_depth(encoder: nn.Module) -> int:
+    """How many lowest blocks are frozen entirely, together with the input embeddings (0 when the
+    embeddings train): their output depends on the item only and can be computed once."""
+    if any(p.requires_grad for p in input_embeddings(encoder).parameters()):
+        return 0
+    k = 0
+    for block in transformer_blocks(encoder):
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        k += 1
+    return k
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str = "mean") -> torch.Tensor:
@@ -141,12 +166,78 @@ class TwoTower(nn.Module):
         self.user_tower = UserTower(encoder.config.hidden_size)
         self.temperature = temperature
         self._index: Optional[torch.Tensor] = None  # (N, d) item embeddings for score/topk
+        self._prefix: Optional[torch.Tensor] = None  # (N, L, d) output of the frozen prefix per item
+        self._prefix_items: Optional[torch.Tensor] = None  # the items of the running forward
 
     # ---------------------------------------------------------------- towers
-    def encode_items(self, input_ids, attention_mask) -> torch.Tensor:
-        """(N, L) tokens -> (N, d) normalised embeddings, pooled as ``self.pooling`` says."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, d)
+    def encode_items(self, input_ids, attention_mask, items: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N, L) tokens -> (N, d) normalised embeddings, pooled as ``self.pooling`` says. ``items``:
+        the catalog ids of the rows, needed while the frozen prefix is cached."""
+        if self._prefix is not None:
+            if items is None:
+                raise RuntimeError("the frozen-prefix cache is on: encode_items needs the rows' item ids")
+            self._prefix_items = items
+        try:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, d)
+        finally:
+            self._prefix_items = None
         return F.normalize(pool(out, attention_mask, self.pooling), dim=-1)
+
+    @torch.no_grad()
+    def cache_frozen_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            batch_size: int = 256, max_bytes: float = 2 * 1024**3) -> int:
+        """Compute the output of the frozen prefix (input embeddings + the lowest frozen blocks,
+        :func:`frozen_prefix_depth`) once for every catalog item; from then on those blocks pass their
+        input through and the first returns the cached states, so a step runs the trainable blocks
+        only. Works for any architecture whose blocks take and return the hidden states (transformers
+        >= 5). Returns the number of blocks skipped (0: nothing frozen, or the cache would exceed
+        ``max_bytes``). ZeRO-3: every rank must call it (the forwards gather parameters)."""
+        self.clear_frozen_prefix()
+        k = frozen_prefix_depth(self.encoder)
+        blocks = transformer_blocks(self.encoder)
+        N, L = input_ids.shape
+        d = self.encoder.config.hidden_size
+        if k == 0 or N * L * d * 4 > max_bytes:
+            return 0
+        was_training = self.training
+        self.eval()
+        captured: list = []
+        hook = blocks[k - 1].register_forward_hook(
+            lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+        cache = None
+        try:
+            for i in range(0, N, batch_size):
+                ids, m = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
+                n = int(m.sum(1).max())
+                self.encoder(input_ids=ids[:, :n], attention_mask=m[:, :n])
+                h = captured.pop()
+                if cache is None:
+                    cache = torch.zeros((N, L, d), dtype=h.dtype, device=h.device)
+                cache[i:i + ids.shape[0], :n] = h
+        finally:
+            hook.remove()
+            self.train(was_training)
+        self._prefix = cache
+
+        def skip(_block, first: bool):
+            def forward(hidden_states=None, *args, **kwargs):
+                h = kwargs.get("hidden_states") if hidden_states is None else hidden_states
+                if not first:
+                    return h
+                return self._prefix[self._prefix_items][:, :h.shape[1]].to(h.dtype)
+            return forward
+
+        for j, block in enumerate(blocks[:k]):
+            block.forward = skip(block, j == 0)  # instance attribute: names and state dict unchanged
+        return k
+
+    def clear_frozen_prefix(self) -> None:
+        """Run every block again (the cache dropped)."""
+        if self._prefix is None:
+            return
+        for block in transformer_blocks(self.encoder):
+            block.__dict__.pop("forward", None)
+        self._prefix = None
 
     def user_embed(self, hist_emb, batch) -> torch.Tensor:
         return self.user_tower(hist_emb, batch["hist_types"], batch["hist_age"], batch["hist_valid"])
@@ -173,7 +264,7 @@ class TwoTower(nn.Module):
         * accidental hits: a column holding row b's own target item (another row bought it too, or it
           was sampled) is not a negative for row b and is masked to -1e4.
         """
-        emb = self.encode_items(batch["tokens"], batch["token_mask"])  # (U, d): the single forward
+        emb = self.encode_items(batch["tokens"], batch["token_mask"], batch.get("items"))  # (U, d): the single forward
         user = self.user_embed(emb[batch["hist_pos"]], batch)  # (B, d)
         cand = emb[batch["cand_pos"]]  # (C, d)
         logits = (user @ cand.T).float() / self.temperature  # (B, C)
@@ -186,9 +277,11 @@ class TwoTower(nn.Module):
 
     @torch.no_grad()
     def index_items(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int = 256,
-                    progress: Optional[str] = None) -> torch.Tensor:
+                    progress: Optional[str] = None, items: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Encode the whole catalog into the item index used by score/topk. Returns (N, d) float32.
-        ``progress``: a label to log progress lines under (bundlerec.progress), e.g. on rank 0 only."""
+        ``progress``: a label to log progress lines under (bundlerec.progress), e.g. on rank 0 only.
+        ``items``: the catalog ids of the rows when they are a part of the catalog (the rows are the
+        catalog otherwise); the index is then theirs."""
         from bundlerec.progress import Progress
 
         was_training = self.training
@@ -198,7 +291,8 @@ class TwoTower(nn.Module):
         for i in range(0, input_ids.shape[0], batch_size):
             ids, m = input_ids[i:i + batch_size], attention_mask[i:i + batch_size]
             L = int(m.sum(1).max())
-            chunks.append(self.encode_items(ids[:, :L], m[:, :L]).float())
+            rows = items[i:i + batch_size] if items is not None else torch.arange(i, i + ids.shape[0], device=ids.device)
+            chunks.append(self.encode_items(ids[:, :L], m[:, :L], rows).float())
             p.update(ids.shape[0])
         p.done()
         self._index = torch.cat(chunks)

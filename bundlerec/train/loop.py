@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,7 +60,7 @@ def train_loop_per_worker(config: dict) -> None:
     from bundlerec.runtime import is_rank_zero
     from bundlerec.tracking import RunLogger, mlflow_name
     from bundlerec.train.checkpoints import write_manifest
-    from bundlerec.train.ds_config import deepspeed_config
+    from bundlerec.train.ds_config import autocast_dtype, deepspeed_config, resolve_precision
     from bundlerec.train.optim import cosine_schedule, param_groups
 
     ctx = ray.train.get_context()
@@ -69,15 +70,25 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if use_gpu else torch.device("cpu")
 
     # ---- model + engine
+    precision = resolve_precision(tc.precision, use_gpu)
+    amp = autocast_dtype(precision, use_gpu)
+    autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else nullcontext
+    attention = tc.attention if tc.attention != "auto" else ("sdpa" if use_gpu else "eager")
     encoder = build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, mc.freeze_layers, mc.lora_rank,
-                            mc.lora_targets)
+                            mc.lora_targets, attention, tc.gradient_checkpointing)
     model = TwoTower(encoder, mc.temperature, mc.pooling)
     steps_per_epoch = inp.steps_per_epoch
     total_opt_steps = max(1, steps_per_epoch * tc.epochs // tc.grad_accum)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay))
+    fused = use_gpu and tc.offload == "none"  # one kernel per parameter group on the GPU
+    optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay), fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_opt_steps, tc.warmup_frac))
-    ds_cfg = deepspeed_config(tc.micro_batch, tc.grad_accum, world, tc.zero_stage, use_gpu, tc.deepspeed)
+    ds_cfg = deepspeed_config(tc.micro_batch, tc.grad_accum, world, tc.zero_stage, use_gpu, tc.deepspeed,
+                              precision, tc.offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if rank0:
+        print(f"[bundlerec] {torch.get_num_threads()} threads, precision {precision}{' (autocast)' if amp else ''}, attention {attention}, "
+              f"ZeRO-{tc.zero_stage}, offload {tc.offload}, gradient checkpointing "
+              f"{'on' if tc.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- catalog tokens (pre-tokenized in prep) and popularity for logQ / sampled negatives
     items = load_items(inp.prep_dir)
@@ -96,10 +107,23 @@ def train_loop_per_worker(config: dict) -> None:
         history = state.get("history", [])
         if rank0:
             print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})", flush=True)
+    if tc.cache_frozen:  # after the restore: the cache is computed from the weights training continues with
+        with autocast():
+            skipped = engine.module.cache_frozen_prefix(ids_t, mask_t)
+        if rank0 and skipped:
+            print(f"[bundlerec] frozen prefix cached: embeddings + {skipped} blocks computed once for "
+                  f"{len(items)} items, skipped at every step", flush=True)
+    if tc.compile:
+        from bundlerec.model.two_tower import transformer_blocks
+
+        for block in transformer_blocks(engine.module.encoder):
+            if "forward" not in block.__dict__:  # not a skipped frozen block
+                block.compile(dynamic=True)
 
     logger = RunLogger(inp.cfg.mlflow.tracking_uri, inp.run_id) if rank0 and inp.run_id else None
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_rows = _read_all(ray.train.get_dataset_shard("val"))  # every rank holds all of val (small)
+    train_rows = None  # train.materialize_train: this rank's shard in memory after the first epoch
     mb = tc.micro_batch
     stop = False
     for epoch in range(start_epoch, tc.epochs):
@@ -110,19 +134,36 @@ def train_loop_per_worker(config: dict) -> None:
             collate.rng = np.random.default_rng([tc.seed, rank, epoch])  # so a resume redoes them
             torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank, epoch]).generate_state(1)[0]))
         t0, losses, n_seen = time.time(), [], 0
-        batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
-                                           local_shuffle_buffer_size=max(4 * mb, 1024),
-                                           local_shuffle_seed=tc.seed + epoch)
-        data_wait = 0.0
+        if tc.materialize_train:  # read once, then a seeded full shuffle per epoch: no Ray Data work per step
+            if train_rows is None:
+                train_rows = _read_all(train_shard)
+            order = np.random.default_rng([tc.seed, rank, epoch, 1]).permutation(len(train_rows["targets"]))
+            batches = ({c: a[order[i:i + mb]] for c, a in train_rows.items()}
+                       for i in range(0, len(order) - mb + 1, mb))
+        else:
+            batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
+                                               local_shuffle_buffer_size=max(4 * mb, 1024),
+                                               local_shuffle_seed=tc.seed + epoch)
+        data_wait = t_fwd = t_bwd = t_opt = 0.0
+        sync = torch.cuda.synchronize if use_gpu else (lambda: None)  # phase times need the device idle
         tw = time.time()
         for step, raw in enumerate(batches):
             if step >= steps_per_epoch:  # identical step count on every rank (ZeRO collectives)
                 break
             batch = collate(raw)
-            data_wait += time.time() - tw
-            loss = engine(batch)
+            t1 = time.time()
+            data_wait += t1 - tw
+            with autocast():
+                loss = engine(batch)
+            sync()
+            t2 = time.time()
             engine.backward(loss)
+            sync()
+            t3 = time.time()
             engine.step()
+            sync()
+            t4 = time.time()
+            t_fwd, t_bwd, t_opt = t_fwd + t2 - t1, t_bwd + t3 - t2, t_opt + t4 - t3
             losses.append(float(loss.detach()))
             n_seen += mb
             global_step += 1
@@ -139,14 +180,20 @@ def train_loop_per_worker(config: dict) -> None:
             tw = time.time()
         epoch_s = time.time() - t0
 
-        # ---- validation: every rank runs identical forwards (ZeRO-3 gathers need all ranks)
+        # ---- validation, split across the ranks: each encodes 1/world of the catalog (the same number of
+        # forwards on every rank: ZeRO-3 gathers need all ranks) and scores 1/world of the users
         engine.eval()
-        with torch.no_grad():
-            engine.module.index_items(ids_t, mask_t, progress="validation: encode catalog" if rank0 else None)
+        with torch.no_grad(), autocast():
+            index = _distributed_index(engine.module, ids_t, mask_t, rank, world,
+                                       "validation: encode catalog" if rank0 else None)
+            engine.module.set_index(index)
             acc = MetricAccumulator([10, 20], len(items))
-            for vb in val_shard.iter_batches(batch_size=256, batch_format="numpy"):
-                hb = history_tensors(vb, dc.history_len, device)
-                acc.update(engine.module.score(hb).float().cpu(), list(vb["targets"]))
+            mine = val_rows if len(val_rows["targets"]) < world else {c: a[rank::world] for c, a in val_rows.items()}
+            for i in range(0, len(mine["targets"]), 256):
+                vb = {c: a[i:i + 256] for c, a in mine.items()}
+                acc.update(engine.module.score(history_tensors(vb, dc.history_len, device)).float(), list(vb["targets"]))
+        if len(val_rows["targets"]) >= world:
+            acc.all_reduce(device)
         val = acc.result()
         score = torch.tensor([val.get("ndcg@10", 0.0)], device=device)
         dist.broadcast(score, src=0)  # rank 0 decides: identical early-stopping on all ranks
@@ -160,6 +207,8 @@ def train_loop_per_worker(config: dict) -> None:
             "samples_per_s": n_seen * world / max(epoch_s, 1e-9),
             "samples_per_s_per_worker": n_seen / max(epoch_s, 1e-9),
             "epoch_seconds": epoch_s, "data_wait_frac": data_wait / max(epoch_s, 1e-9),
+            "forward_frac": t_fwd / max(epoch_s, 1e-9), "backward_frac": t_bwd / max(epoch_s, 1e-9),
+            "optimizer_frac": t_opt / max(epoch_s, 1e-9),
             "lr": float(scheduler.get_last_lr()[0]),
             **{f"val_{mlflow_name(k)}": v for k, v in val.items() if k != "n_examples"},
             "best_val_ndcg_at_10": best, "early_stop": int(stop), "resumes": resumes,
@@ -167,7 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
         if rank0:
             print(f"[bundlerec] epoch {epoch + 1} done: loss {metrics['train_loss']:.4f} "
                   f"val ndcg@10 {val.get('ndcg@10', 0):.4f} recall@10 {val.get('recall@10', 0):.4f} "
-                  f"{metrics['samples_per_s']:.1f} samples/s ({epoch_s:.0f}s)", flush=True)
+                  f"{metrics['samples_per_s']:.1f} samples/s ({epoch_s:.0f}s: forward {t_fwd:.0f}s, backward "
+                  f"{t_bwd:.0f}s, optimizer {t_opt:.0f}s, data {data_wait:.0f}s)", flush=True)
             if logger:
                 logger.log(metrics, step=epoch + 1)
         history.append(dict(metrics))  # every epoch's metrics travel with the checkpoint: the driver
@@ -181,6 +231,41 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report({**metrics, "history": list(history)}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if logger:
         logger.flush()  # best effort here; fit() on the driver makes sure MLflow ends up with every epoch
+
+
+def _read_all(shard) -> dict:
+    """A dataset shard as numpy columns in memory (ragged list columns as object arrays)."""
+    parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
+    if not parts:
+        raise ValueError("an empty dataset shard: fewer examples than workers")
+    return {c: np.concatenate([_rows(p[c]) for p in parts]) for c in parts[0]}
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """One row per example: a list column Ray returned as a 2-D array (all lists of one length in that
+    batch) becomes an object array like the ragged ones, so batches concatenate."""
+    if a.ndim == 1:
+        return a
+    out = np.empty(len(a), dtype=object)
+    out[:] = list(a)
+    return out
+
+
+def _distributed_index(module, ids, mask, rank: int, world: int, progress=None):
+    """The catalog's item index, each rank encoding an equal slice (wrapping around the end, so every
+    rank runs the same number of forwards) and all-gathering the others'."""
+    import torch
+    import torch.distributed as dist
+
+    n = ids.shape[0]
+    if world == 1:
+        return module.index_items(ids, mask, progress=progress)
+    per = -(-n // world)
+    rows = torch.arange(rank * per, (rank + 1) * per, device=ids.device) % n
+    mine = module.index_items(ids[rows], mask[rows], progress=progress, items=rows)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine.contiguous())
+    return torch.cat(parts)[:n]
 
 
 def _restore(engine, ckpt, world: int, rank0: bool):

@@ -219,16 +219,14 @@ class TwoTower(nn.Module):
             self.train(was_training)
         self._prefix = cache
 
-        def skip(_block, first: bool):
+        def skip(first: bool):
             def forward(hidden_states=None, *args, **kwargs):
                 h = kwargs.get("hidden_states") if hidden_states is None else hidden_states
-                if not first:
-                    return h
-                return self._prefix[self._prefix_items][:, :h.shape[1]].to(h.dtype)
+                return self._prefix[self._prefix_items][:, :h.shape[1]].to(h.dtype) if first else h
             return forward
 
         for j, block in enumerate(blocks[:k]):
-            block.forward = skip(block, j == 0)  # instance attribute: names and state dict unchanged
+            block.forward = skip(j == 0)  # instance attribute: names and state dict unchanged
         return k
 
     def clear_frozen_prefix(self) -> None:

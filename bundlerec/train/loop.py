@@ -86,8 +86,8 @@ def train_loop_per_worker(config: dict) -> None:
                               precision, tc.offload)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     if rank0:
-        print(f"[bundlerec] {torch.get_num_threads()} threads, precision {precision}{' (autocast)' if amp else ''}, attention {attention}, "
-              f"ZeRO-{tc.zero_stage}, offload {tc.offload}, gradient checkpointing "
+        print(f"[bundlerec] {torch.get_num_threads()} threads, precision {precision}{' (autocast)' if amp else ''}, "
+              f"attention {attention}, ZeRO-{tc.zero_stage}, offload {tc.offload}, gradient checkpointing "
               f"{'on' if tc.gradient_checkpointing else 'off'}", flush=True)
 
     # ---- catalog tokens (pre-tokenized in prep) and popularity for logQ / sampled negatives
@@ -188,11 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
                                        "validation: encode catalog" if rank0 else None)
             engine.module.set_index(index)
             acc = MetricAccumulator([10, 20], len(items))
-            mine = val_rows if len(val_rows["targets"]) < world else {c: a[rank::world] for c, a in val_rows.items()}
+            split = len(val_rows["targets"]) >= world  # else every rank scores all (no rank without rows)
+            mine = {c: a[rank::world] for c, a in val_rows.items()} if split else val_rows
             for i in range(0, len(mine["targets"]), 256):
                 vb = {c: a[i:i + 256] for c, a in mine.items()}
                 acc.update(engine.module.score(history_tensors(vb, dc.history_len, device)).float(), list(vb["targets"]))
-        if len(val_rows["targets"]) >= world:
+        if split:
             acc.all_reduce(device)
         val = acc.result()
         score = torch.tensor([val.get("ndcg@10", 0.0)], device=device)

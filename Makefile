@@ -23,7 +23,7 @@ DEMO_CONFIG ?= jobs/configs/demo.yaml
 DEMO_ROOT ?= $(CURDIR)
 DEMO_ARGS ?=
 
-.PHONY: setup demo services stop test test-fast lock clean
+.PHONY: setup demo services stop test test-fast lock clean wheelhouse
 
 setup: $(VENV)/.installed
 
@@ -65,3 +65,9 @@ test-fast: setup
 
 clean: stop
 	rm -rf runs .cluster
+
+# The offline bundle (<= 64 MiB) for a GPU node without internet, and its installer + benchmark
+# matrix: cluster/gpu-node/ (needs PyPI here; not part of `make test`).
+WHEELHOUSE ?= .wheelhouse
+wheelhouse: setup
+	bash cluster/gpu-node/wheelhouse.sh $(WHEELHOUSE)

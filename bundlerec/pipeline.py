@@ -6,30 +6,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import replace
 
-from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
+from bundlerec.config import PipelineConfig, flatten, to_dict
 from bundlerec import integrity
+from bundlerec.runtime import versions
 from bundlerec.storage import absolute, exists, is_uri, join, parent, read_text, write_text
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("ndcg@10", "recall@10", "mrr@10", "hitrate@10", "ndcg@20", "recall@20", "coverage@10")
-
-
-def _versions() -> dict:
-    import deepspeed
-    import mlflow
-    import ray
-    import torch
-    import transformers
-
-    return {"ray": ray.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "mlflow": mlflow.__version__}
 
 
 def require_prep(cfg: PipelineConfig) -> dict:
@@ -125,6 +115,16 @@ def _local_beside(path: str, name: str) -> str:
     return os.path.join(parent(path), name)
 
 
+def _resume_hash(cfg: PipelineConfig) -> str:
+    """The hash of what a resumed run must share with the interrupted one: the whole config but the
+    resume switch and where it runs (train.num_workers, train.cpus_per_worker: a checkpoint written by
+    another number of workers is restored as DeepSpeed's universal checkpoint)."""
+    d = to_dict(cfg)
+    for k in ("resume", "num_workers", "cpus_per_worker"):
+        d["train"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_train_stage(cfg: PipelineConfig) -> dict:
     """Train on the prepared data in ``cfg.data.output_dir``; returns (and writes) results.json."""
     from bundlerec.tracking import check_server, log_prep_dataset, start_run, system_metrics
@@ -133,7 +133,7 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
     prep_dir = cfg.data.output_dir
     manifest = require_prep(cfg)
     check_server(cfg.mlflow.tracking_uri)  # fail before any compute is spent
-    chash = config_hash(replace(cfg, train=replace(cfg.train, resume=False)))
+    chash = _resume_hash(cfg)
     state_path = join(absolute(cfg.train.storage_path), f"{cfg.name}-train-state.json")
     state = json.loads(read_text(state_path)) if cfg.train.resume and exists(state_path) else None
     if state and not state.get("finished"):  # the last run's driver died: continue that run
@@ -147,7 +147,7 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
         print(f"[bundlerec] train: resuming the interrupted run {run_id}", flush=True)
     else:
         tags = {"bundlerec.config_hash": chash, "bundlerec.schema_hash": manifest["schema_hash"],
-                "bundlerec.stage": "train", **{f"version.{k}": v for k, v in _versions().items()}}
+                "bundlerec.stage": "train", **{f"version.{k}": v for k, v in versions().items() if v}}
         run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name,
                            flatten(to_dict(cfg)), tags)
         state = {"run_id": run_id, "name": f"{cfg.name}-{run_id[:8]}", "config_hash": chash, "finished": False}

@@ -53,6 +53,31 @@ def setup_env() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def versions() -> dict:
+    """The versions that decide results and speed (recorded with runs and benchmarks)."""
+    import platform
+
+    import deepspeed
+    import mlflow
+    import ray
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "ray": ray.__version__, "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "mlflow": mlflow.__version__, "cuda": torch.version.cuda}
+
+
+def cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def check_versions() -> None:
     import ray
 

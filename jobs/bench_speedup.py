@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> dict:
     import dataclasses
 
     from bundlerec.cli import config_job
-    from bundlerec.pipeline import _versions, run_train_stage
+    from bundlerec.pipeline import run_train_stage
+    from bundlerec.runtime import cpu_name, versions
     from bundlerec.storage import join, parent
 
     base = config_job(["--config", args.config, *args.overrides], __doc__)
@@ -50,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
             "mlflow_run_id": out["run_id"], "stage_seconds": round(time.time() - t0, 1),
         }
     b, a = (max(runs[k]["samples_per_s_per_worker_by_epoch"]) for k in ("before", "after"))
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {_cpu_name()}",
-              "config": args.config, "overrides": args.overrides, "versions": _versions(),
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {cpu_name()}",
+              "config": args.config, "overrides": args.overrides, "versions": versions(),
               "speedup_best_epoch": round(a / b, 2), **runs}
     text = json.dumps(result, indent=2)
     print(text)
@@ -59,14 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     return result
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -90,3 +90,24 @@ def test_newest_valid_falls_back_to_the_previous_good_one(tmp_path, storage):
     assert _newest(c, fs, tmp_path) == a.name
     (a / "epoch1" / "zero_pp_rank_0_optim_states.pt").unlink()
     assert _newest(c, fs, tmp_path) is None
+
+
+def test_a_torn_ray_snapshot_resumes_from_the_newest_checkpoint_on_every_later_attempt(tmp_path):
+    """A disk that filled while Ray Train wrote its snapshot leaves it torn: the next attempt moves it
+    aside and resumes from the newest checkpoint. An attempt stopped before it reported a checkpoint
+    writes no new snapshot; the attempt after it must still resume (not start the run over)."""
+    from bundlerec.train.checkpoints import SNAPSHOT, recover_torn_snapshot
+
+    run = tmp_path / "store" / "tiny-abc"
+    assert recover_torn_snapshot(str(tmp_path / "store"), "tiny-abc") is None  # a new run
+    run.mkdir(parents=True)
+    assert recover_torn_snapshot(str(tmp_path / "store"), "tiny-abc") is None  # no checkpoints yet
+    _named_ckpt(run, "checkpoint_2026-01-01_00-00-01")
+    newest = _named_ckpt(run, "checkpoint_2026-01-01_00-00-02")
+    (run / SNAPSHOT).write_text('{"checkpoint_results": [')  # torn
+    for attempt in range(2):
+        ckpt = recover_torn_snapshot(str(tmp_path / "store"), "tiny-abc")
+        assert ckpt is not None and ckpt.path == str(newest), attempt
+        assert not (run / SNAPSHOT).exists() and len(list(run.glob(f"{SNAPSHOT}.torn-*"))) == 1
+    (run / SNAPSHOT).write_text("{}")  # a readable snapshot: Ray Train's own resume applies
+    assert recover_torn_snapshot(str(tmp_path / "store"), "tiny-abc") is None

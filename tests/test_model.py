@@ -284,3 +284,28 @@ def test_training_refuses_items_tokenized_by_another_tokenizer_and_pads_with_the
     items.attrs["pad_token_id"] = 9
     ids, mask = padded_tokens(items)
     assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_train_flops_count_what_a_step_computes(tmp_path_factory):
+    """2 FLOPs per weight forward, +2 for activation gradients where something below trains, +2 for
+    weight gradients where the block trains; blocks replaced by the frozen-prefix cache cost 0."""
+    import torch
+
+    from bundlerec.model.two_tower import TwoTower, build_encoder, transformer_blocks
+    from bundlerec.train.flops import train_flops_per_token
+    from tests.conftest import tiny_model_dir
+
+    model_dir = tiny_model_dir("bert", tmp_path_factory.getbasetemp() / "families")
+    enc = build_encoder(model_dir, freeze_layers=1)
+    per_block = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(enc)]
+    assert train_flops_per_token(enc) == 2 * per_block[0] + 6 * sum(per_block[1:])  # frozen embeddings + block 0
+    tower = TwoTower(enc, 0.05, "mean")
+    ids = torch.randint(5, 100, (10, 6))
+    tower.cache_frozen_prefix(ids, torch.ones_like(ids))
+    assert train_flops_per_token(enc) == 6 * sum(per_block[1:])  # block 0 comes from the cache
+    tower.clear_frozen_prefix()
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    for p in transformer_blocks(enc)[0].parameters():  # trainable at the bottom: gradients flow through the rest
+        p.requires_grad_(True)
+    assert train_flops_per_token(enc) == 6 * per_block[0] + 4 * sum(per_block[1:])

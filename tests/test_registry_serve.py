@@ -435,11 +435,19 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert versions == {"1", "2"}
 
         # --- a broken champion (its stored files altered after registration) moved under load: every
-        # replica refuses it (export manifest), version 2 keeps answering, the refusal is visible
+        # replica refuses it (export manifest), the settled champion keeps answering, the refusal is visible
         from bundlerec.registry.promotion import register
 
         v3 = register(registered["good_dir"], registered["cfg"].data.output_dir, registered["uri"], "registry-test",
                       model_name=name, history_len=registered["cfg"].data.history_len)
+        # registering settles champion/challenger on merit: the champion may have moved (back to v1);
+        # every replica follows it before the broken version is made champion
+        settled = client.get_model_version_by_alias(name, "champion").version
+        deadline, same = time.time() + 120, 0
+        while time.time() < deadline and same < 8:  # 8 answers in a row: both replicas (random routing)
+            same = same + 1 if _get(f"{base}/v1/model")[1]["version"] == settled else 0
+            time.sleep(0.25)
+        assert same == 8, f"the replicas did not follow the settled champion v{settled}"
         model_id = client.get_model_version(name, v3["version"]).source.rsplit("/", 1)[-1]  # models:/m-<id>
         stored = list({p.resolve() for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/*/models/{model_id}/artifacts")})
         assert len(stored) == 1, stored
@@ -459,7 +467,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         for t in threads:
             t.join(timeout=30)
         info = _get(f"{base}/v1/model")[1]
-        assert info["version"] == "2" and info["refused"]["version"] == v3["version"], info
+        assert info["version"] == settled and info["refused"]["version"] == v3["version"], info
         assert "latest.parquet" in info["refused"]["error"], info["refused"]
         assert _get(f"{base}/readyz", headers={})[1]["refused_version"] == v3["version"]
         assert failures == [], failures[:3]

@@ -184,6 +184,33 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(min
     _close_to_reference(m, ref_out["last_metrics"])
 
 
+def test_a_run_resumes_with_fewer_workers_from_a_universal_checkpoint(tiny_trained, tmp_path):
+    """The uninterrupted 2-worker ZeRO-2 run (`tiny_trained`, 3 epochs), continued for a 4th epoch on
+    1 worker: its newest checkpoint (2 ranks' shards) is restored as DeepSpeed's universal checkpoint
+    (weights, AdamW moments, schedule, client state), training goes on, and the best checkpoint
+    exports, whichever number of workers wrote it."""
+    import shutil
+
+    from bundlerec.serving.recommender import Recommender
+    from bundlerec.train.checkpoints import saved_world_size
+
+    ref_cfg, ref_out, _ = tiny_trained
+    run_dir = Path(ref_out["checkpoint"]).parent  # a copy: the fixture's run stays as it is
+    shutil.copytree(run_dir, tmp_path / "ray" / run_dir.name)
+    assert saved_world_size(ref_out["checkpoint"]) == 2
+    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=4", "train.num_workers=1")
+    out = fit(cfg, cfg.data.output_dir, name=run_dir.name)
+    m = out["last_metrics"]
+    assert m["epoch"] == 4 and m["resumes"] == 1, m
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3, 4]
+    assert out["history"][:3] == ref_out["history"]  # epochs 1-3 came with the checkpoint, not redone
+    newest = max(_ckpts(tmp_path))
+    assert saved_world_size(newest) == 1 and m["train_loss"] > 0
+    rec = Recommender.from_export(out["export_dir"])
+    user = next(u for u in rec.latest if rec.history_for_user(u).items)
+    assert len(rec.recommend(user_id=user, k=5)["items"]) == 5
+
+
 def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
     """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
     store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,

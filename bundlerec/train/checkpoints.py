@@ -18,6 +18,7 @@ import posixpath
 from typing import Iterator, Optional
 
 from bundlerec.integrity import check_table, sha256_file
+from bundlerec.storage import is_uri
 
 log = logging.getLogger(__name__)
 MANIFEST_DIR = "_bundlerec_manifest"
@@ -92,6 +93,36 @@ def newest_valid(ckpt, world_size: Optional[int] = None) -> Iterator[Optional[st
     yield None
 
 
+def saved_world_size(ckpt_dir: str) -> int:
+    """How many ranks wrote the (verified) checkpoint in ``ckpt_dir``."""
+    with open(os.path.join(ckpt_dir, MANIFEST_DIR, "rank0.json")) as f:
+        return int(json.load(f)["world_size"])
+
+
+@contextlib.contextmanager
+def universal(ckpt_dir: str) -> Iterator[str]:
+    """The DeepSpeed checkpoint in ``ckpt_dir`` (any ZeRO stage, written by any number of ranks) as
+    DeepSpeed's *universal* checkpoint, in a temporary directory an engine configured with
+    ``checkpoint.load_universal`` loads with any number of ranks: parameters, AdamW moments and step,
+    scheduler and client state. Each rank converts for itself (ranks on other nodes share no disk);
+    the temporary copy takes about 3x the fp32 parameters (weights + two moments)."""
+    import argparse
+    import tempfile
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    with tempfile.TemporaryDirectory(prefix="bundlerec-universal-") as tmp:
+        args = argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=os.path.join(tmp, tag),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # our checkpoints carry no Megatron-style info
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # per-parameter chatter
+            ds_to_universal(args)
+        with open(os.path.join(tmp, "latest_universal"), "w") as f:
+            f.write(tag)
+        yield tmp
+
+
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
@@ -100,27 +131,33 @@ def recover_torn_snapshot(storage_path: str, run_name: str):
     that fills up while it is written leaves it torn, and a restarted run then fails at once parsing
     it. When it is unreadable, move it aside (``.torn-<time>``) and return the run's newest checkpoint
     (a ``ray.train.Checkpoint``, for ``resume_from_checkpoint``; :func:`newest_valid` then walks back to
-    an intact one); None when the snapshot is fine or the run has none."""
+    an intact one). The same when there is no snapshot but the run has checkpoints (one moved aside by
+    an earlier attempt that was itself stopped before it reported a checkpoint): Ray Train would start
+    that run over. None when the snapshot is fine or the run has no checkpoints."""
     import time
 
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
-    fs, root = pafs.FileSystem.from_uri(storage_path if "://" in storage_path else os.path.abspath(storage_path))
+    fs, root = pafs.FileSystem.from_uri(storage_path if is_uri(storage_path) else os.path.abspath(storage_path))
     run_dir = posixpath.join(root, run_name)
+    if fs.get_file_info(run_dir).type == pafs.FileType.NotFound:
+        return None
     snap = posixpath.join(run_dir, SNAPSHOT)
     if fs.get_file_info(snap).type == pafs.FileType.NotFound:
-        return None
-    try:
-        with fs.open_input_stream(snap) as f:
-            json.loads(f.read())
-        return None
-    except (ValueError, OSError) as e:
-        why = e
-    fs.move(snap, f"{snap}.torn-{int(time.time())}")
+        why = "missing"
+    else:
+        try:
+            with fs.open_input_stream(snap) as f:
+                json.loads(f.read())
+            return None
+        except (ValueError, OSError) as e:
+            why = f"unreadable ({e}; a disk that filled up while it was written?): moved aside"
+        fs.move(snap, f"{snap}.torn-{int(time.time())}")
     ckpts = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(run_dir))
                    if i.type == pafs.FileType.Directory and posixpath.basename(i.path).startswith("checkpoint_"))
-    log.warning("Ray Train's %s of run %s is unreadable (%s; a disk that filled up while it was written?): "
-                "moved aside; resuming from the newest intact checkpoint at or before %s", SNAPSHOT, run_name,
-                why, ckpts[-1] if ckpts else "none")
-    return Checkpoint(ckpts[-1], filesystem=fs) if ckpts else None
+    if not ckpts:
+        return None
+    log.warning("Ray Train's %s of run %s is %s; resuming from the newest intact checkpoint at or before %s",
+                SNAPSHOT, run_name, why, ckpts[-1])
+    return Checkpoint(ckpts[-1], filesystem=fs)

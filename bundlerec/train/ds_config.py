@@ -30,14 +30,16 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
 
 
 def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_stage: int, use_gpu: bool,
-                     extra: dict | None = None, precision: str = "fp32", offload: str = "none") -> dict:
+                     extra: dict | None = None, precision: str = "fp32", offload: str = "none",
+                     load_universal: bool = False) -> dict:
     """DeepSpeed config derived from the training config, so batch sizes can never disagree.
 
     ``precision`` (resolved): on GPU bf16/fp16 are DeepSpeed's mixed precision (fp16 with dynamic loss
     scaling); on CPU the engine stays fp32 and bf16 is autocast in the loop (gloo has no bf16
     reductions worth using). ``offload``: none | optimizer | all (ZeRO-Offload to CPU memory); the
     client AdamW is accepted with offload (``zero_force_ds_cpu_optimizer: false``) so the same
-    parameter groups and schedule apply."""
+    parameter groups and schedule apply. ``load_universal``: the engine restores DeepSpeed's universal
+    checkpoint (a run resumed with another number of workers)."""
     zero: dict = {"stage": zero_stage, "overlap_comm": use_gpu, "contiguous_gradients": True,
                   "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
     if offload in ("optimizer", "all"):
@@ -55,6 +57,7 @@ def deepspeed_config(micro_batch: int, grad_accum: int, world_size: int, zero_st
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "zero_allow_untested_optimizer": True,  # our client AdamW (param groups, no JIT build on CPU)
         "zero_force_ds_cpu_optimizer": False,  # ... also with offload (DeepSpeed's CPU Adam would be faster but needs a C++ build)
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

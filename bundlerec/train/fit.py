@@ -91,7 +91,7 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
         ensure_logged(cfg.mlflow.tracking_uri, run_id, history)
     export_dir = export_dir or export_target(cfg)
     local = integrity.workdir_for(export_dir)  # built locally, uploaded with its manifest last for s3://
-    best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, tc.num_workers, prep_dir, local)
+    best_ckpt, best_metrics = export_best(cfg, result.best_checkpoints, prep_dir, local)
     integrity.publish(local, export_dir)
     return {"export_dir": export_dir, "local_export": local, "checkpoint": best_ckpt.path,
             "best_epoch_metrics": best_metrics,
@@ -116,15 +116,17 @@ def _ingest_options(deterministic: bool):
     return opts
 
 
-def export_best(cfg: PipelineConfig, checkpoints, world_size: int, prep_dir: str, export_dir: str):
+def export_best(cfg: PipelineConfig, checkpoints, prep_dir: str, export_dir: str):
     """Export the best-scoring checkpoint that passes verification; a damaged one (e.g. the one a
-    crash left half-written, which Ray may still keep among the best) is skipped with a warning."""
+    crash left half-written, which Ray may still keep among the best) is skipped with a warning. A
+    run resumed with another number of workers holds checkpoints of both: each verifies against the
+    ranks that wrote it, and the consolidation reads any number of ZeRO shards."""
     from bundlerec.train.checkpoints import verify
 
     ranked = sorted(checkpoints, key=lambda cm: cm[1].get("val_ndcg_at_10", -1), reverse=True)
     for ckpt, metrics in ranked:
         with ckpt.as_directory() as d:
-            ok, why = verify(d, world_size)
+            ok, why = verify(d)
             if ok:
                 from bundlerec.model.export import export
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,8 +59,9 @@ def train_loop_per_worker(config: dict) -> None:
     from bundlerec.model.two_tower import TwoTower, build_encoder
     from bundlerec.runtime import is_rank_zero
     from bundlerec.tracking import RunLogger, mlflow_name
-    from bundlerec.train.checkpoints import write_manifest
+    from bundlerec.train.checkpoints import newest_valid, saved_world_size, universal, write_manifest
     from bundlerec.train.ds_config import autocast_dtype, deepspeed_config, resolve_precision
+    from bundlerec.train.flops import train_flops_per_token
     from bundlerec.train.optim import cosine_schedule, param_groups
 
     ctx = ray.train.get_context()
@@ -82,8 +83,18 @@ def train_loop_per_worker(config: dict) -> None:
     fused = use_gpu and tc.offload == "none"  # one kernel per parameter group on the GPU
     optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay), fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(total_opt_steps, tc.warmup_frac))
+    # the newest intact checkpoint, found before the engine is built: one written by another number of
+    # workers is loaded as DeepSpeed's universal checkpoint, which the engine must be configured for
+    ckpt = ray.train.get_checkpoint() or inp.resume_from
+    restore = ExitStack()
+    restore_dir = restore.enter_context(newest_valid(ckpt)) if ckpt else None
+    if ckpt and restore_dir is None and rank0:
+        print(f"[bundlerec] no intact checkpoint beside {ckpt.path}; starting over", flush=True)
+    saved_world = saved_world_size(restore_dir) if restore_dir else world
+    if saved_world != world:
+        restore_dir = restore.enter_context(universal(restore_dir))
     ds_cfg = deepspeed_config(tc.micro_batch, tc.grad_accum, world, tc.zero_stage, use_gpu, tc.deepspeed,
-                              precision, tc.offload)
+                              precision, tc.offload, load_universal=saved_world != world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     if rank0:
         print(f"[bundlerec] {torch.get_num_threads()} threads, precision {precision}{' (autocast)' if amp else ''}, "
@@ -99,20 +110,23 @@ def train_loop_per_worker(config: dict) -> None:
 
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
-    ckpt = ray.train.get_checkpoint() or inp.resume_from
-    state = _restore(engine, ckpt, world, rank0) if ckpt else None
+    with restore:
+        state = engine.load_checkpoint(restore_dir)[1] if restore_dir else None
     if state is not None:
         start_epoch, best, bad_epochs = state["epoch"] + 1, state["best"], state["bad_epochs"]
         global_step, resumes = state["global_step"], state.get("resumes", 0) + 1
         history = state.get("history", [])
         if rank0:
-            print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})", flush=True)
+            print(f"[bundlerec] resumed from epoch {state['epoch']} (step {global_step})"
+                  + (f", written by {saved_world} workers, now {world} (universal checkpoint)"
+                     if saved_world != world else ""), flush=True)
     if tc.cache_frozen:  # after the restore: the cache is computed from the weights training continues with
         with autocast():
             skipped = engine.module.cache_frozen_prefix(ids_t, mask_t)
         if rank0 and skipped:
             print(f"[bundlerec] frozen prefix cached: embeddings + {skipped} blocks computed once for "
                   f"{len(items)} items, skipped at every step", flush=True)
+    flops_per_token = train_flops_per_token(engine.module.encoder)  # after the cache: skipped blocks cost 0
     if tc.compile:
         from bundlerec.model.two_tower import transformer_blocks
 
@@ -133,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
         if tc.deterministic:  # negatives and dropout depend on (seed, rank, epoch) only,
             collate.rng = np.random.default_rng([tc.seed, rank, epoch])  # so a resume redoes them
             torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank, epoch]).generate_state(1)[0]))
-        t0, losses, n_seen = time.time(), [], 0
+        t0, losses, n_seen, n_tokens = time.time(), [], 0, 0
         if tc.materialize_train:  # read once, then a seeded full shuffle per epoch: no Ray Data work per step
             if train_rows is None:
                 train_rows = _read_all(train_shard)
@@ -166,6 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
             t_fwd, t_bwd, t_opt = t_fwd + t2 - t1, t_bwd + t3 - t2, t_opt + t4 - t3
             losses.append(float(loss.detach()))
             n_seen += mb
+            n_tokens += batch["tokens"].numel()  # padded tokens encoded (each distinct item once)
             global_step += 1
             if rank0 and (step + 1) % tc.log_every_steps == 0:
                 el = time.time() - t0
@@ -179,6 +194,10 @@ def train_loop_per_worker(config: dict) -> None:
                                 "step/data_wait_frac": data_wait / max(el, 1e-9)}, step=global_step)
             tw = time.time()
         epoch_s = time.time() - t0
+        tokens = torch.tensor([float(n_tokens)], dtype=torch.float64, device=device)
+        dist.all_reduce(tokens)  # all workers' tokens
+        peak = torch.tensor([_peak_mem_gb(use_gpu, device)], dtype=torch.float64, device=device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the most any worker held
 
         # ---- validation, split across the ranks: each encodes 1/world of the catalog (the same number of
         # forwards on every rank: ZeRO-3 gathers need all ranks) and scores 1/world of the users
@@ -210,6 +229,9 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch_seconds": epoch_s, "data_wait_frac": data_wait / max(epoch_s, 1e-9),
             "forward_frac": t_fwd / max(epoch_s, 1e-9), "backward_frac": t_bwd / max(epoch_s, 1e-9),
             "optimizer_frac": t_opt / max(epoch_s, 1e-9),
+            "tokens_per_s": float(tokens) / max(epoch_s, 1e-9), "train_flops_per_token": flops_per_token,
+            "model_tflops_per_s": flops_per_token * float(tokens) / max(epoch_s, 1e-9) / 1e12,
+            "peak_mem_gb": float(peak),
             "lr": float(scheduler.get_last_lr()[0]),
             **{f"val_{mlflow_name(k)}": v for k, v in val.items() if k != "n_examples"},
             "best_val_ndcg_at_10": best, "early_stop": int(stop), "resumes": resumes,
@@ -269,15 +291,12 @@ def _distributed_index(module, ids, mask, rank: int, world: int, progress=None):
     return torch.cat(parts)[:n]
 
 
-def _restore(engine, ckpt, world: int, rank0: bool):
-    """Load the newest *verified* checkpoint (the reported one, or an earlier one on the same storage
-    when it is damaged); returns its client state, or None to start over when none verifies."""
-    from bundlerec.train.checkpoints import newest_valid
+def _peak_mem_gb(use_gpu: bool, device) -> float:
+    """Peak memory of this worker: allocated on its GPU, else its process's resident set (CPU)."""
+    import torch
 
-    with newest_valid(ckpt, world) as d:
-        if d is None:
-            if rank0:
-                print(f"[bundlerec] no intact checkpoint beside {ckpt.path}; starting over", flush=True)
-            return None
-        _, state = engine.load_checkpoint(d)
-        return state
+    if use_gpu:
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux

@@ -132,8 +132,11 @@ def shape_dir(shape: str, root: str, tokenizer: str = "all-MiniLM-L6-v2") -> str
         raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")
     out = os.path.join(root, shape)
     kw = dict(SHAPES[shape])
-    tok = load_tokenizer(resolve_model_path(tokenizer))
-    tok.save_pretrained(out)
-    conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=len(load_tokenizer(out)), **kw)
+    conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=1, **kw)
+    conf.save_pretrained(out)
+    load_tokenizer(resolve_model_path(tokenizer)).save_pretrained(out)
+    # the architecture's tokenizer class reads that vocabulary (a decoder's may add its end-of-text
+    # token): the embedding table is sized to the tokenizer as this folder loads it
+    conf.vocab_size = len(load_tokenizer(out))
     conf.save_pretrained(out)
     return out

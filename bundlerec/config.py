@@ -167,14 +167,15 @@ class ModelConfig:
     """>0: train LoRA adapters of this rank (plus the user tower) instead of the encoder."""
     random_init: bool = False
     """Build the encoder from its config with random weights (benchmarks only)."""
-    pooling: str = "mean"
+    pooling: str = "auto"
     """Item embedding from the token states: mean (encoders), cls, or last (the last valid token:
-    decoder LLMs, whose last token has read the whole text)."""
+    decoder LLMs, whose last token has read the whole text); auto: a sentence-transformers folder's own
+    pooling (its 1_Pooling/config.json), else last for decoders and mean for encoders."""
     lora_targets: Optional[list] = None
     """Module names LoRA adapts (e.g. [q_proj, v_proj]); null = PEFT's default for the architecture."""
 
     def __post_init__(self) -> None:
-        _check(self.pooling in ("mean", "cls", "last"), "model.pooling must be mean, cls or last")
+        _check(self.pooling in ("auto", "mean", "cls", "last"), "model.pooling must be auto, mean, cls or last")
         _check(0 < self.temperature <= 1.0, "model.temperature must be in (0, 1]")
         _check(self.sampled_negatives >= 0, "model.sampled_negatives must be >= 0")
         _check(self.freeze_layers >= 0 and self.lora_rank >= 0, "model.freeze_layers/lora_rank >= 0")

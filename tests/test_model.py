@@ -1,5 +1,7 @@
 """The model contract (loss / score / topk), zero-shot equivalence at init, freezing and LoRA."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -309,3 +311,33 @@ def test_train_flops_count_what_a_step_computes(tmp_path_factory):
     for p in transformer_blocks(enc)[0].parameters():  # trainable at the bottom: gradients flow through the rest
         p.requires_grad_(True)
     assert train_flops_per_token(enc) == 6 * per_block[0] + 4 * sum(per_block[1:])
+
+
+def test_auto_pooling_follows_a_sentence_transformers_folder_else_the_architecture(tmp_path_factory):
+    """`model.pooling=auto`: the Pooling module of a sentence-transformers folder (modules.json ->
+    1_Pooling/config.json), else last token for decoders and mean for encoders; a pooling bundlerec does
+    not have is refused with the fix; an explicit choice wins."""
+    import shutil
+
+    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from tests.conftest import tiny_model_dir
+
+    assert resolve_pooling(resolve_model_path("all-MiniLM-L6-v2")) == "mean"  # the packaged ST folder
+    families = tmp_path_factory.getbasetemp() / "families"
+    assert resolve_pooling(tiny_model_dir("qwen2", families)) == "last"
+    assert resolve_pooling(tiny_model_dir("llama", families)) == "last"
+    assert resolve_pooling(tiny_model_dir("roberta", families)) == "mean"
+    st = tmp_path_factory.mktemp("st") / "bert-st"
+    shutil.copytree(tiny_model_dir("bert", families), st)
+    (st / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (st / "1_Pooling").mkdir()
+    for mode, want in (("pooling_mode_cls_token", "cls"), ("pooling_mode_lasttoken", "last"),
+                       ("pooling_mode_mean_tokens", "mean")):
+        (st / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, mode: True}))
+        assert resolve_pooling(str(st)) == want
+        assert resolve_pooling(str(st), "cls") == "cls"
+    (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ValueError, match="set model.pooling explicitly"):
+        resolve_pooling(str(st))

@@ -350,34 +350,66 @@ def test_a_full_disk_then_a_killed_driver_each_rerun_continues_the_run(tiny_trai
     assert json.loads(state_path.read_text())["finished"] is True
 
 
-def test_a_tiny_decoder_llm_trains_with_lora_under_zero3_and_serves(tiny_prep, tmp_path_factory):
-    """A decoder LLM (a tiny random-init Qwen2, its own tokenizer class, last-token pooling) through the
-    real path: prep tokenizes with it (items tokenized for another model are refused), Ray Train with
-    2 CPU workers, DeepSpeed ZeRO-3 with parameters and optimizer offloaded (the client AdamW kept),
-    gradient checkpointing and LoRA adapters -> checkpoint -> consolidated export with the adapters
-    merged -> the serving Recommender answers."""
+def test_a_tiny_decoder_llm_trains_with_lora_under_zero3_and_serves(tiny_prep, tmp_path_factory, mlflow_server,
+                                                                     ray_cluster):
+    """A decoder LLM (a tiny random-init Qwen2, its own tokenizer class, last-token pooling by
+    `model.pooling=auto`) through the whole path: prep tokenizes with it (items tokenized for another
+    model are refused), Ray Train with 2 CPU workers, DeepSpeed ZeRO-3 with parameters and optimizer
+    offloaded (the client AdamW kept), gradient checkpointing and LoRA adapters -> checkpoint -> a
+    worker SIGKILLed, the run resumes and finishes -> consolidated export with the adapters merged ->
+    registered -> the MLflow pyfunc predicts -> Ray Serve answers over HTTP."""
+    import urllib.request
+
+    import mlflow
+    import pandas as pd
+    from ray import serve
+
     from bundlerec.data.examples import PrepMismatch
     from bundlerec.data.prep import run_prep
-    from bundlerec.serving.recommender import Recommender
-    from tests.conftest import tiny_model_dir
+    from bundlerec.registry.promotion import register
+    from bundlerec.serving.deploy import deploy
+    from tests.conftest import free_port, tiny_model_dir
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("qwen2")
     model = tiny_model_dir("qwen2", tmp_path_factory.getbasetemp() / "families")
     over = [f"train.storage_path={root}/ray", f"results_path={root}/results.json", f"model.name_or_path={model}",
-            "model.pooling=last", "model.lora_rank=4", "train.zero_stage=3", "train.epochs=1",
-            "train.max_steps_per_epoch=6", "train.offload=all", "train.gradient_checkpointing=true"]
+            "model.lora_rank=4", "train.zero_stage=3", "train.epochs=2", "train.max_steps_per_epoch=6",
+            "train.offload=all", "train.gradient_checkpointing=true"]
     with pytest.raises(PrepMismatch, match="Qwen2Tokenizer"):  # tiny_prep's items are BERT-tokenized
         fit(tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", *over), prep_cfg.data.output_dir)
     cfg = tiny_config(f"data.output_dir={root}/prep", *over)
     run_prep(cfg)
-    out = fit(cfg, cfg.data.output_dir)
+    out = _fit_with_a_fault(cfg, None, root, after_checkpoints=1)
     m = out["last_metrics"]
-    assert m["epoch"] == 1 and 0 <= m["val_ndcg_at_10"] <= 1 and m["train_loss"] > 0
+    assert m["epoch"] == 2 and m["resumes"] >= 1 and 0 <= m["val_ndcg_at_10"] <= 1 and m["train_loss"] > 0
     meta = json.load(open(f"{out['export_dir']}/bundlerec.json"))
     assert meta["pooling"] == "last" and json.load(open(f"{out['export_dir']}/encoder/config.json"))["model_type"] == "qwen2"
     assert not any("lora" in k for k in json.load(open(f"{out['export_dir']}/MANIFEST.json"))["files"])
-    rec = Recommender.from_export(out["export_dir"])
-    user = next(u for u in rec.latest if rec.history_for_user(u).items)
-    got = rec.recommend(user_id=user, k=5)
-    assert len(got["items"]) == 5 and not got["cold_start"]
+
+    name = "bundlerec-decoder"
+    v = register(out["export_dir"], cfg.data.output_dir, mlflow_server, "decoder-test", model_name=name,
+                 history_len=cfg.data.history_len)
+    assert v["alias"] == "champion"
+    mlflow.set_tracking_uri(mlflow_server)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    items = pyfunc.unwrap_python_model().rec.item_ids
+    events = pd.DataFrame({"user_id": ["s", "s"], "item_id": [items[0], items[1]], "event_type": ["view", "cart"],
+                           "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:01:00Z"]})
+    assert len(pyfunc.predict(events, params={"k": 4})) == 4
+    port = free_port()
+    serve_cfg = tiny_config(f"data.output_dir={root}/prep", f"serve.model_name={name}",
+                            f"serve.url=http://127.0.0.1:{port}", f"serve.dashboard_url={ray_cluster}",
+                            f"mlflow.tracking_uri={mlflow_server}", "serve.poll_s=0",
+                            f"serve.model_cache_dir={root / 'models'}")
+    try:
+        dep = deploy(serve_cfg, version=v["version"], timeout_s=240)
+        assert dep["model"]["version"] == v["version"]
+        body = {"events": [{"item_id": items[0], "event_type": "view", "event_time": "2026-01-01T10:00:00Z"}], "k": 5}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/recommendations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            got = json.loads(r.read())
+        assert len(got["items"]) == 5 and got["model"]["version"] == v["version"] and not got["cold_start"]
+    finally:
+        serve.shutdown()

@@ -104,7 +104,7 @@ def write_engine_assets(export_dir: str, items: pd.DataFrame, pretrained_name: s
     ``cache_dir``: reuse a pretrained index computed for the same model and tokens (dev folds)."""
     import hashlib
 
-    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
     key = hashlib.sha1(pretrained_name.encode() + np.ascontiguousarray(ids).tobytes() +
@@ -113,7 +113,8 @@ def write_engine_assets(export_dir: str, items: pd.DataFrame, pretrained_name: s
     if cached and os.path.exists(cached):
         index = np.load(cached)
     else:
-        zs = TwoTower(build_encoder(resolve_model_path(pretrained_name)), temperature).eval()
+        path = resolve_model_path(pretrained_name)
+        zs = TwoTower(build_encoder(path), temperature, resolve_pooling(path)).eval()
         index = zs.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="bundle engine: encode catalog (pretrained)").numpy()
         if cached:
             os.makedirs(cache_dir, exist_ok=True)
@@ -278,7 +279,7 @@ class BundleEngine:
     def _encoder(self, channel: str):
         """(tokenizer, model with encode_items) of the tuned or pretrained encoder, loaded once."""
         if channel not in self._text:
-            from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
+            from bundlerec.model.pretrained import load_tokenizer, resolve_model_path, resolve_pooling
 
             if channel == "tuned":
                 tok, model = load_tokenizer(os.path.join(self.export_dir, "encoder")), self.model
@@ -286,7 +287,7 @@ class BundleEngine:
                 from bundlerec.model.two_tower import TwoTower, build_encoder
 
                 path = resolve_model_path(self.pretrained_name)
-                tok, model = load_tokenizer(path), TwoTower(build_encoder(path)).eval()
+                tok, model = load_tokenizer(path), TwoTower(build_encoder(path), pooling=resolve_pooling(path)).eval()
             self._text[channel] = (tok, model)
         return self._text[channel]
 

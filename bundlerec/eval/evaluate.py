@@ -43,11 +43,12 @@ def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: li
     return acc.result(intervals=True)
 
 
-def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "mean"):
-    from bundlerec.model.pretrained import resolve_model_path
+def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "auto"):
+    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
-    model = TwoTower(build_encoder(resolve_model_path(model_name)), temperature, pooling).eval()
+    path = resolve_model_path(model_name)
+    model = TwoTower(build_encoder(path), temperature, resolve_pooling(path, pooling)).eval()
     ids, mask = padded_tokens(items)
     model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
     return model

@@ -85,12 +85,13 @@ def consolidated_state_dict(ckpt_dir: str) -> dict:
 
 def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
     """DeepSpeed checkpoint -> consolidated model -> serving export (see :func:`write_export`)."""
-    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import build_encoder
 
     mc = cfg.model
-    model = TwoTower(build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, 0, mc.lora_rank,
-                                   mc.lora_targets), mc.temperature, mc.pooling)
+    path = resolve_model_path(mc.name_or_path)
+    model = TwoTower(build_encoder(path, mc.random_init, 0, mc.lora_rank, mc.lora_targets), mc.temperature,
+                     resolve_pooling(path, mc.pooling))
     missing, unexpected = model.load_state_dict(consolidated_state_dict(ckpt_dir), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")

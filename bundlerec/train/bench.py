@@ -33,10 +33,12 @@ def _device(use_gpu: bool) -> str:
     return f"CPU {cpu_name()} ({os.cpu_count()} logical CPUs)"
 
 
-def measure_device(use_gpu: bool, cpus: float, dtype: str) -> dict:
-    """Matmul rate and device name, measured in a Ray task placed like one training worker."""
+def measure_device(use_gpu: bool, cpus: float, precision: str) -> dict:
+    """In a Ray task placed like one training worker: the precision ``train.precision`` resolves to
+    there, the dense matmul rate in it, and the device's name."""
     import ray
 
+    from bundlerec.train.ds_config import resolve_precision
     from bundlerec.train.flops import matmul_tflops
 
     @ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)
@@ -44,7 +46,8 @@ def measure_device(use_gpu: bool, cpus: float, dtype: str) -> dict:
         import torch
 
         torch.set_num_threads(max(1, int(cpus)))
-        return {"matmul_tflops": matmul_tflops(use_gpu, dtype), "device": _device(use_gpu)}
+        dtype = resolve_precision(precision, use_gpu)
+        return {"precision": dtype, "matmul_tflops": matmul_tflops(use_gpu, dtype), "device": _device(use_gpu)}
 
     return ray.get(probe.remote())
 
@@ -70,9 +73,8 @@ def run_bench(cfg: PipelineConfig, steps: int, out_path: Optional[str] = None,
     tc = bcfg.train
     print(f"[bundlerec] bench: preparing synthetic data in {workdir}", flush=True)
     run_prep(bcfg)
-    amp = "bf16" if tc.precision in ("auto", "bf16") else tc.precision
-    dev = measure_device(tc.use_gpu, tc.cpus_per_worker, amp)
-    print(f"[bundlerec] bench: {dev['device']}: {dev['matmul_tflops']:.2f} TFLOP/s ({amp} matmul); training "
+    dev = measure_device(tc.use_gpu, tc.cpus_per_worker, tc.precision)
+    print(f"[bundlerec] bench: {dev['device']}: {dev['matmul_tflops']:.2f} TFLOP/s ({dev['precision']} matmul); training "
           f"2 x {steps} steps", flush=True)
     out = fit(bcfg, bcfg.data.output_dir)
     m = out["last_metrics"]
@@ -81,14 +83,15 @@ def run_bench(cfg: PipelineConfig, steps: int, out_path: Optional[str] = None,
         "device": dev["device"], "model": shape or cfg.model.name_or_path, "random_init": cfg.model.random_init,
         "zero_stage": tc.zero_stage,
         "num_workers": tc.num_workers, "micro_batch": tc.micro_batch, "grad_accum": tc.grad_accum,
-        "precision": tc.precision, "offload": tc.offload, "lora_rank": cfg.model.lora_rank,
+        "precision": dev["precision"], "offload": tc.offload, "lora_rank": cfg.model.lora_rank,
         "freeze_layers": cfg.model.freeze_layers, "cache_frozen": tc.cache_frozen,
-        "gradient_checkpointing": tc.gradient_checkpointing, "attention": tc.attention,
+        "gradient_checkpointing": tc.gradient_checkpointing,
+        "attention": tc.attention if tc.attention != "auto" else ("sdpa" if tc.use_gpu else "eager"),
         "item_max_tokens": cfg.data.item_max_tokens, "steps": steps,
         "samples_per_s": m["samples_per_s"], "samples_per_s_per_worker": m["samples_per_s_per_worker"],
         "tokens_per_s": m["tokens_per_s"], "model_tflops_per_s": m["model_tflops_per_s"],
         "train_flops_per_token": m["train_flops_per_token"],
-        "matmul_tflops_per_worker": dev["matmul_tflops"], "matmul_dtype": amp,
+        "matmul_tflops_per_worker": dev["matmul_tflops"], "matmul_dtype": dev["precision"],
         "mfu": m["model_tflops_per_s"] / peak if peak > 0 else None,
         "data_wait_frac": m["data_wait_frac"], "forward_frac": m["forward_frac"],
         "backward_frac": m["backward_frac"], "optimizer_frac": m["optimizer_frac"],

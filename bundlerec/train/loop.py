@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     from bundlerec.data.catalog import load_items, padded_tokens
     from bundlerec.eval.metrics import MetricAccumulator
     from bundlerec.model.collate import Collator, history_tensors
-    from bundlerec.model.pretrained import resolve_model_path
+    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
     from bundlerec.runtime import is_rank_zero
     from bundlerec.tracking import RunLogger, mlflow_name
@@ -75,9 +75,10 @@ def train_loop_per_worker(config: dict) -> None:
     amp = autocast_dtype(precision, use_gpu)
     autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else nullcontext
     attention = tc.attention if tc.attention != "auto" else ("sdpa" if use_gpu else "eager")
-    encoder = build_encoder(resolve_model_path(mc.name_or_path), mc.random_init, mc.freeze_layers, mc.lora_rank,
-                            mc.lora_targets, attention, tc.gradient_checkpointing)
-    model = TwoTower(encoder, mc.temperature, mc.pooling)
+    model_path = resolve_model_path(mc.name_or_path)
+    encoder = build_encoder(model_path, mc.random_init, mc.freeze_layers, mc.lora_rank, mc.lora_targets, attention,
+                            tc.gradient_checkpointing)
+    model = TwoTower(encoder, mc.temperature, resolve_pooling(model_path, mc.pooling))
     steps_per_epoch = inp.steps_per_epoch
     total_opt_steps = max(1, steps_per_epoch * tc.epochs // tc.grad_accum)
     fused = use_gpu and tc.offload == "none"  # one kernel per parameter group on the GPU

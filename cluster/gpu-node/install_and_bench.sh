@@ -45,7 +45,7 @@ run() {  # name, then jobs.bench_train arguments
     echo "== $name"
     if ! $PY -m jobs.bench_train --steps "$STEPS" --tokenizer "$TOKENIZER" --out "$OUT/$name.json" "$@" \
             > "$OUT/$name.log" 2>&1; then
-        echo "$name" >> "$OUT/failures.txt"; tail -5 "$OUT/$name.log"
+        echo "$name" >> "$OUT/failures.txt"; grep -E "Error|error:" "$OUT/$name.log" | tail -n 3 | cut -c1-300
     fi
 }
 if [ "$DEVICE" = cpu ]; then

@@ -50,8 +50,11 @@ DS_BUILD_OPS=0 $PIP wheel -q --no-deps -w "$OUT/wheels" "deepspeed==$DS_VERSION"
 echo "== MiniLM tokenizer (vocabulary for the random-init shapes; no weights)"
 .venv/bin/python - "$OUT/tokenizer" <<'PY'
 import sys
+from transformers import AutoConfig
 from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
-load_tokenizer(resolve_model_path("all-MiniLM-L6-v2")).save_pretrained(sys.argv[1])
+src = resolve_model_path("all-MiniLM-L6-v2")
+load_tokenizer(src).save_pretrained(sys.argv[1])
+AutoConfig.from_pretrained(src).save_pretrained(sys.argv[1])  # a model folder's shape; the weights stay here
 PY
 cp cluster/gpu-node/install_and_bench.sh "$OUT/"
 size=$(du -sb "$OUT" | cut -f1)

@@ -210,6 +210,11 @@ class TrainConfig:
     """torch.compile the encoder's blocks (GPU: fuses the small kernels; compile time counts)."""
     cpus_per_worker: float = 1.0
     """Logical CPUs reserved per worker."""
+    batch_inference_min_items: int = 50_000
+    """Catalogs of at least this many items are encoded for the export's item index by Ray Data batch
+    inference (bundlerec.model.batch_encode: actors, a GPU each with use_gpu) instead of in the driver."""
+    batch_inference_actors: int = 2
+    """Encoder actors of that batch inference (each takes cpus_per_worker CPUs, and a GPU with use_gpu)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage 0..3."""
     micro_batch: int = 32
@@ -247,14 +252,20 @@ class TrainConfig:
     round-robin instead of to whichever worker asks first; negatives reseeded per epoch): a resumed
     run then redoes exactly the lost steps. False: ingest ignores order (slightly faster on big data)."""
     materialize_train: bool = False
-    """Read the train split into Ray's object store once instead of streaming it again every epoch:
-    for data that fits in the object store (the demo and tests); big data streams."""
+    """Hold each worker's train shard in memory after the first read (collated on the training thread)
+    instead of streaming it every epoch: for data that fits (the demo and tests). Streamed, Ray Data's
+    iter_torch_batches collates in prefetch threads and pins and moves the batches to the device."""
+    prefetch_batches: int = 2
+    """Streamed ingest: batches Ray Data collates ahead of the training step."""
     deepspeed: dict = field(default_factory=dict)
     """Extra DeepSpeed engine knobs (e.g. {zero_optimization: {offload_optimizer: {device: cpu}}});
     batch-size keys are derived from the fields above and may not be set here."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "train.num_workers must be >= 1")
+        _check(self.prefetch_batches >= 0, "train.prefetch_batches must be >= 0")
+        _check(self.batch_inference_min_items >= 1 and self.batch_inference_actors >= 1,
+               "train.batch_inference_min_items and train.batch_inference_actors must be >= 1")
         _check(self.zero_stage in (0, 1, 2, 3), "train.zero_stage must be 0, 1, 2 or 3")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision must be auto, fp32, bf16 or fp16")
         _check(self.precision != "fp16" or self.use_gpu,
@@ -615,9 +626,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def config_hash(cfg: Any) -> str:
+    """12 hex digits of the config (a dataclass, or its dict) as sorted JSON."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    d = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

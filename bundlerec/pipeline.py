@@ -6,13 +6,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import time
 
-from bundlerec.config import PipelineConfig, flatten, to_dict
+from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
 from bundlerec import integrity
 from bundlerec.runtime import versions
 from bundlerec.storage import absolute, exists, is_uri, join, parent, read_text, write_text
@@ -122,7 +121,7 @@ def _resume_hash(cfg: PipelineConfig) -> str:
     d = to_dict(cfg)
     for k in ("resume", "num_workers", "cpus_per_worker"):
         d["train"].pop(k)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return config_hash(d)
 
 
 def run_train_stage(cfg: PipelineConfig) -> dict:

@@ -138,3 +138,16 @@ def test_one_definition_of_bundle_defaults():
     c, req = BundleConstraints(), BundleRequest(user_id="u")
     assert (req.n, req.max_size, req.allow_repeats) == (c.n, c.max_size, c.allow_repeats)
     assert (PARAMS["n"], PARAMS["max_size"]) == (c.n, c.max_size)
+
+
+def test_a_resumed_run_may_change_where_it_runs_but_nothing_else():
+    """train.resume compares config hashes: the worker count and CPUs per worker may change (the
+    checkpoint is restored as DeepSpeed's universal checkpoint), the resume switch too; the rest may not."""
+    from bundlerec.pipeline import _resume_hash
+
+    base = load_config(str(ROOT / "jobs/configs/demo.yaml"), [])
+    same = load_config(str(ROOT / "jobs/configs/demo.yaml"),
+                       ["train.num_workers=1", "train.cpus_per_worker=2", "train.resume=true"])
+    assert _resume_hash(base) == _resume_hash(same)
+    for other in ("train.lr=1e-3", "train.zero_stage=3", "model.lora_rank=8"):
+        assert _resume_hash(load_config(str(ROOT / "jobs/configs/demo.yaml"), [other])) != _resume_hash(base), other

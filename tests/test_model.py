@@ -341,3 +341,28 @@ def test_auto_pooling_follows_a_sentence_transformers_folder_else_the_architectu
     (st / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
     with pytest.raises(ValueError, match="set model.pooling explicitly"):
         resolve_pooling(str(st))
+
+
+def test_collation_in_ray_datas_threads_draws_the_same_negatives_whichever_thread_collates():
+    """The streamed ingest collates in Ray Data's prefetch threads: each batch's sampled negatives
+    depend on the seed and the batch, not on call order, so a deterministic data order gives the same
+    batches run after run; another epoch's seed draws others."""
+    from bundlerec.model.collate import Collator
+
+    ids, mask = np.arange(50 * 4).reshape(50, 4) % 97 + 5, np.ones((50, 4), dtype=np.int64)
+    c = Collator(ids, mask, np.arange(50, dtype=np.float64), 3, sampled_negatives=6)
+
+    def batch(targets):
+        b = {"hist_items": np.empty(2, dtype=object), "hist_types": np.empty(2, dtype=object),
+             "hist_age_hours": np.empty(2, dtype=object), "targets": np.empty(2, dtype=object)}
+        for i, t in enumerate(targets):
+            b["hist_items"][i], b["hist_types"][i], b["hist_age_hours"][i] = [1, 2], [0, 2], [3.0, 1.0]
+            b["targets"][i] = [t]
+        return b
+
+    a, b = batch([7, 9]), batch([11, 13])
+    first = c.in_threads(0, 0, 1)
+    fa, fb = first(a)["cand_item"], first(b)["cand_item"]
+    again = c.in_threads(0, 0, 1)
+    assert torch.equal(again(b)["cand_item"], fb) and torch.equal(again(a)["cand_item"], fa)  # order-free
+    assert not torch.equal(c.in_threads(0, 0, 2)(a)["cand_item"], fa)  # another epoch, other negatives

@@ -211,6 +211,29 @@ def test_a_run_resumes_with_fewer_workers_from_a_universal_checkpoint(tiny_train
     assert len(rec.recommend(user_id=user, k=5)["items"]) == 5
 
 
+def test_a_large_catalog_is_indexed_by_ray_data_batch_inference_as_the_driver_would(tiny_trained, tmp_path):
+    """With the catalog at train.batch_inference_min_items, the export's item index comes from Ray Data
+    actors running the encoder the export saved (bundlerec.model.batch_encode): the same index, row for
+    row, as the driver's own encoding in the export it replaces; likewise the zero-shot baseline's."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from bundlerec.data.catalog import load_items
+    from bundlerec.eval.evaluate import zeroshot_model
+    from bundlerec.model.export import export
+
+    cfg, out, _ = tiny_trained
+    big = replace(cfg, train=replace(cfg.train, batch_inference_min_items=1, batch_inference_actors=2))
+    export(big, out["checkpoint"], cfg.data.output_dir, str(tmp_path / "export"))
+    ref, got = np.load(f"{out['export_dir']}/item_index.npy"), np.load(tmp_path / "export" / "item_index.npy")
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 1e-5
+    items = load_items(cfg.data.output_dir)
+    driver = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling)._index
+    actors = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling, big.train)._index
+    assert actors.shape == driver.shape and (actors - driver).abs().max() < 1e-5
+
+
 def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
     """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
     store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,

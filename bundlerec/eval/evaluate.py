@@ -43,14 +43,24 @@ def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: li
     return acc.result(intervals=True)
 
 
-def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "auto"):
+def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "auto",
+                   train=None):
+    """The pretrained encoder as a scorer (the zero-shot baseline). ``train`` (a TrainConfig): a catalog
+    of at least ``train.batch_inference_min_items`` items is encoded by Ray Data batch inference."""
     from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
     path = resolve_model_path(model_name)
     model = TwoTower(build_encoder(path), temperature, resolve_pooling(path, pooling)).eval()
     ids, mask = padded_tokens(items)
-    model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
+    if train is not None and len(items) >= train.batch_inference_min_items:
+        from bundlerec.model.batch_encode import encode_catalog
+
+        model.set_index(torch.as_tensor(encode_catalog(path, model.pooling, ids, mask, use_gpu=train.use_gpu,
+                                                       actors=train.batch_inference_actors,
+                                                       cpus_per_actor=train.cpus_per_worker)))
+    else:
+        model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
     return model
 
 
@@ -84,7 +94,7 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         elif name == "recent":
             scorer = Recent(n)
         else:
-            scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling)
+            scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling, cfg.train)
         out[name] = evaluate_scorer(scorer, examples, **kw, name=name)
         log.info("eval: %s %.1fs", name, time.time() - t)
     return out

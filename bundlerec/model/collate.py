@@ -6,7 +6,8 @@ the distinct items (history + targets + sampled negatives), so each item is enco
 
 from __future__ import annotations
 
-from typing import Optional
+import zlib
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -47,13 +48,24 @@ class Collator:
         self.rng = np.random.default_rng(seed)
         self.device = device or torch.device("cpu")
 
-    def __call__(self, batch: dict) -> dict:
-        """``batch``: numpy columns of train examples (one target each)."""
-        dev = self.device
+    def in_threads(self, *seed: int) -> Callable[[dict], dict]:
+        """This collation as a function Ray Data's prefetch threads may call (``iter_torch_batches``):
+        each batch draws its sampled negatives from a generator seeded by ``seed`` and the batch's own
+        targets, so the draws do not depend on which thread collates which batch (a deterministic data
+        order then gives deterministic batches)."""
+        def collate(batch: dict) -> dict:
+            targets = np.array([t[0] for t in batch["targets"]], dtype=np.int64)
+            return self(batch, np.random.default_rng([*seed, zlib.crc32(targets.tobytes())]))
+        return collate
+
+    def __call__(self, batch: dict, rng: Optional[np.random.Generator] = None) -> dict:
+        """``batch``: numpy columns of train examples (one target each); ``rng``: the generator of the
+        sampled negatives (default: this collator's own, drawn in call order)."""
+        dev, rng = self.device, rng or self.rng
         items, types, age, valid = pad_history(batch["hist_items"], batch["hist_types"],
                                                batch["hist_age_hours"], self.history_len)
         target = np.array([t[0] for t in batch["targets"]], dtype=np.int64)  # (B,)
-        sampled = (self.rng.choice(len(self.q), size=self.n_sampled, p=self.q).astype(np.int64)
+        sampled = (rng.choice(len(self.q), size=self.n_sampled, p=self.q).astype(np.int64)
                    if self.n_sampled else np.zeros(0, dtype=np.int64))
         cand = np.concatenate([target, sampled])  # (C,)
         uniq, inv = np.unique(np.concatenate([items[valid], cand]), return_inverse=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from bundlerec.config import PipelineConfig
 
@@ -108,6 +109,8 @@ def train_loop_per_worker(config: dict) -> None:
     ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
     collate = Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
                        mc.logq_correction, seed=tc.seed + rank, device=device)
+    stream_collate = Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
+                              mc.logq_correction)  # CPU tensors: Ray Data moves them (pinned on GPUs)
 
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
@@ -155,18 +158,19 @@ def train_loop_per_worker(config: dict) -> None:
             order = np.random.default_rng([tc.seed, rank, epoch, 1]).permutation(len(train_rows["targets"]))
             batches = ({c: a[order[i:i + mb]] for c, a in train_rows.items()}
                        for i in range(0, len(order) - mb + 1, mb))
-        else:
-            batches = train_shard.iter_batches(batch_size=mb, batch_format="numpy", drop_last=True,
-                                               local_shuffle_buffer_size=max(4 * mb, 1024),
-                                               local_shuffle_seed=tc.seed + epoch)
+        else:  # streamed: Ray Data collates in its prefetch threads, pins and moves batches to the device
+            batches = train_shard.iter_torch_batches(
+                batch_size=mb, collate_fn=_RayCollate(stream_collate.in_threads(tc.seed, rank, epoch)), device=device,
+                pin_memory=use_gpu, prefetch_batches=tc.prefetch_batches, drop_last=True,
+                local_shuffle_buffer_size=max(4 * mb, 1024), local_shuffle_seed=tc.seed + epoch)
         data_wait = t_fwd = t_bwd = t_opt = 0.0
         sync = torch.cuda.synchronize if use_gpu else (lambda: None)  # phase times need the device idle
         tw = time.time()
         for step, raw in enumerate(batches):
             if step >= steps_per_epoch:  # identical step count on every rank (ZeRO collectives)
                 break
-            batch = collate(raw)
-            t1 = time.time()
+            batch = collate(raw) if tc.materialize_train else raw
+            t1 = time.time()  # data wait: the in-memory path collates here, the streamed one only waits
             data_wait += t1 - tw
             with autocast():
                 loss = engine(batch)
@@ -301,3 +305,13 @@ def _peak_mem_gb(use_gpu: bool, device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+class _RayCollate(NumpyBatchCollateFn):
+    """A collate function as Ray Data's iter_torch_batches takes one (numpy batches in, tensors out)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, batch: dict) -> dict:
+        return self.fn(batch)

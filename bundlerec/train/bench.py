@@ -1,12 +1,13 @@
 """Training throughput, measured: the loop of ``jobs.train`` (Ray Train + DeepSpeed, the same
 ``fit``) on synthetic data, reported as one JSON record per configuration.
 
-Every item text of the synthetic catalog is cut to ``data.item_max_tokens`` tokens, so the token
-inputs have one fixed shape (no padding varies between steps). The record holds samples/s, tokens/s
+The synthetic catalog's item texts are longer than ``data.item_max_tokens``, so prep cuts nearly all
+of them to that length (the tiny config's: 119 of 120 items at 24 tokens, one at 23): the token
+inputs keep one shape from step to step. The record holds samples/s, tokens/s
 (padded tokens encoded per second, all workers), MFU (model FLOPs per second over the dense matmul
 rate measured on one worker's device by :func:`bundlerec.train.flops.matmul_tflops`), the step-time
-breakdown (data wait, forward, backward, optimizer) and peak memory, of the last epoch (the first of
-two is warm-up: kernels chosen, data read once and materialized).
+breakdown (data wait, forward, backward, optimizer) and peak memory, of the second of two epochs (the
+first is warm-up: kernels chosen, and with ``train.materialize_train`` the shard read into memory).
 """
 
 from __future__ import annotations

@@ -47,20 +47,14 @@ def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, poo
                    train=None):
     """The pretrained encoder as a scorer (the zero-shot baseline). ``train`` (a TrainConfig): a catalog
     of at least ``train.batch_inference_min_items`` items is encoded by Ray Data batch inference."""
+    from bundlerec.model.batch_encode import index_catalog
     from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
     path = resolve_model_path(model_name)
     model = TwoTower(build_encoder(path), temperature, resolve_pooling(path, pooling)).eval()
     ids, mask = padded_tokens(items)
-    if train is not None and len(items) >= train.batch_inference_min_items:
-        from bundlerec.model.batch_encode import encode_catalog
-
-        model.set_index(torch.as_tensor(encode_catalog(path, model.pooling, ids, mask, use_gpu=train.use_gpu,
-                                                       actors=train.batch_inference_actors,
-                                                       cpus_per_actor=train.cpus_per_worker)))
-    else:
-        model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="encode catalog (zeroshot)")
+    index_catalog(model, path, ids, mask, train, progress="encode catalog (zeroshot)")
     return model
 
 

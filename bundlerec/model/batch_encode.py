@@ -69,3 +69,18 @@ def encode_catalog(model_dir: str, pooling: str, ids: np.ndarray, mask: np.ndarr
     index[row] = emb
     log.info("encoded %d items with %d Ray Data actor(s)%s", n, actors, " on GPUs" if use_gpu else "")
     return index
+
+
+def index_catalog(model, model_dir: str, ids: np.ndarray, mask: np.ndarray, train=None,
+                  progress: str = "encode catalog") -> np.ndarray:
+    """``model``'s (N, d) item index, set on it and returned: by Ray Data batch inference (actors
+    running the item tower of ``model_dir``) when the catalog has at least
+    ``train.batch_inference_min_items`` items (``train``: a TrainConfig), else in this process."""
+    import torch
+
+    if train is not None and len(ids) >= train.batch_inference_min_items:
+        index = encode_catalog(model_dir, model.pooling, ids, mask, use_gpu=train.use_gpu,
+                               actors=train.batch_inference_actors, cpus_per_actor=train.cpus_per_worker)
+        model.set_index(torch.as_tensor(index))
+        return index
+    return model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress=progress).numpy()

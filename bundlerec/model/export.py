@@ -124,14 +124,10 @@ def _write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) ->
                  "item_max_tokens": cfg.data.item_max_tokens, "user_ids": SCHEME})
     items = load_items(prep_dir)
     ids, mask = padded_tokens(items)
-    tc = cfg.train
-    if len(items) >= tc.batch_inference_min_items:  # Ray Data actors run the encoder just saved
-        from bundlerec.model.batch_encode import encode_catalog
+    from bundlerec.model.batch_encode import index_catalog
 
-        index = encode_catalog(os.path.join(export_dir, "encoder"), model.pooling, ids, mask, use_gpu=tc.use_gpu,
-                               actors=tc.batch_inference_actors, cpus_per_actor=tc.cpus_per_worker)
-    else:
-        index = model.index_items(torch.as_tensor(ids), torch.as_tensor(mask), progress="export: encode catalog").numpy()
+    # a large catalog: Ray Data actors run the encoder just saved (what serving loads)
+    index = index_catalog(model, os.path.join(export_dir, "encoder"), ids, mask, cfg.train, "export: encode catalog")
     np.save(os.path.join(export_dir, "item_index.npy"), index.astype(np.float32))
     items.drop(columns=["input_ids", "attention_mask"]).to_parquet(os.path.join(export_dir, "items.parquet"))
     train = load_split(prep_dir, "train")

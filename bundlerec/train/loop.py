@@ -108,9 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
     ids, mask = padded_tokens(items)
     ids_t, mask_t = torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device)
     collate = Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
-                       mc.logq_correction, seed=tc.seed + rank, device=device)
-    stream_collate = Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
-                              mc.logq_correction)  # CPU tensors: Ray Data moves them (pinned on GPUs)
+                       mc.logq_correction, seed=tc.seed + rank,  # streamed: CPU tensors Ray Data moves (pinned)
+                       device=device if tc.materialize_train else torch.device("cpu"))
 
     # ---- resume
     start_epoch, best, bad_epochs, global_step, resumes, history = 0, -1.0, 0, 0, 0, []
@@ -160,7 +159,7 @@ def train_loop_per_worker(config: dict) -> None:
                        for i in range(0, len(order) - mb + 1, mb))
         else:  # streamed: Ray Data collates in its prefetch threads, pins and moves batches to the device
             batches = train_shard.iter_torch_batches(
-                batch_size=mb, collate_fn=_RayCollate(stream_collate.in_threads(tc.seed, rank, epoch)), device=device,
+                batch_size=mb, collate_fn=_RayCollate(collate.in_threads(tc.seed, rank, epoch)), device=device,
                 pin_memory=use_gpu, prefetch_batches=tc.prefetch_batches, drop_last=True,
                 local_shuffle_buffer_size=max(4 * mb, 1024), local_shuffle_seed=tc.seed + epoch)
         data_wait = t_fwd = t_bwd = t_opt = 0.0

@@ -23,9 +23,14 @@ DEMO_CONFIG ?= jobs/configs/demo.yaml
 DEMO_ROOT ?= $(CURDIR)
 DEMO_ARGS ?=
 
-.PHONY: setup demo services stop test test-fast lock clean wheelhouse
+.PHONY: setup system-packages demo services stop test test-fast lock clean wheelhouse
 
-setup: $(VENV)/.installed
+setup: system-packages $(VENV)/.installed
+
+# Debian's chromium and postgresql for the browser and backend tests: installed where this user may,
+# otherwise one line says what to run (the tests that need them skip, and fail under CI=true).
+system-packages:
+	@cluster/system-packages.sh
 
 # uv + lock file + bytecode (Ray workers import ~2x faster with .pyc); torch is the pinned CPU wheel.
 $(VENV)/.installed: requirements.lock pyproject.toml

@@ -2,10 +2,10 @@
 bundle-completion objective), choose every parameter on validation users carved from it, and score
 the served engine on another directory, per domain, against popular, itemknn, lexical and zeroshot.
 
-    python -m jobs.eval_bundles --train-dir ../shared/data/bundlerec_intent --eval-dir /path/to/heldout \
+    python -m jobs.eval_bundles --train-dir datasets/bundlerec_intent --eval-dir /path/to/heldout \
         --out runs/eval_bundles/results.json
     # dev folds: split --src by user (jobs.split_intent's rule) for each fold, evaluate each, mean +- SD
-    python -m jobs.eval_bundles --src ../shared/data/bundlerec_intent --folds 1 2 3 4 --out runs/eval_bundles/folds.json
+    python -m jobs.eval_bundles --src datasets/bundlerec_intent --folds 1 2 3 4 --out runs/eval_bundles/folds.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bundle-pricing evaluation on real Steam bundles: out-of-sample (k-fold) discount MAE and final-price
 MAPE of bundlerec's revenue-optimal prices against the median and median-by-size baselines.
 
-    python -m jobs.eval_pricing --data-dir ../shared/data/steam_bundles --out runs/eval_pricing.json
+    python -m jobs.eval_pricing --data-dir datasets/steam_bundles --out runs/eval_pricing.json
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Split a bundlerec_intent directory by user into train/ and eval/ (for local evaluation when the
 official hold-out is not available):
 
-    python -m jobs.split_intent --src ../shared/data/bundlerec_intent --out runs/intent_split --fold 1
+    python -m jobs.split_intent --src datasets/bundlerec_intent --out runs/intent_split --fold 1
     python -m jobs.eval_bundles --train-dir runs/intent_split/train --eval-dir runs/intent_split/eval --out ...
 """
 

@@ -33,7 +33,9 @@ class Chromium:
     def __enter__(self) -> "Chromium":
         from websockets.sync.client import connect
 
-        assert CHROMIUM, "chromium is not installed (Debian: apt-get install chromium)"
+        from tests.conftest import require_system_package
+
+        require_system_package(bool(CHROMIUM), "chromium")
         profile = self.workdir / "chromium-profile"
         (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a previous browser's port is not ours
         log = open(self.workdir / "chromium.log", "w")

@@ -183,16 +183,34 @@ def tiny_model_dir(family: str, root) -> str:
     return str(out)
 
 
-SHARED_DATA = ROOT.parent / "shared" / "data"  # the project's real datasets, beside the checkout
-STEAM = SHARED_DATA / "steam_bundles"
+def require_system_package(present: bool, package: str) -> None:
+    """Skip a test whose Debian package (chromium, postgresql) is missing, naming the command that
+    installs it; under CI (``CI`` set, as `.ci/run` sets it) a missing package fails the test instead."""
+    if present:
+        return
+    msg = f"Debian's {package} is not installed: `make setup` installs it (or: sudo apt-get install {package})"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def dataset(name: str) -> Path:
+    """A real dataset: the project's ``../shared/data/<name>`` when it is beside the checkout, else the
+    copy shipped in ``datasets/<name>`` (datasets/README.md), so a bare clone runs the same tests."""
+    shared = ROOT.parent / "shared" / "data" / name
+    return shared if shared.is_dir() else ROOT / "datasets" / name
+
+
+STEAM = dataset("steam_bundles")
+INTENT = dataset("bundlerec_intent")
 
 
 def tiny_overrides() -> list[str]:
     """Overrides that swap the tiny random-init encoder into jobs/configs/tiny.yaml (trained from
     scratch: no frozen layers, a from-scratch learning rate); served prices from the fitted model
-    when the Steam data is there."""
-    fitted = [f"pricing.data_dir={STEAM}"] if (STEAM / "bundles.csv.gz").exists() else []
-    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3", *fitted]
+    on the real Steam data."""
+    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3",
+            f"pricing.data_dir={STEAM}"]
 
 
 def tiny_config(*overrides: str):

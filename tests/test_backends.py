@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, STEAM, free_port, require_system_package
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
 def backends(ray_cluster, tmp_path_factory):
-    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        pytest.skip("Debian's postgresql is not installed (apt-get install postgresql)")
+    require_system_package(bool(list(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), "postgresql")
     state = tmp_path_factory.mktemp("backends")
     pg_data = tempfile.mkdtemp(prefix="bundlerec-pg-")  # reachable by the postgres account (tmp dirs are 0700)
     os.chmod(pg_data, 0o755)
@@ -105,9 +104,8 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
 
     # a sweep on the same bucket: Tune's state, the trials' checkpoints and exports, sweep.json and the
     # best trial's export (amended with pricing, evaluated, registered) are bucket objects
-    steam = ROOT.parent / "shared" / "data" / "steam_bundles"
     sweep = cmd[:cmd.index("stages=[prep,train,register]")] + ["stages=[tune,register]", "tune.num_samples=1",
-                                                                f"pricing.data_dir={steam}"]
+                                                                f"pricing.data_dir={STEAM}"]
     r = subprocess.run(sweep, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
     (tmp_path / "sweep.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]

@@ -16,7 +16,7 @@ from bundlerec.bundles.pricing import PricingModel
 from bundlerec.data.schema import item_text
 from bundlerec.data.statistics import CoStats
 
-INTENT = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bundlerec_intent")
+from tests.conftest import INTENT
 
 TEXTS = ["red running shoes | category: Women > Shoes > Running", "blue running socks | category: Women > Socks",
          "espresso coffee beans | category: Beverages > Coffee", "coffee grinder burr | category: Kitchen > Coffee",
@@ -167,7 +167,6 @@ def test_fusion_grid_is_the_simplex_and_includes_every_pure_channel():
         assert {ch: 1.0} in grid
 
 
-@pytest.mark.skipif(not os.path.exists(INTENT), reason="shared data not present")
 def test_real_sessions_load_with_their_users():
     from bundlerec.bundles.intent import load_domain
 

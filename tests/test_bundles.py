@@ -2,7 +2,6 @@
 metric, and a behaviour check on synthetic data with planted bundles."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -25,7 +24,9 @@ from bundlerec.bundles.pricing import (
 )
 from bundlerec.data.statistics import cooccurrence_counts, item_counts
 
-STEAM = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "steam_bundles")
+from tests.conftest import STEAM
+
+STEAM = str(STEAM)
 
 
 def _compat(n=12, seed=0, groups=None):
@@ -158,7 +159,6 @@ def test_pricing_context_overlap_and_sellers_leave_one_out():
     assert none["has_overlap"] == 0 and none["overlap_nearest_discount"] == pytest.approx(0.3)
 
 
-@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
 def test_pricing_beats_the_median_on_real_steam_bundles():
     r = evaluate_pricing(STEAM, folds=5, robustness=False)
     assert r["n_bundles"] == 615 and r["sellers_known"] > 2000
@@ -166,7 +166,6 @@ def test_pricing_beats_the_median_on_real_steam_bundles():
     assert r["discount_mae"]["bundlerec"] < r["discount_mae"]["median_by_size"]
 
 
-@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
 def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     """The export carries the fitted model as JSON + skops (no pickle), with its fit metadata; the
     loaded model prices exactly as the fitted one, and prices depend on what is in the bundle."""
@@ -240,7 +239,6 @@ def test_pricing_context_indexes_agree_with_a_full_scan():
         np.testing.assert_array_equal(ctx.features(ids, exclude=exclude), _context_features_by_full_scan(ctx, ids, exclude))
 
 
-@pytest.mark.skipif(not os.path.exists(STEAM), reason="shared Steam data not present")
 def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
     """The price grid is evaluated with one pricing-model call for all bundles of an answer (the
     location mu does not depend on the price asked); the chosen price is the argmax of the

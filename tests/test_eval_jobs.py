@@ -1,4 +1,4 @@
-"""The two evaluation commands, end to end, on small slices of the shared datasets (as users run them)."""
+"""The two evaluation commands, end to end, on small slices of the real datasets (as users run them)."""
 
 import json
 import os
@@ -6,9 +6,8 @@ import os
 import pandas as pd
 import pytest
 
-DATA = str(__import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data")
-INTENT = f"{DATA}/bundlerec_intent"
-pytestmark = [pytest.mark.skipif(not os.path.exists(INTENT), reason="shared data not present")]
+from tests.conftest import INTENT, STEAM
+
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
          "user_bundle")
 
@@ -101,7 +100,7 @@ def test_eval_pricing_command(tmp_path):
     from jobs.eval_pricing import main
 
     out = tmp_path / "pricing.json"
-    res = main(["--data-dir", f"{DATA}/steam_bundles", "--out", str(out)])
+    res = main(["--data-dir", str(STEAM), "--out", str(out)])
     assert set(res["discount_mae"]) == {"bundlerec", "median", "median_by_size"}
     assert set(res["final_price_mape"]) == {"bundlerec", "median", "median_by_size"}
     assert json.loads(out.read_text())["discount_mae"] == res["discount_mae"]

@@ -89,3 +89,27 @@ def test_image_build_context_excludes_secrets_and_local_state():
     for path in (".git", ".venv", "runs", "runs/demo/api_token", "mlflow.db", ".cluster"):
         assert any(fnmatch.fnmatch(path, p) or path.startswith(p.rstrip("/") + "/") or fnmatch.fnmatch(path, p.lstrip("*/"))
                    or fnmatch.fnmatch(path.split("/")[-1], p.replace("**/", "")) for p in patterns), path
+
+
+def test_the_demo_and_the_tests_need_nothing_beside_the_checkout():
+    """A user's clone has no ../shared: no config, Makefile, script or test names it as a path, and the
+    shipped datasets are byte-for-byte the shared ones wherever both exist."""
+    import hashlib
+    import re
+
+    offenders = []
+    for p in [ROOT / "Makefile", ROOT / ".ci/run", *(ROOT / "jobs").rglob("*.yaml"), *(ROOT / "jobs").rglob("*.py"),
+              *(ROOT / "cluster").rglob("*"), *(ROOT / "tests").glob("*.py")]:
+        if p.is_file() and p.suffix != ".md" and p.name != "test_layout.py":
+            code = [ln for ln in p.read_text(errors="ignore").splitlines() if not ln.strip().startswith("#")]
+            if any(re.search(r"""\.\./shared|/ ["']shared["']""", ln) for ln in code):
+                offenders.append(str(p.relative_to(ROOT)))
+    assert offenders == ["tests/conftest.py"], offenders  # conftest.dataset: ../shared first, else datasets/
+    shipped = ROOT / "datasets"
+    files = sorted(f for f in shipped.rglob("*.gz"))
+    assert {f.relative_to(shipped).parts[0] for f in files} == {"steam_bundles", "bundlerec_intent"}
+    shared = ROOT.parent / "shared" / "data"
+    for f in files:
+        twin = shared / f.relative_to(shipped)
+        if twin.exists():
+            assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256(twin.read_bytes()).digest(), f

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, mlflow_get, mlflow_post, tiny_config, tiny_overrides
+from tests.conftest import ROOT, mlflow_get, mlflow_post, require_system_package, tiny_config, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -60,8 +60,8 @@ def test_sweep_trials_are_nested_mlflow_runs(sweep, mlflow_server):
             assert meta["history_len"] == t["config"]["data.history_len"], (meta, t["config"])
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
 def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
+    require_system_package(CHROMIUM is not None, "chromium")
     cfg, s = sweep
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = f"{mlflow_server}/#/experiments/{s['experiment_id']}/runs"

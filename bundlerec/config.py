@@ -293,11 +293,12 @@ class EvalConfig:
     batch_size: int = 256
     """Examples scored per batch."""
     baselines: list = field(default_factory=lambda: ["popular", "itemknn", "zeroshot"])
-    """Baselines run by the same code on the same split."""
+    """Baselines run by the same code on the same split: popular, itemknn, zeroshot, recent, lexical
+    (TF-IDF of the history's item texts), sasrec (bundlerec.eval.sasrec, trained on the same split)."""
 
     def __post_init__(self) -> None:
         _check(all(int(k) > 0 for k in self.ks), "eval.ks must be positive")
-        unknown = set(self.baselines) - {"popular", "itemknn", "zeroshot", "recent"}
+        unknown = set(self.baselines) - {"popular", "itemknn", "zeroshot", "recent", "lexical", "sasrec"}
         _check(not unknown, f"eval.baselines: unknown {sorted(unknown)}")
 
 

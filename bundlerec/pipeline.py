@@ -1,6 +1,7 @@
 """Stage functions the jobs call (and the tests call the same ones).
 
-* :func:`run_train_stage` -- MLflow run, Ray Train fit, export, test evaluation with baselines;
+* :func:`run_train_stage` -- MLflow run, Ray Train fit, export, pricing, the engine fitted on
+  validation baskets (:func:`fit_engine_stage`), test evaluation with baselines;
 * :func:`run_pipeline`    -- prep, then train; writes ``results.json`` and ``summary.json``.
 """
 
@@ -48,6 +49,30 @@ def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
     return info
 
 
+def fit_engine_stage(cfg: PipelineConfig, export_dir: str, run_id: str) -> dict:
+    """The fit step: the served engine's parameters chosen on the prep's validation baskets
+    (:mod:`bundlerec.engine_fit`), written into the local export ``export_dir`` (re-sealed), the
+    selection record logged to the MLflow run (``fit/selection.json``, metrics ``fit/*``)."""
+    import mlflow
+
+    from bundlerec.engine_fit import fit_engine
+
+    t = time.time()
+    with integrity.amend(export_dir, "export"):
+        selection = fit_engine(export_dir, cfg.data.output_dir, cfg.train.seed)
+    selection["seconds"] = round(time.time() - t, 1)
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    client.log_dict(run_id, selection, "fit/selection.json")
+    sel = selection["params"]["selection"]
+    for k in ("completion_val_recall@10", "generation_val_f1"):
+        if k in sel:
+            client.log_metric(run_id, f"fit/{k.replace('@', '_at_')}", sel[k])
+    print(f"fit: engine chosen on {selection.get('val_baskets', 0)} validation baskets "
+          f"(completion {selection['params']['completion']}, compat {selection['params']['compat']}, "
+          f"generation {selection['params']['generation']})", flush=True)
+    return selection
+
+
 def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: dict | None = None,
                      local: str | None = None) -> dict:
     """Test metrics of the export and of every baseline -> results.json + the MLflow run.
@@ -62,14 +87,42 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
     t = time.time()
     metrics = evaluate_run(prep_dir, local, cfg, split="test")
     print("\n" + format_table(metrics, SUMMARY_METRICS) + "\n", flush=True)
+    bundles = log_generation(cfg, local, run_id)
     results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
-               "export_dir": export_dir, "metrics": metrics, "eval_seconds": time.time() - t,
+               "export_dir": export_dir, "metrics": metrics, "bundles": bundles, "eval_seconds": time.time() - t,
                "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")}, **(extra or {})}
     write_text(cfg.results_path, json.dumps(results, indent=2, default=str))  # atomic: the next stage reads it
     log_results(cfg.mlflow.tracking_uri, run_id, metrics, local,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
     results["report"] = log_report(cfg, run_id, local, metrics)
     return results
+
+
+def log_generation(cfg: PipelineConfig, export_dir: str, run_id: str) -> dict:
+    """Personalized generation on the test baskets as ``/v1/bundles`` serves it, against the
+    baselines (:func:`bundlerec.engine_fit.evaluate_generation`): printed, in the MLflow run
+    (``bundles/generation.json``, metrics ``test_bundles/<method>/<metric>``)."""
+    import mlflow
+
+    from bundlerec.engine_fit import evaluate_generation
+
+    res = evaluate_generation(export_dir, cfg.data.output_dir, "test", cfg.train.seed)
+    if not res.get("baskets"):
+        return res
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    client.log_dict(run_id, res, "bundles/generation.json")
+    print(f"personalized bundles on {res['baskets']} test baskets (history -> purchased basket, 95 % bootstrap):")
+    for m, v in res["methods"].items():
+        for k in ("f1", "best_jaccard", "contained_precision", "coverage"):
+            if k in v:
+                client.log_metric(run_id, f"test_bundles/{m}/{k}", v[k])
+        ci = v["best_jaccard_ci"]
+        print(f"  {m:<15} F1 {v['f1']:.4f}  best Jaccard {v['best_jaccard']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  "
+              f"contained {v['contained_precision']:.3f}  coverage {v['coverage']:.3f}  "
+              f"seen share {v['leak_gate']['seen_share_generated']}", flush=True)
+    lift = res["lift"]["best_jaccard"]
+    print(f"  lift over {res['lift']['vs']}: {lift['lift']:+.1%} [{lift['ci'][0]:+.1%}, {lift['ci'][1]:+.1%}]\n", flush=True)
+    return res
 
 
 def log_report(cfg: PipelineConfig, run_id: str, export_dir: str, metrics: dict) -> str:
@@ -158,8 +211,9 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
     write_text(state_path, json.dumps({**state, "finished": True}))
     local = trained["local_export"]
     pricing = attach_pricing(cfg, local)
+    engine = fit_engine_stage(cfg, local, run_id)
     integrity.publish(local, trained["export_dir"])  # object store: the amended export, manifest last
-    return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing,
+    return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing, "engine_fit": engine,
         "checkpoint": trained["checkpoint"],
         "train": {k: v for k, v in trained.items() if k not in ("export_dir", "local_export", "checkpoint")}},
         local=local)
@@ -177,8 +231,9 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
     best = sweep["best"]
     local = integrity.checkout(best["export_dir"], "the best trial's export")
     pricing = attach_pricing(cfg, local)
+    engine = fit_engine_stage(cfg, local, best["run_id"])
     integrity.publish(local, best["export_dir"])
-    results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {"pricing": pricing,
+    results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {"pricing": pricing, "engine_fit": engine,
         "sweep_run_id": sweep["parent_run_id"], "best_trial": best, "sweep_seconds": sweep["seconds"]},
         local=local)
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
@@ -210,6 +265,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         "run_id": results["run_id"], "export_dir": results["export_dir"],
         "metrics": {m: {k: v[k] for k in SUMMARY_METRICS if k in v} for m, v in results["metrics"].items()},
     })
+    if results.get("bundles", {}).get("methods"):  # personalized generation on the test baskets
+        summary["bundles"] = {m: {k: v[k] for k in ("f1", "best_jaccard", "best_jaccard_ci", "coverage")}
+                              for m, v in results["bundles"]["methods"].items()}
     last = results.get("train", {}).get("last_metrics") or results.get("best_trial") or {}
     if last.get("samples_per_s_per_worker"):
         summary["train_samples_per_s_per_worker"] = last["samples_per_s_per_worker"]

@@ -11,7 +11,7 @@ import pytest
 from bundlerec.bundles import evaluate as E
 from bundlerec.bundles.engine import BundleEngine, EngineParams
 from bundlerec.bundles.intent import Domain, category_and_brand
-from bundlerec.bundles.lexical import Lexical
+from bundlerec.model.lexical import Lexical
 from bundlerec.bundles.pricing import PricingModel
 from bundlerec.data.schema import item_text
 from bundlerec.data.statistics import CoStats

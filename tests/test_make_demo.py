@@ -37,7 +37,12 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     assert f"evaluation report (MLflow): {mlflow_server}/#/experiments/" in logs
 
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
-    assert set(summary["metrics"]) == {"bundlerec", "popular", "itemknn", "zeroshot"}
+    results = json.loads((tmp_path / "runs/tiny/results.json").read_text())
+    baselines = {"popular", "itemknn", "zeroshot", "lexical", "sasrec"}
+    fusion = results["engine_fit"]["recommender"]["weights"]  # the served recommender, chosen by the fit step
+    # the two-tower alone ("tuned") is reported beside the fusion whenever the fusion is more than it
+    assert set(summary["metrics"]) == {"bundlerec", *baselines, *(["tuned"] if list(fusion) != ["tuned"] else [])}
+    _served_engine_is_the_one_its_run_selected(mlflow_server, summary, results)
     # model behaviour: fine-tuned beats most-popular on the held-out baskets
     assert summary["metrics"]["bundlerec"]["ndcg@10"] > summary["metrics"]["popular"]["ndcg@10"]
 
@@ -70,6 +75,25 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     assert metrics["test/popular/ndcg_at_10_ci95_lo"] <= metrics["test/popular/ndcg_at_10"] <= \
         metrics["test/popular/ndcg_at_10_ci95_hi"]
     _report_in_chromium(mlflow_server, summary, tmp_path)
+
+
+def _served_engine_is_the_one_its_run_selected(mlflow_server, summary, results):
+    """The fit step's record in the MLflow run, the run's model artifact and the export that is
+    registered and served carry the same engine; the run holds the personalized-generation figures."""
+    import mlflow
+
+    def art(path):
+        return json.load(open(mlflow.artifacts.download_artifacts(run_id=summary["run_id"], artifact_path=path,
+                                                                  tracking_uri=mlflow_server)))
+
+    selected = art("fit/selection.json")
+    on_disk = json.load(open(os.path.join(results["export_dir"], "bundle_engine.json")))
+    assert selected["params"] == art("model/bundle_engine.json") == on_disk
+    assert on_disk["selection"]["chosen_on"].startswith("the val split")
+    assert selected["recommender"]["weights"] == art("model/recommend_fusion.json")["weights"]
+    gen = art("bundles/generation.json")
+    assert set(gen["methods"]) == {"bundlerec", "default", "itemknn_greedy", "popular_pairs"}
+    assert gen == results["bundles"] and gen["methods"]["bundlerec"]["leak_gate"]["targets_seen"] > 0
 
 
 def _report_in_chromium(mlflow_server, summary, tmp_path):

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -55,7 +56,8 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     import mlflow
     import numpy as np
 
-    from bundlerec.integrity import seal
+    from bundlerec.engine_fit import fit_engine
+    from bundlerec.integrity import amend, seal
     from bundlerec.pipeline import attach_pricing
     from bundlerec.registry.promotion import register
 
@@ -63,6 +65,8 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     name = "bundlerec-test"
     prep = cfg.data.output_dir
     attach_pricing(cfg, trained["export_dir"])  # as the train/tune stages do before registration
+    with amend(trained["export_dir"], "export"):  # the pipeline's fit step (pipeline.fit_engine_stage)
+        fit_engine(trained["export_dir"], prep)
     v1 = register(trained["export_dir"], prep, mlflow_server, "registry-test", model_name=name,
                   history_len=cfg.data.history_len)
     worse_dir = str(tmp_path_factory.mktemp("worse") / "export")
@@ -391,6 +395,8 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
                 discounts.add(b["discount"])
         assert len(discounts) > 1, discounts
 
+        _served_bundles_are_the_evaluated_ones(base, registered["good_dir"], cfg.data.output_dir)
+
         # --- bad input: clear 422s
         for bad in ({"user_id": user, "k": 0}, {"user_id": user, "k": 10_000}, {},
                     {"user_id": user, "events": events}, {"events": [{"item_id": "x", "event_type": "teleport",
@@ -508,6 +514,38 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert all(ra == "1" for c, ra in answers if c == 503)
     finally:
         serve.shutdown()  # frees the replica's CPU for the training tests
+
+
+def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) -> None:
+    """What the evaluation scored (bundlerec.engine_fit: test baskets' histories through
+    Recommender.bundles_for, completion through the engine) is what the endpoint answers over HTTP:
+    each history replayed as events ``as_of`` the moment the evaluation measured its ages from."""
+    from datetime import datetime, timedelta, timezone
+
+    from bundlerec.bundles.engine import top_k
+    from bundlerec.data.schema import EVENT_TYPE_ID
+    from bundlerec.engine_fit import MAX_SIZE, N_BUNDLES, basket_queries, served_bundles
+    from bundlerec.serving.recommender import Recommender
+
+    rec = Recommender.from_export(export)
+    params = json.loads(Path(export, "bundle_engine.json").read_text())
+    assert params["selection"]["chosen_on"].startswith("the val split"), params  # fitted, not the defaults
+    queries = basket_queries(prep, "test", max_queries=6, seed=1)
+    assert len(queries) == 6
+    names = {v: k for k, v in EVENT_TYPE_ID.items()}
+    as_of = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    for q, scored in zip(queries, served_bundles(rec, queries)):
+        events = [{"item_id": rec.item_ids[i], "event_type": names[t],
+                   "event_time": (as_of - timedelta(hours=a)).isoformat()} for i, t, a in zip(q.items, q.types, q.ages)]
+        code, body = _post(f"{base}/v1/bundles", {"events": events, "as_of": as_of.isoformat(), "n": N_BUNDLES,
+                                                  "max_size": MAX_SIZE})
+        assert code == 200, body
+        assert [[i["item_id"] for i in b["items"]] for b in body["bundles"]] == \
+            [[rec.item_ids[i] for i in b] for b in scored], (q, body)
+        code, body = _post(f"{base}/v1/bundles/complete", {"items": [rec.item_ids[q.basket[0]]], "k": 10})
+        assert code == 200, body
+        want = top_k(rec.bundle_engine.complete_scores([[q.basket[0]]]), 10)[0]
+        assert [i["item_id"] for i in body["items"]] == [rec.item_ids[i] for i in want]
 
 
 def _explorer_in_chromium(base: str, token: str, user: str, tmp_path) -> None:

@@ -9,7 +9,7 @@ Compatibility of two items combines what the data shows with what the encoder kn
 * ``cos`` -- cosine of the (fine-tuned) item-tower embeddings, so new items with no history still
   bundle by their text;
 * ``cos_k`` -- further text channels (``extra``): the pretrained encoder's embeddings, the
-  lexical TF-IDF rows (:mod:`bundlerec.bundles.lexical`); dense or sparse, rows L2-normalised.
+  lexical TF-IDF rows (:mod:`bundlerec.model.lexical`); dense or sparse, rows L2-normalised.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Scoring channels (each an (B, N) score of every catalog item for a batch of cart
 
 * ``tuned``       -- the fine-tuned two-tower model: the user tower over the cart's items;
 * ``pretrained``  -- the pretrained encoder (zero-shot): mean cart embedding . item embedding;
-* ``lexical``     -- TF-IDF cosine (:mod:`bundlerec.bundles.lexical`);
+* ``lexical``     -- TF-IDF cosine (:mod:`bundlerec.model.lexical`);
 * ``cooccurrence`` -- item-to-item co-occurrence in training groups (the itemknn baseline);
 * ``popularity``  -- training counts (the popular baseline).
 
@@ -40,7 +40,7 @@ import torch
 from bundlerec.bundles.compat import Compatibility
 from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
-from bundlerec.bundles.lexical import Lexical
+from bundlerec.model.lexical import Lexical
 from bundlerec.bundles.naming import IntentNamer
 from bundlerec.bundles.pricing import NoFeasiblePrice, PriceLimits, PricingModel
 from bundlerec.bundles.rerank import FEATURE_CHANNELS as RERANK_CHANNELS
@@ -57,6 +57,7 @@ QUERY_CHANNELS = ("tuned", "pretrained", "lexical")
 # use the same (bundlerec.bundles.evaluate.write_training_data).
 COMPLETION_EVENT = "purchase"
 PARAMS_FILE = "bundle_engine.json"
+GENERATION_KNOBS = {"relevance_weight", "candidates", "max_per_category"}
 
 
 @dataclass
@@ -75,6 +76,9 @@ class EngineParams:
     """Detection: clusters merge while their average compatibility is at least this."""
     max_size: int = 8
     """Detection: largest bundle."""
+    generation: dict = field(default_factory=lambda: {"relevance_weight": 0.5, "candidates": 60, "max_per_category": 1})
+    """Personalized generation (:class:`bundlerec.bundles.generate.BundleConstraints` fields): the
+    weight of the user's relevance against compatibility, the candidate pool, items per category."""
     rerank: bool = False
     """Completion: re-order the fused top candidates with the export's re-ranker
     (:mod:`bundlerec.bundles.rerank`, ``rerank.json`` + ``rerank.skops``)."""
@@ -86,6 +90,9 @@ class EngineParams:
                | set(self.query) - set(QUERY_CHANNELS))
         if bad:
             raise ValueError(f"unknown engine channels {sorted(bad)}; known: {CHANNELS} / {COMPAT_TERMS}")
+        bad = set(self.generation) - GENERATION_KNOBS
+        if bad:
+            raise ValueError(f"unknown generation parameters {sorted(bad)}; known: {sorted(GENERATION_KNOBS)}")
 
     def save(self, export_dir: str) -> None:
         with open(os.path.join(export_dir, PARAMS_FILE), "w") as f:

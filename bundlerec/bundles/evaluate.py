@@ -51,8 +51,8 @@ from bundlerec.bundles.engine import (
 )
 from bundlerec.bundles.generate import bundle_name
 from bundlerec.bundles.intent import Domain, load
-from bundlerec.bundles.lexical import GRID as LEXICAL_GRID
-from bundlerec.bundles.lexical import Lexical
+from bundlerec.model.lexical import GRID as LEXICAL_GRID
+from bundlerec.model.lexical import Lexical
 from bundlerec.bundles.matching import match, prf
 from bundlerec.bundles.naming import CHANNELS as NAMING_CHANNELS
 from bundlerec.bundles.naming import IntentNamer, rouge1_f1

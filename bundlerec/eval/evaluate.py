@@ -16,8 +16,11 @@ from bundlerec.config import PipelineConfig
 from bundlerec.data.catalog import load_items, padded_tokens
 from bundlerec.data.examples import load_split
 from bundlerec.eval.baselines import ItemKNN, Popular, Recent
+from bundlerec.eval.fusion import Fusion, FusionParams
+from bundlerec.eval.sasrec import SASRec, SASRecConfig, fit_sasrec
 from bundlerec.eval.metrics import MetricAccumulator
 from bundlerec.model.collate import history_tensors
+from bundlerec.model.lexical import Lexical
 from bundlerec.storage import join
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,11 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         model, meta = load_export(export_dir)
         model.set_index(torch.as_tensor(np.load(join(export_dir, "item_index.npy"))))
         # the history length the model was trained with (a Tune trial may differ from the base config)
-        out["bundlerec"] = evaluate_scorer(model, examples, **{**kw, "history_len": int(meta["history_len"])},
-                                           name="bundlerec")
+        own = {**kw, "history_len": int(meta["history_len"])}
+        fusion = Fusion.from_export(export_dir, model, n)  # the served recommender (bundlerec.eval.fusion)
+        out["bundlerec"] = evaluate_scorer(fusion, examples, **own, name="bundlerec")
+        if not fusion.tuned_only:  # the ablation: the fine-tuned two-tower alone
+            out["tuned"] = evaluate_scorer(model, examples, **own, name="tuned")
         log.info("eval: bundlerec %.1fs", time.time() - t)
     for name in cfg.eval.baselines:
         t = time.time()
@@ -87,6 +93,12 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
             scorer = ItemKNN.from_examples(train, n)
         elif name == "recent":
             scorer = Recent(n)
+        elif name == "lexical":
+            scorer = Fusion(None, FusionParams({"lexical": 1.0}), lexical=Lexical.fit(items.text.tolist()), n_items=n)
+        elif name == "sasrec":  # the export's own (trained by the fit step) when it has one
+            scorer = (SASRec.load(export_dir) if export_dir else None) or \
+                fit_sasrec(train, load_split(prep_dir, "val"), n, H, SASRecConfig(seed=cfg.train.seed))
+            log.info("eval: sasrec trained %d epochs (val ndcg@10 %.4f)", scorer.epochs, scorer.best_val_ndcg)
         else:
             scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling, cfg.train)
         out[name] = evaluate_scorer(scorer, examples, **kw, name=name)

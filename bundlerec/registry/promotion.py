@@ -40,10 +40,12 @@ def validation_ndcg(rec, prep_dir: str, history_len: Optional[int] = None) -> fl
     if len(val) == 0:
         raise NoValidationData(f"{prep_dir} has an empty val split: champion promotion compares models on "
                                f"validation data only (set data.val_baskets >= 1 and re-run prep)")
-    if list(items.item_id.astype(str)) != rec.item_ids:  # other catalog: re-index it with this model
+    scorer = rec.fusion if rec.fusion is not None else rec.model  # what the recommender serves
+    if list(items.item_id.astype(str)) != rec.item_ids:  # other catalog: re-index it with this model (alone)
         ids, mask = padded_tokens(items)
         rec.model.index_items(torch.as_tensor(ids), torch.as_tensor(mask))
-    m = evaluate_scorer(rec.model, val, n_items=len(items), ks=[10], history_len=history_len or rec.history_len)
+        scorer = rec.model
+    m = evaluate_scorer(scorer, val, n_items=len(items), ks=[10], history_len=history_len or rec.history_len)
     return float(m["ndcg@10"])
 
 

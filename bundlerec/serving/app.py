@@ -403,7 +403,7 @@ class BundlerecService:
     async def recommend(self, req: RecommendationRequest) -> RecommendationResponse:
         m, exp, arm, unit, new = self._route(req.user_id, req.session_id)  # the model is pinned for this request
         if req.events is not None:
-            h = m.rec.history_from_events([e.model_dump() for e in req.events])
+            h = m.rec.history_from_events([e.model_dump() for e in req.events], now=req.as_of)
         else:
             h = m.rec.history_for_user(req.user_id)
         ranked = await self._score(m, h, req.k)
@@ -432,7 +432,7 @@ class BundlerecService:
                 cold, unknown, source = False, [], "query"
             else:
                 if req.events is not None:
-                    h = m.rec.history_from_events([e.model_dump() for e in req.events])
+                    h = m.rec.history_from_events([e.model_dump() for e in req.events], now=req.as_of)
                 else:
                     h = m.rec.history_for_user(req.user_id)
                 c = m.rec.bundle_constraints(h, **kw)

@@ -191,10 +191,12 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
         sp.save_npz(f"{dst_export}/copurchase.npz", sp.csr_matrix((pairs.data, (pairs.row, pairs.col)), shape=(n_items, n_items)))
         counts = np.load(f"{src_export}/copurchase_items.npy")
         np.save(f"{dst_export}/copurchase_items.npy", np.concatenate([counts, np.zeros(extra_n)]))
-    # the engine's extra text channels are not grown here: drop them, and parameters that use them
+    # the engine's extra text channels and the recommender's fusion (bundlerec.eval.fusion) are not
+    # grown here: drop them (the grown export recommends with the two-tower alone), and parameters that use them
     from bundlerec.bundles.engine import EngineParams
 
-    for f in ("item_index_pretrained.npy", "lexical.json", "lexical_items.npz"):
+    for f in ("item_index_pretrained.npy", "lexical.json", "lexical_items.npz", "recommend_fusion.json", "itemknn.npz",
+              "sasrec.json", "sasrec.safetensors"):
         if os.path.exists(f"{dst_export}/{f}"):
             os.remove(f"{dst_export}/{f}")
     params = EngineParams.load(dst_export)

@@ -24,6 +24,7 @@ from bundlerec.bundles.engine import BundleEngine
 from bundlerec.bundles.generate import BundleConstraints
 from bundlerec.bundles.pricing import PriceLimits
 from bundlerec.data.schema import EVENT_TYPE_ID
+from bundlerec.eval.fusion import Fusion
 from bundlerec.model.collate import pad_history
 from bundlerec.privacy import PSEUDO_PREFIX, SCHEME, lookup_key
 
@@ -53,6 +54,7 @@ class Recommender:
         self.history_len = int(meta.get("history_len", 10))
         self.ann = None  # IVF index for large catalogs (configure_ann)
         self.bundle_engine: Optional[BundleEngine] = None  # set by from_export
+        self.fusion: Optional[Fusion] = None  # the channels' fusion chosen by the fit step (from_export)
         # histories are keyed by pseudonym (bundlerec.privacy); the key links a request's user id to one
         self.pseudonymized = meta.get("user_ids") == SCHEME
         self.user_key = user_key
@@ -63,16 +65,18 @@ class Recommender:
                                                r.target_time)
 
     @classmethod
-    def from_export(cls, export_dir: str, user_key: Optional[bytes] = None) -> "Recommender":
+    def from_export(cls, export_dir: str, user_key: Optional[bytes] = None, verify: bool = True) -> "Recommender":
         """``user_key``: the secret that pseudonymized the export's user ids (serve.user_key_file);
         without it users are found by pseudonym (``"pseudo:<hex>"``) only.
 
         The export must verify against its manifest (bundlerec.integrity): a torn or altered export
-        raises IntegrityError instead of serving every known user as a cold start."""
+        raises IntegrityError instead of serving every known user as a cold start. ``verify=False``
+        only for the fit step, which reads the export it is amending (bundlerec.integrity.amend)."""
         from bundlerec.integrity import IntegrityError, require
         from bundlerec.model.export import load_export
 
-        require(export_dir, "export")
+        if verify:
+            require(export_dir, "export")
         model, meta = load_export(export_dir)
         items = pd.read_parquet(os.path.join(export_dir, "items.parquet"))
         index = torch.as_tensor(np.load(os.path.join(export_dir, "item_index.npy"), allow_pickle=False))
@@ -82,6 +86,7 @@ class Recommender:
             raise IntegrityError(f"export {export_dir}: {len(items)} items, {index.shape[0]} index rows, "
                                  f"{len(pop)} popularity counts: they must agree")
         rec = cls(model, items, index, pop, latest, meta, user_key)
+        rec.fusion = Fusion.from_export(export_dir, rec.model, len(items))
         rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items)
         return rec
 
@@ -132,7 +137,11 @@ class Recommender:
                                                    [histories[i].ages for i in warm], self.history_len)
             batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
                      "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
-            if self.ann is not None:
+            if self.fusion is not None and not self.fusion.tuned_only:  # exact: every channel over the catalog
+                scores, idx = torch.topk(self.fusion.score(batch), min(k, len(self.item_ids)), dim=1)
+                for j, i in enumerate(warm):
+                    out[i] = list(zip(idx[j].tolist(), scores[j].tolist()))
+            elif self.ann is not None:
                 ip, ids = self.ann.search(self.model.user_vectors(batch).numpy(), k)
                 for j, i in enumerate(warm):
                     keep = ids[j] >= 0
@@ -152,11 +161,12 @@ class Recommender:
     def bundle_constraints(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
                            budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,
                            exclude_purchased: bool = True, limits: PriceLimits = _BUNDLE.limits) -> BundleConstraints:
-        """A bundle request's constraints for this history (what it bought is excluded)."""
+        """A bundle request's constraints for this history (what it bought is excluded); the
+        generation knobs are the export's (``bundle_engine.json``, chosen on validation by the fit step)."""
         bought = tuple(dict.fromkeys(i for i, t in zip(h.items, h.types) if t == EVENT_TYPE_ID["purchase"])) \
             if exclude_purchased else ()
         return BundleConstraints(n=n, max_size=max_size, budget=budget, exclude=bought, allow_repeats=allow_repeats,
-                                 limits=limits)
+                                 limits=limits, **self.bundle_engine.params.generation)
 
     @staticmethod
     def bundle_pool(c: BundleConstraints) -> int:
@@ -194,7 +204,8 @@ class Recommender:
                       budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,
                       limits: PriceLimits = _BUNDLE.limits) -> list[dict]:
         """Priced bundles seeded by a free-text shopping intent (the engine's query fusion)."""
-        c = BundleConstraints(n=n, max_size=max_size, budget=budget, allow_repeats=allow_repeats, limits=limits)
+        c = BundleConstraints(n=n, max_size=max_size, budget=budget, allow_repeats=allow_repeats, limits=limits,
+                              **self.bundle_engine.params.generation)
         return self.bundle_engine.from_query(text, c)
 
     def complete(self, item_ids: list[str], k: int = 10) -> dict:

@@ -56,11 +56,24 @@ class RecommendationRequest(BaseModel):
     session_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
                                       description="an anonymous shopper's session: send back the session_id of "
                                                   "the first answer to keep the same experiment arm")
+    as_of: Optional[datetime] = Field(default=None, description="with events: the moment their ages are measured "
+                                      "from (default: now), to replay a logged session as the evaluation scored it")
+
+    @field_validator("as_of")
+    @classmethod
+    def _plausible_as_of(cls, t: Optional[datetime]) -> Optional[datetime]:
+        return None if t is None else plausible_time(t)
 
     @model_validator(mode="after")
     def _one_source(self):
         if (self.user_id is None) == (self.events is None):
             raise ValueError("give exactly one of user_id or events")
+        return self
+
+    @model_validator(mode="after")
+    def _as_of_with_events(self):
+        if self.as_of is not None and self.events is None:
+            raise ValueError("as_of applies to events only")
         return self
 
 

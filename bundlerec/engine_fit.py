@@ -35,6 +35,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 
 from bundlerec.bundles.engine import BundleEngine, EngineParams
@@ -65,6 +66,17 @@ class BasketQuery:
     basket: list  # item positions bought together
     time: object = None  # when (the moment the history's ages are measured from)
 
+    def events(self, item_ids: list) -> list[dict]:
+        """The history as the events a client sends to ``/v1/bundles`` (times to the microsecond,
+        ``as_of`` = :attr:`time`): what the evaluation and the endpoint both read."""
+        from bundlerec.data.schema import EVENT_TYPE_ID
+
+        names = {v: k for k, v in EVENT_TYPE_ID.items()}
+        t = pd.Timestamp(self.time)
+        return [{"item_id": item_ids[i], "event_type": names[ty],
+                 "event_time": (t - pd.Timedelta(hours=a)).floor("us").to_pydatetime()}
+                for i, ty, a in zip(self.items, self.types, self.ages)]
+
 
 def basket_queries(prep_dir: str, split: str, max_queries: int = MAX_QUERIES, seed: int = 0) -> list[BasketQuery]:
     """The baskets (>= 2 distinct items) of one split with the history before each, a seeded sample
@@ -83,13 +95,14 @@ def basket_queries(prep_dir: str, split: str, max_queries: int = MAX_QUERIES, se
     return out
 
 
-def _histories(queries: list[BasketQuery]) -> list[History]:
-    return [History(q.items, q.types, q.ages, source="user") for q in queries]
+def _histories(rec: Recommender, queries: list[BasketQuery]) -> list[History]:
+    """Each query's history built as the endpoint builds it from events (the last history_len)."""
+    return [rec.history_from_events(q.events(rec.item_ids), now=pd.Timestamp(q.time).to_pydatetime()) for q in queries]
 
 
 def served_bundles(rec: Recommender, queries: list[BasketQuery], ranked: list | None = None) -> list[list[list[int]]]:
     """What ``POST /v1/bundles`` returns for each query's history (item positions per bundle)."""
-    hs = _histories(queries)
+    hs = _histories(rec, queries)
     cs = [rec.bundle_constraints(h, n=N_BUNDLES, max_size=MAX_SIZE) for h in hs]
     if ranked is None:
         ranked = rec.recommend_histories(hs, max(rec.bundle_pool(c) for c in cs))
@@ -135,7 +148,6 @@ def fit_recommender(export_dir: str, prep_dir: str, max_examples: int = MAX_VAL_
     split by NDCG@10 over :func:`bundlerec.eval.fusion.grid`; writes the channels' data (``itemknn.npz``
     from the training split, the catalog's lexical index when the export has none) and
     ``recommend_fusion.json`` into the export (the caller re-seals it)."""
-    import pandas as pd
     import scipy.sparse as sp
 
     from bundlerec.eval.baselines import ItemKNN
@@ -211,7 +223,7 @@ def _fit_bundles(export_dir: str, prep_dir: str, seed: int) -> dict:
                                        ["recall@10"].mean()) for w in fusion_grid(tuple(channels))}
     best_w = json.loads(max(completion, key=completion.get))
     base = EngineParams(completion=best_w)
-    hs = _histories(val)
+    hs = _histories(rec, val)
     ranked = rec.recommend_histories(hs, max(rec.bundle_pool(rec.bundle_constraints(h, n=N_BUNDLES)) for h in hs))
     grid = {}
     for compat in COMPAT_GRID:
@@ -238,7 +250,7 @@ def _baseline_bundles(rec: Recommender, queries: list[BasketQuery], channel: str
     compatibility only (the constraints and pool of the served call)."""
     eng = rec.bundle_engine.with_params(EngineParams(compat={"data": 1.0}))
     out = []
-    for h in _histories(queries):
+    for h in _histories(rec, queries):
         c = rec.bundle_constraints(h, n=N_BUNDLES, max_size=MAX_SIZE)
         s = eng.channel_scores(channel, [list(dict.fromkeys(h.items))])[0].astype(np.float64)
         keep = np.argsort(-s, kind="stable")[:rec.bundle_pool(c)]

@@ -57,6 +57,7 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     import numpy as np
 
     from bundlerec.engine_fit import fit_engine
+    from bundlerec.eval.fusion import FusionParams
     from bundlerec.integrity import amend, seal
     from bundlerec.pipeline import attach_pricing
     from bundlerec.registry.promotion import register
@@ -73,6 +74,7 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     shutil.copytree(trained["export_dir"], worse_dir)
     index = np.load(f"{worse_dir}/item_index.npy")
     np.save(f"{worse_dir}/item_index.npy", index[np.random.default_rng(0).permutation(len(index))])
+    FusionParams().save(worse_dir)  # recommendations from that two-tower alone (no other channel to mend it)
     seal(worse_dir)  # a deliberately different, complete export
     v2 = register(worse_dir, prep, mlflow_server, "registry-test", model_name=name, history_len=cfg.data.history_len)
     return {"cfg": cfg, "name": name, "v1": v1, "v2": v2, "client": mlflow.MlflowClient(mlflow_server),
@@ -520,10 +522,7 @@ def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) ->
     """What the evaluation scored (bundlerec.engine_fit: test baskets' histories through
     Recommender.bundles_for, completion through the engine) is what the endpoint answers over HTTP:
     each history replayed as events ``as_of`` the moment the evaluation measured its ages from."""
-    from datetime import datetime, timedelta, timezone
-
     from bundlerec.bundles.engine import top_k
-    from bundlerec.data.schema import EVENT_TYPE_ID
     from bundlerec.engine_fit import MAX_SIZE, N_BUNDLES, basket_queries, served_bundles
     from bundlerec.serving.recommender import Recommender
 
@@ -532,12 +531,9 @@ def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) ->
     assert params["selection"]["chosen_on"].startswith("the val split"), params  # fitted, not the defaults
     queries = basket_queries(prep, "test", max_queries=6, seed=1)
     assert len(queries) == 6
-    names = {v: k for k, v in EVENT_TYPE_ID.items()}
-    as_of = datetime(2026, 6, 1, tzinfo=timezone.utc)
     for q, scored in zip(queries, served_bundles(rec, queries)):
-        events = [{"item_id": rec.item_ids[i], "event_type": names[t],
-                   "event_time": (as_of - timedelta(hours=a)).isoformat()} for i, t, a in zip(q.items, q.types, q.ages)]
-        code, body = _post(f"{base}/v1/bundles", {"events": events, "as_of": as_of.isoformat(), "n": N_BUNDLES,
+        events = [{**e, "event_time": e["event_time"].isoformat()} for e in q.events(rec.item_ids)]
+        code, body = _post(f"{base}/v1/bundles", {"events": events, "as_of": q.time.isoformat(), "n": N_BUNDLES,
                                                   "max_size": MAX_SIZE})
         assert code == 200, body
         assert [[i["item_id"] for i in b["items"]] for b in body["bundles"]] == \

@@ -312,6 +312,14 @@ class MlflowConfig:
     """Experiment name."""
     run_name: Optional[str] = None
     """Run name; None lets MLflow pick one."""
+    primary_metric: str = "ndcg@10"
+    """What the registry gate compares champion and candidate on, both re-scored on this prep's val
+    split: ``ndcg@10`` (the served recommendations) or ``bundle_f1`` (personalized generation as
+    /v1/bundles serves it, on the val baskets: bundlerec.engine_fit)."""
+
+    def __post_init__(self) -> None:
+        _check(self.primary_metric in ("ndcg@10", "bundle_f1"),
+               f"mlflow.primary_metric must be ndcg@10 or bundle_f1, not {self.primary_metric!r}")
 
 
 @dataclass

@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 
 from bundlerec.bundles.engine import BundleEngine, EngineParams
-from bundlerec.bundles.evaluate import bootstrap_mean_ci, channel_cache, completion_values, fusion_grid, paired_lift
+from bundlerec.bundles.evaluate import bootstrap_mean_ci, channel_cache, completion_values, fusion_grid
+from bundlerec.eval.metrics import paired_lift
 from bundlerec.bundles.matching import jaccard, match, prf
 from bundlerec.data.examples import load_split
 from bundlerec.serving.recommender import History, Recommender

@@ -78,22 +78,37 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
     """Test metrics of the export and of every baseline -> results.json + the MLflow run.
     ``export_dir`` is where the export is kept (recorded in results.json; may be an object-store
     URI), ``local`` a verified local copy of it (checked out when not given)."""
-    from bundlerec.eval.evaluate import evaluate_run, format_table
+    from bundlerec.eval.evaluate import evaluate_run, format_table, lifts
     from bundlerec.tracking import log_results
 
     local = local or integrity.checkout(export_dir, "export")
     prep_dir = cfg.data.output_dir
     manifest = json.loads(read_text(join(prep_dir, "manifest.json")))
     t = time.time()
-    metrics = evaluate_run(prep_dir, local, cfg, split="test")
+    per_example: dict = {}
+    metrics = evaluate_run(prep_dir, local, cfg, split="test", per_example=per_example)
     print("\n" + format_table(metrics, SUMMARY_METRICS) + "\n", flush=True)
+    lift = lifts(per_example, seed=cfg.train.seed)
+    for m, v in lift.items():
+        print(f"bundlerec vs {m:<9} " + "  ".join(f"{k} {x['lift']:+.1%} [{x['ci'][0]:+.1%}, {x['ci'][1]:+.1%}]"
+                                                for k, x in v.items()), flush=True)
     bundles = log_generation(cfg, local, run_id)
     results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
-               "export_dir": export_dir, "metrics": metrics, "bundles": bundles, "eval_seconds": time.time() - t,
+               "export_dir": export_dir, "metrics": metrics, "lift": lift, "bundles": bundles,
+               "eval_seconds": time.time() - t,
                "manifest": {k: manifest[k] for k in ("rows", "examples", "schema_hash")}, **(extra or {})}
     write_text(cfg.results_path, json.dumps(results, indent=2, default=str))  # atomic: the next stage reads it
     log_results(cfg.mlflow.tracking_uri, run_id, metrics, local,
                 files={"results": cfg.results_path, "prep": join(prep_dir, "manifest.json")})
+    import mlflow
+
+    from bundlerec.tracking import mlflow_name
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    for m, v in lift.items():  # test/lift/<method>/<metric>[_ci95_lo|hi]: bundlerec's paired lift over it
+        for k, x in v.items():
+            for suffix, val in (("", x["lift"]), ("_ci95_lo", x["ci"][0]), ("_ci95_hi", x["ci"][1])):
+                client.log_metric(run_id, f"test/lift/{m}/{mlflow_name(k)}{suffix}", val)
     results["report"] = log_report(cfg, run_id, local, metrics)
     return results
 
@@ -275,7 +290,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         from bundlerec.registry.promotion import register
 
         reg = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                       run_id=results["run_id"], model_name=cfg.serve.model_name)
+                       run_id=results["run_id"], model_name=cfg.serve.model_name,
+                       primary_metric=cfg.mlflow.primary_metric)
         print(f"registry: {reg['model_name']} v{reg['version']} -> {reg['alias']} ({reg['reason']})", flush=True)
         summary.update({"registered_version": reg["version"], "registered_alias": reg["alias"],
                         "champion_version": reg["champion_version"]})

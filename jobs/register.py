@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse(argv, __doc__)
     results = json.loads(read_text(cfg.results_path))  # a local file or an object-store URI
     out = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
-                   run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len)
+                   run_id=results["run_id"], model_name=cfg.serve.model_name, history_len=cfg.data.history_len,
+                   primary_metric=cfg.mlflow.primary_metric)
     print(json.dumps(out, indent=2))
     return out
 

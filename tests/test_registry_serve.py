@@ -91,6 +91,23 @@ def test_champion_only_moves_on_merit(registered):
     assert "does not beat champion v1" in reason
 
 
+def test_the_gate_compares_on_the_declared_bundle_metric(registered):
+    """mlflow.primary_metric=bundle_f1: versions are compared on the personalized bundles they serve
+    for the val baskets; the better bundle model takes the champion alias from a worse one."""
+    from bundlerec.registry.promotion import register
+
+    cfg, client, name = registered["cfg"], registered["client"], "bundlerec-bundle-gate"
+    kw = dict(model_name=name, history_len=cfg.data.history_len, primary_metric="bundle_f1")
+    worse = register(registered["worse_dir"], cfg.data.output_dir, registered["uri"], "registry-test", **kw)
+    good = register(registered["good_dir"], cfg.data.output_dir, registered["uri"], "registry-test", **kw)
+    assert worse["alias"] == "champion" and worse["reason"] == "first registered version"
+    assert good["alias"] == "champion" and good["val_bundle_f1"] > worse["val_bundle_f1"], (worse, good)
+    assert client.get_model_version_by_alias(name, "champion").version == good["version"]
+    tags = client.get_model_version(name, good["version"]).tags
+    assert tags["primary_metric"] == "bundle_f1" and tags["alias_reason"].startswith("val bundle_f1 ")
+    assert f"beats champion v{worse['version']}" in tags["alias_reason"]
+
+
 @pytest.mark.timeout(600)
 def test_concurrent_registrations_end_with_the_better_model_as_champion(registered, tmp_path):
     """Two registrations started at the same moment, each in its own process as two jobs would be

@@ -62,7 +62,7 @@ from bundlerec.bundles.rerank import RERANK_FILE, RERANK_MODEL, CategoryStats, R
 from bundlerec.config import PipelineConfig
 from bundlerec.data.schema import EVENT_TYPE_ID
 from bundlerec.data.statistics import CoStats, item_counts
-from bundlerec.eval.metrics import batch_metrics, pad_targets
+from bundlerec.eval.metrics import batch_metrics, pad_targets, paired_lift
 from bundlerec.integrity import amend
 
 log = logging.getLogger(__name__)
@@ -242,14 +242,6 @@ def bootstrap_mean_ci(v: np.ndarray, seed: int = 0) -> list[float]:
     idx = rng.integers(0, len(v), size=(BOOTSTRAP, len(v)))
     m = v[idx].mean(1)
     return [float(np.percentile(m, 2.5)), float(np.percentile(m, 97.5))]
-
-
-def paired_lift(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
-    """Relative lift mean(a)/mean(b) - 1 with a paired-bootstrap 95 % interval (same queries)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
-    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12) - 1
-    return {"lift": float(a.mean() / max(b.mean(), 1e-12) - 1), "ci": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]}
 
 
 def f1_ci(tr: np.ndarray, seed: int = 0) -> list[float]:

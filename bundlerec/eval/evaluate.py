@@ -18,7 +18,7 @@ from bundlerec.data.examples import load_split
 from bundlerec.eval.baselines import ItemKNN, Popular, Recent
 from bundlerec.eval.fusion import Fusion, FusionParams
 from bundlerec.eval.sasrec import SASRec, SASRecConfig, fit_sasrec
-from bundlerec.eval.metrics import MetricAccumulator
+from bundlerec.eval.metrics import MetricAccumulator, paired_lift
 from bundlerec.model.collate import history_tensors
 from bundlerec.model.lexical import Lexical
 from bundlerec.storage import join
@@ -31,7 +31,9 @@ class Scorer(Protocol):
 
 
 def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: list[int],
-                    history_len: int, batch_size: int = 256, name: str = "model") -> dict:
+                    history_len: int, batch_size: int = 256, name: str = "model", keep: dict | None = None) -> dict:
+    """Metrics of one scorer on ``examples`` with 95 % bootstrap intervals; ``keep``: filled with the
+    per-example values (metric -> array, in example order) for paired comparisons."""
     from bundlerec.progress import Progress
 
     acc = MetricAccumulator(ks, n_items)
@@ -43,7 +45,7 @@ def evaluate_scorer(scorer: Scorer, examples: pd.DataFrame, n_items: int, ks: li
         acc.update(scorer.score(batch).float(), chunk["targets"].tolist())
         progress.update(len(chunk))
     progress.done()
-    return acc.result(intervals=True)
+    return acc.result(intervals=True, keep=keep)
 
 
 def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, pooling: str = "auto",
@@ -61,8 +63,11 @@ def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, poo
     return model
 
 
-def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, split: str = "test") -> dict:
-    """Metrics of the exported model (if given) and of every configured baseline on ``split``."""
+def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, split: str = "test",
+                 per_example: dict | None = None) -> dict:
+    """Metrics of the exported model (if given) and of every configured baseline on ``split``;
+    ``per_example``: filled with method -> metric -> per-example values (see :func:`lifts`)."""
+    keep = (lambda m: per_example.setdefault(m, {})) if per_example is not None else (lambda m: None)  # noqa: E731
     import numpy as np
 
     from bundlerec.model.export import load_export
@@ -81,9 +86,9 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         # the history length the model was trained with (a Tune trial may differ from the base config)
         own = {**kw, "history_len": int(meta["history_len"])}
         fusion = Fusion.from_export(export_dir, model, n)  # the served recommender (bundlerec.eval.fusion)
-        out["bundlerec"] = evaluate_scorer(fusion, examples, **own, name="bundlerec")
+        out["bundlerec"] = evaluate_scorer(fusion, examples, **own, name="bundlerec", keep=keep("bundlerec"))
         if not fusion.tuned_only:  # the ablation: the fine-tuned two-tower alone
-            out["tuned"] = evaluate_scorer(model, examples, **own, name="tuned")
+            out["tuned"] = evaluate_scorer(model, examples, **own, name="tuned", keep=keep("tuned"))
         log.info("eval: bundlerec %.1fs", time.time() - t)
     for name in cfg.eval.baselines:
         t = time.time()
@@ -101,9 +106,19 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
             log.info("eval: sasrec trained %d epochs (val ndcg@10 %.4f)", scorer.epochs, scorer.best_val_ndcg)
         else:
             scorer = zeroshot_model(cfg.model.name_or_path, items, cfg.model.temperature, cfg.model.pooling, cfg.train)
-        out[name] = evaluate_scorer(scorer, examples, **kw, name=name)
+        out[name] = evaluate_scorer(scorer, examples, **kw, name=name, keep=keep(name))
         log.info("eval: %s %.1fs", name, time.time() - t)
     return out
+
+
+def lifts(per_example: dict, metrics=("ndcg@10", "recall@10"), seed: int = 0) -> dict:
+    """bundlerec's relative lift over every other method, per metric, with paired-bootstrap 95 %
+    intervals (the same test examples resampled for both)."""
+    if "bundlerec" not in per_example:
+        return {}
+    ours = per_example["bundlerec"]
+    return {m: {k: paired_lift(ours[k], v[k], seed) for k in metrics if k in v and k in ours}
+            for m, v in per_example.items() if m != "bundlerec"}
 
 
 def format_table(metrics: dict, cols=("ndcg@10", "recall@10", "mrr@10", "hitrate@10", "ndcg@20", "recall@20", "coverage@10")) -> str:

@@ -91,14 +91,27 @@ class MetricAccumulator:
         self.seen = {k: seen[i] > 0 for i, k in enumerate(self.ks)}
         return self
 
-    def result(self, intervals: bool = False) -> dict:
+    def result(self, intervals: bool = False, keep: dict | None = None) -> dict:
         out = {name: s / max(1, self.n) for name, s in sorted(self.sums.items())}
         for k in self.ks:
             out[f"coverage@{k}"] = float(self.seen[k].float().mean())
         out["n_examples"] = self.n
+        if keep is not None:
+            keep.update({name: np.concatenate(v) for name, v in self.values.items()})
         if intervals and self.n:
             out["ci95"] = {name: bootstrap_ci(np.concatenate(v)) for name, v in sorted(self.values.items())}
         return out
+
+
+def paired_lift(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = 1000) -> dict:
+    """Relative lift mean(a)/mean(b) - 1 with a paired-bootstrap 95 % interval (the same queries
+    resampled for both methods)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12) - 1
+    return {"lift": float(a.mean() / max(b.mean(), 1e-12) - 1),
+            "ci": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]}
 
 
 def bootstrap_ci(values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:

@@ -1,7 +1,9 @@
 """Promotion in the MLflow Model Registry: register an export as a pyfunc, move aliases on merit.
 
 The alias ``champion`` moves to a new version only if it beats the current champion on the same
-validation data (NDCG@10, both re-scored on this prep snapshot's val split); otherwise the new
+validation data (the declared primary metric, ``mlflow.primary_metric``: NDCG@10 of the served
+recommendations or the best-Jaccard F1 of personalized bundles, both re-scored on this prep
+snapshot's val split); otherwise the new
 version becomes ``challenger`` and the reason is recorded on the version. Aliases, not stages.
 
     mlflow.pyfunc.load_model("models:/bundlerec@champion").predict(events_df, params={"k": 10})
@@ -49,6 +51,26 @@ def validation_ndcg(rec, prep_dir: str, history_len: Optional[int] = None) -> fl
     return float(m["ndcg@10"])
 
 
+def validation_bundle_f1(rec, prep_dir: str, history_len: Optional[int] = None) -> float:
+    """Best-Jaccard F1 of the bundles a Recommender serves for the val baskets' histories
+    (bundlerec.engine_fit's protocol)."""
+    from bundlerec.engine_fit import basket_queries, generation_values, served_bundles
+    from bundlerec.bundles.matching import prf
+
+    queries = basket_queries(prep_dir, "val")
+    if not queries:
+        raise NoValidationData(f"{prep_dir} has no validation baskets of >= 2 items: the bundle_f1 gate needs them")
+    return float(prf(*generation_values(served_bundles(rec, queries), queries)["triplets"].sum(0))["f1"])
+
+
+SCORERS = {"ndcg@10": validation_ndcg, "bundle_f1": validation_bundle_f1}
+
+
+def score_tag(metric: str) -> str:
+    """The model-version tag that holds a version's score on ``metric`` (``val_ndcg_at_10``, ``val_bundle_f1``)."""
+    return "val_" + metric.replace("@", "_at_")
+
+
 def current_champion(client, model_name: str):
     """The champion's model version, or None when there is none yet (no such model, or no alias).
     Any other registry error (server fault, permissions, ...) is raised: promoting without the
@@ -64,24 +86,25 @@ def current_champion(client, model_name: str):
         raise
 
 
-def validation_data_id(prep_dir: str, history_len: Optional[int]) -> str:
-    """Which validation data a score was computed on: scores tagged with the same id compare."""
+def validation_data_id(prep_dir: str, history_len: Optional[int], metric: str = "ndcg@10") -> str:
+    """Which validation data (and metric) a score was computed on: scores tagged with the same id compare."""
     import hashlib
 
     from bundlerec.storage import join, read_text
 
-    text = read_text(join(prep_dir, "manifest.json")) + f"|history_len={history_len}"
+    text = read_text(join(prep_dir, "manifest.json")) + f"|history_len={history_len}" + \
+        ("" if metric == "ndcg@10" else f"|metric={metric}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _score_on(client, model_name: str, mv, data_id: str, prep_dir: str, history_len: Optional[int],
-              cache: dict) -> float:
-    """A version's val NDCG@10 on ``data_id``: its tag when it was scored on that data, else re-scored."""
-    if mv.tags.get("val_data") == data_id and "val_ndcg_at_10" in mv.tags:
-        return float(mv.tags["val_ndcg_at_10"])
+              cache: dict, metric: str = "ndcg@10") -> float:
+    """A version's val ``metric`` on ``data_id``: its tag when it was scored on that data, else re-scored."""
+    if mv.tags.get("val_data") == data_id and score_tag(metric) in mv.tags:
+        return float(mv.tags[score_tag(metric)])
     if mv.version not in cache:
         rec = mlflow.pyfunc.load_model(f"models:/{model_name}/{mv.version}").unwrap_python_model().rec
-        cache[mv.version] = validation_ndcg(rec, prep_dir, history_len)
+        cache[mv.version] = SCORERS[metric](rec, prep_dir, history_len)
     return cache[mv.version]
 
 
@@ -104,7 +127,7 @@ def set_alias(client, model_name: str, alias: str, version: str, tries: int = 5)
 
 
 def settle_champion(client, model_name: str, data_id: str, prep_dir: str, history_len: Optional[int],
-                    rounds: int = 10) -> tuple[object, float, Optional[object]]:
+                    rounds: int = 10, metric: str = "ndcg@10") -> tuple[object, float, Optional[object]]:
     """Move ``champion`` to the best version scored on ``data_id`` (or keep the current champion when
     none beats it), then read it back; repeat until what was read is what the evidence says.
 
@@ -120,11 +143,12 @@ def settle_champion(client, model_name: str, data_id: str, prep_dir: str, histor
         champ = current_champion(client, model_name)
         first = (champ,) if first == () else first
         scored = [mv for mv in client.search_model_versions(f"name='{model_name}'")
-                  if mv.tags.get("val_data") == data_id and "val_ndcg_at_10" in mv.tags]
+                  if mv.tags.get("val_data") == data_id and score_tag(metric) in mv.tags]
         pool = {mv.version: mv for mv in scored}
         if champ is not None:
             pool[champ.version] = champ
-        score = {v: _score_on(client, model_name, mv, data_id, prep_dir, history_len, cache) for v, mv in pool.items()}
+        score = {v: _score_on(client, model_name, mv, data_id, prep_dir, history_len, cache, metric)
+                 for v, mv in pool.items()}
         held = champ.version if champ is not None else None
         # strictly better moves it; on a tie the current champion stays, then the older version wins
         best = max(pool, key=lambda v: (score[v], v == held, -int(v)))
@@ -135,10 +159,10 @@ def settle_champion(client, model_name: str, data_id: str, prep_dir: str, histor
 
 
 def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str, run_id: Optional[str] = None,
-             model_name: str = MODEL_NAME, history_len: Optional[int] = None) -> dict:
+             model_name: str = MODEL_NAME, history_len: Optional[int] = None, primary_metric: str = "ndcg@10") -> dict:
     """Log ``export_dir`` as a pyfunc, register a new version, then settle champion/challenger on
-    validation merit (:func:`settle_champion`). Returns a summary. A torn or altered export is
-    refused before anything is registered (bundlerec.integrity)."""
+    validation merit in ``primary_metric`` (:data:`SCORERS`, :func:`settle_champion`). Returns a
+    summary. A torn or altered export is refused before anything is registered (bundlerec.integrity)."""
     from mlflow.models import infer_signature
 
     import bundlerec
@@ -152,8 +176,11 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     client = mlflow.MlflowClient(tracking_uri)
     export_dir = checkout(export_dir, "export")  # an object-store export: a verified local copy
     cand = Recommender.from_export(export_dir)  # verifies the export's manifest
-    cand_score = validation_ndcg(cand, prep_dir, history_len)
-    data_id = validation_data_id(prep_dir, history_len)
+    if primary_metric not in SCORERS:
+        raise ValueError(f"primary_metric must be one of {sorted(SCORERS)}, not {primary_metric!r}")
+    cand_score = SCORERS[primary_metric](cand, prep_dir, history_len)
+    data_id = validation_data_id(prep_dir, history_len, primary_metric)
+    label = f"val {primary_metric}"
 
     example = pd.DataFrame({"user_id": ["u1", "u1"], "item_id": [cand.item_ids[0], cand.item_ids[1]],
                             "event_type": ["view", "cart"],
@@ -174,21 +201,24 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     version = str(info.registered_model_version)
     # the evidence first (tags), then the alias: a racing registrant reads this score
     client.set_model_version_tag(model_name, version, "val_data", data_id)
-    client.set_model_version_tag(model_name, version, "val_ndcg_at_10", f"{cand_score:.6f}")
-    champion, champ_score, before = settle_champion(client, model_name, data_id, prep_dir, history_len)
+    client.set_model_version_tag(model_name, version, score_tag(primary_metric), f"{cand_score:.6f}")
+    client.set_model_version_tag(model_name, version, "primary_metric", primary_metric)
+    champion, champ_score, before = settle_champion(client, model_name, data_id, prep_dir, history_len,
+                                                    metric=primary_metric)
     if champion.version == version:
         alias = "champion"
         reason = ("first registered version" if before is None or before.version == version else
-                  f"val ndcg@10 {cand_score:.4f} beats champion v{before.version}")
+                  f"{label} {cand_score:.4f} beats champion v{before.version}")
     else:
         alias = "challenger"
-        reason = (f"val ndcg@10 {cand_score:.4f} does not beat champion v{champion.version} "
+        reason = (f"{label} {cand_score:.4f} does not beat champion v{champion.version} "
                   f"({champ_score:.4f}) on the same validation data")
         set_alias(client, model_name, alias, version)
     client.set_model_version_tag(model_name, version, "alias_reason", reason)
     client.update_model_version(model_name, version, description=reason)
     log.info("registry: %s v%s -> %s (%s)", model_name, version, alias, reason)
     return {"model_name": model_name, "version": version, "alias": alias, "reason": reason,
-            "val_ndcg_at_10": cand_score, "champion_val_ndcg_at_10": champ_score,
+            "primary_metric": primary_metric, score_tag(primary_metric): cand_score,
+            f"champion_{score_tag(primary_metric)}": champ_score,
             "champion_version": str(champion.version),
             "model_uri": f"models:/{model_name}/{version}", "run_id": source_run}

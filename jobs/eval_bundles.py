@@ -26,14 +26,14 @@ DEFAULTS = ["train.epochs=2", "train.max_steps_per_epoch=150", "train.micro_batc
 
 
 def print_table(res: dict) -> None:
-    for task, keys in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",))):
-        for dom, methods in res[task].items():
+    for task, keys in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)), ("personal", ("f1", "best_jaccard"))):
+        for dom, methods in res.get(task, {}).items():
             for m, v in methods.items():
                 cells = []
                 for k in keys:
                     ci = v.get(f"{k}_ci") or v.get("f1_ci" if k == "f1" else "")
                     cells.append(f"{k} {v[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
-                print(f"{task:<11}{dom:<11}{m:<10}" + "  ".join(cells))
+                print(f"{task:<11}{dom:<11}{m:<16}" + "  ".join(cells))
     for dom, methods in res.get("intent", {}).items():
         for m, v in methods.items():
             ci = v["recall@10_ci"]

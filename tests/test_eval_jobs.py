@@ -68,6 +68,13 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
             n = res["naming"][domain][method]
             assert n["n"] > 0 and n["rouge1_f1_ci"][0] <= n["rouge1_f1"] <= n["rouge1_f1_ci"][1]
         assert 0 <= res["seen_share"][domain]["eval_targets_seen"] <= 1
+        # personalized generation: history (a session's first bundle) -> its other bundles
+        p = res["personal"][domain]
+        for method in ("bundlerec", "itemknn_greedy", "zeroshot_greedy", "lexical_greedy", "popular_pairs",
+                       "intent", "intent+history"):
+            v = p[method]
+            assert v["sessions"] > 0 and 0 <= v["f1"] <= 1 and v["best_jaccard_ci"][0] <= v["best_jaccard"] <= v["best_jaccard_ci"][1]
+        assert res["personal_lift"][domain]["vs"] in ("itemknn_greedy", "zeroshot_greedy", "lexical_greedy", "popular_pairs")
         # the text encoder and the lexical index know what goes together: better than popularity
         for m in ("zeroshot", "lexical"):
             assert res["completion"][domain][m]["recall@20"] > res["completion"][domain]["popular"]["recall@20"]
@@ -80,6 +87,8 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     assert res["selection"]["rerank"]["positives"] > 0
     assert os.path.exists(f"{export}/rerank.skops") == res["engine_params"]["rerank"]
     assert json.load(open(f"{export}/intent_names.json"))["weights"] == res["selection"]["naming"]["chosen"]
+    ih = res["selection"]["intent_history"]
+    assert res["engine_params"]["intent_history"] == json.loads(max(ih["val_f1"], key=ih["val_f1"].get))
 
     # evaluated as served: the serving object's completion reproduces the evaluation's figure
     from bundlerec.bundles.evaluate import completion_queries
@@ -94,6 +103,23 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     # (one query's worth of slack: the evaluation scores carts in batches, the endpoint one at a time,
     # and a batched matmul may round a near-tie the other way)
     assert abs(sum(hits) / len(hits) - res["completion"]["food"]["bundlerec"]["recall@10"]) <= 1 / len(hits) + 1e-9
+    # personalized generation as scored is what the serving object returns for the history as
+    # purchase events (alone, and with the description)
+    from datetime import datetime, timezone
+
+    from bundlerec.bundles.evaluate import personal_bundles, personal_queries
+
+    qs = [q for q in personal_queries(d, rec.item_pos) if q[1]][:5]
+    assert qs
+    when = datetime(2014, 1, 1, tzinfo=timezone.utc)
+    qscores = rec.bundle_engine.query_scores([q[1] for q in qs])
+    for mode, query in (("history", False), ("both", True)):
+        for (hist, intent, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs, mode, qscores=qscores)):
+            h = rec.history_from_events([{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": when}
+                                         for i in hist], now=when)
+            c = rec.bundle_constraints(h, n=3, max_size=4)
+            got = rec.bundles_for(h, c, query=intent if query else None)
+            assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got] == want, (mode, intent)
 
 
 def test_eval_pricing_command(tmp_path):

@@ -401,7 +401,10 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         code, body = _post(f"{base}/v1/bundles", {"query": "a starter kit for a new hobby", "n": 2, "max_size": 3})
         assert code == 200 and body["history_source"] == "query", body
         assert 1 <= len(body["bundles"]) <= 2 and all(2 <= len(b["items"]) <= 3 for b in body["bundles"])
-        assert _post(f"{base}/v1/bundles", {"query": "kit", "user_id": user})[0] == 422
+        # a description together with a history: both seed the bundles (bundlerec.bundles.engine.intent_and_history)
+        code, both = _post(f"{base}/v1/bundles", {"query": "a starter kit for a new hobby", "user_id": user, "n": 2})
+        assert code == 200 and both["history_source"] == "query+user" and both["bundles"], both
+        assert _post(f"{base}/v1/bundles", {"query": "kit", "user_id": user, "events": events})[0] == 422
         assert _post(f"{base}/v1/bundles", {"query": "   "})[0] == 422
         # prices come from the fitted model the export carries, and depend on what is in the bundle
         assert {b["price_source"] for b in body["bundles"]} == {"fitted"}

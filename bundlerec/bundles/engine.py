@@ -79,6 +79,9 @@ class EngineParams:
     generation: dict = field(default_factory=lambda: {"relevance_weight": 0.5, "candidates": 60, "max_per_category": 1})
     """Personalized generation (:class:`bundlerec.bundles.generate.BundleConstraints` fields): the
     weight of the user's relevance against compatibility, the candidate pool, items per category."""
+    intent_history: dict = field(default_factory=lambda: {"query": 0.5, "history": 0.5})
+    """A shopper's description together with their history: weights of the standardised query scores
+    and history scores whose sum seeds personalized generation (:meth:`BundleEngine.intent_and_history`)."""
     rerank: bool = False
     """Completion: re-order the fused top candidates with the export's re-ranker
     (:mod:`bundlerec.bundles.rerank`, ``rerank.json`` + ``rerank.skops``)."""
@@ -90,6 +93,8 @@ class EngineParams:
                | set(self.query) - set(QUERY_CHANNELS))
         if bad:
             raise ValueError(f"unknown engine channels {sorted(bad)}; known: {CHANNELS} / {COMPAT_TERMS}")
+        if set(self.intent_history) - {"query", "history"}:
+            raise ValueError(f"intent_history takes the weights query and history, not {sorted(self.intent_history)}")
         bad = set(self.generation) - GENERATION_KNOBS
         if bad:
             raise ValueError(f"unknown generation parameters {sorted(bad)}; known: {sorted(GENERATION_KNOBS)}")
@@ -321,6 +326,20 @@ class BundleEngine:
                 raw = channels[ch] if channels is not None and ch in channels else self.query_channel_scores(ch, texts)
                 out += w * _standardize(raw)
         return out
+
+    def intent_and_history(self, text: str, history_scores: Optional[np.ndarray]) -> np.ndarray:
+        """(N,) relevance of every item for a description plus a history: the ``intent_history``
+        weighted sum of the standardised query fusion and the standardised history scores (the
+        query alone for a shopper with no history)."""
+        return self.combine_intent_history(self.query_scores([text])[0], history_scores)
+
+    def combine_intent_history(self, query_scores: np.ndarray, history_scores: Optional[np.ndarray]) -> np.ndarray:
+        """:meth:`intent_and_history` from precomputed (N,) query and history scores."""
+        q = _standardize(np.asarray(query_scores, dtype=np.float64)[None, :])[0]
+        if history_scores is None:
+            return q
+        w = self.params.intent_history
+        return w.get("query", 0.5) * q + w.get("history", 0.5) * _standardize(np.asarray(history_scores, dtype=np.float64)[None, :])[0]
 
     def from_query(self, text: str, c: BundleConstraints) -> list[dict]:
         """Priced bundles seeded by a free-text query (the query's best items, grown by compatibility)."""

@@ -20,8 +20,14 @@ Protocol (every choice on data carved from the training directory, never on the 
 
 Completion: given an evaluation bundle's first item (and, separately, its first half), rank the
 whole catalog for the rest. Detection ("generation F1"): partition each evaluation session's items
-into bundles, matched one-to-one to the annotated ones by Jaccard. Intervals: percentile bootstrap
-over queries (sessions for F1); bundlerec's lift over the best baseline by paired bootstrap.
+into bundles, matched one-to-one to the annotated ones by Jaccard. Personalized generation
+(``personal``): each session with >= 2 bundles gives its first bundle as the shopper's history
+(purchase events) and its other bundles as the targets; what ``POST /v1/bundles`` generates for that
+history (history alone, the annotated intent of the first target alone, or both: the
+``intent_history`` weights chosen on validation sessions) is matched one-to-one to the targets (F1)
+and scored by its best Jaccard, against itemknn / zeroshot / lexical greedy growth and popular pairs.
+Intervals: percentile bootstrap over queries (sessions for F1); bundlerec's lift over the best
+baseline by paired bootstrap.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -49,7 +55,7 @@ from bundlerec.bundles.engine import (
     top_k,
     write_engine_assets,
 )
-from bundlerec.bundles.generate import bundle_name
+from bundlerec.bundles.generate import BundleConstraints, bundle_name
 from bundlerec.bundles.intent import Domain, load
 from bundlerec.model.lexical import GRID as LEXICAL_GRID
 from bundlerec.model.lexical import Lexical
@@ -216,6 +222,101 @@ def session_truth(d: Domain, index: dict) -> list[tuple[list[int], list[list[int
     truth = d.bundles.groupby("session_id")["items"].agg(list)
     return [([index[i] for i in s.items if i in index], [[index[i] for i in b] for b in truth[s.session_id]])
             for s in d.sessions.itertuples() if s.session_id in truth.index]
+
+
+# ------------------------------------------------------------------------------ personalized generation
+PERSONAL_N, PERSONAL_MAX_SIZE = 3, 4  # the request defaults of /v1/bundles
+INTENT_HISTORY_GRID = ({"query": 0.25, "history": 0.75}, {"query": 0.5, "history": 0.5}, {"query": 0.75, "history": 0.25})
+# history -> bundles baselines: greedy growth from one channel's relevance, the baseline's compatibility
+PERSONAL_BASELINES = {"itemknn_greedy": ("cooccurrence", {"data": 1.0}), "zeroshot_greedy": ("pretrained", {"pretrained": 1.0}),
+                      "lexical_greedy": ("lexical", {"lexical": 1.0}), "popular_pairs": ("popularity", {"data": 1.0})}
+
+
+def personal_queries(d: Domain, index: dict) -> list[tuple[list[int], str | None, list[list[int]]]]:
+    """(history, intent, targets) per session with >= 2 annotated bundles: the history is the
+    session's first bundle (as purchases), the targets its other bundles, the intent the annotated
+    intent of the first target (None where it has none)."""
+    out = []
+    for _, g in d.bundles.sort_values("bundle_id").groupby("session_id", sort=True):
+        if len(g) < 2:
+            continue
+        bundles = [[index[i] for i in b] for b in g["items"]]
+        intent = g["intent"].iloc[1] if "intent" in g else None
+        out.append((bundles[0], intent if isinstance(intent, str) and intent.strip() else None, bundles[1:]))
+    return out
+
+
+def personal_bundles(engine: BundleEngine, queries: list, mode: str = "history", channel: str = "tuned",
+                     qscores: np.ndarray | None = None) -> list[list[list[int]]]:
+    """What ``POST /v1/bundles`` generates for each query's history given as purchase events (the
+    history's items excluded, the export's generation knobs): ``mode`` history (the history's scores
+    by ``channel``: the served recommender of a bundle export is the fine-tuned two-tower, ``tuned``),
+    intent (the description alone) or both (``BundleEngine.combine_intent_history``)."""
+    out = []
+    for k, (hist, _, _) in enumerate(queries):
+        c = BundleConstraints(n=PERSONAL_N, max_size=PERSONAL_MAX_SIZE, exclude=tuple(dict.fromkeys(hist)),
+                              **engine.params.generation)
+        h = engine.channel_scores(channel, [hist])[0] if mode != "intent" else None
+        s = h if mode == "history" else engine.combine_intent_history(qscores[k], h)
+        out.append([b["items"] for b in engine.personalized(s, c, set(hist))])
+    return out
+
+
+def personal_values(generated: list, queries: list) -> dict:
+    """Per query: (matched Jaccard, #generated, #targets) of the one-to-one matching, and the best
+    Jaccard of any generated bundle with any target."""
+    from bundlerec.bundles.matching import jaccard
+
+    trip = np.asarray([match(g, t) for g, (_, _, t) in zip(generated, queries)], dtype=np.float64).reshape(-1, 3)
+    best = np.asarray([max((jaccard(b, x) for b in g for x in t), default=0.0) for g, (_, _, t) in zip(generated, queries)])
+    return {"triplets": trip, "best_jaccard": best}
+
+
+def select_intent_history(engine: BundleEngine, val: dict[str, Domain], index: dict) -> tuple[dict, dict]:
+    """The weights of a description against a history, by pooled F1 of intent + history on the
+    validation sessions with an intent; the default where there are none."""
+    qs = [q for d in val.values() for q in personal_queries(d, index) if q[1]]
+    if not qs:
+        return EngineParams().intent_history, {"chosen_on": "no validation sessions with an intent: the default"}
+    qscores = engine.query_scores([q[1] for q in qs])
+    f1 = {}
+    for w in INTENT_HISTORY_GRID:
+        e = engine.with_params(replace(engine.params, intent_history=w))
+        f1[json.dumps(w)] = f1_of(personal_values(personal_bundles(e, qs, "both", qscores=qscores), qs)["triplets"])
+    best = json.loads(max(f1, key=f1.get))
+    return best, {"chosen_on": "validation sessions with an intent", "sessions": len(qs), "val_f1": f1}
+
+
+def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> tuple[dict, dict]:
+    """Personalized generation on one evaluation domain: bundlerec (history), the greedy baselines,
+    and, on the sessions with an intent, intent alone and intent + history; with intervals."""
+    qs = personal_queries(d, index)
+    out, per = {}, {}
+    if not qs:
+        return out, {}
+    methods = {"bundlerec": (engine, "tuned")}
+    for m, (ch, compat) in PERSONAL_BASELINES.items():
+        if not engine._absent(ch):
+            methods[m] = (engine.with_params(replace(engine.params, compat=compat)), ch)
+    for m, (e, ch) in methods.items():
+        per[m] = personal_values(personal_bundles(e, qs, "history", ch), qs)
+    iq = [q for q in qs if q[1]]
+    if iq:
+        qscores = engine.query_scores([q[1] for q in iq])
+        for m, mode in (("intent", "intent"), ("intent+history", "both")):
+            per[m] = personal_values(personal_bundles(engine, iq, mode, qscores=qscores), iq)
+        per["history_on_intent_sessions"] = personal_values(personal_bundles(engine, iq, "history"), iq)
+    for m, v in per.items():
+        out[m] = {"sessions": len(v["best_jaccard"]), **prf(*v["triplets"].sum(0)), "f1_ci": f1_ci(v["triplets"], seed),
+                  "best_jaccard": float(v["best_jaccard"].mean()), "best_jaccard_ci": bootstrap_mean_ci(v["best_jaccard"], seed)}
+    base = [m for m in PERSONAL_BASELINES if m in out]
+    best = max(base, key=lambda m: out[m]["best_jaccard"]) if base else None
+    lift = {"vs": best, "best_jaccard": paired_lift(per["bundlerec"]["best_jaccard"], per[best]["best_jaccard"], seed)} if best else {}
+    if iq:
+        lift["intent+history_vs_intent"] = paired_lift(per["intent+history"]["best_jaccard"], per["intent"]["best_jaccard"], seed)
+        lift["intent+history_vs_history"] = paired_lift(per["intent+history"]["best_jaccard"],
+                                                        per["history_on_intent_sessions"]["best_jaccard"], seed)
+    return out, lift
 
 
 def detection_triplets(engine: BundleEngine | None, sessions: list, popularity: np.ndarray | None = None) -> np.ndarray:
@@ -432,6 +533,8 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
                           selection={"chosen_on": "validation users carved from the training directory",
                                      "completion_val_recall@10": rerank_val[str(use_rerank)],
                                      "detection_val_f1": det[best_c]["val_f1"]})
+    params.intent_history, selection["intent_history"] = select_intent_history(engine.with_params(params), val, index)
+    log.info("eval_bundles: intent + history weights %s", params.intent_history)
     params.save(export)
     return selection
 
@@ -526,6 +629,10 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
+        personal, personal_lift = score_personal(engine, d, index, cfg.train.seed)
+        if personal:
+            out.setdefault("personal", {})[name] = personal
+            out.setdefault("personal_lift", {})[name] = personal_lift
         share = lambda bs: float(np.mean([index[i] in seen for b in bs["items"] for i in b[1:]])) if len(bs) else float("nan")  # noqa: E731
         out["seen_share"][name] = {"val_targets_seen": share(val[name].bundles) if name in val else None,
                                    "eval_targets_seen": share(d.bundles)}
@@ -541,13 +648,16 @@ def summarize_folds(results: dict[int, dict]) -> dict:
     out: dict = {"folds": sorted(results)}
     first = next(iter(results.values()))
     for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)),
-                          ("intent", ("recall@10", "ndcg@10")), ("naming", ("rouge1_f1",))):
+                          ("intent", ("recall@10", "ndcg@10")), ("naming", ("rouge1_f1",)),
+                          ("personal", ("f1", "best_jaccard"))):
         if task not in first:
             continue
         out[task] = {}
         for dom, methods in first[task].items():
             out[task][dom] = {}
             for m in methods:
+                if not all(m in r[task].get(dom, {}) for r in results.values()):
+                    continue
                 out[task][dom][m] = {k: {"mean": float(np.mean(v := [r[task][dom][m][k] for r in results.values()])),
                                          "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k in metrics}
     for key, metric in (("lift", "recall@10"), ("intent_lift", "recall@10"), ("naming_lift", "rouge1_f1")):
@@ -565,7 +675,9 @@ def markdown(res: dict) -> str:
         sm = res["summary"]
         for task, metric, title in (("completion", "recall@10", "Completion Recall@10"), ("completion", "ndcg@10", "Completion NDCG@10"),
                                     ("intent", "recall@10", "Intent -> bundle Recall@10"), ("generation", "f1", "Detection F1"),
-                                    ("naming", "rouge1_f1", "Bundle names: ROUGE-1 F1 against the annotated intent")):
+                                    ("naming", "rouge1_f1", "Bundle names: ROUGE-1 F1 against the annotated intent"),
+                                    ("personal", "best_jaccard", "Personalized generation (history -> the session's other bundles): best Jaccard"),
+                                    ("personal", "f1", "Personalized generation: one-to-one F1")):
             if task not in sm:
                 continue
             doms = list(sm[task])
@@ -574,7 +686,7 @@ def markdown(res: dict) -> str:
                       "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
             for m in methods:
                 lines.append(f"| {m} | " + " | ".join(f"{sm[task][d][m][metric]['mean']:.4f} ± {sm[task][d][m][metric]['sd']:.4f}"
-                                                     for d in doms) + " |")
+                                                     if m in sm[task][d] else "–" for d in doms) + " |")
             lines.append("")
         for key, title in (("lift", "bundlerec's completion Recall@10 lift over the best baseline"),
                            ("intent_lift", "bundlerec's intent Recall@10 lift over the best of lexical/zeroshot"),
@@ -588,7 +700,8 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {d} | {v['mean']:+.1%} | {per} |")
             lines.append("")
         return "\n".join(lines)
-    for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1"), ("naming", "rouge1_f1")):
+    for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1"), ("naming", "rouge1_f1"),
+                         ("personal", "best_jaccard")):
         if task not in res:
             continue
         doms = list(res[task])
@@ -597,9 +710,9 @@ def markdown(res: dict) -> str:
         for m in methods:
             cells = []
             for d in doms:
-                v = res[task][d][m]
-                ci = v.get(f"{metric}_ci")
-                cells.append(f"{v[metric]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+                v = res[task][d].get(m)
+                ci = v.get(f"{metric}_ci") if v else None
+                cells.append("–" if v is None else f"{v[metric]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

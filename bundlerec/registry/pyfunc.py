@@ -26,7 +26,7 @@ BUNDLE_COLUMNS = ["user_id", "bundle_rank", "name", "item_ids", "list_price", "b
 COMPLETE_COLUMNS = ["user_id", "rank", "item_id", "score", "title", "price", "reason"]
 PARAMS = {"k": 10, "output": "items", "n": _DEFAULT_BUNDLE.n, "max_size": _DEFAULT_BUNDLE.max_size, "budget": 0.0,
           "max_discount": _DEFAULT_BUNDLE.limits.max_discount, "min_margin": _DEFAULT_BUNDLE.limits.min_margin,
-          "price_ending": -1.0}  # price_ending < 0: none
+          "price_ending": -1.0, "query": ""}  # price_ending < 0: none; query "": bundles from the history alone
 
 
 class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
@@ -36,7 +36,8 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
     with events are that user's live session; a user with only a ``user_id`` row (item_id null) is
     looked up in the training snapshot. Output: one row per (user, rank); with
     ``params={"output": "bundles", "n": 3, "max_size": 4, "budget": 0}`` one row per priced bundle
-    (price limits: ``max_discount``, ``min_margin``, ``price_ending``, as in ``POST /v1/bundles``);
+    (price limits: ``max_discount``, ``min_margin``, ``price_ending``, as in ``POST /v1/bundles``; a
+    ``query`` param combines a shopper's description with each user's history, as the endpoint does);
     with ``params={"output": "complete"}`` each user's ``item_id`` rows are a cart and the rows are the
     k items that complete it (the bundle engine's completion, as ``jobs.eval_bundles`` measures it).
     """
@@ -86,7 +87,8 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
                 limits = PriceLimits(float(p["max_discount"]), float(p["min_margin"]),
                                      float(p["price_ending"]) if float(p["price_ending"]) >= 0 else None)
                 for r, b in enumerate(self.rec.bundles(h, n=int(p["n"]), max_size=int(p["max_size"]),
-                                                       budget=float(p["budget"]) or None, limits=limits), 1):
+                                                       budget=float(p["budget"]) or None, limits=limits,
+                                                       query=str(p["query"]).strip() or None), 1):
                     rows.append((uid, r, b["name"], json.dumps([i["item_id"] for i in b["items"]]), b["list_price"],
                                  b["bundle_price"], b["discount"], b["price_source"], not h.items))
             return pd.DataFrame(rows, columns=BUNDLE_COLUMNS)

@@ -427,9 +427,15 @@ class BundlerecService:
             kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
                       limits=req.limits())
             loop = asyncio.get_running_loop()
-            if req.query is not None:
+            if req.query is not None and req.user_id is None and req.events is None:
                 out = await loop.run_in_executor(self._bundle_pool, lambda: m.rec.query_bundles(req.query, **kw))
                 cold, unknown, source = False, [], "query"
+            elif req.query is not None:  # a description together with a history
+                h = (m.rec.history_from_events([e.model_dump() for e in req.events], now=req.as_of)
+                     if req.events is not None else m.rec.history_for_user(req.user_id))
+                c = m.rec.bundle_constraints(h, **kw)
+                out = await loop.run_in_executor(self._bundle_pool, lambda: m.rec.bundles_for(h, c, query=req.query))
+                cold, unknown, source = not h.items, h.unknown_items, f"query+{h.source}"
             else:
                 if req.events is not None:
                     h = m.rec.history_from_events([e.model_dump() for e in req.events], now=req.as_of)

@@ -190,15 +190,32 @@ class Recommender:
 
     def bundles(self, h: History, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size, budget: Optional[float] = None,
                 allow_repeats: bool = _BUNDLE.allow_repeats, exclude_purchased: bool = True,
-                limits: PriceLimits = _BUNDLE.limits) -> list[dict]:
-        """Personalized, priced bundles for one history (the bundle engine over this user's scores)."""
+                limits: PriceLimits = _BUNDLE.limits, query: Optional[str] = None) -> list[dict]:
+        """Personalized, priced bundles for one history (the bundle engine over this user's scores),
+        combined with a shopper's description when ``query`` is given."""
         c = self.bundle_constraints(h, n, max_size, budget, allow_repeats, exclude_purchased, limits)
-        return self.bundles_for(h, c)
+        return self.bundles_for(h, c, query=query)
 
-    def bundles_for(self, h: History, c: BundleConstraints, ranked: Optional[list] = None) -> list[dict]:
+    def bundles_for(self, h: History, c: BundleConstraints, ranked: Optional[list] = None,
+                    query: Optional[str] = None) -> list[dict]:
         """:meth:`bundles` with the constraints built and, optionally, the retrieval done (the Serve
-        replica retrieves through its request batcher, then generates off the event loop)."""
-        return self.bundle_engine.personalized(self.bundle_scores(h, c, ranked), c, seen=set(h.items))
+        replica retrieves through its request batcher, then generates off the event loop). With
+        ``query`` (a shopper's description) the seeds combine it with the history
+        (:meth:`BundleEngine.intent_and_history`, the whole catalog scored exactly)."""
+        if query is not None:
+            scores = self.bundle_engine.intent_and_history(query, self.catalog_scores(h) if h.items else None)
+        else:
+            scores = self.bundle_scores(h, c, ranked)
+        return self.bundle_engine.personalized(scores, c, seen=set(h.items))
+
+    @torch.no_grad()
+    def catalog_scores(self, h: History) -> np.ndarray:
+        """(N,) the recommender's score of every catalog item for one warm history (exact)."""
+        items, types, age, valid = pad_history([h.items], [h.types], [h.ages], self.history_len)
+        batch = {"hist_items": torch.as_tensor(items), "hist_types": torch.as_tensor(types),
+                 "hist_age": torch.as_tensor(age), "hist_valid": torch.as_tensor(valid)}
+        s = self.fusion.score(batch) if self.fusion is not None else self.model.score(batch)
+        return s[0].double().numpy()
 
     def query_bundles(self, text: str, n: int = _BUNDLE.n, max_size: int = _BUNDLE.max_size,
                       budget: Optional[float] = None, allow_repeats: bool = _BUNDLE.allow_repeats,

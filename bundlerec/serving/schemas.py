@@ -78,15 +78,19 @@ class RecommendationRequest(BaseModel):
 
 
 class BundleRequest(RecommendationRequest):
-    """Same history sources as recommendations, or a free-text ``query``, plus the bundle constraints."""
+    """Same history sources as recommendations, a free-text ``query``, or a query together with a
+    history, plus the bundle constraints."""
 
     query: Optional[str] = Field(default=None, min_length=1, max_length=512,
-                                 description='a shopping intent as the seed instead of a history, e.g. "a camping starter kit"')
+                                 description='a shopping intent, e.g. "a camping starter kit": alone it seeds the '
+                                             'bundles; with user_id or events it is combined with that history')
 
     @model_validator(mode="after")
     def _one_source(self):
-        if sum(x is not None for x in (self.user_id, self.events, self.query)) != 1:
-            raise ValueError("give exactly one of user_id, events or query")
+        if self.user_id is not None and self.events is not None:
+            raise ValueError("give at most one of user_id or events")
+        if self.user_id is None and self.events is None and self.query is None:
+            raise ValueError("give user_id, events or query (a query may come with user_id or events)")
         if self.query is not None and not self.query.strip():
             raise ValueError("query needs some text")
         return self

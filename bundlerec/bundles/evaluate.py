@@ -252,13 +252,13 @@ def personal_bundles(engine: BundleEngine, queries: list, mode: str = "history",
     history's items excluded, the export's generation knobs): ``mode`` history (the history's scores
     by ``channel``: the served recommender of a bundle export is the fine-tuned two-tower, ``tuned``),
     intent (the description alone) or both (``BundleEngine.combine_intent_history``)."""
-    out = []
+    out, pos = [], {i: k for k, i in enumerate(engine.item_ids)}
     for k, (hist, _, _) in enumerate(queries):
         c = BundleConstraints(n=PERSONAL_N, max_size=PERSONAL_MAX_SIZE, exclude=tuple(dict.fromkeys(hist)),
                               **engine.params.generation)
         h = engine.channel_scores(channel, [hist])[0] if mode != "intent" else None
         s = h if mode == "history" else engine.combine_intent_history(qscores[k], h)
-        out.append([b["items"] for b in engine.personalized(s, c, set(hist))])
+        out.append([[pos[i["item_id"]] for i in b["items"]] for b in engine.personalized(s, c, set(hist))])
     return out
 
 

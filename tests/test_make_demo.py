@@ -45,6 +45,11 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     _served_engine_is_the_one_its_run_selected(mlflow_server, summary, results)
     # model behaviour: fine-tuned beats most-popular on the held-out baskets
     assert summary["metrics"]["bundlerec"]["ndcg@10"] > summary["metrics"]["popular"]["ndcg@10"]
+    # the served fusion, chosen on validation, is ahead of every baseline on NDCG@10 (on the tiny
+    # config by 0.06 over itemknn; on Recall@10 itemknn comes within 0.01 there: docs/benchmarks.md)
+    m = summary["metrics"]
+    assert all(m["bundlerec"]["ndcg@10"] > m[b]["ndcg@10"] for b in baselines), m
+    assert all(m["bundlerec"]["recall@10"] > m[b]["recall@10"] - 0.01 for b in baselines), m
 
     run = mlflow_get(mlflow_server, "runs/get", run_id=summary["run_id"])["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}

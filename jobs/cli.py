@@ -75,6 +75,20 @@ for _stage, (_module, _, _short) in STAGES.items():
     _add_stage(_stage, _module, _short)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"bundlerec {version('bundlerec')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                           help="Print the installed bundlerec version and exit.")) -> None:
+    """bundlerec: clickstream logs -> fine-tuned two-tower model -> priced bundles over HTTP."""
+
+
 def project_root() -> Path:
     """The folder holding jobs/ (what ``ray job submit`` uploads as the job's working directory)."""
     return Path(__file__).resolve().parent.parent

@@ -30,6 +30,10 @@ def test_help_lists_every_stage_and_each_stage_explains_itself():
     assert "--config" in r.stdout and "dotted overrides" in r.stdout and "Ray Data" not in r.stderr
     r = _run("eval-bundles", "--help")
     assert r.returncode == 0 and "--eval-dir" in r.stdout
+    from importlib.metadata import version
+
+    r = _run("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"bundlerec {version('bundlerec')}"
 
 
 def test_a_bad_override_fails_with_one_clear_line_and_no_compute():

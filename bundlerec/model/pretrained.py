@@ -51,7 +51,7 @@ def resolve_model_path(name_or_path: str) -> str:
     except Exception as e:  # LocalEntryNotFoundError, RepositoryNotFoundError, offline errors ...
         raise ModelNotFoundError(
             f"model {name_or_path!r} is not available locally ({type(e).__name__}). Point "
-            f"model.name_or_path at a local copy (e.g. `huggingface-cli download {name_or_path} "
+            f"model.name_or_path at a local copy (e.g. `hf download {name_or_path} "
             f"--local-dir models/x` on a machine with access, then model.name_or_path=models/x), "
             f"or set BUNDLEREC_ALLOW_DOWNLOAD=1 to let it download."
         ) from None

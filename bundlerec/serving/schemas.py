@@ -46,10 +46,15 @@ def plausible_time(t: datetime) -> datetime:
     return t
 
 
+_EVENTS_EXAMPLE = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-03-01T10:00:00Z"},
+                   {"item_id": "I000002", "event_type": "cart", "event_time": "2026-03-01T10:05:00Z"}]
+
+
 class RecommendationRequest(BaseModel):
     """Either ``user_id`` (history from the training snapshot) or ``events`` (a live session)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"user_id": "U0000001", "k": 10}, {"events": _EVENTS_EXAMPLE, "k": 5}]})
     user_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
     events: Optional[list[Event]] = Field(default=None, max_length=MAX_EVENTS)
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
@@ -81,6 +86,9 @@ class BundleRequest(RecommendationRequest):
     """Same history sources as recommendations, a free-text ``query``, or a query together with a
     history, plus the bundle constraints."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"user_id": "U0000001", "n": 3, "max_size": 4}, {"query": "a camping starter kit", "budget": 300.0},
+        {"query": "a gift for a runner", "events": _EVENTS_EXAMPLE, "max_discount": 0.3, "price_ending": 0.99}]})
     query: Optional[str] = Field(default=None, min_length=1, max_length=512,
                                  description='a shopping intent, e.g. "a camping starter kit": alone it seeds the '
                                              'bundles; with user_id or events it is combined with that history')
@@ -114,7 +122,7 @@ class BundleRequest(RecommendationRequest):
 class CompletionRequest(BaseModel):
     """The items already in a cart or a started bundle; the answer completes it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": ["I000001", "I000002"], "k": 10}]})
     items: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         min_length=1, max_length=MAX_EVENTS, description="item ids of the cart (order does not matter)")
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
@@ -200,7 +208,7 @@ class UserSample(BaseModel):
 
 
 class HistoryRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "U0000001"}]})
     user_id: str = Field(min_length=1, max_length=128)
 
 

@@ -104,6 +104,15 @@ class DataConfig:
     promotion refuse prepared data without validation examples (selection never falls back on test)."""
     test_baskets: int = 1
     """Per user, the last baskets held out for testing."""
+    split: str = "per_user"
+    """per_user: each user's last baskets are val/test (val_baskets, test_baskets); other users'
+    later baskets stay in training. global_time: one cutoff pair for everyone (val_fraction,
+    test_fraction of the target events by time): nothing after the validation cutoff trains."""
+    val_fraction: float = 0.1
+    """global_time: the share of target events (the latest before the test share) for validation."""
+    test_fraction: float = 0.1
+    """global_time: the share of target events (the latest) for testing; per_user: where prep
+    places the cutoff it reports later training data against."""
     item_max_tokens: int = 32
     """Token budget for one item's text (title, category, brand, price)."""
     max_bad_fraction: float = 0.05
@@ -129,6 +138,9 @@ class DataConfig:
         _check(self.history_len <= self.max_history_len <= 512, "data.max_history_len must be in [history_len, 512]")
         _check(self.target_event in {"view", "click", "cart", "purchase"}, "data.target_event")
         _check(self.val_baskets >= 0 and self.test_baskets >= 1, "data.val_baskets>=0, test_baskets>=1")
+        _check(self.split in {"per_user", "global_time"}, f"data.split must be per_user or global_time, not {self.split!r}")
+        _check(0 < self.test_fraction < 1 and 0 <= self.val_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+               "data.val_fraction and data.test_fraction must be shares with val_fraction + test_fraction < 1")
         _check(8 <= self.item_max_tokens <= 512, "data.item_max_tokens must be in [8, 512]")
         _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]")
         _check(self.num_shards >= 1, "data.num_shards must be >= 1")

@@ -223,7 +223,7 @@ def _fit_bundles(export_dir: str, prep_dir: str, seed: int) -> dict:
     completion = {json.dumps(w): float(completion_values(eng.with_params(EngineParams(completion=w)), carts, cache)
                                        ["recall@10"].mean()) for w in fusion_grid(tuple(channels))}
     best_w = json.loads(max(completion, key=completion.get))
-    base = EngineParams(completion=best_w)
+    base = replace(eng.params, completion=best_w)  # what the export already chose (query weights, ...) stays
     hs = _histories(rec, val)
     ranked = rec.recommend_histories(hs, max(rec.bundle_pool(rec.bundle_constraints(h, n=N_BUNDLES)) for h in hs))
     grid = {}
@@ -236,11 +236,11 @@ def _fit_bundles(export_dir: str, prep_dir: str, seed: int) -> dict:
                      selection={"chosen_on": "the val split's baskets (each user's basket before the test one)",
                                 "val_baskets": len(val), "completion_val_recall@10": completion[json.dumps(best_w)],
                                 "generation_val_f1": grid[json.dumps(best)]})
-    params.threshold = eng.params.threshold  # detection is not fitted on clickstream baskets
-    params.save(export_dir)
+    params.save(export_dir)  # detection's threshold is not fitted on clickstream baskets: it stays
+    default = json.dumps({"compat": EngineParams().compat, "relevance_weight": EngineParams().generation["relevance_weight"]})
     log.info("fit: completion %s (val recall@10 %.4f); generation compat %s relevance %.2f (val F1 %.4f, default %.4f)",
              best_w, completion[json.dumps(best_w)], best["compat"], best["relevance_weight"], grid[json.dumps(best)],
-             _f1(_with_params(rec, EngineParams()), val, ranked))
+             grid.get(default, float("nan")))
     return {"chosen_on": params.selection["chosen_on"], "val_baskets": len(val),
             "grids": {"completion_channels": channels, "compat": list(COMPAT_GRID), "relevance_weight": list(RELEVANCE_GRID)},
             "completion_val_recall@10": completion, "generation_val_f1": grid, "params": asdict(params)}

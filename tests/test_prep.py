@@ -7,7 +7,6 @@ import re
 import pandas as pd
 import pytest
 
-
 from bundlerec.config import load_config
 from bundlerec.data.snapshot import data_root
 from bundlerec.data.prep import PrepError, run_prep
@@ -30,6 +29,22 @@ def test_prep_on_synthetic_writes_splits_items_and_manifest(tiny_prep):
     last_train = train.groupby("user_id").target_time.max()
     joined = test.set_index("user_id").target_time.to_frame().join(last_train.rename("train_t"), how="inner")
     assert (joined.target_time > joined.train_t).all()
+    # ... but not across users: prep measures how much of training lies after a global test cutoff
+    split = m["split"]
+    assert split["mode"] == "per_user" and split["train_examples"] == m["examples"]["train"]
+    assert 0 < split["train_after_test_cutoff"] <= split["train_after_val_cutoff"] <= 1, split
+
+
+def test_the_global_time_split_trains_on_nothing_after_its_cutoff(tiny_prep, tmp_path):
+    from bundlerec.data.examples import load_split
+    from tests.conftest import tiny_config
+
+    m = run_prep(tiny_config(f"data.output_dir={tmp_path}/g", "data.split=global_time"))
+    split = m["split"]
+    assert split["mode"] == "global_time" and split["train_after_val_cutoff"] == 0.0, split
+    val_cut, test_cut = pd.Timestamp(split["val_cutoff"]), pd.Timestamp(split["test_cutoff"])
+    train, val = load_split(f"{tmp_path}/g", "train"), load_split(f"{tmp_path}/g", "val")
+    assert len(train) and len(val) and (train.target_time < val_cut).all() and (val.target_time < test_cut).all()
 
 
 def test_training_read_is_in_file_order_even_when_materialized(tiny_prep):

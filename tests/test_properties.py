@@ -127,3 +127,36 @@ def test_validation_keeps_or_quarantines_every_row(rows, repeat):
     for r in out[bad].itertuples():  # the source row is kept verbatim for every quarantined row
         src = json.loads(r.raw)
         assert set(src) == set(raw.columns)
+
+
+@SETTINGS
+@given(st.lists(event, min_size=1, max_size=80), st.integers(1, 8), st.floats(0.05, 0.4), st.floats(0.05, 0.4))
+def test_global_time_split_trains_on_nothing_after_the_cutoff(rows, history_len, val_f, test_f):
+    """data.split=global_time: one cutoff pair for every user; no training example's target or any
+    event of its history, hence no statistic of the training split, is at or after the validation
+    cutoff; val lies between the cutoffs, test after the test cutoff."""
+    from bundlerec.data.sessionize import global_cutoffs
+    from bundlerec.data.statistics import basket_groups, popularity
+
+    df = _events(rows)
+    buys = df[df.event_type == "purchase"]
+    if buys.empty:
+        return
+    times = buys["event_time"].astype("datetime64[us, UTC]").astype("int64").to_numpy() / 1e6
+    t_val, t_test = global_cutoffs(times, val_f, test_f)
+    assert t_val <= t_test
+    out = build_examples(df, INDEX, 30.0, history_len, "purchase", 1, 1, cutoffs=(t_val, t_test))
+    ts = lambda s: s.astype("datetime64[us, UTC]").astype("int64") / 1e6  # noqa: E731
+    # a basket's time is its first purchase; one that spans a cutoff goes to the later split
+    assert all(t < t_val for t in ts(out[out.split == "train"].target_time))
+    assert all(t < t_test for t in ts(out[out.split == "val"].target_time))
+    train = out[out.split == "train"]
+    for r in train.itertuples():  # every history event is before the target, so before the cutoff
+        t = r.target_time.timestamp()
+        assert all(t - a * 3600.0 < t_val for a in r.hist_age_hours)
+    # the statistics the model, the baselines and the engine read come from these rows only
+    counts = popularity(train, len(INDEX)) if len(train) else np.zeros(len(INDEX))
+    after = buys[buys["event_time"].astype("datetime64[us, UTC]").astype("int64") / 1e6 >= t_val]
+    before = buys[buys["event_time"].astype("datetime64[us, UTC]").astype("int64") / 1e6 < t_val]
+    assert counts.sum() <= len(before) and set(np.flatnonzero(counts)) <= set(before.item_id.map(INDEX))
+    assert all(len(g) >= 1 for g in basket_groups(train)) and len(after) + len(before) == len(buys)

@@ -27,7 +27,7 @@ from bundlerec.config import PipelineConfig, to_dict
 from bundlerec.data import catalog as catalog_lib
 from bundlerec.data.examples import EXAMPLE_ARROW
 from bundlerec.data.readers import expand, read_dataset
-from bundlerec.data.sessionize import COLD, SPLITS, build_examples
+from bundlerec.data.sessionize import COLD, SPLITS, build_examples, global_cutoffs
 from bundlerec.data.snapshot import commit, file_table, input_table, new_snapshot
 from bundlerec.storage import is_uri, join, reset_dir, write_text
 from bundlerec.data.validate import KEPT_COLUMNS, REASON_COL, mark_duplicates, normalize_events, summarize, tagged_schema
@@ -65,6 +65,22 @@ def _good(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch[REASON_COL])).select(list(KEPT_COLUMNS))
 
 
+def _split_report(examples, mode: str, cutoffs: tuple[float, float] | None) -> dict:
+    """What the split guarantees, measured: the cutoffs, and how many training examples lie after
+    the test cutoff / the validation cutoff (0 for global_time; the per-user split's leak otherwise)."""
+    from ray.data.expressions import col
+
+    if cutoffs is None:
+        return {"mode": mode}
+    t = examples.filter(expr=col("split") == "train").select_columns(["target_time"]).to_pandas()["target_time"]
+    ts = t.astype("datetime64[us, UTC]").astype("int64").to_numpy() / 1e6
+    iso = lambda x: datetime.fromtimestamp(x, timezone.utc).isoformat()  # noqa: E731
+    n = max(1, len(ts))
+    return {"mode": mode, "val_cutoff": iso(cutoffs[0]), "test_cutoff": iso(cutoffs[1]), "train_examples": len(ts),
+            "train_after_val_cutoff": round(float((ts >= cutoffs[0]).sum()) / n, 6),
+            "train_after_test_cutoff": round(float((ts >= cutoffs[1]).sum()) / n, 6)}
+
+
 def run_prep(cfg: PipelineConfig) -> dict:
     """Run prep on the current Ray cluster; returns the manifest (also written to manifest.json).
     Ray Data's own progress is on while it runs: bars on a terminal, a line per operator every 10 s
@@ -81,6 +97,7 @@ def run_prep(cfg: PipelineConfig) -> dict:
 
 def _run_prep(cfg: PipelineConfig) -> dict:
     import ray.data
+    from ray.data.expressions import col
 
     t0 = time.time()
     d = cfg.data
@@ -172,11 +189,14 @@ def _run_prep(cfg: PipelineConfig) -> dict:
 
     # ---- sessions -> sequences -> split examples (all rows of a user in one block, see above)
     index = catalog_lib.item_lookup(catalog)
+    target_times = good.filter(expr=col("event_type") == d.target_event).select_columns(["event_time"]).to_pandas()
+    cutoffs = global_cutoffs(target_times["event_time"].astype("datetime64[us, UTC]").astype("int64").to_numpy() / 1e6,
+                             d.val_fraction, d.test_fraction) if len(target_times) else None
     examples = tagged.map_batches(
         _examples_udf, batch_format="pandas", batch_size=None,
         fn_kwargs=dict(item_index=index, gap_minutes=d.session_gap_minutes, history_len=d.max_history_len,
-                       target_event=d.target_event, val_baskets=d.val_baskets,
-                       test_baskets=d.test_baskets)).materialize()
+                       target_event=d.target_event, val_baskets=d.val_baskets, test_baskets=d.test_baskets,
+                       cutoffs=cutoffs if d.split == "global_time" else None)).materialize()
     counts = {}
     for split in SPLITS:
         split_dir = join(root, "examples", split)
@@ -184,6 +204,8 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         part = examples.map_batches(_split_rows, batch_format="pyarrow", fn_kwargs={"split": split})
         part.write_parquet(split_dir)
         counts[split] = part.count()
+    split_report = _split_report(examples, d.split, cutoffs)
+    log.info("prep: split %s", split_report)
     latest = examples.select_columns(["n_sessions"]).sum("n_sessions")
     cold = examples.map_batches(_split_rows, batch_format="pyarrow", fn_kwargs={"split": COLD}).count()
     if counts["train"] == 0 or counts["test"] == 0:
@@ -202,7 +224,7 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         "rows": {"input": n_input, "kept": n_good, "quarantined": q["quarantined"]},
         "quarantine": q, "catalog": {"items": len(catalog), **catalog_counts},
         "sessions": int(latest or 0), "users": counts["latest"],
-        "examples": counts,
+        "examples": counts, "split": split_report,
         "baskets": {"cold_no_history": cold},  # baskets with no earlier event of their user: not examples
         "inputs": {"events": input_table(events_path, expand(events_path)),
                    "catalog": input_table(catalog_path, expand(catalog_path) if catalog_path else [])},

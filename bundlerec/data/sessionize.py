@@ -6,8 +6,18 @@ event -> session -> sequence -> example:
   inactive for more than ``session_gap_minutes``;
 * a *basket* is the set of target events (purchases by default) of one session; its time is the
   time of its first target event;
-* per user, baskets in time order: the last ``test_baskets`` go to ``test``, the ``val_baskets``
-  before them to ``val``, the rest to ``train`` (one training example per target item);
+* the split (``data.split``):
+
+  - ``per_user`` (default): per user, baskets in time order: the last ``test_baskets`` go to
+    ``test``, the ``val_baskets`` before them to ``val``, the rest to ``train`` (one training
+    example per target item). Each user's test basket is later than their own training baskets,
+    but other users' training baskets may be later than it (prep reports how many:
+    ``manifest["split"]["train_after_test_cutoff"]``);
+  - ``global_time``: one pair of cutoffs for every user (``cutoffs``: quantiles of the target
+    events' times, :func:`global_cutoffs`): baskets whose last purchase is before the validation
+    cutoff are ``train``, before the test cutoff ``val``, the rest ``test``. Every training example (its target and
+    its whole history) and every statistic computed from the training split lies before the
+    validation cutoff;
 * an example's input history is the user's last ``history_len`` events **strictly before** the
   basket time, so nothing from the future is ever an input;
 * one extra ``latest`` row per user holds the most recent history (what serving looks up).
@@ -40,9 +50,20 @@ def assign_sessions(df: pd.DataFrame, gap_s: float) -> np.ndarray:
     return np.cumsum(new)
 
 
+def global_cutoffs(target_times_s: np.ndarray, val_fraction: float, test_fraction: float) -> tuple[float, float]:
+    """(validation cutoff, test cutoff) in epoch seconds: the times before which ``1 - val_fraction -
+    test_fraction`` and ``1 - test_fraction`` of the target events happened."""
+    t = np.sort(np.asarray(target_times_s, dtype=np.float64))
+    if not len(t):
+        raise ValueError("no target events to place the global_time cutoffs")
+    return (float(np.quantile(t, 1.0 - val_fraction - test_fraction)), float(np.quantile(t, 1.0 - test_fraction)))
+
+
 def build_examples(batch: pd.DataFrame, item_index: dict, gap_minutes: float, history_len: int,
-                   target_event: str, val_baskets: int, test_baskets: int) -> pd.DataFrame:
-    """Turn all events of some users into split-tagged examples (see module docstring)."""
+                   target_event: str, val_baskets: int, test_baskets: int,
+                   cutoffs: tuple[float, float] | None = None) -> pd.DataFrame:
+    """Turn all events of some users into split-tagged examples (see module docstring).
+    ``cutoffs``: (validation, test) times in epoch seconds for the ``global_time`` split; None = per user."""
     cols = ["user_id", "split", "target_time", "targets", "hist_items", "hist_types", "hist_age_hours",
             "n_events", "n_sessions"]
     if batch.empty:
@@ -79,12 +100,15 @@ def build_examples(batch: pd.DataFrame, item_index: dict, gap_minutes: float, hi
             for s in np.unique(t_sess):
                 m = t_sess == s
                 items = list(dict.fromkeys(t_items[m].tolist()))  # unique, first-seen order
-                baskets.append((float(t_ts[m].min()), items))
+                baskets.append((float(t_ts[m].min()), items, float(t_ts[m].max())))
         nb = len(baskets)
         n_test = min(test_baskets, max(0, nb - 1))  # keep >= 1 basket for training
         n_val = min(val_baskets, max(0, nb - 1 - n_test))
-        for b, (t_cut, items) in enumerate(baskets):
-            split = "test" if b >= nb - n_test else "val" if b >= nb - n_test - n_val else "train"
+        for b, (t_cut, items, t_end) in enumerate(baskets):
+            if cutoffs is not None:  # by the basket's last purchase: a basket across a cutoff is the later split
+                split = "test" if t_end >= cutoffs[1] else "val" if t_end >= cutoffs[0] else "train"
+            else:
+                split = "test" if b >= nb - n_test else "val" if b >= nb - n_test - n_val else "train"
             h_items, h_types, h_age = history(t_cut)
             if not h_items:  # no input to condition on (the user's first events): counted, not an example
                 rows.append((uid, COLD, t_cut, items, [], [], [], hi - lo, 0))

@@ -428,6 +428,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             assert code == 422 and body["detail"], (bad, body)
         _bad_input_corpus(base, user)
         _replica_memory_is_bounded_under_the_corpus(base, user)
+        _serve_metrics_reach_rays_metrics_endpoint()
         assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
         assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
 
@@ -536,6 +537,46 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert all(ra == "1" for c, ra in answers if c == 503)
     finally:
         serve.shutdown()  # frees the replica's CPU for the training tests
+
+
+def _serve_metrics_reach_rays_metrics_endpoint(timeout_s: float = 90.0) -> None:
+    """The replicas' own metrics (bundlerec.serving.metrics), read where Prometheus would scrape them:
+    Ray's metrics endpoint of the node. What this test sent so far must be there: answered and refused
+    requests by route and status, cold starts, fitted prices, shed bundle requests, unknown items."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    want = {
+        "requests /v1/bundles 200": lambda ls: _metric(ls, "ray_bundlerec_requests_total", route="/v1/bundles", status="200"),
+        "requests /v1/recommendations 422": lambda ls: _metric(ls, "ray_bundlerec_requests_total",
+                                                                route="/v1/recommendations", status="422"),
+        "requests 401": lambda ls: _metric(ls, "ray_bundlerec_requests_total", status="401"),
+        "cold starts": lambda ls: _metric(ls, "ray_bundlerec_answers_total", history_source="cold_start"),
+        "fitted prices": lambda ls: _metric(ls, "ray_bundlerec_bundles_priced_total", price_source="fitted"),
+        "shed bundles": lambda ls: _metric(ls, "ray_bundlerec_bundles_shed_total"),
+        "latency": lambda ls: _metric(ls, "ray_bundlerec_request_latency_ms_count", route="/v1/recommendations"),
+    }
+    deadline, missing = time.time() + timeout_s, list(want)
+    while missing and time.time() < deadline:  # Ray's agent exports every few seconds
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("ray_bundlerec_")]
+        missing = [k for k, f in want.items() if f(lines) < 1]
+        if missing:
+            time.sleep(3)
+    assert not missing, missing
+    from bundlerec.serving.app import api
+
+    routes = set(re.findall(r'route="([^"]*)"', "\n".join(lines)))  # a caller's path never becomes a label
+    assert routes and routes <= {r.path for r in api.routes} | {"other"}, routes
+
+
+def _metric(lines: list, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for ln in lines:
+        if ln.startswith(name + "{") and all(f'{k}="{v}"' in ln for k, v in labels.items()):
+            total += float(ln.rsplit(" ", 1)[1])
+    return total
 
 
 def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) -> None:

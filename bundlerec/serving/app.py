@@ -36,6 +36,7 @@ from ray import serve
 from bundlerec.config import ServeConfig
 from bundlerec.serving.auth import TokenAuth
 from bundlerec.serving import guards  # a module reference: see the note in bundlerec/serving/guards.py
+from bundlerec.serving import metrics as serve_metrics  # a module reference: the replica sets METRICS
 from bundlerec.serving.guards import limit_body, require_token, validation_error
 from bundlerec.serving.schemas import (
     feedback_links,
@@ -62,6 +63,7 @@ DEFAULTS = ServeConfig()  # the one definition of every serve argument's default
 api = FastAPI(title="bundlerec", version="0.1.0",
               description="Personalized recommendations and priced bundles from the bundlerec champion model.")
 api.middleware("http")(limit_body)
+api.middleware("http")(serve_metrics.record_request)  # added last: outermost, so refusals are counted too
 api.exception_handler(RequestValidationError)(validation_error)
 
 
@@ -218,6 +220,7 @@ class BundlerecService:
             guards.GUARDS.auth = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
+        serve_metrics.METRICS = serve_metrics.ServeMetrics({r.path for r in api.routes})
         self._bundle_slots = threading.BoundedSemaphore(int(max_concurrent_bundles))
         self._bundle_pool = ThreadPoolExecutor(int(max_concurrent_bundles), thread_name_prefix="bundles",
                                                initializer=_lower_this_threads_priority)
@@ -409,6 +412,8 @@ class BundlerecService:
         ranked = await self._score(m, h, req.k)
         items = m.rec.describe(ranked)
         shown = self._impression(m, exp, arm, unit, new, "recommendations", [i["item_id"] for i in items], [])
+        if serve_metrics.METRICS is not None:
+            serve_metrics.METRICS.answer("/v1/recommendations", h.source, len(h.unknown_items), experiment=exp, arm=arm)
         return RecommendationResponse(items=items, cold_start=not h.items, unknown_items=h.unknown_items,
                                       history_source=h.source, model=m.info, **shown)
 
@@ -420,6 +425,8 @@ class BundlerecService:
         which answers recommendations, gets the CPU first; beyond that 503 + Retry-After right away:
         bundle work is shed before recommendations are."""
         if not self._bundle_slots.acquire(blocking=False):
+            if serve_metrics.METRICS is not None:
+                serve_metrics.METRICS.shed.inc()
             raise HTTPException(503, "bundle capacity of this replica is in use; retry shortly",
                                 headers={"Retry-After": "1"})
         try:
@@ -447,6 +454,8 @@ class BundlerecService:
                 out = await loop.run_in_executor(self._bundle_pool, m.rec.bundles_for, h, c, ranked)
                 cold, unknown, source = not h.items, h.unknown_items, h.source
             shown = self._impression(m, exp, arm, unit, new, "bundles", [], out)
+            if serve_metrics.METRICS is not None:
+                serve_metrics.METRICS.answer("/v1/bundles", source, len(unknown), out, exp, arm)
             return BundleResponse(bundles=out, cold_start=cold, unknown_items=unknown, history_source=source,
                                   model=m.info, **shown)
         finally:

@@ -304,3 +304,20 @@ def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> 
         yield
     finally:
         mon.finish()
+
+
+def log_evaluation(tracking_uri: str, experiment: str, run_name: str, params: dict, metrics: dict,
+                   files: list) -> str:
+    """An evaluation as its own MLflow run: its parameters, flat metrics and result files; returns the run id."""
+    import mlflow
+
+    run_id = start_run(tracking_uri, experiment, run_name, {k: v for k, v in params.items() if v is not None},
+                       {"bundlerec.stage": run_name})
+    client = mlflow.MlflowClient(tracking_uri)
+    rl = RunLogger(tracking_uri, run_id)
+    if not (rl.log(metrics, step=0) or rl.flush()):
+        raise TrackingError(f"the metrics of run {run_id} could not be written to {tracking_uri}; the result files hold them")
+    for path in files:
+        client.log_artifact(run_id, path, artifact_path="results")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

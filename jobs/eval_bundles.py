@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.evaluate import evaluate_bundles, markdown, summarize_folds
+from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, summarize_folds
 from bundlerec.bundles.intent import split_by_user
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env
@@ -58,11 +58,18 @@ def main(argv: list[str] | None = None) -> dict:
                    "--train-dir) instead of training")
     p.add_argument("--reuse-exports", action="store_true", help="with --folds: evaluate each fold's existing "
                    "export (work-dir/foldK/export) instead of training it again")
+    p.add_argument("--no-mlflow", action="store_true", help="do not record the evaluation as an MLflow run "
+                   "(by default it is one, at mlflow.tracking_uri, experiment mlflow.experiment + '-bundles')")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (train.epochs=3 ...)")
     args = p.parse_args(argv)
     if bool(args.folds) == bool(args.train_dir and args.eval_dir) or (args.folds and not args.src):
         p.error("give either --train-dir and --eval-dir, or --src and --folds")
     work = os.path.abspath(args.work_dir)
+    base = load_config(args.config, DEFAULTS + list(args.overrides))
+    if not args.no_mlflow:
+        from bundlerec.tracking import check_server
+
+        check_server(base.mlflow.tracking_uri)  # before any compute: the figures go to this server
     check_versions()
     init_ray()
 
@@ -92,6 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
         json.dump(res, f, indent=2)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
         f.write(markdown(res))
+    if not args.no_mlflow:
+        from bundlerec.tracking import log_evaluation
+
+        res["mlflow_run_id"] = log_evaluation(
+            base.mlflow.tracking_uri, base.mlflow.experiment + "-bundles", "eval-bundles",
+            {"train_dir": args.train_dir, "eval_dir": args.eval_dir, "src": args.src, "folds": args.folds,
+             "overrides": " ".join(args.overrides)}, headline_metrics(res),
+            [args.out, os.path.splitext(args.out)[0] + ".md"])
+        print(f"MLflow run {res['mlflow_run_id']} ({base.mlflow.tracking_uri}, experiment {base.mlflow.experiment}-bundles)")
     return res
 
 

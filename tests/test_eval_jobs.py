@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 
-from tests.conftest import INTENT, STEAM
+from tests.conftest import INTENT, STEAM, mlflow_get
 
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
          "user_bundle")
@@ -37,7 +37,7 @@ def _slice(dst, domain, sessions, extra_items=150, seed=0):
 
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
-def test_eval_bundles_command(ray_cluster, tmp_path):
+def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     from jobs.eval_bundles import main
 
     for domain in ("electronic", "food"):
@@ -47,8 +47,18 @@ def test_eval_bundles_command(ray_cluster, tmp_path):
     out = tmp_path / "bundles.json"
     res = main(["--train-dir", str(tmp_path / "train"), "--eval-dir", str(tmp_path / "eval"), "--out", str(out),
                 "--work-dir", str(tmp_path / "work"), "train.epochs=1", "train.max_steps_per_epoch=4",
-                "train.micro_batch=8", "model.freeze_layers=4", "data.item_max_tokens=32"])
+                "train.micro_batch=8", "model.freeze_layers=4", "data.item_max_tokens=32",
+                f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=eval-test"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
+    # the evaluation is an MLflow run: its headline figures and result files
+    run = mlflow_get(mlflow_server, "runs/get", run_id=res["mlflow_run_id"])["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["completion/food/bundlerec/recall_at_10"] == pytest.approx(res["completion"]["food"]["bundlerec"]["recall@10"])
+    assert metrics["personal/food/intent_plus_history/best_jaccard"] == \
+        pytest.approx(res["personal"]["food"]["intent+history"]["best_jaccard"])
+    assert "lift/food/recall_at_10_ci95_lo" in metrics and run["info"]["status"] == "FINISHED"
+    arts = mlflow_get(mlflow_server, "artifacts/list", run_id=res["mlflow_run_id"], path="results")
+    assert {"results/bundles.json", "results/bundles.md"} <= {f["path"] for f in arts["files"]}
     assert (tmp_path / "bundles.md").read_text().startswith("| completion recall@10 | electronic | food |")
     for domain in ("electronic", "food"):
         for method in ("bundlerec", "popular", "itemknn", "lexical", "zeroshot", "tuned"):

@@ -668,6 +668,29 @@ def summarize_folds(results: dict[int, dict]) -> dict:
     return out
 
 
+def headline_metrics(res: dict) -> dict:
+    """The figures of one evaluation (or the fold means of ``--folds``) as flat MLflow metric names:
+    ``<task>/<domain>/<method>/<metric>`` and ``<lift>/<domain>/<metric>`` (``@`` spelled ``_at_``)."""
+    name = lambda *p: "/".join(str(x).replace("@", "_at_").replace("+", "_plus_") for x in p)  # noqa: E731
+    out = {}
+    src = res.get("summary", res)
+    for task, metrics in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)), ("intent", ("recall@10",)),
+                          ("naming", ("rouge1_f1",)), ("personal", ("f1", "best_jaccard"))):
+        for dom, methods in src.get(task, {}).items():
+            for m, v in methods.items():
+                for k in metrics:
+                    if k in v:
+                        out[name(task, dom, m, k)] = float(v[k]["mean"] if isinstance(v[k], dict) else v[k])
+    if "summary" not in res:
+        for key in ("lift", "intent_lift", "naming_lift", "personal_lift"):
+            for dom, lift in res.get(key, {}).items():
+                for k, x in lift.items():
+                    if isinstance(x, dict) and "lift" in x:
+                        out[name(key, dom, k)] = float(x["lift"])
+                        out[name(key, dom, k) + "_ci95_lo"], out[name(key, dom, k) + "_ci95_hi"] = map(float, x["ci"])
+    return out
+
+
 def markdown(res: dict) -> str:
     """Markdown tables of one evaluation, or of dev folds (mean ± SD, per-fold lifts)."""
     lines = []

@@ -39,7 +39,9 @@ def client():
     ("/c", '{"items": ["\\ud800"]}'),
     ("/b", '{"user_id": "u", "budget": NaN}'),
     ("/b", '{"user_id": "u", "budget": Infinity}'),
-    ("/b", '{"user_id": "u", "query": "kit"}'),
+    ("/b", '{"user_id": "u", "events": [], "query": "kit"}'),  # a query takes one history, not two
+    ("/r", '{"user_id": "u", "as_of": "2026-01-01T00:00:00Z"}'),  # as_of dates events only
+    ("/b", '{"events": [], "as_of": "9999-01-01T00:00:00Z"}'),
     ("/b", '{"query": "   "}'),
     ("/c", '{"items": []}'),
     ("/c", '{"items": [""]}'),
@@ -68,6 +70,8 @@ def test_bad_input_is_a_clean_422(client, path, body):
 def test_good_input_passes(client):
     assert client.post("/b", json={"query": "a camping starter kit", "budget": 300}).json() == {
         "query": "a camping starter kit", "budget": 300.0}
+    # a description together with a history (bundlerec.bundles.engine.intent_and_history)
+    assert client.post("/b", json={"user_id": "u", "query": "kit"}).status_code == 200
     assert client.post("/c", json={"items": ["a", "b"]}).json() == {"n": 2}
 
 

@@ -565,9 +565,10 @@ def _serve_metrics_reach_rays_metrics_endpoint(timeout_s: float = 90.0) -> None:
             time.sleep(3)
     assert not missing, missing
     from bundlerec.serving.app import api
+    from bundlerec.serving.metrics import api_paths
 
     routes = set(re.findall(r'route="([^"]*)"', "\n".join(lines)))  # a caller's path never becomes a label
-    assert routes and routes <= {r.path for r in api.routes} | {"other"}, routes
+    assert routes and routes <= api_paths(api) | {"other"}, routes
 
 
 def _metric(lines: list, name: str, **labels) -> float:

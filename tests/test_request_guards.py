@@ -125,3 +125,14 @@ def test_every_request_schema_carries_examples_that_validate():
         assert examples, model.__name__
         for example in examples:
             model.model_validate(example)  # raises on an example the endpoint would refuse
+
+
+def test_the_metrics_route_labels_are_the_apps_own_paths():
+    """Metrics label a request by the API's route (bundlerec.serving.metrics): the known paths, Serve's
+    included routers too; anything else is "other", so a caller cannot create label values."""
+    from bundlerec.serving.app import api
+    from bundlerec.serving.metrics import api_paths
+
+    paths = api_paths(api)
+    assert {"/v1/recommendations", "/v1/bundles", "/v1/bundles/complete", "/v1/feedback", "/healthz"} <= paths
+    assert not any("{" in p for p in paths)  # no templated path: a label per caller would be possible

@@ -220,7 +220,7 @@ class BundlerecService:
             guards.GUARDS.auth = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
-        serve_metrics.METRICS = serve_metrics.ServeMetrics({r.path for r in api.routes})
+        serve_metrics.METRICS = serve_metrics.ServeMetrics(serve_metrics.api_paths(api))
         self._bundle_slots = threading.BoundedSemaphore(int(max_concurrent_bundles))
         self._bundle_pool = ThreadPoolExecutor(int(max_concurrent_bundles), thread_name_prefix="bundles",
                                                initializer=_lower_this_threads_priority)

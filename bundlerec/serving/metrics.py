@@ -55,6 +55,19 @@ class ServeMetrics:
             self.arms.inc(1, {"experiment": str(experiment), "arm": str(arm)})
 
 
+def api_paths(app) -> set:
+    """The app's route paths, those of included routers too (Serve's ingress includes the routes
+    declared on the deployment class as a router)."""
+    out, todo = set(), list(app.routes)
+    while todo:
+        r = todo.pop()
+        if getattr(r, "path", None):
+            out.add(r.path)
+        inner = getattr(r, "routes", None) or getattr(getattr(r, "original_router", None), "routes", None)
+        todo.extend(inner or [])
+    return out
+
+
 METRICS: Optional[ServeMetrics] = None  # set by the replica (bundlerec.serving.app.BundlerecService)
 
 

@@ -97,6 +97,10 @@ def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     assert res["selection"]["rerank"]["positives"] > 0
     assert os.path.exists(f"{export}/rerank.skops") == res["engine_params"]["rerank"]
     assert json.load(open(f"{export}/intent_names.json"))["weights"] == res["selection"]["naming"]["chosen"]
+    ps = res["selection"]["personal"]  # personalized generation's knobs, chosen on validation sessions
+    assert len(ps["val_f1"]) == 8 and ps["chosen"] == json.loads(max(ps["val_f1"], key=ps["val_f1"].get))
+    assert res["engine_params"]["history"] == ps["chosen"]["history"]
+    assert res["engine_params"]["generation"]["relevance_weight"] == ps["chosen"]["relevance_weight"]
     ih = res["selection"]["intent_history"]
     assert res["engine_params"]["intent_history"] == json.loads(max(ih["val_f1"], key=ih["val_f1"].get))
 
@@ -115,6 +119,7 @@ def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     assert abs(sum(hits) / len(hits) - res["completion"]["food"]["bundlerec"]["recall@10"]) <= 1 / len(hits) + 1e-9
     # personalized generation as scored is what the serving object returns for the history as
     # purchase events (alone, and with the description)
+    from dataclasses import replace
     from datetime import datetime, timezone
 
     from bundlerec.bundles.evaluate import personal_bundles, personal_queries
@@ -123,13 +128,16 @@ def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     assert qs
     when = datetime(2014, 1, 1, tzinfo=timezone.utc)
     qscores = rec.bundle_engine.query_scores([q[1] for q in qs])
-    for mode, query in (("history", False), ("both", True)):
+    chosen = rec.bundle_engine.params
+    for history, mode, query in (("recommender", "history", False), ("completion", "history", False),
+                                 (chosen.history, "both", True)):  # both sources, whichever was chosen
+        rec.bundle_engine = rec.bundle_engine.with_params(replace(chosen, history=history))
         for (hist, intent, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs, mode, qscores=qscores)):
             h = rec.history_from_events([{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": when}
                                          for i in hist], now=when)
             c = rec.bundle_constraints(h, n=3, max_size=4)
             got = rec.bundles_for(h, c, query=intent if query else None)
-            assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got] == want, (mode, intent)
+            assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got] == want, (history, mode, intent)
 
 
 def test_eval_pricing_command(tmp_path):

@@ -57,6 +57,7 @@ QUERY_CHANNELS = ("tuned", "pretrained", "lexical")
 # use the same (bundlerec.bundles.evaluate.write_training_data).
 COMPLETION_EVENT = "purchase"
 PARAMS_FILE = "bundle_engine.json"
+HISTORY_SOURCES = ("recommender", "completion")
 GENERATION_KNOBS = {"relevance_weight", "candidates", "max_per_category"}
 
 
@@ -79,6 +80,11 @@ class EngineParams:
     generation: dict = field(default_factory=lambda: {"relevance_weight": 0.5, "candidates": 60, "max_per_category": 1})
     """Personalized generation (:class:`bundlerec.bundles.generate.BundleConstraints` fields): the
     weight of the user's relevance against compatibility, the candidate pool, items per category."""
+    history: str = "recommender"
+    """Personalized generation: where a shopper's relevance comes from. ``recommender``: the served
+    recommender's scores of the history (the fitted fusion of a clickstream export, else the two-tower);
+    ``completion``: the engine's completion of the history as a cart (:meth:`BundleEngine.history_scores`:
+    the completion fusion, then the re-ranker where it is used)."""
     intent_history: dict = field(default_factory=lambda: {"query": 0.5, "history": 0.5})
     """A shopper's description together with their history: weights of the standardised query scores
     and history scores whose sum seeds personalized generation (:meth:`BundleEngine.intent_and_history`)."""
@@ -95,6 +101,8 @@ class EngineParams:
             raise ValueError(f"unknown engine channels {sorted(bad)}; known: {CHANNELS} / {COMPAT_TERMS}")
         if set(self.intent_history) - {"query", "history"}:
             raise ValueError(f"intent_history takes the weights query and history, not {sorted(self.intent_history)}")
+        if self.history not in HISTORY_SOURCES:
+            raise ValueError(f"history={self.history!r}; known: {HISTORY_SOURCES}")
         bad = set(self.generation) - GENERATION_KNOBS
         if bad:
             raise ValueError(f"unknown generation parameters {sorted(bad)}; known: {sorted(GENERATION_KNOBS)}")
@@ -286,6 +294,15 @@ class BundleEngine:
         s[0, list(exclude)] = -np.inf
         top, s = top_k(s, k)[0], s[0]
         return [(int(i), float(s[i])) for i in top if np.isfinite(s[i])]
+
+    def history_scores(self, carts: Sequence[Sequence[int]]) -> np.ndarray:
+        """(B, N) relevance of every item for histories read as carts (``params.history`` completion):
+        :meth:`complete_scores`, each cart's own items given its lowest finite score (they are
+        excluded from what is generated, and the scores stay finite for :meth:`combine_intent_history`)."""
+        s = self.complete_scores(carts)
+        fin = np.isfinite(s)
+        low = np.where(fin, s, np.inf).min(1, keepdims=True)
+        return np.where(fin, s, np.where(np.isfinite(low), low, 0.0))
 
     # ---------------------------------------------------------------- free-text queries
     def _encoder(self, channel: str):

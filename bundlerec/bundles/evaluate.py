@@ -226,6 +226,8 @@ def session_truth(d: Domain, index: dict) -> list[tuple[list[int], list[list[int
 
 # ------------------------------------------------------------------------------ personalized generation
 PERSONAL_N, PERSONAL_MAX_SIZE = 3, 4  # the request defaults of /v1/bundles
+PERSONAL_HISTORY = ("recommender", "completion")  # EngineParams.history, chosen on validation
+PERSONAL_RELEVANCE = (0.25, 0.5, 1.0, 2.0)  # the generation's relevance weight, chosen on validation
 INTENT_HISTORY_GRID = ({"query": 0.25, "history": 0.75}, {"query": 0.5, "history": 0.5}, {"query": 0.75, "history": 0.25})
 # history -> bundles baselines: greedy growth from one channel's relevance, the baseline's compatibility
 PERSONAL_BASELINES = {"itemknn_greedy": ("cooccurrence", {"data": 1.0}), "zeroshot_greedy": ("pretrained", {"pretrained": 1.0}),
@@ -246,17 +248,35 @@ def personal_queries(d: Domain, index: dict) -> list[tuple[list[int], str | None
     return out
 
 
-def personal_bundles(engine: BundleEngine, queries: list, mode: str = "history", channel: str = "tuned",
-                     qscores: np.ndarray | None = None) -> list[list[list[int]]]:
+def history_channel(engine: BundleEngine) -> str:
+    """The channel of a bundle export's served history scores (``EngineParams.history``): the
+    engine's completion, or the recommender, which for a bundle export is the two-tower (``tuned``)."""
+    return "completion" if engine.params.history == "completion" else "tuned"
+
+
+def history_matrix(engine: BundleEngine, queries: list, channel: str | None = None, batch: int = 256) -> np.ndarray:
+    """(Q, N) each query's history scores by ``channel`` (default: the export's own), in batches."""
+    channel = channel or history_channel(engine)
+    carts = [q[0] for q in queries]
+    score = engine.history_scores if channel == "completion" else lambda c: engine.channel_scores(channel, c)
+    return np.concatenate([score(carts[i:i + batch]) for i in range(0, len(carts), batch)]) if carts \
+        else np.zeros((0, len(engine.item_ids)))
+
+
+def personal_bundles(engine: BundleEngine, queries: list, mode: str = "history", channel: str | None = None,
+                     qscores: np.ndarray | None = None, hscores: np.ndarray | None = None) -> list[list[list[int]]]:
     """What ``POST /v1/bundles`` generates for each query's history given as purchase events (the
     history's items excluded, the export's generation knobs): ``mode`` history (the history's scores
-    by ``channel``: the served recommender of a bundle export is the fine-tuned two-tower, ``tuned``),
-    intent (the description alone) or both (``BundleEngine.combine_intent_history``)."""
+    by ``channel``, by default the export's own: :func:`history_channel`; ``completion`` is
+    :meth:`BundleEngine.history_scores`), intent (the description alone) or both
+    (``BundleEngine.combine_intent_history``). ``hscores``: :func:`history_matrix` precomputed."""
     out, pos = [], {i: k for k, i in enumerate(engine.item_ids)}
+    if mode != "intent" and hscores is None:
+        hscores = history_matrix(engine, queries, channel)
     for k, (hist, _, _) in enumerate(queries):
         c = BundleConstraints(n=PERSONAL_N, max_size=PERSONAL_MAX_SIZE, exclude=tuple(dict.fromkeys(hist)),
                               **engine.params.generation)
-        h = engine.channel_scores(channel, [hist])[0] if mode != "intent" else None
+        h = hscores[k] if mode != "intent" else None
         s = h if mode == "history" else engine.combine_intent_history(qscores[k], h)
         out.append([[pos[i["item_id"]] for i in b["items"]] for b in engine.personalized(s, c, set(hist))])
     return out
@@ -270,6 +290,28 @@ def personal_values(generated: list, queries: list) -> dict:
     trip = np.asarray([match(g, t) for g, (_, _, t) in zip(generated, queries)], dtype=np.float64).reshape(-1, 3)
     best = np.asarray([max((jaccard(b, x) for b in g for x in t), default=0.0) for g, (_, _, t) in zip(generated, queries)])
     return {"triplets": trip, "best_jaccard": best}
+
+
+def select_personal(engine: BundleEngine, val: dict[str, Domain], index: dict) -> tuple[dict, dict]:
+    """Personalized generation's own knobs, by pooled F1 of history -> bundles on the validation
+    sessions: where the relevance comes from (``EngineParams.history``) and the relevance weight
+    (``PERSONAL_HISTORY`` x ``PERSONAL_RELEVANCE``); the defaults where validation has no session with
+    two bundles. Returns ({history, generation}, the record)."""
+    qs = [q for d in val.values() for q in personal_queries(d, index)]
+    if not qs:
+        return {"history": engine.params.history, "generation": engine.params.generation}, \
+            {"chosen_on": "no validation session with two bundles: the defaults"}
+    f1 = {}
+    for hist in PERSONAL_HISTORY:
+        e = engine.with_params(replace(engine.params, history=hist))
+        hs = history_matrix(e, qs)
+        for rw in PERSONAL_RELEVANCE:
+            e = engine.with_params(replace(e.params, generation={**engine.params.generation, "relevance_weight": rw}))
+            f1[json.dumps({"history": hist, "relevance_weight": rw})] = \
+                f1_of(personal_values(personal_bundles(e, qs, hscores=hs), qs)["triplets"])
+    best = json.loads(max(f1, key=f1.get))
+    return ({"history": best["history"], "generation": {**engine.params.generation, "relevance_weight": best["relevance_weight"]}},
+            {"chosen_on": "validation sessions with >= 2 bundles", "sessions": len(qs), "val_f1": f1, "chosen": best})
 
 
 def select_intent_history(engine: BundleEngine, val: dict[str, Domain], index: dict) -> tuple[dict, dict]:
@@ -294,7 +336,7 @@ def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> t
     out, per = {}, {}
     if not qs:
         return out, {}
-    methods = {"bundlerec": (engine, "tuned")}
+    methods = {"bundlerec": (engine, history_channel(engine)), "tuned_greedy": (engine, "tuned")}
     for m, (ch, compat) in PERSONAL_BASELINES.items():
         if not engine._absent(ch):
             methods[m] = (engine.with_params(replace(engine.params, compat=compat)), ch)
@@ -533,6 +575,10 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
                           selection={"chosen_on": "validation users carved from the training directory",
                                      "completion_val_recall@10": rerank_val[str(use_rerank)],
                                      "detection_val_f1": det[best_c]["val_f1"]})
+    chosen, selection["personal"] = select_personal(engine.with_params(params), val, index)
+    params = replace(params, **chosen)
+    log.info("eval_bundles: personalized generation from %s, relevance weight %s", params.history,
+             params.generation["relevance_weight"])
     params.intent_history, selection["intent_history"] = select_intent_history(engine.with_params(params), val, index)
     log.info("eval_bundles: intent + history weights %s", params.intent_history)
     params.save(export)

@@ -180,6 +180,8 @@ class Recommender:
         retrieved here when not given) and -inf elsewhere; a cold start reads popularity."""
         if not h.items:
             return self.popularity.numpy().astype(np.float64)
+        if self.bundle_engine.params.history == "completion":  # the engine completes the history as a cart
+            return self.bundle_engine.history_scores([h.items])[0]
         if ranked is None:
             ranked = self.recommend_histories([h], self.bundle_pool(c))[0]
         scores = np.full(len(self.item_ids), -np.inf)
@@ -203,10 +205,17 @@ class Recommender:
         ``query`` (a shopper's description) the seeds combine it with the history
         (:meth:`BundleEngine.intent_and_history`, the whole catalog scored exactly)."""
         if query is not None:
-            scores = self.bundle_engine.intent_and_history(query, self.catalog_scores(h) if h.items else None)
+            scores = self.bundle_engine.intent_and_history(query, self.history_scores(h) if h.items else None)
         else:
             scores = self.bundle_scores(h, c, ranked)
         return self.bundle_engine.personalized(scores, c, seen=set(h.items))
+
+    def history_scores(self, h: History) -> np.ndarray:
+        """(N,) a warm history's relevance of every item, from where the engine's ``history`` says
+        (the recommender's exact scores, or the bundle engine's completion of the history)."""
+        if self.bundle_engine.params.history == "completion":
+            return self.bundle_engine.history_scores([h.items])[0]
+        return self.catalog_scores(h)
 
     @torch.no_grad()
     def catalog_scores(self, h: History) -> np.ndarray:

@@ -63,6 +63,16 @@ class SyntheticConfig:
 class DataConfig:
     """Where the clickstream lives and how prep turns it into training examples."""
 
+    source: str = "clickstream"
+    """clickstream: an event log (``events``, ``catalog``) through prep. bundlerec_intent: a directory of
+    that format (``events`` names it; annotated bundles, sessions, intents): the two-tower trains on
+    bundle completion and every engine parameter is chosen on validation users carved from it
+    (:mod:`bundlerec.bundles.evaluate`, the same code as ``jobs.eval_bundles``)."""
+    eval_dir: Optional[str] = None
+    """bundlerec_intent: the evaluation directory (same format; never used for any choice). None: the
+    users of ``events`` in ``eval_fold`` (``jobs.split_intent``'s rule) are held out for evaluation."""
+    eval_fold: int = 1
+    """bundlerec_intent without ``eval_dir``: users with ``sha1(domain:user) % 5 == eval_fold`` are evaluated."""
     events: Optional[str] = None
     """Events path, glob or URI (s3://, gs://). None: generate the synthetic clickstream."""
     catalog: Optional[str] = None
@@ -131,6 +141,11 @@ class DataConfig:
     """Used only when `events` is None."""
 
     def __post_init__(self) -> None:
+        _check(self.source in {"clickstream", "bundlerec_intent"},
+               f"data.source must be clickstream or bundlerec_intent, not {self.source!r}")
+        _check(self.source == "clickstream" or self.events,
+               "data.source=bundlerec_intent needs data.events: the directory of that format to train on")
+        _check(0 <= self.eval_fold < 5, "data.eval_fold must be in [0, 5)")
         _check(self.format in {"auto", "parquet", "csv", "jsonl"}, f"data.format={self.format!r}")
         _check(self.time_unit in {"s", "ms", "us", "ns"}, f"data.time_unit={self.time_unit!r}")
         _check(self.session_gap_minutes > 0, "data.session_gap_minutes must be > 0")
@@ -327,11 +342,13 @@ class MlflowConfig:
     primary_metric: str = "ndcg@10"
     """What the registry gate compares champion and candidate on, both re-scored on this prep's val
     split: ``ndcg@10`` (the served recommendations) or ``bundle_f1`` (personalized generation as
-    /v1/bundles serves it, on the val baskets: bundlerec.engine_fit)."""
+    /v1/bundles serves it, on the val baskets: bundlerec.engine_fit) for clickstream data;
+    ``completion_recall@10`` (``/v1/bundles/complete`` on the validation bundles) for bundle data
+    (``data.source: bundlerec_intent``)."""
 
     def __post_init__(self) -> None:
-        _check(self.primary_metric in ("ndcg@10", "bundle_f1"),
-               f"mlflow.primary_metric must be ndcg@10 or bundle_f1, not {self.primary_metric!r}")
+        _check(self.primary_metric in ("ndcg@10", "bundle_f1", "completion_recall@10"),
+               f"mlflow.primary_metric must be ndcg@10, bundle_f1 or completion_recall@10, not {self.primary_metric!r}")
 
 
 @dataclass
@@ -537,6 +554,13 @@ class PipelineConfig:
         unknown = set(self.stages) - {"prep", "train", "tune", "register", "deploy"}
         _check(not unknown, f"stages: unknown {sorted(unknown)}")
         _check(not {"train", "tune"} <= set(self.stages), "stages: choose train or tune, not both")
+        if self.data.source == "bundlerec_intent":
+            _check("tune" not in self.stages, "stages: data.source=bundlerec_intent trains (train), it has no sweep yet")
+            _check(self.mlflow.primary_metric == "completion_recall@10",
+                   "data.source=bundlerec_intent: set mlflow.primary_metric=completion_recall@10 (a bundle metric)")
+        else:
+            _check(self.mlflow.primary_metric != "completion_recall@10",
+                   "mlflow.primary_metric=completion_recall@10 is for bundle data (data.source=bundlerec_intent)")
         if self.output_root:
             # absolute once, so applying it again (every config round-trip: Tune trials, workers) is a no-op
             root = self.output_root if "://" in self.output_root else os.path.abspath(self.output_root)
@@ -555,6 +579,8 @@ class PipelineConfig:
                 self.serve.event_log_dir = fix(self.serve.event_log_dir)
             if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
                 self.data.events = fix(self.data.events)
+            if self.data.eval_dir and not ("://" in self.data.eval_dir or self.data.eval_dir.startswith("/")):
+                self.data.eval_dir = fix(self.data.eval_dir)
             if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):
                 self.data.catalog = fix(self.data.catalog)
             if self.pricing.data_dir and not self.pricing.data_dir.startswith("/"):

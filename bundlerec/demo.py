@@ -36,3 +36,29 @@ def try_endpoint(cfg: PipelineConfig, serve_url: str, token: Optional[str]) -> d
     return {"serve_url": f"{serve_url}/v1/recommendations", "sample_request": body, "sample_response": response,
             "bundles_url": f"{serve_url}/v1/bundles", "sample_bundle_request": bundle_body,
             "sample_bundle": bundle["bundles"][0] if bundle["bundles"] else None}
+
+
+def try_bundle_endpoint(eval_dir: str, serve_url: str, token: Optional[str]) -> dict:
+    """The served engine of a bundle source, asked as its evaluation asked it: a held-out session's
+    first annotated bundle as purchase events -> POST /v1/bundles, and its first item ->
+    POST /v1/bundles/complete; both printed; returns the summary keys."""
+    from bundlerec.bundles.intent import load
+    from bundlerec.serving.deploy import http_json
+
+    domain = next(iter(load(eval_dir).values()))
+    first = domain.bundles.sort_values("bundle_id").iloc[0]
+    items = [str(i) for i in first["items"]]
+    events = [{"item_id": i, "event_type": "purchase", "event_time": "2014-01-01T00:00:00Z"} for i in items]
+    body = {"events": events, "n": 2, "max_size": 4}
+    bundles = http_json(f"{serve_url}/v1/bundles", body, token=token)
+    print(f"POST {serve_url}/v1/bundles (a held-out {domain.name} shopper's first bundle as purchases):", flush=True)
+    for b in bundles["bundles"]:
+        print(f"  {b['name']}: " + "; ".join(it["title"][:40] for it in b["items"]) +
+              f" (list {b['list_price']}, bundle {b['bundle_price']})", flush=True)
+    complete_body = {"items": items[:1], "k": 5}
+    completion = http_json(f"{serve_url}/v1/bundles/complete", complete_body, token=token)
+    print(f"POST {serve_url}/v1/bundles/complete {json.dumps(complete_body)}: " +
+          "; ".join(it["title"][:40] for it in completion["items"]), flush=True)
+    return {"bundles_url": f"{serve_url}/v1/bundles", "sample_bundle_request": body,
+            "sample_bundle": bundles["bundles"][0] if bundles["bundles"] else None,
+            "complete_url": f"{serve_url}/v1/bundles/complete", "sample_completion": completion}

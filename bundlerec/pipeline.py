@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
 from bundlerec import integrity
 from bundlerec.runtime import versions
@@ -257,6 +259,83 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
     return results
 
 
+def bundle_dirs(cfg: PipelineConfig) -> tuple[str, str]:
+    """(training, evaluation) directories of a bundlerec_intent source: ``data.events`` and
+    ``data.eval_dir``, or the split of ``data.events`` by user (``data.eval_fold``) that the prep stage
+    writes under ``data.output_dir/split``."""
+    if cfg.data.eval_dir:
+        return cfg.data.events, cfg.data.eval_dir
+    split = join(cfg.data.output_dir, "split")
+    return join(split, "train"), join(split, "eval")
+
+
+def run_bundle_prep(cfg: PipelineConfig) -> dict:
+    """The prep of a bundlerec_intent source: both directories read and checked (the format's
+    tables, every bundle's items in the catalog), the evaluation users split off when no
+    ``data.eval_dir`` is given. The bundle-completion examples are written by the train stage, from
+    the fit users only (:func:`bundlerec.bundles.evaluate.prepare_export`)."""
+    from bundlerec.bundles.intent import load, split_by_user
+
+    if not os.path.isdir(cfg.data.events):
+        raise FileNotFoundError(f"data.events={cfg.data.events}: no such directory (data.source=bundlerec_intent "
+                                f"reads a directory of that format, one folder per domain)")
+    if not cfg.data.eval_dir:
+        counts = split_by_user(cfg.data.events, join(cfg.data.output_dir, "split"), cfg.data.eval_fold)
+        print(f"prep: evaluation users (fold {cfg.data.eval_fold}) split off {cfg.data.events}: {counts}", flush=True)
+    out = {}
+    for side, d in zip(("train", "eval"), bundle_dirs(cfg)):
+        domains = load(d)
+        out[side] = {n: {"bundles": len(x.bundles), "sessions": len(x.sessions), "items": len(x.items)}
+                     for n, x in domains.items()}
+        print(f"prep: {side} {d}: " + ", ".join(f"{n} {v['bundles']} bundles / {v['sessions']} sessions"
+                                                for n, v in out[side].items()), flush=True)
+    return out
+
+
+def run_bundle_train_stage(cfg: PipelineConfig) -> dict:
+    """Train, fit and evaluate on a bundlerec_intent source as one MLflow run: the two-tower trains on
+    the fit users' bundles, every engine parameter is chosen on validation users carved from the
+    training directory, the export's engine is scored on the evaluation directory against every
+    baseline (:func:`bundlerec.bundles.evaluate.evaluate_bundles`, what ``jobs.eval_bundles`` runs),
+    the pricing model attached; returns (and writes) results.json."""
+    from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, print_table
+    from bundlerec.tracking import RunLogger, TrackingError, check_server, start_run
+
+    train_dir, eval_dir = bundle_dirs(cfg)
+    for d in (train_dir, eval_dir):
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"{d}: no such directory; run the prep stage first (stages: [prep, train, ...])")
+    check_server(cfg.mlflow.tracking_uri)
+    tags = {"bundlerec.stage": "train", "bundlerec.source": "bundlerec_intent", "bundlerec.config_hash": _resume_hash(cfg),
+            **{f"version.{k}": v for k, v in versions().items() if v}}
+    run_id = start_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.mlflow.run_name, flatten(to_dict(cfg)), tags)
+    work = join(cfg.data.output_dir, "work")
+    res = evaluate_bundles(cfg, train_dir, eval_dir, work, run_id=run_id)
+    export = res["export_dir"]
+    pricing = attach_pricing(cfg, export)  # re-seals the export
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
+    rl = RunLogger(cfg.mlflow.tracking_uri, run_id)
+    if not (rl.log(headline_metrics(res), step=0) or rl.flush()):
+        raise TrackingError(f"the evaluation metrics of run {run_id} could not be written to {cfg.mlflow.tracking_uri}")
+    client.log_dict(run_id, res["selection"], "fit/selection.json")
+    client.log_dict(run_id, res, "bundles/evaluation.json")
+    client.log_text(run_id, markdown(res), "bundles/evaluation.md")
+    # the summary's table: each method's completion figures, the mean over the evaluation domains
+    methods = {m for dom in res["completion"].values() for m in dom}
+    metrics = {m: {k: float(np.mean([dom[m][k] for dom in res["completion"].values() if m in dom]))
+                   for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")} for m in sorted(methods)}
+    results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
+               "export_dir": export, "prep_dir": res["prep_dir"], "metrics": metrics, "bundles_eval": res,
+               "pricing": pricing, "eval_seconds": res["seconds"]}
+    write_text(cfg.results_path, json.dumps(results, indent=2, default=str))
+    client.log_artifact(run_id, cfg.results_path, artifact_path="results")
+    client.set_terminated(run_id, "FINISHED")
+    print_table(res)
+    return results
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """The configured stages (prep -> train|tune -> register -> deploy); writes summary.json."""
     from bundlerec.data.prep import run_prep
@@ -266,11 +345,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     check_server(cfg.mlflow.tracking_uri)
     summary: dict = {"mlflow_url": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment,
                      "prep_dir": cfg.data.output_dir, "stages": list(cfg.stages)}
+    bundle_source = cfg.data.source == "bundlerec_intent"
     if "prep" in cfg.stages:
-        run_prep(cfg)
+        run_bundle_prep(cfg) if bundle_source else run_prep(cfg)
     results = None
     if "train" in cfg.stages:
-        results = run_train_stage(cfg)
+        results = run_bundle_train_stage(cfg) if bundle_source else run_train_stage(cfg)
     elif "tune" in cfg.stages:
         results = run_tune_stage(cfg)
         summary["sweep_run_id"] = results["sweep_run_id"]
@@ -289,7 +369,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if "register" in cfg.stages:
         from bundlerec.registry.promotion import register
 
-        reg = register(results["export_dir"], cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment,
+        reg = register(results["export_dir"], results.get("prep_dir", cfg.data.output_dir), cfg.mlflow.tracking_uri,
+                       cfg.mlflow.experiment,
                        run_id=results["run_id"], model_name=cfg.serve.model_name,
                        primary_metric=cfg.mlflow.primary_metric)
         print(f"registry: {reg['model_name']} v{reg['version']} -> {reg['alias']} ({reg['reason']})", flush=True)
@@ -306,7 +387,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             token = write_token_file(cfg.serve.token_file)
             summary["api_token_file"] = os.path.abspath(cfg.serve.token_file)
         dep = deploy(cfg, version=summary.get("champion_version"))
-        summary.update(try_endpoint(cfg, dep["serve_url"], token))
+        if bundle_source:
+            from bundlerec.demo import try_bundle_endpoint
+
+            summary.update(try_bundle_endpoint(bundle_dirs(cfg)[1], dep["serve_url"], token))
+        else:
+            summary.update(try_endpoint(cfg, dep["serve_url"], token))
     summary["report_url"] = report_url(cfg.mlflow.tracking_uri, results["run_id"])
     if "deploy" in cfg.stages:
         summary["explorer_url"] = f"{cfg.serve.url.rstrip('/')}/"

@@ -14,34 +14,12 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, summarize_folds
+from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, print_table, summarize_folds
 from bundlerec.bundles.intent import split_by_user
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env
 
-DEFAULTS = ["train.epochs=2", "train.max_steps_per_epoch=150", "train.micro_batch=32", "data.history_len=8",
-            "model.freeze_layers=2", "model.sampled_negatives=0", "model.logq_correction=false",
-            "train.early_stop_patience=5",
-            "data.item_max_tokens=48", "train.log_every_steps=25"]
-
-
-def print_table(res: dict) -> None:
-    for task, keys in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)), ("personal", ("f1", "best_jaccard"))):
-        for dom, methods in res.get(task, {}).items():
-            for m, v in methods.items():
-                cells = []
-                for k in keys:
-                    ci = v.get(f"{k}_ci") or v.get("f1_ci" if k == "f1" else "")
-                    cells.append(f"{k} {v[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
-                print(f"{task:<11}{dom:<11}{m:<16}" + "  ".join(cells))
-    for dom, methods in res.get("intent", {}).items():
-        for m, v in methods.items():
-            ci = v["recall@10_ci"]
-            print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
-    for key in ("lift", "intent_lift"):
-        for dom, lift in res.get(key, {}).items():
-            r = lift["recall@10"]
-            print(f"{key:<11}{dom:<11}bundlerec vs {lift['vs']}: recall@10 {r['lift']:+.1%} [{r['ci'][0]:+.1%}, {r['ci'][1]:+.1%}]")
+CONFIG = "jobs/configs/bundlerec_intent.yaml"  # the pipeline's bundle source: the same defaults, one file
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,19 +31,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--folds", type=int, nargs="*", help="dev folds (users with sha1 %% 5 == fold are eval)")
     p.add_argument("--out", required=True)
     p.add_argument("--work-dir", default="runs/eval_bundles")
-    p.add_argument("--config", default=None)
+    p.add_argument("--config", default=None, help=f"pipeline config (default: {CONFIG}, beside this package)")
     p.add_argument("--export", default=None, help="evaluate this export (from an earlier run on the same "
                    "--train-dir) instead of training")
     p.add_argument("--reuse-exports", action="store_true", help="with --folds: evaluate each fold's existing "
                    "export (work-dir/foldK/export) instead of training it again")
     p.add_argument("--no-mlflow", action="store_true", help="do not record the evaluation as an MLflow run "
-                   "(by default it is one, at mlflow.tracking_uri, experiment mlflow.experiment + '-bundles')")
+                   "(by default it is one, at mlflow.tracking_uri, experiment mlflow.experiment)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides (train.epochs=3 ...)")
     args = p.parse_args(argv)
     if bool(args.folds) == bool(args.train_dir and args.eval_dir) or (args.folds and not args.src):
         p.error("give either --train-dir and --eval-dir, or --src and --folds")
     work = os.path.abspath(args.work_dir)
-    base = load_config(args.config, DEFAULTS + list(args.overrides))
+    config = args.config or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), CONFIG)
+    base = load_config(config, list(args.overrides))
     if not args.no_mlflow:
         from bundlerec.tracking import check_server
 
@@ -74,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     init_ray()
 
     def run(train_dir: str, eval_dir: str, wd: str) -> dict:
-        cfg = load_config(args.config, DEFAULTS + [f"train.storage_path={wd}/ray_results", *args.overrides])
+        cfg = load_config(config, [f"train.storage_path={wd}/ray_results", *args.overrides])
         export = args.export
         if args.reuse_exports and os.path.exists(os.path.join(wd, "export", "bundlerec.json")):
             export = os.path.join(wd, "export")
@@ -103,11 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
         from bundlerec.tracking import log_evaluation
 
         res["mlflow_run_id"] = log_evaluation(
-            base.mlflow.tracking_uri, base.mlflow.experiment + "-bundles", "eval-bundles",
+            base.mlflow.tracking_uri, base.mlflow.experiment, "eval-bundles",
             {"train_dir": args.train_dir, "eval_dir": args.eval_dir, "src": args.src, "folds": args.folds,
              "overrides": " ".join(args.overrides)}, headline_metrics(res),
             [args.out, os.path.splitext(args.out)[0] + ".md"])
-        print(f"MLflow run {res['mlflow_run_id']} ({base.mlflow.tracking_uri}, experiment {base.mlflow.experiment}-bundles)")
+        print(f"MLflow run {res['mlflow_run_id']} ({base.mlflow.tracking_uri}, experiment {base.mlflow.experiment})")
     return res
 
 

@@ -2,11 +2,12 @@
 
 import json
 import os
+import urllib.request
 
 import pandas as pd
 import pytest
 
-from tests.conftest import INTENT, STEAM, mlflow_get
+from tests.conftest import INTENT, ROOT, STEAM, free_port, mlflow_get
 
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
          "user_bundle")
@@ -35,21 +36,134 @@ def _slice(dst, domain, sessions, extra_items=150, seed=0):
         df.to_csv(f"{dst}/{domain}/{f}.csv.gz", index=False)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(1200)
-def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
-    from jobs.eval_bundles import main
-
+@pytest.fixture(scope="module")
+def bundle_slices(tmp_path_factory):
+    """Train and evaluation directories of the bundlerec_intent format: disjoint sessions of two domains."""
+    root = tmp_path_factory.mktemp("bundles")
     for domain in ("electronic", "food"):
         s = pd.read_csv(f"{INTENT}/{domain}/session_bundle.csv.gz").session_id.drop_duplicates().sample(frac=1, random_state=0)
-        _slice(tmp_path / "train", domain, set(s.iloc[:120]))
-        _slice(tmp_path / "eval", domain, set(s.iloc[120:170]))
+        _slice(root / "train", domain, set(s.iloc[:120]))
+        _slice(root / "eval", domain, set(s.iloc[120:170]))
+    return root
+
+
+TINY_BUNDLES = ["train.epochs=1", "train.max_steps_per_epoch=4", "train.micro_batch=8", "model.freeze_layers=4",
+                "data.item_max_tokens=32"]
+
+
+def _post(url: str, body: dict, token: str) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def bundle_pipeline(ray_cluster, mlflow_server, bundle_slices, tmp_path_factory):
+    """`bundlerec pipeline --config jobs/configs/bundlerec_intent.yaml` on the slices: prep, train (fit
+    + evaluate), register, deploy; the summary, the results and the served engine's address."""
+    from ray import serve
+
+    from jobs.pipeline import main
+
+    out = tmp_path_factory.mktemp("bundle-pipeline")
+    port = free_port()
+    summary = main(["--config", str(ROOT / "jobs/configs/bundlerec_intent.yaml"), f"output_root={out}",
+                    f"data.events={bundle_slices / 'train'}", f"data.eval_dir={bundle_slices / 'eval'}",
+                    *TINY_BUNDLES, f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=bundle-pipeline",
+                    "serve.model_name=bundle-pipeline", f"serve.url=http://127.0.0.1:{port}",
+                    f"serve.dashboard_url={ray_cluster}", "serve.event_log_dir=", "serve.poll_s=2",
+                    f"serve.model_cache_dir={out / 'models'}", f"pricing.data_dir={STEAM}"])
+    try:
+        yield {"summary": summary, "results": json.loads((out / "runs/bundlerec_intent/results.json").read_text()),
+               "url": f"http://127.0.0.1:{port}", "token": (out / "runs/bundlerec_intent/api_token").read_text().split()[0]}
+    finally:
+        serve.shutdown()  # frees the replica's CPU for the tests after this module
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, bundle_slices, mlflow_server):
+    """One flow on bundle data: the engine the pipeline's evaluation scored is the one registered and
+    served, and the endpoint answers the evaluation's queries exactly as they were scored."""
+    from dataclasses import replace
+
+    from bundlerec.bundles.engine import top_k
+    from bundlerec.bundles.evaluate import completion_queries, personal_bundles, personal_queries
+    from bundlerec.bundles.intent import load
+    from bundlerec.serving.recommender import Recommender
+
+    summary, results = bundle_pipeline["summary"], bundle_pipeline["results"]
+    res = results["bundles_eval"]
+    _check_bundle_evaluation(res, bundle_slices)
+    # registered on the declared bundle metric, and deployed
+    assert summary["registered_alias"] == "champion" and summary["registered_version"] == "1"
+    versions = mlflow_get(mlflow_server, "model-versions/search", filter="name='bundle-pipeline'")["model_versions"]
+    tags = {t["key"]: t["value"] for t in versions[0]["tags"]}
+    assert tags["primary_metric"] == "completion_recall@10" and 0 < float(tags["val_completion_recall_at_10"]) <= 1
+    run = mlflow_get(mlflow_server, "runs/get", run_id=results["run_id"])["run"]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics["completion/food/bundlerec/recall_at_10"] == pytest.approx(res["completion"]["food"]["bundlerec"]["recall@10"])
+    assert "train_loss" in metrics  # the training logged to the same run
+    assert summary["metrics"]["bundlerec"]["recall@10"] == pytest.approx(
+        (res["completion"]["food"]["bundlerec"]["recall@10"] + res["completion"]["electronic"]["bundlerec"]["recall@10"]) / 2)
+    assert summary["sample_bundle"] and summary["sample_completion"]["items"]
+
+    # the endpoint answers the evaluation's queries as they were scored: completion (first item -> the
+    # rest) and personalized generation (a session's first bundle as purchases -> bundles)
+    rec = Recommender.from_export(res["export_dir"])
+    d = load(str(bundle_slices / "eval"))["food"]
+    base, token = bundle_pipeline["url"], bundle_pipeline["token"]
+    for cart, _ in completion_queries(d.bundles, rec.item_pos, "first")[:6]:
+        got = _post(f"{base}/v1/bundles/complete", {"items": [rec.item_ids[c] for c in cart], "k": 10}, token)
+        want = top_k(rec.bundle_engine.complete_scores([cart]), 10)[0]
+        assert [i["item_id"] for i in got["items"]] == [rec.item_ids[i] for i in want]
+    qs = personal_queries(d, rec.item_pos)[:4]
+    assert qs
+    for (hist, _, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs)):
+        events = [{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": "2014-01-01T00:00:00Z"} for i in hist]
+        got = _post(f"{base}/v1/bundles", {"events": events, "n": 3, "max_size": 4}, token)
+        assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got["bundles"]] == want, hist
+
+    # the serving object: every history source and a description with the history, as scored
+    from datetime import datetime, timezone
+
+    qs = [q for q in personal_queries(d, rec.item_pos) if q[1]][:5]
+    assert qs
+    when = datetime(2014, 1, 1, tzinfo=timezone.utc)
+    qscores = rec.bundle_engine.query_scores([q[1] for q in qs])
+    chosen = rec.bundle_engine.params
+    for history, mode, query in (("recommender", "history", False), ("completion", "history", False),
+                                 (chosen.history, "both", True)):  # both sources, whichever was chosen
+        rec.bundle_engine = rec.bundle_engine.with_params(replace(chosen, history=history))
+        for (hist, intent, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs, mode, qscores=qscores)):
+            h = rec.history_from_events([{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": when}
+                                         for i in hist], now=when)
+            c = rec.bundle_constraints(h, n=3, max_size=4)
+            got = rec.bundles_for(h, c, query=intent if query else None)
+            assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got] == want, (history, mode, intent)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_eval_bundles_command(bundle_pipeline, bundle_slices, mlflow_server, tmp_path):
+    """`jobs.eval_bundles --train-dir D --eval-dir E --out F` is the same selection and scoring: on the
+    pipeline's trained export (--export: no second training) it gives the same figures, as its own MLflow run."""
+    import shutil
+
+    from jobs.eval_bundles import main
+
+    export = tmp_path / "export"
+    shutil.copytree(bundle_pipeline["results"]["export_dir"], export)
     out = tmp_path / "bundles.json"
-    res = main(["--train-dir", str(tmp_path / "train"), "--eval-dir", str(tmp_path / "eval"), "--out", str(out),
-                "--work-dir", str(tmp_path / "work"), "train.epochs=1", "train.max_steps_per_epoch=4",
-                "train.micro_batch=8", "model.freeze_layers=4", "data.item_max_tokens=32",
+    res = main(["--train-dir", str(bundle_slices / "train"), "--eval-dir", str(bundle_slices / "eval"), "--out", str(out),
+                "--work-dir", str(tmp_path / "work"), "--export", str(export), *TINY_BUNDLES,
                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=eval-test"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
+    piped = bundle_pipeline["results"]["bundles_eval"]
+    assert res["engine_params"] == piped["engine_params"]
+    for task in ("completion", "generation", "personal", "intent"):
+        assert res[task] == piped[task], task
     # the evaluation is an MLflow run: its headline figures and result files
     run = mlflow_get(mlflow_server, "runs/get", run_id=res["mlflow_run_id"])["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -60,6 +174,11 @@ def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     arts = mlflow_get(mlflow_server, "artifacts/list", run_id=res["mlflow_run_id"], path="results")
     assert {"results/bundles.json", "results/bundles.md"} <= {f["path"] for f in arts["files"]}
     assert (tmp_path / "bundles.md").read_text().startswith("| completion recall@10 | electronic | food |")
+
+
+def _check_bundle_evaluation(res: dict, slices) -> None:
+    """Every task, method and interval of one bundle evaluation; every choice made on validation and
+    saved in the export; the serving object's completion reproduces the evaluation's figure."""
     for domain in ("electronic", "food"):
         for method in ("bundlerec", "popular", "itemknn", "lexical", "zeroshot", "tuned"):
             c = res["completion"][domain][method]
@@ -110,34 +229,13 @@ def test_eval_bundles_command(ray_cluster, mlflow_server, tmp_path):
     from bundlerec.serving.recommender import Recommender
 
     rec = Recommender.from_export(export)
-    d = load(str(tmp_path / "eval"))["food"]
+    d = load(str(slices / "eval"))["food"]
     queries = completion_queries(d.bundles, rec.item_pos, "first")
     hits = [len({i["item_id"] for i in rec.complete([rec.item_ids[c] for c in cart], 10)["items"]}
                 & {rec.item_ids[t] for t in rest}) / len(rest) for cart, rest in queries]
     # (one query's worth of slack: the evaluation scores carts in batches, the endpoint one at a time,
     # and a batched matmul may round a near-tie the other way)
     assert abs(sum(hits) / len(hits) - res["completion"]["food"]["bundlerec"]["recall@10"]) <= 1 / len(hits) + 1e-9
-    # personalized generation as scored is what the serving object returns for the history as
-    # purchase events (alone, and with the description)
-    from dataclasses import replace
-    from datetime import datetime, timezone
-
-    from bundlerec.bundles.evaluate import personal_bundles, personal_queries
-
-    qs = [q for q in personal_queries(d, rec.item_pos) if q[1]][:5]
-    assert qs
-    when = datetime(2014, 1, 1, tzinfo=timezone.utc)
-    qscores = rec.bundle_engine.query_scores([q[1] for q in qs])
-    chosen = rec.bundle_engine.params
-    for history, mode, query in (("recommender", "history", False), ("completion", "history", False),
-                                 (chosen.history, "both", True)):  # both sources, whichever was chosen
-        rec.bundle_engine = rec.bundle_engine.with_params(replace(chosen, history=history))
-        for (hist, intent, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs, mode, qscores=qscores)):
-            h = rec.history_from_events([{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": when}
-                                         for i in hist], now=when)
-            c = rec.bundle_constraints(h, n=3, max_size=4)
-            got = rec.bundles_for(h, c, query=intent if query else None)
-            assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got] == want, (history, mode, intent)
 
 
 def test_eval_pricing_command(tmp_path):

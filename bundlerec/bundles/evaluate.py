@@ -479,9 +479,9 @@ def select_threshold(engine: BundleEngine, compat: dict, val_s: dict) -> tuple[f
 
 # ------------------------------------------------------------------------------ the evaluation
 def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str, export_dir: str | None = None,
-                   cache_dir: str | None = None):
+                   cache_dir: str | None = None, run_id: str | None = None):
     """Train (or reuse ``export_dir``) on the fit part of ``train_dir``; returns the pieces the
-    selection and evaluation need."""
+    selection and evaluation need. ``run_id``: the MLflow run the training logs to."""
     from bundlerec.data.catalog import finalize, load_items, padded_tokens
     from bundlerec.train.fit import fit as train_fit
 
@@ -498,7 +498,7 @@ def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir:
         trained = {"export_dir": export_dir, "n_train": meta.get("n_train"), "steps_per_epoch": None,
                    "train_seconds": None, "last_metrics": meta.get("last_metrics")}
     else:
-        trained = train_fit(cfg, prep_dir, export_dir=os.path.join(work_dir, "export"))
+        trained = train_fit(cfg, prep_dir, run_id=run_id, export_dir=os.path.join(work_dir, "export"))
     export = trained["export_dir"]
     with amend(export, "export"):  # verified before, re-sealed after (bundlerec.integrity)
         # the engine's statistics: fit users' bundles and sessions only (validation stays unseen)
@@ -642,13 +642,14 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
 
 
 def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir: str,
-                     export_dir: str | None = None, cache_dir: str | None = None) -> dict:
+                     export_dir: str | None = None, cache_dir: str | None = None, run_id: str | None = None) -> dict:
     """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
     run of this function with the same seed, so its item order and validation users match).
-    ``cache_dir``: where the pretrained encoder's catalog index is kept between runs (dev folds)."""
+    ``cache_dir``: where the pretrained encoder's catalog index is kept between runs (dev folds).
+    ``run_id``: the MLflow run the training logs to (the pipeline's)."""
     t0 = time.time()
     train, fit, val, evald, items, index, export, trained = prepare_export(cfg, train_dir, eval_dir, work_dir,
-                                                                           export_dir, cache_dir)
+                                                                           export_dir, cache_dir, run_id)
     with amend(export, "export"):  # the engine's files join the trained export; re-sealed when all are written
         selection = select(BundleEngine.from_export(export), items, index, fit, val, export, cfg.train.seed)
     engine = BundleEngine.from_export(export)  # exactly what Serve and the pyfunc load
@@ -685,7 +686,28 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     progress.done()
     out["seconds"] = round(time.time() - t0, 1)
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
+    out["prep_dir"] = cfg.data.output_dir  # the bundle-completion examples (their val split: the registry gate)
     return out
+
+
+def print_table(res: dict) -> None:
+    """One evaluation's figures, a line per task, domain and method (intervals in brackets)."""
+    for task, keys in (("completion", ("recall@10", "ndcg@10")), ("generation", ("f1",)), ("personal", ("f1", "best_jaccard"))):
+        for dom, methods in res.get(task, {}).items():
+            for m, v in methods.items():
+                cells = []
+                for k in keys:
+                    ci = v.get(f"{k}_ci") or v.get("f1_ci" if k == "f1" else "")
+                    cells.append(f"{k} {v[k]:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+                print(f"{task:<11}{dom:<11}{m:<16}" + "  ".join(cells))
+    for dom, methods in res.get("intent", {}).items():
+        for m, v in methods.items():
+            ci = v["recall@10_ci"]
+            print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
+    for key in ("lift", "intent_lift"):
+        for dom, lift in res.get(key, {}).items():
+            r = lift["recall@10"]
+            print(f"{key:<11}{dom:<11}bundlerec vs {lift['vs']}: recall@10 {r['lift']:+.1%} [{r['ci'][0]:+.1%}, {r['ci'][1]:+.1%}]")
 
 
 def summarize_folds(results: dict[int, dict]) -> dict:
@@ -706,7 +728,8 @@ def summarize_folds(results: dict[int, dict]) -> dict:
                     continue
                 out[task][dom][m] = {k: {"mean": float(np.mean(v := [r[task][dom][m][k] for r in results.values()])),
                                          "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0} for k in metrics}
-    for key, metric in (("lift", "recall@10"), ("intent_lift", "recall@10"), ("naming_lift", "rouge1_f1")):
+    for key, metric in (("lift", "recall@10"), ("intent_lift", "recall@10"), ("naming_lift", "rouge1_f1"),
+                        ("personal_lift", "best_jaccard")):
         if key in first:
             out[key] = {dom: {"mean": float(np.mean([r[key][dom][metric]["lift"] for r in results.values()])),
                               "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom][metric]}

@@ -63,7 +63,24 @@ def validation_bundle_f1(rec, prep_dir: str, history_len: Optional[int] = None) 
     return float(prf(*generation_values(served_bundles(rec, queries), queries)["triplets"].sum(0))["f1"])
 
 
-SCORERS = {"ndcg@10": validation_ndcg, "bundle_f1": validation_bundle_f1}
+def validation_completion_recall(rec, prep_dir: str, history_len: Optional[int] = None) -> float:
+    """Recall@10 of the bundle engine's completion (what ``/v1/bundles/complete`` answers) on a bundle
+    export's val split: each validation bundle's first item -> the rest (bundlerec.bundles.evaluate)."""
+    from bundlerec.bundles.evaluate import completion_values
+    from bundlerec.data.catalog import load_items
+    from bundlerec.data.examples import load_split
+
+    val = load_split(prep_dir, "val")
+    if len(val) == 0:
+        raise NoValidationData(f"{prep_dir} has an empty val split: the completion_recall@10 gate needs validation bundles")
+    ids = load_items(prep_dir).set_index("item_idx").item_id.astype(str)  # by id: a champion's catalog may differ
+    pos = lambda xs: [rec.item_pos[ids[int(i)]] for i in xs if ids[int(i)] in rec.item_pos]  # noqa: E731
+    queries = [(c, t) for c, t in ((pos(h), pos(t)) for h, t in zip(val.hist_items, val.targets)) if c and t]
+    return float(completion_values(rec.bundle_engine, queries)["recall@10"].mean()) if queries else 0.0
+
+
+SCORERS = {"ndcg@10": validation_ndcg, "bundle_f1": validation_bundle_f1,
+           "completion_recall@10": validation_completion_recall}
 
 
 def score_tag(metric: str) -> str:

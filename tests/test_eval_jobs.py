@@ -217,7 +217,7 @@ def _check_bundle_evaluation(res: dict, slices) -> None:
     assert os.path.exists(f"{export}/rerank.skops") == res["engine_params"]["rerank"]
     assert json.load(open(f"{export}/intent_names.json"))["weights"] == res["selection"]["naming"]["chosen"]
     ps = res["selection"]["personal"]  # personalized generation's knobs, chosen on validation sessions
-    assert len(ps["val_f1"]) == 8 and ps["chosen"] == json.loads(max(ps["val_f1"], key=ps["val_f1"].get))
+    assert len(ps["val_f1"]) == 12 and ps["chosen"] == json.loads(max(ps["val_f1"], key=ps["val_f1"].get))
     assert res["engine_params"]["history"] == ps["chosen"]["history"]
     assert res["engine_params"]["generation"]["relevance_weight"] == ps["chosen"]["relevance_weight"]
     ih = res["selection"]["intent_history"]

@@ -227,8 +227,9 @@ def session_truth(d: Domain, index: dict) -> list[tuple[list[int], list[list[int
 # ------------------------------------------------------------------------------ personalized generation
 PERSONAL_N, PERSONAL_MAX_SIZE = 3, 4  # the request defaults of /v1/bundles
 PERSONAL_HISTORY = ("recommender", "completion")  # EngineParams.history, chosen on validation
-PERSONAL_RELEVANCE = (0.25, 0.5, 1.0, 2.0)  # the generation's relevance weight, chosen on validation
-INTENT_HISTORY_GRID = ({"query": 0.25, "history": 0.75}, {"query": 0.5, "history": 0.5}, {"query": 0.75, "history": 0.25})
+PERSONAL_RELEVANCE = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # the generation's relevance weight, chosen on validation
+INTENT_HISTORY_GRID = ({"query": 0.25, "history": 0.75}, {"query": 0.5, "history": 0.5}, {"query": 0.75, "history": 0.25},
+                       {"query": 0.9, "history": 0.1}, {"query": 1.0, "history": 0.0})  # the last: the description alone
 # history -> bundles baselines: greedy growth from one channel's relevance, the baseline's compatibility
 PERSONAL_BASELINES = {"itemknn_greedy": ("cooccurrence", {"data": 1.0}), "zeroshot_greedy": ("pretrained", {"pretrained": 1.0}),
                       "lexical_greedy": ("lexical", {"lexical": 1.0}), "popular_pairs": ("popularity", {"data": 1.0})}

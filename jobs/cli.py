@@ -193,7 +193,7 @@ def submit(ctx: typer.Context,
                                                      "cluster; default on this machine: the current directory"),
            runtime_env: Optional[str] = typer.Option(None, help="runtime env YAML (default: jobs/runtime_env.yaml)"),
            no_wait: bool = typer.Option(False, "--no-wait", help="return once submitted (follow with `ray job logs -f`)"),
-           retries: int = typer.Option(5, help="resubmit this often while a starting head has no job agent yet")) -> None:
+           retries: int = typer.Option(12, help="resubmit this often (every 10 s) while a starting or loaded head has no job agent yet")) -> None:
     """Run a stage as a Ray job (`ray job submit` with the runtime environment and the outputs handled).
 
     Options of submit come before STAGE; everything after STAGE goes to the stage, e.g.

@@ -151,3 +151,18 @@ def test_a_resumed_run_may_change_where_it_runs_but_nothing_else():
     assert _resume_hash(base) == _resume_hash(same)
     for other in ("train.lr=1e-3", "train.zero_stage=3", "model.lora_rank=8"):
         assert _resume_hash(load_config(str(ROOT / "jobs/configs/demo.yaml"), [other])) != _resume_hash(base), other
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.source=bundlerec_intent", "data.events=null"], "needs data.events"),
+    (["data.source=bundlerec_intent", "data.events=/d"], "completion_recall@10"),  # ndcg@10 is not a bundle metric
+    (["data.source=bundlerec_intent", "data.events=/d", "mlflow.primary_metric=completion_recall@10",
+      "stages=[prep,tune]"], "no sweep"),
+    (["mlflow.primary_metric=completion_recall@10"], "is for bundle data"),
+    (["data.source=parquet"], "clickstream or bundlerec_intent"),
+])
+def test_a_bundle_source_is_checked_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(ROOT / "jobs/configs/demo.yaml"), overrides)
+    cfg = load_config(str(ROOT / "jobs/configs/bundlerec_intent.yaml"), ["output_root=/r", "data.eval_dir=held"])
+    assert cfg.data.source == "bundlerec_intent" and cfg.data.eval_dir == "/r/held"

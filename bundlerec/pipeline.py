@@ -322,6 +322,11 @@ def run_bundle_train_stage(cfg: PipelineConfig) -> dict:
     client.log_dict(run_id, res["selection"], "fit/selection.json")
     client.log_dict(run_id, res, "bundles/evaluation.json")
     client.log_text(run_id, markdown(res), "bundles/evaluation.md")
+    from bundlerec.eval.plots import plot_bundle_tasks
+
+    out = _local_beside(cfg.results_path, "report")
+    os.makedirs(out, exist_ok=True)
+    client.log_artifact(run_id, plot_bundle_tasks(res, os.path.join(out, "bundles.png")), artifact_path="bundles")
     # the summary's table: each method's completion figures, the mean over the evaluation domains
     methods = {m for dom in res["completion"].values() for m in dom}
     metrics = {m: {k: float(np.mean([dom[m][k] for dom in res["completion"].values() if m in dom]))

@@ -105,6 +105,8 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert metrics["completion/food/bundlerec/recall_at_10"] == pytest.approx(res["completion"]["food"]["bundlerec"]["recall@10"])
     assert "train_loss" in metrics  # the training logged to the same run
+    arts = {f["path"] for f in mlflow_get(mlflow_server, "artifacts/list", run_id=results["run_id"], path="bundles")["files"]}
+    assert {"bundles/evaluation.json", "bundles/evaluation.md", "bundles/bundles.png"} <= arts, arts
     assert summary["metrics"]["bundlerec"]["recall@10"] == pytest.approx(
         (res["completion"]["food"]["bundlerec"]["recall@10"] + res["completion"]["electronic"]["bundlerec"]["recall@10"]) / 2)
     assert summary["sample_bundle"] and summary["sample_completion"]["items"]

@@ -66,6 +66,32 @@ def plot_comparison(metrics: dict, path: str) -> str:
     return path
 
 
+def plot_bundle_tasks(res: dict, path: str) -> str:
+    """One panel per bundle task of a bundle evaluation (completion Recall@10, personalized
+    generation best Jaccard): every method per evaluation domain, with 95 % bootstrap intervals."""
+    plt = _plt()
+    panels = [(t, k, title) for t, k, title in (("completion", "recall@10", "completion Recall@10 (first item -> rest)"),
+                                                 ("personal", "best_jaccard", "personalized generation: best Jaccard"))
+              if res.get(t)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 3.8), squeeze=False)
+    for ax, (task, key, title) in zip(axes[0], panels):
+        doms = list(res[task])
+        methods = [m for m in res[task][doms[0]] if all(m in res[task][d] for d in doms)]
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            vals = [res[task][d][m][key] for d in doms]
+            ci = [res[task][d][m].get(f"{key}_ci", [v, v]) for d, v in zip(doms, vals)]
+            err = np.array([[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]])
+            ax.bar(np.arange(len(doms)) + (j - (len(methods) - 1) / 2) * width, vals, width, yerr=err, capsize=2, label=m)
+        ax.set_xticks(np.arange(len(doms)), doms)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_pricing(actual: np.ndarray, predicted: dict, path: str) -> str:
     """Out-of-fold predicted vs actual bundle discount, bundlerec and the median baseline."""
     plt = _plt()

@@ -143,3 +143,43 @@ def test_mlflow_on_the_cluster_requires_users_and_jobs_and_serve_use_their_own()
         for x in p["spec"]["containers"]:
             m = [m for m in x["volumeMounts"] if creds.startswith(m["mountPath"] + "/")]
             assert len(m) == 1 and m[0]["readOnly"] and vols[m[0]["name"]]["secret"]["secretName"] == "bundlerec-mlflow-serving"
+
+
+def _mounted_secret(pod: dict, path: str) -> str:
+    """The Secret a container of ``pod`` reads ``path`` from (a read-only mount), or ''."""
+    vols = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    names = set()
+    for c in pod["spec"]["containers"]:
+        m = [m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"] + "/") and m.get("readOnly")]
+        names |= {vols[x["name"]]["secret"]["secretName"] for x in m if "secret" in vols[x["name"]]}
+    return names.pop() if len(names) == 1 else ""
+
+
+def test_the_job_and_the_service_share_the_user_key_and_the_stores_credentials():
+    """The RayJob trains, evaluates and registers with everything in the bucket and no deploy; it and
+    the RayService read the user-pseudonym key from one Secret at the path their args name, S3
+    credentials from a Secret, run the image cluster/Dockerfile builds, and GPU pods tolerate the taint."""
+    tag = re.search(r"docker build -f cluster/Dockerfile -t (\S+) \.", (ROOT / "cluster/Dockerfile").read_text()).group(1)
+    job = yaml.safe_load((ROOT / "cluster/kuberay/rayjob.yaml").read_text())
+    args = dict(a.split("=", 1) for a in job["spec"]["entrypoint"].split() if "=" in a)
+    assert args["stages"] == "[prep,train,register]"  # the job's cluster is deleted: serving is the RayService's
+    for k in ("data.output_dir", "train.storage_path", "tune.storage_path", "results_path"):
+        assert args[k].startswith("s3://"), k
+    config = yaml.safe_load((ROOT / job["spec"]["entrypoint"].split("--config ")[1].split()[0]).read_text())
+    assert (ROOT / config["pricing"]["data_dir"]).is_dir()  # an input of the image (not .dockerignored)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(config["pricing"]["data_dir"].split("/")[0] == i for i in ignored)
+    service = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]
+    for doc, key_path in ((job, args["serve.user_key_file"]), (service, app["user_key_file"])):
+        spec = _cluster_spec(doc)
+        assert set(_images(spec)) == {tag}
+        for pod in _pods(spec):
+            assert _mounted_secret(pod, key_path) == "bundlerec-user-key", doc["kind"]
+            assert all({"secretRef": {"name": "bundlerec-s3"}} in c.get("envFrom", []) for c in pod["spec"]["containers"])
+            gpu = any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in pod["spec"]["containers"])
+            tolerates = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"].get("tolerations", [])
+            assert tolerates or not gpu, doc["kind"]
+    mlflow_image = {c["image"] for d in yaml.safe_load_all((ROOT / "cluster/kuberay/mlflow.yaml").read_text())
+                    if d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]}
+    assert mlflow_image == {tag}

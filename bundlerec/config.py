@@ -90,6 +90,13 @@ class DataConfig:
     event_type_by_file: dict = field(default_factory=dict)
     """File-name glob -> event type, for logs with one file per type (Diginetica's train-item-views.csv,
     train-purchases.csv): {"*views*": view, "*purchases*": purchase}; a file matching none is quarantined."""
+    csv_columns_by_file: dict = field(default_factory=dict)
+    """Headerless CSV inputs: file-name glob -> the column names of those files, in order (Yoochoose's
+    .dat files: {"*clicks*": [session_id, timestamp, item_id, category], "*buys*": [...]}); a file
+    matching none is refused. Empty: every CSV file has a header row."""
+    user_id_fallback: str = "none"
+    """none: a row without a user id is quarantined (missing_user_id). session: it keeps its session id
+    as the user (anonymous shoppers, logs with no user column at all: the session is the user)."""
     csv_delimiter: str = ","
     """Field separator of CSV inputs, events and catalog (";" for Diginetica)."""
     catalog_layout: str = "wide"
@@ -173,6 +180,10 @@ class DataConfig:
         _check(not (self.event_type_constant and self.event_type_by_file),
                "data.event_type_constant and data.event_type_by_file: choose one")
         _check(len(self.csv_delimiter) == 1, "data.csv_delimiter must be one character")
+        _check(self.user_id_fallback in {"none", "session"}, f"data.user_id_fallback must be none or session, not {self.user_id_fallback!r}")
+        for glob, cols in self.csv_columns_by_file.items():
+            _check(isinstance(cols, list) and cols and all(isinstance(c, str) and c for c in cols),
+                   f"data.csv_columns_by_file[{glob!r}] must be a list of column names")
         _check(self.catalog_layout in {"wide", "long"}, f"data.catalog_layout={self.catalog_layout!r}")
 
 

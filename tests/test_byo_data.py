@@ -120,8 +120,33 @@ def test_diginetica_one_file_per_event_type(ray_cluster, tmp_path):
     m = run_prep(_cfg("diginetica", tmp_path, f"data.events={tmp_path}/train-[ip]*.csv",
                       f"data.catalog={tmp_path}/products.csv"))
     assert m["rows"]["input"] == len(views) + len(buys)  # the queries file is not read
-    assert m["quarantine"]["by_reason"] == {"missing_user_id": 3}
-    kept = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/examples/test")
-    assert len(kept) == USERS and m["catalog"]["items"] == 10
+    assert m["quarantine"]["by_reason"] == {}  # anonymous sessions are their own users: the whole log is read
+    root = data_root(str(tmp_path / "out"))
+    users = set().union(*(pd.read_parquet(f"{root}/examples/{s}").user_id for s in ("train", "val", "test")))
+    assert {str(10 + u) for u in range(USERS)} <= users  # logged-in shoppers keep their userId
+    assert len(pd.read_parquet(f"{root}/examples/test")) > 0 and m["catalog"]["items"] == 10
+    assert m["split"]["mode"] == "global_time" and m["split"]["train_after_val_cutoff"] == 0
     items = pd.read_parquet(f"{data_root(str(tmp_path / 'out'))}/items")
     assert items.title.str.contains(",").all()  # the hashed name tokens are the title
+
+
+def test_yoochoose_headerless_files_with_the_session_as_the_user(ray_cluster, tmp_path):
+    """yoochoose-clicks.dat / yoochoose-buys.dat as published: no header row, no user column, ISO times
+    with milliseconds; the -test.dat file is not read."""
+    clicks, buys = [], []
+    for u, b, day, seen, bought in _baskets():
+        sid = 100 * u + b
+        clicks.append(f"{sid},2014-04-{day:02d}T10:51:09.277Z,214{seen[0][2:]},{'S' if u % 2 else 0}")
+        clicks.append(f"{sid},2014-04-{day:02d}T10:52:30.101Z,214{bought[0][2:]},0")
+        buys.append(f"{sid},2014-04-{day:02d}T10:55:00.000Z,214{bought[0][2:]},{int(bought[2] * 100)},1")
+    (tmp_path / "yoochoose-clicks.dat").write_text("\n".join(clicks) + "\n")
+    (tmp_path / "yoochoose-buys.dat").write_text("\n".join(buys) + "\n")
+    (tmp_path / "yoochoose-test.dat").write_text("1,2014-04-01T00:00:00.000Z,214000,0\n")
+    m = run_prep(_cfg("yoochoose", tmp_path, f"data.events={tmp_path}/yoochoose-[cb]*.dat"))
+    assert m["rows"]["input"] == len(clicks) + len(buys) and m["quarantine"]["by_reason"] == {}
+    assert m["split"]["mode"] == "global_time" and m["split"]["train_after_val_cutoff"] == 0 and m["catalog"]["items"] == 10
+    root = data_root(str(tmp_path / "out"))
+    test = pd.read_parquet(f"{root}/examples/test")
+    assert len(test) > 0 and set(test.user_id) <= {str(100 * u + b) for u in range(USERS) for b in range(BASKETS)}
+    train = pd.read_parquet(f"{root}/examples/train")
+    assert train.target_time.max() < test.target_time.min()  # nothing after the cutoff trains

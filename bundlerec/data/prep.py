@@ -144,11 +144,12 @@ def _run_prep(cfg: PipelineConfig) -> dict:
     # of a user into one block: duplicates across files are caught there, and sessionization below
     # reads the same blocks.
     raw = read_dataset(events_path, d.format, encoding=d.encoding, delimiter=d.csv_delimiter,
-                       include_paths=bool(d.event_type_by_file))
+                       include_paths=bool(d.event_type_by_file), columns_by_file=d.csv_columns_by_file)
     tagged = raw.map_batches(
         _tag, batch_format="pandas", batch_size=None,  # a block at a time: files may differ in columns
         fn_kwargs=dict(columns=d.columns, event_type_map=d.event_type_map, time_unit=d.time_unit,
                        event_type_constant=d.event_type_constant, event_type_by_file=d.event_type_by_file,
+                       user_id_fallback=d.user_id_fallback,
                        catalog_ids=catalog_lib.catalog_ids(catalog), max_price=d.max_price,
                        max_time=pd.Timestamp.now(tz="UTC") + pd.Timedelta(hours=d.max_future_skew_hours)),
     ).repartition(d.num_shards, keys=["user_id"]).map_batches(

@@ -107,10 +107,25 @@ def check_text_encoding(files: list[str], encoding: str) -> None:
                 offset += len(chunk)
 
 
+def _columns_of(files: list[str], columns_by_file: dict) -> dict[tuple, list[str]]:
+    """Headerless files grouped by the column names their glob gives them; a file no glob names is refused."""
+    import fnmatch
+    import os
+
+    groups: dict[tuple, list[str]] = {}
+    for f in files:
+        names = [cols for glob, cols in columns_by_file.items() if fnmatch.fnmatch(os.path.basename(f), glob)]
+        if not names:
+            raise SchemaError(f"{f}: no data.csv_columns_by_file glob matches it ({sorted(columns_by_file)}); "
+                              f"headerless files need their column names")
+        groups.setdefault(tuple(names[0]), []).append(f)
+    return groups
+
+
 def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None = None, encoding: str = "utf-8",
-                 delimiter: str = ",", include_paths: bool = False):
+                 delimiter: str = ",", include_paths: bool = False, columns_by_file: dict | None = None):
     """Read ``path`` as a Ray Dataset, one or more blocks per file (``include_paths``: a ``path``
-    column names each row's file)."""
+    column names each row's file; ``columns_by_file``: headerless CSVs, glob -> column names)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import ray.data
@@ -127,6 +142,13 @@ def read_dataset(path: str, fmt: str = "auto", override_num_blocks: int | None =
         check_parquet(files)
         return ray.data.read_parquet(files, **kw)
     check_text_encoding(files, encoding)
+    if fmt == "csv" and columns_by_file:
+        parts = [ray.data.read_csv(group, read_options=pacsv.ReadOptions(encoding=encoding, column_names=list(names)),
+                                   parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                                   convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in names},
+                                                                        strings_can_be_null=True), **kw)
+                 for names, group in _columns_of(files, columns_by_file).items()]
+        return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if fmt == "csv":
         header = sorted({c for f in files for c in _csv_header(f, delimiter)})  # files may differ in columns
         return ray.data.read_csv(

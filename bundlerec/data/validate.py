@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from bundlerec.data.schema import EVENT_TYPES, REQUIRED_EVENT_COLUMNS, clean_id, parse_time, rename_columns
+from bundlerec.data.schema import EVENT_TYPES, REQUIRED_EVENT_COLUMNS, SchemaError, clean_id, parse_time, rename_columns
 
 REASON_COL = "quarantine_reason"
 # Not an error, but not an interaction we model (e.g. REES46 remove_from_cart mapped to null):
@@ -89,11 +89,12 @@ def event_types_by_file(paths: pd.Series, by_file: dict) -> pd.Series:
 def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, time_unit: str,
                      catalog_ids: Optional[pd.Index], max_time: Optional[pd.Timestamp] = None,
                      max_price: float = float("inf"), event_type_constant: Optional[str] = None,
-                     event_type_by_file: Optional[dict] = None) -> pd.DataFrame:
+                     event_type_by_file: Optional[dict] = None, user_id_fallback: str = "none") -> pd.DataFrame:
     """Map a raw batch to the canonical event schema and tag each row with a quarantine reason.
 
     ``max_time``: events after it are clock skew (``future_time``); ``max_price``: larger prices are
-    ``implausible_price``. A row gets the first reason that applies.
+    ``implausible_price``. A row gets the first reason that applies. ``user_id_fallback`` session:
+    a row without a user id (or a log without a user column) keeps its session id as the user.
 
     Returns the canonical columns plus ``quarantine_reason`` (None for good rows) and ``raw``
     (the source row as JSON, only on quarantined rows).
@@ -104,7 +105,11 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
         df["event_type"] = event_type_constant
     elif event_type_by_file:  # one file per type; read_dataset(include_paths=True) added "path"
         df["event_type"] = event_types_by_file(df["path"], event_type_by_file)
-    df = rename_columns(df, columns, REQUIRED_EVENT_COLUMNS, "events")
+    by_session = user_id_fallback == "session"
+    df = rename_columns(df, columns, tuple(c for c in REQUIRED_EVENT_COLUMNS if not (by_session and c == "user_id")),
+                        "events")
+    if by_session and "session_id" not in df:
+        raise SchemaError("data.user_id_fallback=session needs a session column: map data.columns.session_id")
     n = len(df)
     out = pd.DataFrame(index=df.index)
     out["event_time"] = parse_time(df["event_time"], time_unit)
@@ -112,8 +117,10 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
     mapping = {str(k).lower(): v for k, v in event_type_map.items()}
     mapped = et.map(lambda v: mapping.get(v, v) if v is not pd.NA else None)
     out["event_type"] = mapped.astype("string")
-    out["user_id"] = clean_id(df["user_id"])
     out["session_id"] = clean_id(df["session_id"]) if "session_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    out["user_id"] = clean_id(df["user_id"]) if "user_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    if by_session:  # anonymous shoppers: the session is the user
+        out["user_id"] = out["user_id"].fillna(out["session_id"])
     out["item_id"] = clean_id(df["item_id"])
     price = pd.to_numeric(df["price"], errors="coerce") if "price" in df else pd.Series(np.nan, index=df.index)
     out["price"] = price.astype("float64")

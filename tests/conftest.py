@@ -46,10 +46,24 @@ def wait_http(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
+JOB_AGENT_PORT = 52365  # Ray's dashboard agent (the job API's agent) listens on this fixed port
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A fresh local Ray instance (LOCAL_NUM_CPUS logical CPUs, 1 GiB object store, dashboard + job API)."""
+    """A fresh local Ray instance (LOCAL_NUM_CPUS logical CPUs, 1 GiB object store, dashboard + job API).
+    Another Ray instance on this machine (``make services``, a job started by hand) holds the job
+    agent's fixed port, and this one's job API would never take a job: the tests that submit jobs
+    fail at once saying so (:func:`require_job_agent`)."""
     import ray
+
+    # (an environment variable: pytest's conftest module and `from tests.conftest import` may be two modules)
+    os.environ["BUNDLEREC_TEST_AGENT_PORT_TAKEN"] = "1" if _listening(JOB_AGENT_PORT) else ""
 
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
     ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
@@ -61,6 +75,14 @@ def ray_cluster():
     yield url
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require_job_agent() -> None:
+    """Fail a job-submitting test with the reason when another Ray instance held the job agent's port."""
+    if os.environ.get("BUNDLEREC_TEST_AGENT_PORT_TAKEN"):
+        pytest.fail(f"another Ray instance on this machine listens on 127.0.0.1:{JOB_AGENT_PORT} (Ray's fixed "
+                    f"dashboard-agent port), so the suite's cluster has no job agent: stop it (`make stop`, "
+                    f"`ray stop` for one started by hand) and run the tests again")
 
 
 def start_mlflow(d, port: int, backend: str | None = None, artifacts: str | None = None,

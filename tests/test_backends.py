@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, STEAM, free_port, require_system_package
+from tests.conftest import ROOT, STEAM, free_port, require_system_package, require_job_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -88,6 +88,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     import boto3
     import mlflow
     import psycopg
+    require_job_agent()
 
     s3_env, bucket = backends["s3_env"], backends["bucket"]
     # the RayJob's exact entrypoint (cluster/kuberay/rayjob.yaml), run as KubeRay runs it: in the image's

@@ -11,7 +11,7 @@ import typer
 import yaml
 
 from jobs.cli import STAGES, submit_command
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_job_agent
 
 BUNDLEREC = str(Path(sys.executable).with_name("bundlerec"))  # the console script `make setup` installs
 
@@ -101,6 +101,7 @@ def test_submit_to_a_remote_cluster_refuses_outputs_that_would_be_lost(tmp_path)
 def test_submit_runs_a_ray_job_whose_outputs_land_here(ray_cluster, tmp_path):
     """A real `ray job submit` from a folder outside the project: the job runs in the uploaded copy of
     the project, and its relative --out still lands in the folder the command was run from."""
+    require_job_agent()
     r = _run("submit", "--address", ray_cluster, "generate", "--out", "synth", "synthetic.n_users=20",
              "synthetic.n_items=40", "synthetic.n_events=1000", "synthetic.n_bundles=3", cwd=tmp_path, timeout=280)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

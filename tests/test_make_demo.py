@@ -12,12 +12,13 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import ROOT, mlflow_get, mlflow_post
+from tests.conftest import ROOT, mlflow_get, mlflow_post, require_job_agent
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_server, tmp_path):
+    require_job_agent()
     env = {**os.environ, "DASHBOARD_PORT": str(urlparse(ray_cluster).port), "MLFLOW_PORT": str(urlparse(mlflow_server).port)}
     cmd = ["make", "demo", "DEMO_CONFIG=jobs/configs/tiny.yaml", f"DEMO_ROOT={tmp_path}",
            f"DEMO_ARGS=mlflow.tracking_uri={mlflow_server} mlflow.experiment=job-test"]

@@ -783,7 +783,8 @@ def markdown(res: dict) -> str:
             lines.append("")
         for key, title in (("lift", "bundlerec's completion Recall@10 lift over the best baseline"),
                            ("intent_lift", "bundlerec's intent Recall@10 lift over the best of lexical/zeroshot"),
-                           ("naming_lift", "bundlerec's naming ROUGE-1 F1 lift over the best of zeroshot/lexical/category")):
+                           ("naming_lift", "bundlerec's naming ROUGE-1 F1 lift over the best of zeroshot/lexical/category"),
+                           ("personal_lift", "bundlerec's personalized-generation best-Jaccard lift over the best greedy baseline")):
             if key not in sm:
                 continue
             lines += [f"**{title}** (paired bootstrap 95 % interval per fold)", "", "| domain | mean | per fold |", "|---|---|---|"]

@@ -332,7 +332,8 @@ def run_bundle_train_stage(cfg: PipelineConfig) -> dict:
     metrics = {m: {k: float(np.mean([dom[m][k] for dom in res["completion"].values() if m in dom]))
                    for k in ("recall@10", "ndcg@10", "recall@20", "ndcg@20")} for m in sorted(methods)}
     results = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "mlflow_url": cfg.mlflow.tracking_uri,
-               "export_dir": export, "prep_dir": res["prep_dir"], "metrics": metrics, "bundles_eval": res,
+               "export_dir": export, "prep_dir": res["prep_dir"], "train_dir": train_dir, "eval_dir": eval_dir,
+               "metrics": metrics, "bundles_eval": res,
                "pricing": pricing, "eval_seconds": res["seconds"]}
     write_text(cfg.results_path, json.dumps(results, indent=2, default=str))
     client.log_artifact(run_id, cfg.results_path, artifact_path="results")
@@ -395,7 +396,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if bundle_source:
             from bundlerec.demo import try_bundle_endpoint
 
-            summary.update(try_bundle_endpoint(bundle_dirs(cfg)[1], dep["serve_url"], token))
+            summary.update(try_bundle_endpoint(results.get("eval_dir") or bundle_dirs(cfg)[1], dep["serve_url"], token))
         else:
             summary.update(try_endpoint(cfg, dep["serve_url"], token))
     summary["report_url"] = report_url(cfg.mlflow.tracking_uri, results["run_id"])

@@ -38,12 +38,11 @@ def _slice(dst, domain, sessions, extra_items=150, seed=0):
 
 @pytest.fixture(scope="module")
 def bundle_slices(tmp_path_factory):
-    """Train and evaluation directories of the bundlerec_intent format: disjoint sessions of two domains."""
+    """A directory of the bundlerec_intent format: 170 sessions of each of two domains."""
     root = tmp_path_factory.mktemp("bundles")
     for domain in ("electronic", "food"):
         s = pd.read_csv(f"{INTENT}/{domain}/session_bundle.csv.gz").session_id.drop_duplicates().sample(frac=1, random_state=0)
-        _slice(root / "train", domain, set(s.iloc[:120]))
-        _slice(root / "eval", domain, set(s.iloc[120:170]))
+        _slice(root / "all", domain, set(s.iloc[:170]))
     return root
 
 
@@ -60,8 +59,9 @@ def _post(url: str, body: dict, token: str) -> dict:
 
 @pytest.fixture(scope="module")
 def bundle_pipeline(ray_cluster, mlflow_server, bundle_slices, tmp_path_factory):
-    """`bundlerec pipeline --config jobs/configs/bundlerec_intent.yaml` on the slices: prep, train (fit
-    + evaluate), register, deploy; the summary, the results and the served engine's address."""
+    """`bundlerec pipeline --config jobs/configs/bundlerec_intent.yaml` on the slices: prep (the users of
+    eval_fold 1 held out), train (fit + evaluate), register, deploy; the summary, the results (with
+    the split's train_dir and eval_dir) and the served engine's address."""
     from ray import serve
 
     from jobs.pipeline import main
@@ -69,13 +69,13 @@ def bundle_pipeline(ray_cluster, mlflow_server, bundle_slices, tmp_path_factory)
     out = tmp_path_factory.mktemp("bundle-pipeline")
     port = free_port()
     summary = main(["--config", str(ROOT / "jobs/configs/bundlerec_intent.yaml"), f"output_root={out}",
-                    f"data.events={bundle_slices / 'train'}", f"data.eval_dir={bundle_slices / 'eval'}",
+                    f"data.events={bundle_slices / 'all'}",
                     *TINY_BUNDLES, f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=bundle-pipeline",
                     "serve.model_name=bundle-pipeline", f"serve.url=http://127.0.0.1:{port}",
                     f"serve.dashboard_url={ray_cluster}", "serve.event_log_dir=", "serve.poll_s=2",
                     f"serve.model_cache_dir={out / 'models'}", f"pricing.data_dir={STEAM}"])
     try:
-        yield {"summary": summary, "results": json.loads((out / "runs/bundlerec_intent/results.json").read_text()),
+        yield {"summary": summary, "results": json.loads((out / "runs/bundlerec_intent/results.json").read_text()), "out": out,
                "url": f"http://127.0.0.1:{port}", "token": (out / "runs/bundlerec_intent/api_token").read_text().split()[0]}
     finally:
         serve.shutdown()  # frees the replica's CPU for the tests after this module
@@ -95,7 +95,8 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
 
     summary, results = bundle_pipeline["summary"], bundle_pipeline["results"]
     res = results["bundles_eval"]
-    _check_bundle_evaluation(res, bundle_slices)
+    assert results["eval_dir"] == str(bundle_pipeline["out"] / "runs/bundlerec_intent/prep/split/eval")
+    _check_bundle_evaluation(res, results["eval_dir"])
     # registered on the declared bundle metric, and deployed
     assert summary["registered_alias"] == "champion" and summary["registered_version"] == "1"
     versions = mlflow_get(mlflow_server, "model-versions/search", filter="name='bundle-pipeline'")["model_versions"]
@@ -114,7 +115,7 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     # the endpoint answers the evaluation's queries as they were scored: completion (first item -> the
     # rest) and personalized generation (a session's first bundle as purchases -> bundles)
     rec = Recommender.from_export(res["export_dir"])
-    d = load(str(bundle_slices / "eval"))["food"]
+    d = load(results["eval_dir"])["food"]
     base, token = bundle_pipeline["url"], bundle_pipeline["token"]
     for cart, _ in completion_queries(d.bundles, rec.item_pos, "first")[:6]:
         got = _post(f"{base}/v1/bundles/complete", {"items": [rec.item_ids[c] for c in cart], "k": 10}, token)
@@ -158,14 +159,14 @@ def test_eval_bundles_command(bundle_pipeline, bundle_slices, mlflow_server, tmp
     export = tmp_path / "export"
     shutil.copytree(bundle_pipeline["results"]["export_dir"], export)
     out = tmp_path / "bundles.json"
-    res = main(["--train-dir", str(bundle_slices / "train"), "--eval-dir", str(bundle_slices / "eval"), "--out", str(out),
+    piped = bundle_pipeline["results"]
+    res = main(["--train-dir", piped["train_dir"], "--eval-dir", piped["eval_dir"], "--out", str(out),
                 "--work-dir", str(tmp_path / "work"), "--export", str(export), *TINY_BUNDLES,
                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=eval-test"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
-    piped = bundle_pipeline["results"]["bundles_eval"]
-    assert res["engine_params"] == piped["engine_params"]
+    assert res["engine_params"] == piped["bundles_eval"]["engine_params"]
     for task in ("completion", "generation", "personal", "intent"):
-        assert res[task] == piped[task], task
+        assert res[task] == piped["bundles_eval"][task], task
     # the evaluation is an MLflow run: its headline figures and result files
     run = mlflow_get(mlflow_server, "runs/get", run_id=res["mlflow_run_id"])["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -178,7 +179,7 @@ def test_eval_bundles_command(bundle_pipeline, bundle_slices, mlflow_server, tmp
     assert (tmp_path / "bundles.md").read_text().startswith("| completion recall@10 | electronic | food |")
 
 
-def _check_bundle_evaluation(res: dict, slices) -> None:
+def _check_bundle_evaluation(res: dict, eval_dir: str) -> None:
     """Every task, method and interval of one bundle evaluation; every choice made on validation and
     saved in the export; the serving object's completion reproduces the evaluation's figure."""
     for domain in ("electronic", "food"):
@@ -231,7 +232,7 @@ def _check_bundle_evaluation(res: dict, slices) -> None:
     from bundlerec.serving.recommender import Recommender
 
     rec = Recommender.from_export(export)
-    d = load(str(slices / "eval"))["food"]
+    d = load(eval_dir)["food"]
     queries = completion_queries(d.bundles, rec.item_pos, "first")
     hits = [len({i["item_id"] for i in rec.complete([rec.item_ids[c] for c in cart], 10)["items"]}
                 & {rec.item_ids[t] for t in rest}) / len(rest) for cart, rest in queries]

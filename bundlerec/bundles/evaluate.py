@@ -255,8 +255,10 @@ def history_channel(engine: BundleEngine) -> str:
     return "completion" if engine.params.history == "completion" else "tuned"
 
 
-def history_matrix(engine: BundleEngine, queries: list, channel: str | None = None, batch: int = 256) -> np.ndarray:
-    """(Q, N) each query's history scores by ``channel`` (default: the export's own), in batches."""
+def history_matrix(engine: BundleEngine, queries: list, channel: str | None = None, batch: int = 1) -> np.ndarray:
+    """(Q, N) each query's history scores by ``channel`` (default: the export's own), one history at a
+    time as the endpoint scores it (a batched, padded forward pass may round a near-tie the other way,
+    and generation then grows another bundle)."""
     channel = channel or history_channel(engine)
     carts = [q[0] for q in queries]
     score = engine.history_scores if channel == "completion" else lambda c: engine.channel_scores(channel, c)
@@ -647,7 +649,11 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     """``export_dir``: evaluate that already-trained export (trained on ``train_dir`` by an earlier
     run of this function with the same seed, so its item order and validation users match).
     ``cache_dir``: where the pretrained encoder's catalog index is kept between runs (dev folds).
-    ``run_id``: the MLflow run the training logs to (the pipeline's)."""
+    ``run_id``: the MLflow run the training logs to (the pipeline's). ``cfg`` is not changed (a copy
+    points at the bundle-completion examples)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
     t0 = time.time()
     train, fit, val, evald, items, index, export, trained = prepare_export(cfg, train_dir, eval_dir, work_dir,
                                                                            export_dir, cache_dir, run_id)

@@ -49,7 +49,7 @@ def try_bundle_endpoint(eval_dir: str, serve_url: str, token: Optional[str]) -> 
     first = domain.bundles.sort_values("bundle_id").iloc[0]
     items = [str(i) for i in first["items"]]
     events = [{"item_id": i, "event_type": "purchase", "event_time": "2014-01-01T00:00:00Z"} for i in items]
-    body = {"events": events, "n": 2, "max_size": 4}
+    body = {"events": events, "as_of": "2014-01-01T00:00:00Z", "n": 2, "max_size": 4}  # asked at the purchase time
     bundles = http_json(f"{serve_url}/v1/bundles", body, token=token)
     print(f"POST {serve_url}/v1/bundles (a held-out {domain.name} shopper's first bundle as purchases):", flush=True)
     for b in bundles["bundles"]:

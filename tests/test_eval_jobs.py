@@ -125,7 +125,8 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     assert qs
     for (hist, _, _), want in zip(qs, personal_bundles(rec.bundle_engine, qs)):
         events = [{"item_id": rec.item_ids[i], "event_type": "purchase", "event_time": "2014-01-01T00:00:00Z"} for i in hist]
-        got = _post(f"{base}/v1/bundles", {"events": events, "n": 3, "max_size": 4}, token)
+        # as_of: the moment of the query (the evaluation reads the history with no age)
+        got = _post(f"{base}/v1/bundles", {"events": events, "as_of": "2014-01-01T00:00:00Z", "n": 3, "max_size": 4}, token)
         assert [[rec.item_pos[x["item_id"]] for x in b["items"]] for b in got["bundles"]] == want, hist
 
     # the serving object: every history source and a description with the history, as scored

@@ -399,7 +399,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             summary.update(try_bundle_endpoint(results.get("eval_dir") or bundle_dirs(cfg)[1], dep["serve_url"], token))
         else:
             summary.update(try_endpoint(cfg, dep["serve_url"], token))
-    summary["report_url"] = report_url(cfg.mlflow.tracking_uri, results["run_id"])
+    summary["report_url"] = report_url(cfg.mlflow.tracking_uri, results["run_id"],
+                                       "bundles/evaluation.md" if bundle_source else "report/report.html")
     if "deploy" in cfg.stages:
         summary["explorer_url"] = f"{cfg.serve.url.rstrip('/')}/"
     summary["pipeline_seconds"] = round(time.time() - t0, 1)
@@ -413,12 +414,12 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return summary
 
 
-def report_url(tracking_uri: str, run_id: str) -> str:
-    """Where the MLflow UI shows a run's report/report.html."""
+def report_url(tracking_uri: str, run_id: str, artifact: str = "report/report.html") -> str:
+    """Where the MLflow UI shows one of a run's artifacts (its report/report.html by default)."""
     import mlflow
 
     run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     return (f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-            f"/artifacts/report/report.html")
+            f"/artifacts/{artifact}")
 
 

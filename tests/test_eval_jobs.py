@@ -111,6 +111,7 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     assert summary["metrics"]["bundlerec"]["recall@10"] == pytest.approx(
         (res["completion"]["food"]["bundlerec"]["recall@10"] + res["completion"]["electronic"]["bundlerec"]["recall@10"]) / 2)
     assert summary["sample_bundle"] and summary["sample_completion"]["items"]
+    assert summary["report_url"].endswith(f"/runs/{results['run_id']}/artifacts/bundles/evaluation.md")
 
     # the endpoint answers the evaluation's queries as they were scored: completion (first item -> the
     # rest) and personalized generation (a session's first bundle as purchases -> bundles)

@@ -117,8 +117,8 @@ def normalize_events(batch: pd.DataFrame, columns: dict, event_type_map: dict, t
     mapping = {str(k).lower(): v for k, v in event_type_map.items()}
     mapped = et.map(lambda v: mapping.get(v, v) if v is not pd.NA else None)
     out["event_type"] = mapped.astype("string")
-    out["session_id"] = clean_id(df["session_id"]) if "session_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
     out["user_id"] = clean_id(df["user_id"]) if "user_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    out["session_id"] = clean_id(df["session_id"]) if "session_id" in df else pd.Series(pd.NA, index=df.index, dtype="string")
     if by_session:  # anonymous shoppers: the session is the user
         out["user_id"] = out["user_id"].fillna(out["session_id"])
     out["item_id"] = clean_id(df["item_id"])

@@ -1,6 +1,7 @@
-"""A 3-trial Ray Tune sweep with ASHA on the tiny data: every trial is a 2-worker DeepSpeed run, each
-with its own MLflow child run nested under the sweep's parent run (asserted over the REST API), and
-the MLflow UI, opened in headless Chromium, shows the sweep (a screenshot is kept as an artefact)."""
+"""A 3-trial Ray Tune sweep with ASHA on the tiny data, its driver killed after the first trial and
+resumed: every trial is a 2-worker DeepSpeed run, each with its own MLflow child run nested under the
+sweep's parent run (asserted over the REST API), and the MLflow UI, opened in headless Chromium, shows
+the sweep (a screenshot is kept as an artefact)."""
 
 import shutil
 import subprocess
@@ -18,19 +19,45 @@ HEADLESS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_prep, mlflow_server, tmp_path_factory):
-    from bundlerec.tune import run_sweep
+def sweep(tiny_prep, mlflow_server, ray_cluster, tmp_path_factory):
+    """A 3-trial sweep as a user runs it (`python -m jobs.tune`), its driver SIGKILLed once the first
+    trial's export is committed, then the same command with tune.resume=true: the sweep the other
+    tests read is the resumed one (one sweep serves the fault and the bookkeeping checks)."""
+    import json
+    import os
+    import signal
+    import sys
+    import time
+
+    import ray
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("sweep")
-    cfg = tiny_config(*
-                      [f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={root}/tune",
-                       f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-test", "tune.num_samples=3"])
-    return cfg, run_sweep(cfg)
+    over = [f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={root}/tune",
+            f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-test", "tune.num_samples=3",
+            f"results_path={root}/results.json"]
+    args = [sys.executable, "-m", "jobs.tune", "--config", "jobs/configs/tiny.yaml", *over, *tiny_overrides()]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    sweep_dir = root / "tune" / "tiny-sweep"
+    with open(root / "first.log", "w") as log:
+        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 500
+        while time.time() < deadline and p.poll() is None and not list(sweep_dir.glob("exports/*/bundlerec.json")):
+            time.sleep(0.5)
+        assert p.poll() is None, (root / "first.log").read_text()[-3000:]
+        assert list(sweep_dir.glob("exports/*/bundlerec.json")), "no trial finished before the deadline"
+        os.killpg(p.pid, signal.SIGKILL)  # the driver dies mid-sweep
+        p.wait(timeout=30)
+    state = json.loads((sweep_dir / "bundlerec_sweep_state.json").read_text())
+    time.sleep(5)  # the dead driver's trial actors are reclaimed by Ray
+    r = subprocess.run(args + ["tune.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    s = json.loads((sweep_dir / "sweep.json").read_text())
+    return tiny_config(*over), s, state, json.loads((root / "results.json").read_text())
 
 
 def test_sweep_trials_are_nested_mlflow_runs(sweep, mlflow_server):
-    cfg, s = sweep
+    cfg, s, _, _ = sweep
     assert len(s["trials"]) == 3 and s["best"]["export_dir"]
     assert Path(s["best"]["export_dir"], "item_index.npy").exists()
     found = mlflow_post(mlflow_server, "runs/search", {
@@ -62,7 +89,7 @@ def test_sweep_trials_are_nested_mlflow_runs(sweep, mlflow_server):
 
 def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
     require_system_package(CHROMIUM is not None, "chromium")
-    cfg, s = sweep
+    cfg, s, _, _ = sweep
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     url = f"{mlflow_server}/#/experiments/{s['experiment_id']}/runs"
     common = [CHROMIUM, *HEADLESS, f"--user-data-dir={tmp_path}/chrome", "--virtual-time-budget=20000",
@@ -80,44 +107,20 @@ def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
         assert f"trial-{t['trial_id']}" in dom
 
 
-def test_sweep_survives_a_killed_driver_and_resumes(tiny_prep, mlflow_server, ray_cluster, tmp_path):
-    """The sweep driver (`python -m jobs.tune`) is SIGKILLed after its first trial finished; the same
-    command with tune.resume=true finishes the remaining trials in the same MLflow parent run."""
-    import json
-    import os
-    import signal
-    import sys
-    import time
-
-    import ray
-
-    prep_cfg, _ = tiny_prep
-    args = [sys.executable, "-m", "jobs.tune", "--config", "jobs/configs/tiny.yaml", "name=resume",
-            f"data.output_dir={prep_cfg.data.output_dir}", f"tune.storage_path={tmp_path}/tune",
-            f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=sweep-resume", "tune.num_samples=2",
-            *tiny_overrides()]
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    sweep_dir = tmp_path / "tune" / "resume-sweep"
-    with open(tmp_path / "first.log", "w") as log:
-        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 500
-        while time.time() < deadline and p.poll() is None and not list(sweep_dir.glob("exports/*/bundlerec.json")):
-            time.sleep(0.5)
-        assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert list(sweep_dir.glob("exports/*/bundlerec.json")), "no trial finished before the deadline"
-        os.killpg(p.pid, signal.SIGKILL)  # the driver dies mid-sweep
-        p.wait(timeout=30)
-    state = json.loads((sweep_dir / "bundlerec_sweep_state.json").read_text())
-    time.sleep(5)  # the dead driver's trial actors are reclaimed by Ray
-    r = subprocess.run(args + ["tune.resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=700)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    sweep = json.loads((sweep_dir / "sweep.json").read_text())
-    assert sweep["resumed"] is True and sweep["parent_run_id"] == state["parent_run_id"]
-    assert len(sweep["trials"]) == 2 and all(t["error"] is None for t in sweep["trials"])
-    assert sum(1 for t in sweep["trials"] if t["export_dir"]) >= 1
+def test_sweep_survives_a_killed_driver_and_resumes(sweep, mlflow_server):
+    """The sweep driver was SIGKILLed after its first trial finished (the `sweep` fixture); the same
+    command with tune.resume=true finished the remaining trials in the same MLflow parent run and
+    evaluated the best one."""
+    _, s, state, results = sweep
+    assert s["resumed"] is True and s["parent_run_id"] == state["parent_run_id"]
+    assert len(s["trials"]) == 3 and all(t["error"] is None for t in s["trials"])
+    assert sum(1 for t in s["trials"] if t["export_dir"]) >= 1
     # one child run per trial under the same parent: nothing duplicated by the restart
     runs = mlflow_post(mlflow_server, "runs/search", {
         "experiment_ids": [state["experiment_id"]], "max_results": 100,
         "filter": f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"})["runs"]
     tids = [t["value"] for run in runs for t in run["data"]["tags"] if t["key"] == "bundlerec.trial_id"]
-    assert sorted(tids) == sorted(t["trial_id"] for t in sweep["trials"]) and len(set(tids)) == 2
+    assert sorted(tids) == sorted(t["trial_id"] for t in s["trials"]) and len(set(tids)) == 3
+    # the stage went on to evaluate the best trial on the test split, in that trial's run
+    assert results["run_id"] == s["best"]["run_id"] and results["export_dir"] == s["best"]["export_dir"]
+    assert 0 <= results["metrics"]["bundlerec"]["ndcg@10"] <= 1

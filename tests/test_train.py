@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from bundlerec.config import load_config
 from bundlerec.train.fit import fit
 from tests.conftest import ROOT, mlflow_get, tiny_config
 
@@ -39,8 +38,9 @@ def _registered(root) -> int:
 
 
 def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=None) -> dict:
-    """Run fit() in a thread; once ``after_checkpoints`` checkpoints are registered, call
-    ``before_kill`` (e.g. damage one), then SIGKILL one of the two Train workers; wait for the end."""
+    """Run fit() in a thread; once ``after_checkpoints`` checkpoints are registered, stop both Train
+    workers (SIGSTOP), call ``before_kill`` (e.g. damage one), SIGKILL one of them and let the other
+    go on; wait for the end."""
     from ray.util.state import list_actors
 
     box: dict = {}
@@ -54,14 +54,23 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
     th = threading.Thread(target=run, daemon=True)
     th.start()
     deadline = time.time() + 400
+    pids: list = []
+    while len(pids) < 2 and time.time() < deadline and th.is_alive():
+        time.sleep(0.5)
+        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                           limit=10_000)]
+    assert len(pids) == 2, pids
     while _registered(root) < after_checkpoints and time.time() < deadline and th.is_alive():
-        time.sleep(0.1)
+        time.sleep(0.05)
     assert _registered(root) == after_checkpoints, "checkpoint never registered (or the run ended first)"
-    if before_kill:
-        before_kill()
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=10_000)
-    assert len(workers) == 2
-    os.kill(workers[1].pid, signal.SIGKILL)  # a worker dies mid-run
+    for pid in pids:  # both workers frozen where they are (a tiny model's epoch takes about a second)
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        if before_kill:
+            before_kill()
+        os.kill(pids[1], signal.SIGKILL)  # a worker dies mid-run
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
     th.join(timeout=480)
     assert not th.is_alive(), "training did not finish after the kill"
     assert "err" not in box, box.get("err")
@@ -104,34 +113,18 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
 TOL = 0.01
 
 
-def _minilm_cfg(prep_cfg, tmp_path, *extra):
-    return load_config(str(ROOT / "jobs/configs/tiny.yaml"),
-                       [f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={tmp_path}/ray",
-                        f"results_path={tmp_path}/results.json", *extra])
-
-
-@pytest.fixture(scope="module")
-def minilm_reference(tiny_prep, tmp_path_factory):
-    """The uninterrupted MiniLM run (ZeRO-2, 3 epochs) the resumed runs must match. tiny_prep's
-    tokens are MiniLM's (the tiny encoder uses MiniLM's tokenizer)."""
-    prep_cfg, _ = tiny_prep
-    root = tmp_path_factory.mktemp("minilm-ref")
-    cfg = _minilm_cfg(prep_cfg, root, "train.zero_stage=2", "train.epochs=3")
-    return cfg, fit(cfg, cfg.data.output_dir), root
-
-
 def _close_to_reference(m: dict, ref: dict) -> None:
     for k in ("val_ndcg_at_10", "val_recall_at_10"):
         assert abs(m[k] - ref[k]) <= TOL, (k, m[k], ref[k])
 
 
-def test_zero3_resumes_after_a_worker_is_killed(minilm_reference, tmp_path, mlflow_server):
+def test_zero3_resumes_after_a_worker_is_killed(tiny_trained, tmp_path, mlflow_server):
     """ZeRO-3, a worker SIGKILLed after the 1st checkpoint: resumes, finishes, the MLflow run goes on
     without gaps or doubles, and the final metrics match the uninterrupted run."""
     from bundlerec.tracking import start_run
 
-    ref_cfg, ref_out, _ = minilm_reference
-    cfg = _minilm_cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
+    ref_cfg, ref_out, _ = tiny_trained
+    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=3", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero3-kill", {"zero_stage": 3}, {})
     out = _fit_with_a_fault(cfg, run_id, tmp_path, after_checkpoints=1)
     m = out["last_metrics"]
@@ -152,21 +145,21 @@ def _record(name: str, m: dict, ref: dict, hist: list) -> None:
         "mlflow_train_loss_steps": sorted(h["step"] for h in hist)}, indent=2))
 
 
-def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(minilm_reference, tmp_path, mlflow_server):
+def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tiny_trained, tmp_path, mlflow_server):
     """Same config as the uninterrupted `tiny_trained` run (ZeRO-2, 3 epochs). After the 2nd checkpoint
     is registered, the test damages it (a truncated shard: a half-written checkpoint) and SIGKILLs a
     worker. The restart must detect the damage, resume from the 1st checkpoint, finish, and end close
     to the uninterrupted run; MLflow holds every epoch (the redone one twice, in order)."""
     from bundlerec.tracking import start_run
 
-    ref_cfg, ref_out, _ = minilm_reference
-    cfg = _minilm_cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
+    ref_cfg, ref_out, _ = tiny_trained
+    cfg = _cfg(ref_cfg, tmp_path, "train.zero_stage=2", "train.epochs=3", f"mlflow.tracking_uri={mlflow_server}")
     run_id = start_run(mlflow_server, "test-resume", "zero2-kill-damaged", {"zero_stage": 2}, {})
 
     damaged = []
 
     def damage_latest():
-        damaged.append(_ckpts(tmp_path)[-1])
+        damaged.append(_ckpts(tmp_path)[1])  # the 2nd, the newest registered (a 3rd may have begun)
         shard = sorted(glob.glob(f"{damaged[0]}/*/zero_pp_rank_1_*optim_states.pt"))[0]
         with open(shard, "r+b") as f:
             f.truncate(os.path.getsize(shard) // 2)  # half-written
@@ -177,7 +170,8 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(min
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]  # epoch 2 redone from checkpoint 1
     hist = mlflow_get(mlflow_server, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
     steps = sorted(h["step"] for h in hist)
-    assert set(steps) == {1, 2, 3} and steps.count(2) == 2, steps
+    # epoch 2 redone (logged twice); epoch 3 once, or twice where it was logged before the kill
+    assert set(steps) == {1, 2, 3} and steps.count(2) == 2 and steps.count(3) in (1, 2), steps
     # the export comes from an intact checkpoint, never the damaged one (Ray may keep it among the best)
     assert os.path.normpath(out["checkpoint"]) != os.path.normpath(damaged[0])
     _record("zero2_kill_damaged", m, ref_out["last_metrics"], hist)

@@ -101,12 +101,18 @@ def _histories(rec: Recommender, queries: list[BasketQuery]) -> list[History]:
     return [rec.history_from_events(q.events(rec.item_ids), now=pd.Timestamp(q.time).to_pydatetime()) for q in queries]
 
 
-def served_bundles(rec: Recommender, queries: list[BasketQuery], ranked: list | None = None) -> list[list[list[int]]]:
-    """What ``POST /v1/bundles`` returns for each query's history (item positions per bundle)."""
+def served_bundles(rec: Recommender, queries: list[BasketQuery], ranked: list | None = None,
+                   priced: bool = True) -> list[list[list[int]]]:
+    """What ``POST /v1/bundles`` returns for each query's history (item positions per bundle). With
+    ``priced=False`` (the selection grids) the same bundles come from the engine's generation
+    without the pricing and naming the answer adds to them."""
     hs = _histories(rec, queries)
     cs = [rec.bundle_constraints(h, n=N_BUNDLES, max_size=MAX_SIZE) for h in hs]
     if ranked is None:
         ranked = rec.recommend_histories(hs, max(rec.bundle_pool(c) for c in cs))
+    if not priced:
+        return [[b["items"] for b in rec.bundle_engine.generate(rec.bundle_scores(h, c, r[:rec.bundle_pool(c)]), c)]
+                for h, c, r in zip(hs, cs, ranked)]
     pos = rec.item_pos
     return [[[pos[i["item_id"]] for i in b["items"]] for b in rec.bundles_for(h, c, r[:rec.bundle_pool(c)])]
             for h, c, r in zip(hs, cs, ranked)]
@@ -141,7 +147,7 @@ def _with_params(rec: Recommender, params: EngineParams) -> Recommender:
 
 
 def _f1(rec: Recommender, queries: list[BasketQuery], ranked: list) -> float:
-    return prf(*generation_values(served_bundles(rec, queries, ranked), queries)["triplets"].sum(0))["f1"]
+    return prf(*generation_values(served_bundles(rec, queries, ranked, priced=False), queries)["triplets"].sum(0))["f1"]
 
 
 def fit_recommender(export_dir: str, prep_dir: str, max_examples: int = MAX_VAL_EXAMPLES, seed: int = 0) -> dict:

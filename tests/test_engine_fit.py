@@ -71,4 +71,6 @@ def test_fit_chooses_the_engine_on_validation_baskets_and_the_export_serves_it(t
         assert gate["targets_seen"] + gate["targets_unseen"] == sum(len(q.basket) for q in test)
     again = served_bundles(rec, test[:5])
     assert again == served_bundles(Recommender.from_export(export), test[:5])  # deterministic
+    # the selection grids score the same bundles without pricing and naming them
+    assert served_bundles(rec, test, priced=False) == served_bundles(rec, test)
     assert res["lift"]["vs"] in ("itemknn_greedy", "popular_pairs") and np.isfinite(res["lift"]["best_jaccard"]["lift"])

@@ -97,6 +97,14 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     res = results["bundles_eval"]
     assert results["eval_dir"] == str(bundle_pipeline["out"] / "runs/bundlerec_intent/prep/split/eval")
     _check_bundle_evaluation(res, results["eval_dir"])
+    # every epoch counts the rows it trained per domain; the rows are shuffled across domains before
+    # they are written, so a step cap trains both
+    from bundlerec.config import load_config
+
+    workers = load_config(str(ROOT / "jobs/configs/bundlerec_intent.yaml")).train.num_workers
+    rows = res["train"]["rows_by_domain"]
+    assert set(rows) == {"electronic", "food"} and all(len(v) == 1 and v[0] > 0 for v in rows.values()), rows
+    assert sum(v[0] for v in rows.values()) == res["train"]["steps_per_epoch"] * 8 * workers
     # registered on the declared bundle metric, and deployed
     assert summary["registered_alias"] == "champion" and summary["registered_version"] == "1"
     versions = mlflow_get(mlflow_server, "model-versions/search", filter="name='bundle-pipeline'")["model_versions"]

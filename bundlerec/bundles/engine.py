@@ -379,9 +379,14 @@ class BundleEngine:
 
     def personalized(self, scores: np.ndarray, c: BundleConstraints, seen: Optional[set] = None) -> list[dict]:
         """Priced bundles for one user; ``scores`` (N,) is the user's relevance of every item."""
-        found = generate(scores, self.compat, self.categories, self.prices, c)
+        found = self.generate(scores, c)
         priced = self.price_bundles([b["items"] for b in found], c.limits)
         return [self.describe_bundle(b["items"], b["score"], seen or set(), p) for b, p in zip(found, priced)]
+
+    def generate(self, scores: np.ndarray, c: BundleConstraints) -> list[dict]:
+        """The bundles :meth:`personalized` prices and names: ``{"items": positions, "score"}`` each
+        (what a selection grid scores: the answer's item sets without its pricing and naming)."""
+        return generate(scores, self.compat, self.categories, self.prices, c)
 
     def price_bundles(self, bundles: list[list[int]], limits: PriceLimits = PriceLimits()) -> list[tuple[dict, str]]:
         """(price dict, why not) of each bundle: all of them priced with one pricing-model call; an

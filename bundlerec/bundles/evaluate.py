@@ -133,9 +133,15 @@ def write_training_data(fit: dict[str, Domain], val: dict[str, Domain], items: p
     rng = np.random.default_rng(seed)
     index = dict(zip(items.item_id, items.item_idx))
     rows = {"train": [], "val": [], "test": [], "latest": []}
+    per_domain = {}
     for name in fit:
-        rows["train"] += _example_rows(fit[name].bundles.sample(frac=1.0, random_state=seed), index, rng, "train")
+        train_rows = _example_rows(fit[name].bundles, index, rng, "train")
+        rows["train"] += train_rows
         rows["val"] += _example_rows(val[name].bundles, index, rng, "val")
+        per_domain[name] = len(train_rows)
+    # shuffled across domains: a file (and each worker's contiguous shard of it) mixes every domain, so
+    # a step cap or a streamed epoch does not train one domain more than another
+    rows["train"] = [rows["train"][i] for i in rng.permutation(len(rows["train"]))]
     rows["test"] = rows["val"]
     cols = [f.name for f in EXAMPLE_ARROW]
     for split, r in rows.items():
@@ -144,7 +150,8 @@ def write_training_data(fit: dict[str, Domain], val: dict[str, Domain], items: p
                        os.path.join(out, "examples", split, "part-0.parquet"))
     write_text(os.path.join(out, "manifest.json"), json.dumps({  # histories are parts of bundles: never truncated
         "source": "bundle-completion examples (bundlerec.bundles.evaluate)", "max_history_len": 512,
-        "examples": {k: len(v) for k, v in rows.items()}, "items": len(items)}, indent=2))
+        "examples": {k: len(v) for k, v in rows.items()}, "train_rows_by_domain": per_domain, "items": len(items)},
+        indent=2))
     reset_dir(os.path.join(out, "items"))
     ray.data.from_pandas(items).map_batches(
         catalog_lib.tokenize_batch, batch_format="pandas", batch_size=4096,
@@ -501,7 +508,9 @@ def prepare_export(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_dir:
         trained = {"export_dir": export_dir, "n_train": meta.get("n_train"), "steps_per_epoch": None,
                    "train_seconds": None, "last_metrics": meta.get("last_metrics")}
     else:
-        trained = train_fit(cfg, prep_dir, run_id=run_id, export_dir=os.path.join(work_dir, "export"))
+        domain_of = {i: d.name for d in [*evald.values(), *train.values()] for i in d.items.item_id}
+        trained = train_fit(cfg, prep_dir, run_id=run_id, export_dir=os.path.join(work_dir, "export"),
+                            item_groups=[domain_of.get(i, "other") for i in items.item_id])
     export = trained["export_dir"]
     with amend(export, "export"):  # verified before, re-sealed after (bundlerec.integrity)
         # the engine's statistics: fit users' bundles and sessions only (validation stays unseen)
@@ -693,6 +702,9 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     progress.done()
     out["seconds"] = round(time.time() - t0, 1)
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
+    from bundlerec.train.fit import rows_by_group
+
+    out["train"]["rows_by_domain"] = rows_by_group(trained.get("history") or [])
     out["prep_dir"] = cfg.data.output_dir  # the bundle-completion examples (their val split: the registry gate)
     return out
 
@@ -711,6 +723,8 @@ def print_table(res: dict) -> None:
         for m, v in methods.items():
             ci = v["recall@10_ci"]
             print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
+    for dom, per_epoch in res.get("train", {}).get("rows_by_domain", {}).items():
+        print(f"{'trained':<11}{dom:<11}rows per epoch {per_epoch}")
     for key in ("lift", "intent_lift"):
         for dom, lift in res.get(key, {}).items():
             r = lift["recall@10"]

@@ -17,10 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_dir: str | None = None,
-        callbacks: list | None = None, name: str | None = None, storage_path: str | None = None) -> dict:
+        callbacks: list | None = None, name: str | None = None, storage_path: str | None = None,
+        item_groups: list[str] | None = None) -> dict:
     """Fine-tune on ``prep_dir`` with Ray Train + DeepSpeed; export the best epoch for serving.
 
-    ``callbacks`` go to the Train RunConfig (a Tune trial passes TuneReportCallback).
+    ``callbacks`` go to the Train RunConfig (a Tune trial passes TuneReportCallback). ``item_groups``
+    (a label per catalog position, e.g. the item's domain): every epoch's metrics then count the rows
+    trained per label of their target (``rows/<label>``; :func:`rows_by_group` reads them back).
     """
     import ray.data
     import ray.train
@@ -61,7 +64,10 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
 
     resume_from = recover_torn_snapshot(storage, run_name)
     inputs = LoopInputs(cfg=cfg, prep_dir=absolute(prep_dir), steps_per_epoch=steps, run_id=run_id,
-                        popularity=popularity(load_split(prep_dir, "train"), n_items).tolist(), resume_from=resume_from)
+                        popularity=popularity(load_split(prep_dir, "train"), n_items).tolist(), resume_from=resume_from,
+                        item_groups=list(item_groups) if item_groups is not None else None)
+    if item_groups is not None and len(item_groups) != n_items:
+        raise ValueError(f"item_groups has {len(item_groups)} labels for a catalog of {n_items} items")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},  # Ray Train wants a dict; the worker gets the typed config
@@ -98,6 +104,13 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
             "last_metrics": {k: v for k, v in result.metrics.items() if k != "history"},
             "history": history, "train_seconds": time.time() - t0, "steps_per_epoch": steps,
             "n_train": n_train}
+
+
+def rows_by_group(history: list[dict]) -> dict[str, list[int]]:
+    """``{label: [rows trained in epoch 1, 2, ...]}`` from a run's per-epoch metrics (``rows/<label>``,
+    written when :func:`fit` got ``item_groups``); empty when it did not."""
+    labels = sorted({k[len("rows/"):] for h in history for k in h if k.startswith("rows/")})
+    return {g: [int(h.get(f"rows/{g}", 0)) for h in history] for g in labels}
 
 
 def export_target(cfg: PipelineConfig) -> str:

@@ -39,6 +39,9 @@ class LoopInputs:
     resume_from: Any = None
     """A ``ray.train.Checkpoint`` to start from when Ray Train has none for the run (its own record of
     the run was torn: :func:`bundlerec.train.checkpoints.recover_torn_snapshot`)."""
+    item_groups: Optional[list] = None
+    """A label per catalog position (e.g. the item's domain): each epoch then counts the rows trained
+    per label of their target, over all ranks (metrics ``rows/<label>``)."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -143,6 +146,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_rows = None  # train.materialize_train: this rank's shard in memory after the first epoch
     mb = tc.micro_batch
     stop = False
+    labels = sorted(set(inp.item_groups)) if inp.item_groups else []
+    group_of = np.array([labels.index(g) for g in inp.item_groups]) if labels else None  # few labels
     for epoch in range(start_epoch, tc.epochs):
         if stop:
             break
@@ -151,6 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
             collate.rng = np.random.default_rng([tc.seed, rank, epoch])  # so a resume redoes them
             torch.manual_seed(int(np.random.SeedSequence([tc.seed, rank, epoch]).generate_state(1)[0]))
         t0, losses, n_seen, n_tokens = time.time(), [], 0, 0
+        rows = np.zeros(len(labels))
         if tc.materialize_train:  # read once, then a seeded full shuffle per epoch: no Ray Data work per step
             if train_rows is None:
                 train_rows = _read_all(train_shard)
@@ -185,6 +191,8 @@ def train_loop_per_worker(config: dict) -> None:
             losses.append(float(loss.detach()))
             n_seen += mb
             n_tokens += batch["tokens"].numel()  # padded tokens encoded (each distinct item once)
+            if group_of is not None:
+                rows += np.bincount(group_of[batch["target_item"].cpu().numpy()], minlength=len(labels))
             global_step += 1
             if rank0 and (step + 1) % tc.log_every_steps == 0:
                 el = time.time() - t0
@@ -202,6 +210,10 @@ def train_loop_per_worker(config: dict) -> None:
         dist.all_reduce(tokens)  # all workers' tokens
         peak = torch.tensor([_peak_mem_gb(use_gpu, device)], dtype=torch.float64, device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the most any worker held
+        if labels:
+            rows_t = torch.tensor(rows, dtype=torch.float64, device=device)
+            dist.all_reduce(rows_t)  # every rank's rows per label
+            rows = rows_t.cpu().numpy()
 
         # ---- validation, split across the ranks: each encodes 1/world of the catalog (the same number of
         # forwards on every rank: ZeRO-3 gathers need all ranks) and scores 1/world of the users
@@ -239,6 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": float(scheduler.get_last_lr()[0]),
             **{f"val_{mlflow_name(k)}": v for k, v in val.items() if k != "n_examples"},
             "best_val_ndcg_at_10": best, "early_stop": int(stop), "resumes": resumes,
+            **{f"rows/{mlflow_name(g)}": float(n) for g, n in zip(labels, rows)},
         }
         if rank0:
             print(f"[bundlerec] epoch {epoch + 1} done: loss {metrics['train_loss']:.4f} "

@@ -7,7 +7,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from tests.conftest import INTENT, ROOT, STEAM, free_port, mlflow_get
+from tests.conftest import INTENT, ROOT, STEAM, free_port, mlflow_get, tiny_encoder
 
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
          "user_bundle")
@@ -46,8 +46,11 @@ def bundle_slices(tmp_path_factory):
     return root
 
 
-TINY_BUNDLES = ["train.epochs=1", "train.max_steps_per_epoch=4", "train.micro_batch=8", "model.freeze_layers=4",
-                "data.item_max_tokens=32"]
+def tiny_bundles() -> list[str]:
+    """The tiny random-init encoder (MiniLM's tokenizer) and a few steps: the subject here is the flow
+    (fit, evaluate, register, serve what was scored), not what MiniLM's weights know."""
+    return ["train.epochs=1", "train.max_steps_per_epoch=4", "train.micro_batch=8", f"model.name_or_path={tiny_encoder()}",
+            "model.freeze_layers=0", "train.lr=1e-3", "data.item_max_tokens=32"]
 
 
 def _post(url: str, body: dict, token: str) -> dict:
@@ -70,7 +73,7 @@ def bundle_pipeline(ray_cluster, mlflow_server, bundle_slices, tmp_path_factory)
     port = free_port()
     summary = main(["--config", str(ROOT / "jobs/configs/bundlerec_intent.yaml"), f"output_root={out}",
                     f"data.events={bundle_slices / 'all'}",
-                    *TINY_BUNDLES, f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=bundle-pipeline",
+                    *tiny_bundles(), f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=bundle-pipeline",
                     "serve.model_name=bundle-pipeline", f"serve.url=http://127.0.0.1:{port}",
                     f"serve.dashboard_url={ray_cluster}", "serve.event_log_dir=", "serve.poll_s=2",
                     f"serve.model_cache_dir={out / 'models'}", f"pricing.data_dir={STEAM}"])
@@ -171,7 +174,7 @@ def test_eval_bundles_command(bundle_pipeline, bundle_slices, mlflow_server, tmp
     out = tmp_path / "bundles.json"
     piped = bundle_pipeline["results"]
     res = main(["--train-dir", piped["train_dir"], "--eval-dir", piped["eval_dir"], "--out", str(out),
-                "--work-dir", str(tmp_path / "work"), "--export", str(export), *TINY_BUNDLES,
+                "--work-dir", str(tmp_path / "work"), "--export", str(export), *tiny_bundles(),
                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=eval-test"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
     assert res["engine_params"] == piped["bundles_eval"]["engine_params"]

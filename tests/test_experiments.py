@@ -47,6 +47,19 @@ def test_impression_ids_are_signed_and_any_replica_can_check_them():
             b.check(bad)
     with pytest.raises(ValueError):
         ImpressionSigner(b"other-key" * 4).check(iid)
+    # any character after (or before) the dot is a refusal, never an error of the comparison
+    for bad in (payload + ".é" + tag, payload + "." + tag[:-1] + "\u00e9", "\ud800." + tag, payload + ".\ud800"):
+        with pytest.raises(ValueError):
+            b.check(bad)
+    # the longest user id the API takes, in any script, gives an id POST /v1/feedback accepts
+    from bundlerec.serving.schemas import FeedbackEvent, RecommendationRequest
+
+    limit = RecommendationRequest.model_fields["user_id"].metadata
+    longest = next(m.max_length for m in limit if hasattr(m, "max_length"))
+    id_limit = next(m.max_length for m in FeedbackEvent.model_fields["impression_id"].metadata if hasattr(m, "max_length"))
+    for ch in ("a", "\u4e2d", "\U0001f600"):
+        iid, fields = a.issue(ch * longest, "experiment-name", "treatment", "123", "recommendations")
+        assert len(iid) <= id_limit and b.check(iid) == fields
 
 
 def test_experiment_config_is_validated():

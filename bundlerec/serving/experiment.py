@@ -64,13 +64,16 @@ class ImpressionSigner:
               endpoint: str) -> tuple[str, dict]:
         fields = {"u": unit, "e": experiment, "a": arm, "v": version, "p": endpoint,
                   "t": int(time.time() * 1e6), "n": os.urandom(6).hex()}
-        payload = _b64(json.dumps(fields, separators=(",", ":"), sort_keys=True).encode())
+        # UTF-8, not \u escapes: a 128-character user id of any script keeps the id under the 1,024
+        # characters POST /v1/feedback takes (escaped, 128 CJK characters made 1,190)
+        payload = _b64(json.dumps(fields, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode())
         return f"{payload}.{self._tag(payload)}", fields
 
     def check(self, impression_id: str) -> dict:
-        """The impression's fields, or ValueError for an id this service did not issue."""
+        """The impression's fields, or ValueError for an id this service did not issue (whatever
+        characters it holds: an id is base64url ASCII)."""
         payload, _, tag = impression_id.partition(".")
-        if not tag or not hmac.compare_digest(tag, self._tag(payload)):
+        if not (tag and impression_id.isascii()) or not hmac.compare_digest(tag.encode(), self._tag(payload).encode()):
             raise ValueError("not an impression id issued by this service")
         return json.loads(_unb64(payload))
 

@@ -63,6 +63,46 @@ def test_rotation_reads_the_file_again(tmp_path, monkeypatch):
     assert "short" not in str(e.value).replace("shorter", "")  # the token itself is never shown
 
 
+def test_a_rotation_caught_mid_write_or_within_one_mtime_tick_is_read_right(tmp_path, monkeypatch):
+    """A non-atomic writer caught between truncate and write (an empty file) does not lock every
+    client out; a rewrite that keeps the modification time (one tick) is still read; the project's
+    own writer replaces the file atomically, so a reader never sees it empty."""
+    import threading
+
+    monkeypatch.delenv("BUNDLEREC_API_TOKENS", raising=False)
+    f = tmp_path / "tokens"
+    f.write_text(f"{OLD}\n")
+    auth = TokenAuth(str(f))
+    f.write_text("")  # truncated, not yet written
+    os.utime(f, (time.time() + 2, time.time() + 2))
+    st = os.stat(f)
+    assert auth.verify(OLD)  # the empty read is not taken
+    f.write_text(f"{NEW}\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # the rewrite lands in the empty file's mtime tick
+    assert auth.verify(NEW) and not auth.verify(OLD)
+    # write_token_file: never empty to a reader, 200 rotations while another thread reads
+    path = str(tmp_path / "api" / "tokens")
+    write_token_file(path)
+    seen_empty, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            try:
+                if not read_token_file(path):
+                    seen_empty.append(1)
+            except FileNotFoundError:
+                seen_empty.append(0)
+
+    th = threading.Thread(target=read)
+    th.start()
+    for _ in range(200):
+        write_token_file(path)
+    done.set()
+    th.join()
+    assert not seen_empty and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert not [p for p in os.listdir(tmp_path / "api") if p.endswith(".tmp")]
+
+
 def test_no_token_configured_is_an_error(tmp_path, monkeypatch):
     monkeypatch.delenv("BUNDLEREC_API_TOKENS", raising=False)
     with pytest.raises(AuthConfigError, match="no token"):

@@ -3,7 +3,8 @@
 Tokens come from configuration only: an environment variable (comma-separated) and/or a secret file
 (one token per line, ``#`` comments allowed). Several tokens may be valid at once, so a token is
 rotated by adding the new one, moving clients over, then removing the old one; the file is re-read
-when its modification time changes, so rotation needs no redeploy. Tokens are kept only as SHA-256
+when it changes (inode, size or modification time), so rotation needs no redeploy; an empty read is
+not taken. Tokens are kept only as SHA-256
 digests and compared in constant time. No token is ever logged.
 
     401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
@@ -37,14 +38,24 @@ def read_token_file(path: str) -> list[str]:
 
 
 def write_token_file(path: str, token: Optional[str] = None) -> str:
-    """Write a fresh (or the given) token to ``path`` with mode 0600; returns the token."""
+    """Write a fresh (or the given) token to ``path`` with mode 0600; returns the token. The file is
+    replaced atomically (written beside it, then renamed): a replica re-reading it mid-rotation sees
+    the old file or the new one, never an empty or half-written one."""
     token = token or secrets.token_urlsafe(32)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if os.path.exists(path):
-        os.remove(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return token
 
 
@@ -54,29 +65,41 @@ class TokenAuth:
     def __init__(self, token_file: Optional[str] = None, env_var: str = TOKENS_ENV):
         self.token_file, self.env_var = token_file, env_var
         self._lock = threading.Lock()
-        self._mtime: Optional[float] = None
+        self._mtime: Optional[tuple] = None  # the token file's _stamp() when it was last read
         self._digests: list[bytes] = []
         self._reload(force=True)
         if not self._digests:
             raise AuthConfigError(f"authentication is on but no token is configured: set {env_var} "
                                   f"or give a token file (got {token_file!r})")
 
+    def _stamp(self) -> Optional[tuple]:
+        """What identifies one version of the token file: inode, size and mtime in nanoseconds (a
+        rewrite within one mtime tick still differs in inode or size)."""
+        try:
+            st = os.stat(self.token_file) if self.token_file else None
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns) if st else None
+
     def _reload(self, force: bool = False) -> None:
-        mtime = os.path.getmtime(self.token_file) if self.token_file and os.path.exists(self.token_file) else None
-        if not force and mtime == self._mtime:
+        stamp = self._stamp()
+        if not force and stamp == self._mtime:
             return
         tokens = [t.strip() for t in os.environ.get(self.env_var, "").split(",") if t.strip()]
         if self.token_file:
-            if mtime is None:
+            if stamp is None:
                 raise AuthConfigError(f"token file {self.token_file} does not exist")
-            tokens += read_token_file(self.token_file)
+            from_file = read_token_file(self.token_file)
+            if not from_file and not force:  # caught mid-write by a non-atomic writer: keep what is loaded,
+                raise AuthConfigError(f"token file {self.token_file} is empty")  # read it again next time
+            tokens += from_file
         short = sum(len(t) < MIN_TOKEN_CHARS for t in tokens)
         if short:  # counted, never shown
             raise AuthConfigError(f"{short} configured token(s) shorter than {MIN_TOKEN_CHARS} characters "
                                   f"({self.env_var} / {self.token_file}); generate one with "
                                   "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
         with self._lock:
-            self._digests, self._mtime = [_digest(t) for t in tokens], mtime
+            self._digests, self._mtime = [_digest(t) for t in tokens], stamp
 
     def __len__(self) -> int:
         return len(self._digests)

@@ -62,6 +62,26 @@ def test_impression_ids_are_signed_and_any_replica_can_check_them():
         assert len(iid) <= id_limit and b.check(iid) == fields
 
 
+def test_a_malformed_experiment_tag_is_refused_with_the_reason():
+    """The registry tag is checked before a replica routes on it (anyone with registry write access
+    can set it): each malformed form is refused naming what is wrong; the form `start` writes passes."""
+    from bundlerec.registry.experiment import ExperimentSpecError, check_spec, spec_of
+
+    good = spec_of(ExperimentConfig())
+    assert check_spec(good) == good
+    arms = good["arms"]
+    bad = {"no 'salt'": {**good, "salt": ""}, "no 'name'": {k: v for k, v in good.items() if k != "name"},
+           "no numeric share": {**good, "arms": {**arms, "control": {"model": "champion"}}},
+           "no model reference": {**good, "arms": {**arms, "treatment": {"share": 0.5}}},
+           "sum to 1": {**good, "arms": {a: {**v, "share": 0.9} for a, v in arms.items()}},
+           "control must be one of": {**good, "control": "nobody"},
+           "'arms' object": {**good, "arms": ["control", "treatment"]},
+           "not an object": ["a list"], "1-64 letters": {**good, "name": "../../etc"}}
+    for why, spec in bad.items():
+        with pytest.raises(ExperimentSpecError, match=why.replace("(", r"\(")):
+            check_spec(spec)
+
+
 def test_experiment_config_is_validated():
     from bundlerec.config import ConfigError
 
@@ -314,6 +334,34 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         state = http_json(f"{url}/v1/experiment", token=token)["experiment"]
         assert {a: v["version"] for a, v in state["arms"].items()} == {"control": v_worse["version"],
                                                                        "treatment": v_good["version"]}
+        # a malformed tag (anyone with registry write access can set one) is refused with the reason,
+        # the running split stays, the replicas keep following the registry; put right, it is taken
+        from bundlerec.registry.experiment import TAG
+
+        import urllib.request
+
+        def readyz() -> dict:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=30) as r:
+                return json.loads(r.read())
+
+        def settled(get, ok) -> dict:  # the same answer 6 times running: every replica has seen the tag
+            deadline, streak = time.time() + 60, 0
+            while time.time() < deadline and streak < 6:
+                got = get()
+                streak = streak + 1 if ok(got) else 0
+                time.sleep(0.25)
+            assert streak >= 6, got
+            return got
+
+        good_tag = client.get_registered_model(name).tags[TAG]
+        client.set_registered_model_tag(name, TAG, json.dumps({**json.loads(good_tag), "salt": None}))
+        now = settled(lambda: http_json(f"{url}/v1/experiment", token=token), lambda r: r["refused"] is not None)
+        assert "salt" in now["refused"]["error"] and now["experiment"] == state, now
+        assert _post(f"{url}/v1/recommendations", {"user_id": "nobody", "k": 3}, token)[0] == 200
+        settled(readyz, lambda r: r["experiment_refused"] is True and r["watch_ok"] is True)
+        client.set_registered_model_tag(name, TAG, good_tag)
+        assert settled(lambda: http_json(f"{url}/v1/experiment", token=token),
+                       lambda r: r["refused"] is None) == {**now, "refused": None}
         # anonymous shopper: the session id comes back and keeps the arm
         events = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-11-30T10:00:00Z"}]
         code, first = _post(f"{url}/v1/recommendations", {"events": events, "k": 3}, token)

@@ -52,16 +52,58 @@ def start(client, model_name: str, cfg: ExperimentConfig) -> dict:
     return spec
 
 
+class ExperimentSpecError(ValueError):
+    """The registry's experiment tag is not a well-formed experiment (anyone with registry write access
+    can set it: replicas refuse it rather than trust it)."""
+
+
+def check_spec(spec: object) -> dict:
+    """``spec`` (the tag's JSON) checked as :func:`start` would have written it: the same rules as
+    :class:`bundlerec.config.ExperimentConfig`, a salt, and each arm a model reference with a share.
+    Raises :class:`ExperimentSpecError` naming what is wrong."""
+    try:
+        if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict):
+            raise ValueError("not an object with an 'arms' object")
+        arms = spec["arms"]
+        for a, v in arms.items():
+            if not isinstance(v, dict) or not isinstance(v.get("model"), str) or not v["model"]:
+                raise ValueError(f"arm {a!r} has no model reference")
+            if not isinstance(v.get("share"), (int, float)) or isinstance(v["share"], bool):
+                raise ValueError(f"arm {a!r} has no numeric share")
+        for k in ("name", "salt", "control"):
+            if not isinstance(spec.get(k), str) or not spec[k]:
+                raise ValueError(f"no {k!r}")
+        ExperimentConfig(name=spec["name"], arms={a: v["model"] for a, v in arms.items()},
+                         shares={a: float(v["share"]) for a, v in arms.items()}, control=spec["control"],
+                         salt=spec["salt"])
+    except ValueError as e:
+        raise ExperimentSpecError(f"malformed experiment tag {TAG}: {e}") from None
+    return spec
+
+
 def read(client, model_name: str) -> Optional[dict]:
+    """The running experiment of ``model_name`` (checked, :func:`check_spec`), or None."""
     raw = client.get_registered_model(model_name).tags.get(TAG)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    try:
+        spec = json.loads(raw)
+    except ValueError:
+        raise ExperimentSpecError(f"malformed experiment tag {TAG}: not JSON") from None
+    return check_spec(spec)
 
 
 def stop(client, model_name: str) -> Optional[dict]:
-    spec = read(client, model_name)
-    if spec is not None:
-        client.delete_registered_model_tag(model_name, TAG)
-        log.info("experiment %s stopped on %s", spec["name"], model_name)
+    """Remove the experiment tag (a malformed one too); returns what it held."""
+    raw = client.get_registered_model(model_name).tags.get(TAG)
+    if not raw:
+        return None
+    try:
+        spec = read(client, model_name)
+    except ExperimentSpecError as e:
+        spec = {"name": None, "malformed": str(e)}
+    client.delete_registered_model_tag(model_name, TAG)
+    log.info("experiment %s stopped on %s", spec["name"], model_name)
     return spec
 
 

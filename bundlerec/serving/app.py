@@ -260,8 +260,11 @@ class BundlerecService:
         if self.model_name:
             self._sync_experiment()
         self._stop = threading.Event()
+        self.watcher: Optional[threading.Thread] = None
+        self.watch_error: Optional[str] = None  # the last round's unexpected error, None after a clean one
         if poll_s > 0 and model_uri.startswith("models:/"):
-            threading.Thread(target=self._watch, args=(poll_s,), daemon=True).start()
+            self.watcher = threading.Thread(target=self._watch, args=(poll_s,), daemon=True)
+            self.watcher.start()
 
     def _remember(self, m: Loaded) -> None:
         if self.store is not None and m.info.version and m.local and m.info.uri.startswith("models:/"):
@@ -276,10 +279,17 @@ class BundlerecService:
                   getattr(getattr(self, "current", None), "info", None) and self.current.info.version, e)
 
     def _watch(self, poll_s: float) -> None:
+        """Follow the alias and the experiment tag every ``poll_s``; an unexpected error is logged and
+        the next round runs (the thread never ends before the replica does; /readyz says if it did)."""
         while not self._stop.wait(poll_s):
-            if "@" in self.model_uri:
-                self._follow_alias()
-            self._sync_experiment()
+            try:
+                if "@" in self.model_uri:
+                    self._follow_alias()
+                self._sync_experiment()
+                self.watch_error = None
+            except Exception as e:
+                self.watch_error = f"{type(e).__name__}: {e}"[:500]
+                log.exception("bundlerec: registry watch round failed (next round in %.0fs)", poll_s)
 
     def _follow_alias(self) -> None:
         """Follow the alias: load and check a moved champion beside the old one, then swap the
@@ -328,9 +338,17 @@ class BundlerecService:
                 spec = registry_experiment.read(client, self.model_name)
                 versions = {a: registry_experiment.resolve(client, self.model_name, arm["model"])
                             for a, arm in (spec or {}).get("arms", {}).items()}
+        except registry_experiment.ExperimentSpecError as e:  # a malformed tag: refused, traffic as it was
+            if (self.experiment_refused or {}).get("error") != str(e):
+                log.error("bundlerec: experiment tag refused: %s", e)
+            self.experiment_refused = {"name": None, "key": None, "error": str(e)[:500]}
+            return
         except Exception as e:  # registry hiccup: keep the traffic split as it is
             log.warning("bundlerec: experiment check failed: %s", e)
             return
+        malformed_before = self.experiment_refused is not None and self.experiment_refused["key"] is None
+        if malformed_before:  # the malformed tag was put right (or removed)
+            self.experiment_refused = None
         if spec is None:
             if self.experiment is not None:
                 log.info("bundlerec: experiment %s ended; all traffic to %s", self.experiment.name, self.model_uri)
@@ -572,9 +590,12 @@ class BundlerecService:
     def readyz(self) -> dict:
         if self.current is None:
             raise HTTPException(503, "model not loaded")
+        if self.watcher is not None and not self.watcher.is_alive() and not self._stop.is_set():
+            raise HTTPException(503, "not following the registry any more (the watch thread ended)")
         info = self.current.info  # open endpoint (probes): name/version only, no paths
         return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias},
-                "refused_version": (self.refused or {}).get("version")}
+                "refused_version": (self.refused or {}).get("version"),
+                "experiment_refused": self.experiment_refused is not None, "watch_ok": self.watch_error is None}
 
     @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def model(self) -> dict:

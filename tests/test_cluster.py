@@ -81,8 +81,13 @@ def test_image_is_built_from_the_lock_and_runs_as_non_root():
     users = re.findall(r"^USER (\S+)", docker, re.M)
     assert users and users[-1] not in ("root", "0")
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for secret_or_state in (".git", ".venv", "runs", "*.db", "**/api_token", "**/user_key"):
+    for secret_or_state in (".git", ".venv", "runs", "*.db", "**/api_token", "**/user_key", "*.env"):
         assert secret_or_state in ignored, secret_or_state
+    assert "*.env" in (ROOT / ".gitignore").read_text().split()  # MLflow identities (setup_basic_auth)
+    # the cluster recipe: the admin password is never on a command line, its files never in the project
+    recipe = (ROOT / "cluster/kuberay/mlflow.yaml").read_text()
+    assert "<admin-password>" not in recipe and "os.environ['MLFLOW_ADMIN_PASSWORD']" in recipe
+    assert "', '.')" not in recipe and "mktemp -d" in recipe
 
 
 def test_image_and_launcher_match_the_ray_pin():
@@ -93,6 +98,11 @@ def test_image_and_launcher_match_the_ray_pin():
         assert key in launcher
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert any("--dashboard-host=127.0.0.1" in c for c in launcher["head_start_ray_commands"])
+    # token authentication on every node: each `ray start` with it, the token file copied to each node
+    starts = [c for c in launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start") for c in starts), starts
+    assert launcher["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
 
 
 def test_serve_config_is_valid_for_ray_serve():

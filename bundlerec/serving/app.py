@@ -140,6 +140,9 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
             # a fresh download that fails is left for ModelStore.remember's pruning: replicas on this
             # node share the store, and another one may be reading that folder right now
             raise
+        finally:
+            if store is not None and local != uri:
+                store.release(local)  # loaded (or refused): this replica's pruning lease ends
         rec.user_key = user_key
     else:
         from bundlerec.serving.recommender import Recommender

@@ -29,10 +29,11 @@ def parse_with(argv: list[str] | None, description: str, add_arguments=None) -> 
 def config_job(argv: list[str] | None, description: str, *, ray: bool = True, tracking: bool = True) -> PipelineConfig:
     """The preamble every config-driven job shares: environment, config + overrides, the version
     check, the MLflow server check (before any compute is spent) and the Ray connection."""
-    from bundlerec.tracking import check_server
+    from bundlerec.tracking import check_server, load_credentials
     from bundlerec.runtime import check_versions, init_ray, setup_env
 
     setup_env()
+    load_credentials()
     cfg = parse(argv, description)
     if ray:
         check_versions()

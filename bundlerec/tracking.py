@@ -70,6 +70,21 @@ def read_env_file(path: str) -> dict:
         return dict(line.strip().split("=", 1) for line in f if "=" in line and not line.startswith("#"))
 
 
+CREDENTIALS_ENV = "BUNDLEREC_MLFLOW_CREDENTIALS_FILE"
+"""A job's MLflow identity as a file path (``bundlerec submit`` on this machine): the job's environment,
+which Ray keeps in its job table and shows in the dashboard, never holds the password itself."""
+
+
+def load_credentials() -> None:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD from the file ``$BUNDLEREC_MLFLOW_CREDENTIALS_FILE`` names,
+    unless this process has both already; called by every process of a job that talks to MLflow
+    (the job's driver, Train workers, Tune trials)."""
+    path = os.environ.get(CREDENTIALS_ENV)
+    if path and not (os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD")):
+        os.environ.update({k: v for k, v in read_env_file(path).items()
+                           if k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+
+
 def setup_basic_auth(uri: str, admin_password: str, out_dir: str) -> dict:
     """Identities of an MLflow server run with ``--app-name basic-auth`` (default permission READ):
 

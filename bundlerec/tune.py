@@ -88,8 +88,10 @@ def trial_driver(trial_config: dict, base: dict, parent_run_id: str, experiment_
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from bundlerec.tracking import load_credentials
     from bundlerec.train.fit import fit
 
+    load_credentials()  # the job's MLflow identity, when it came as a file (bundlerec submit)
     trial_id = ray.tune.get_context().get_trial_id()
     raw = apply_overrides(json.loads(json.dumps(base)), [f"{k}={json.dumps(v)}" for k, v in trial_config.items()])
     cfg = from_dict(PipelineConfig, raw)

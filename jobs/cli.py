@@ -143,7 +143,7 @@ def submit_command(stage: str, args: list[str], *, address: str, output_root: Op
                 args[i] = f"{opt}={v}"
             else:
                 args[j] = v
-    env = job_runtime_env(runtime_env, here)
+    env = job_runtime_env(runtime_env, here, local)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "job", "submit", "--address", address, "--runtime-env", env]
     if no_wait:
@@ -151,13 +151,18 @@ def submit_command(stage: str, args: list[str], *, address: str, output_root: Op
     return [*cmd, "--", "python", "-m", module, *args]
 
 
-def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
+def job_runtime_env(runtime_env: Optional[str], cwd: Path, local: bool = True) -> str:
     """The runtime env the job gets, written to a temp file: the given file (default
     jobs/runtime_env.yaml) with its working_dir made absolute (relative to the project for the
     default file, to ``cwd`` for the user's own) and BUNDLEREC_GIT_COMMIT in env_vars (the uploaded
-    copy has no .git; the job's MLflow runs are tagged with the commit from it), and the submitting
-    shell's MLFLOW_TRACKING_USERNAME/PASSWORD when set, and BUNDLEREC_ALLOW_DOWNLOAD=1 (with
-    HF_HUB_OFFLINE=0) when the shell allows hub downloads."""
+    copy has no .git; the job's MLflow runs are tagged with the commit from it), and
+    BUNDLEREC_ALLOW_DOWNLOAD=1 (with HF_HUB_OFFLINE=0) when the shell allows hub downloads.
+
+    The submitting shell's MLFLOW_TRACKING_USERNAME/PASSWORD, when set, go to a cluster on this
+    machine (``local``) as a private file beside the runtime env (mode 0600, removed with it) whose
+    path is in env_vars (:data:`bundlerec.tracking.CREDENTIALS_ENV`): Ray keeps a job's env_vars in
+    its job table and shows them in the dashboard. A remote cluster gets no credentials from here
+    (give it its identity, e.g. the RayJob's ``bundlerec-mlflow-trainer`` Secret)."""
     import tempfile
 
     import yaml
@@ -173,15 +178,29 @@ def job_runtime_env(runtime_env: Optional[str], cwd: Path) -> str:
     commit = git_commit()
     if commit:
         conf.setdefault("env_vars", {})["BUNDLEREC_GIT_COMMIT"] = commit
-    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # MLflow with authentication: the
-        if os.environ.get(k):  # submitting shell's identity (readable by whoever holds the Ray token)
-            conf.setdefault("env_vars", {})[k] = os.environ[k]
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # never as values in the job's env
+        conf.get("env_vars", {}).pop(k, None)
     if os.environ.get("BUNDLEREC_ALLOW_DOWNLOAD") == "1":  # the documented switch: hub downloads allowed
         conf.setdefault("env_vars", {}).update({"BUNDLEREC_ALLOW_DOWNLOAD": "1", "HF_HUB_OFFLINE": "0"})
     fd, path = tempfile.mkstemp(prefix="bundlerec-runtime-env-", suffix=".yaml")
+    creds = {k: os.environ[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD") if os.environ.get(k)}
+    if creds and local:
+        from bundlerec.tracking import CREDENTIALS_ENV, write_env_file
+
+        write_env_file(credentials_file(path), creds)
+        conf.setdefault("env_vars", {})[CREDENTIALS_ENV] = credentials_file(path)
+    elif creds:
+        typer.echo("bundlerec: this shell's MLflow credentials are not sent to a remote cluster (Ray shows a job's "
+                   "environment in its dashboard); give the cluster its own identity, e.g. the RayJob's "
+                   "bundlerec-mlflow-trainer Secret", err=True)
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(conf, f)
     return path
+
+
+def credentials_file(runtime_env_file: str) -> str:
+    """The private file of a job's MLflow identity beside its runtime env file."""
+    return runtime_env_file[:-len(".yaml")] + ".mlflow.env"
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -206,6 +225,12 @@ def submit(ctx: typer.Context,
         _submit_with_retries(cmd, retries)
     finally:
         os.unlink(env_file)
+        if os.path.exists(credentials_file(env_file)):
+            if no_wait:  # the job reads it when it starts, after this command has returned
+                typer.echo(f"bundlerec: the job's MLflow identity is in {credentials_file(env_file)} (mode 0600); "
+                           "remove it once the job has started", err=True)
+            else:
+                os.unlink(credentials_file(env_file))
 
 
 def _submit_with_retries(cmd: list[str], retries: int) -> None:

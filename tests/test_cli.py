@@ -2,6 +2,7 @@
 `bundlerec submit` through a real `ray job submit` to the suite's Ray cluster."""
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -56,8 +57,23 @@ def test_submit_keeps_outputs_where_the_command_runs(tmp_path, monkeypatch):
     assert env["env_vars"]["BUNDLEREC_GIT_COMMIT"].split("-")[0] == subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert env["env_vars"]["MLFLOW_TRACKING_USERNAME"] == "trainer"
-    assert env["env_vars"]["MLFLOW_TRACKING_PASSWORD"] == "secret-of-the-trainer"
+    # the identity goes as a private file whose path the job's env holds: Ray shows env_vars in its
+    # dashboard and keeps them in its job table, so the password itself is never there
+    assert "secret-of-the-trainer" not in yaml.safe_dump(env) and "MLFLOW_TRACKING_PASSWORD" not in env["env_vars"]
+    creds = env["env_vars"]["BUNDLEREC_MLFLOW_CREDENTIALS_FILE"]
+    assert stat.S_IMODE(os.stat(creds).st_mode) == 0o600
+    from bundlerec.tracking import load_credentials
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.setenv("BUNDLEREC_MLFLOW_CREDENTIALS_FILE", creds)
+    load_credentials()  # what the job's driver, its Train workers and its Tune trials do first
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "trainer" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "secret-of-the-trainer"
+    # a remote cluster gets no credentials from this shell
+    remote = submit_command("pipeline", [], address="http://10.0.0.5:8265", output_root="s3://b/p", runtime_env=None,
+                            no_wait=False)
+    renv = yaml.safe_load(open(remote[remote.index("--runtime-env") + 1]))
+    assert "BUNDLEREC_MLFLOW_CREDENTIALS_FILE" not in renv.get("env_vars", {}) and "secret" not in yaml.safe_dump(renv)
     # the documented switch for hub downloads reaches the job (and overrides the offline default)
     monkeypatch.setenv("BUNDLEREC_ALLOW_DOWNLOAD", "1")
     cmd = submit_command("train", ["--config", "jobs/configs/tiny.yaml"], address=local, output_root=None,

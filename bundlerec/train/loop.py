@@ -62,12 +62,13 @@ def train_loop_per_worker(config: dict) -> None:
     from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
     from bundlerec.runtime import is_rank_zero
-    from bundlerec.tracking import RunLogger, mlflow_name
+    from bundlerec.tracking import RunLogger, load_credentials, mlflow_name
     from bundlerec.train.checkpoints import newest_valid, saved_world_size, universal, write_manifest
     from bundlerec.train.ds_config import autocast_dtype, deepspeed_config, resolve_precision
     from bundlerec.train.flops import train_flops_per_token
     from bundlerec.train.optim import cosine_schedule, param_groups
 
+    load_credentials()  # the job's MLflow identity, when it came as a file (bundlerec submit)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rank0 = is_rank_zero()

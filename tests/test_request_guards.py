@@ -18,15 +18,15 @@ def client():
     app.middleware("http")(limit_body)
     app.exception_handler(RequestValidationError)(validation_error)
 
-    @app.post("/r")
+    @app.post("/v1/r")
     def r(req: RecommendationRequest):
         return {"ok": True}
 
-    @app.post("/b")
+    @app.post("/v1/b")
     def b(req: BundleRequest):
         return {"query": req.query, "budget": req.budget}
 
-    @app.post("/c")
+    @app.post("/v1/c")
     def c(req: CompletionRequest):
         return {"n": len(req.items)}
 
@@ -34,31 +34,31 @@ def client():
 
 
 @pytest.mark.parametrize("path,body", [
-    ("/r", '{"user_id": "\\ud800"}'),
-    ("/b", '{"query": "\\udfff kit"}'),
-    ("/c", '{"items": ["\\ud800"]}'),
-    ("/b", '{"user_id": "u", "budget": NaN}'),
-    ("/b", '{"user_id": "u", "budget": Infinity}'),
-    ("/b", '{"user_id": "u", "events": [], "query": "kit"}'),  # a query takes one history, not two
-    ("/r", '{"user_id": "u", "as_of": "2026-01-01T00:00:00Z"}'),  # as_of dates events only
-    ("/b", '{"events": [], "as_of": "9999-01-01T00:00:00Z"}'),
-    ("/b", '{"query": "   "}'),
-    ("/c", '{"items": []}'),
-    ("/c", '{"items": [""]}'),
-    ("/r", '{"user_id": "u", "k": true}'),  # a boolean is not a count
-    ("/r", '{"user_id": "u", "k": 5.0}'),
-    ("/r", '{"user_id": "u", "k": 1e400}'),
-    ("/r", '{"user_id": "u", "k": 99999999999999999999999999}'),
-    ("/b", '{"user_id": "u", "n": -3}'),
-    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "9999-12-31T23:59:59Z"}]}'),
-    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "0001-01-01T00:00:00Z"}]}'),
-    ("/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": 1e20}]}'),
-    ("/r", ""),
-    ("/r", "hello"),
-    ("/r", "null"),
-    ("/r", "[]"),
-    ("/r", '{"user_id": "' + "x" * 129 + '"}'),
-    ("/r", '{"user_id": "u", "surprise": 1}'),
+    ("/v1/r", '{"user_id": "\\ud800"}'),
+    ("/v1/b", '{"query": "\\udfff kit"}'),
+    ("/v1/c", '{"items": ["\\ud800"]}'),
+    ("/v1/b", '{"user_id": "u", "budget": NaN}'),
+    ("/v1/b", '{"user_id": "u", "budget": Infinity}'),
+    ("/v1/b", '{"user_id": "u", "events": [], "query": "kit"}'),  # a query takes one history, not two
+    ("/v1/r", '{"user_id": "u", "as_of": "2026-01-01T00:00:00Z"}'),  # as_of dates events only
+    ("/v1/b", '{"events": [], "as_of": "9999-01-01T00:00:00Z"}'),
+    ("/v1/b", '{"query": "   "}'),
+    ("/v1/c", '{"items": []}'),
+    ("/v1/c", '{"items": [""]}'),
+    ("/v1/r", '{"user_id": "u", "k": true}'),  # a boolean is not a count
+    ("/v1/r", '{"user_id": "u", "k": 5.0}'),
+    ("/v1/r", '{"user_id": "u", "k": 1e400}'),
+    ("/v1/r", '{"user_id": "u", "k": 99999999999999999999999999}'),
+    ("/v1/b", '{"user_id": "u", "n": -3}'),
+    ("/v1/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "9999-12-31T23:59:59Z"}]}'),
+    ("/v1/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": "0001-01-01T00:00:00Z"}]}'),
+    ("/v1/r", '{"events": [{"item_id": "a", "event_type": "view", "event_time": 1e20}]}'),
+    ("/v1/r", ""),
+    ("/v1/r", "hello"),
+    ("/v1/r", "null"),
+    ("/v1/r", "[]"),
+    ("/v1/r", '{"user_id": "' + "x" * 129 + '"}'),
+    ("/v1/r", '{"user_id": "u", "surprise": 1}'),
 ])
 def test_bad_input_is_a_clean_422(client, path, body):
     r = client.post(path, content=body, headers={"content-type": "application/json"})
@@ -68,11 +68,11 @@ def test_bad_input_is_a_clean_422(client, path, body):
 
 
 def test_good_input_passes(client):
-    assert client.post("/b", json={"query": "a camping starter kit", "budget": 300}).json() == {
+    assert client.post("/v1/b", json={"query": "a camping starter kit", "budget": 300}).json() == {
         "query": "a camping starter kit", "budget": 300.0}
     # a description together with a history (bundlerec.bundles.engine.intent_and_history)
-    assert client.post("/b", json={"user_id": "u", "query": "kit"}).status_code == 200
-    assert client.post("/c", json={"items": ["a", "b"]}).json() == {"n": 2}
+    assert client.post("/v1/b", json={"user_id": "u", "query": "kit"}).status_code == 200
+    assert client.post("/v1/c", json={"items": ["a", "b"]}).json() == {"n": 2}
 
 
 @pytest.mark.parametrize("body,ctype,status", [
@@ -86,7 +86,7 @@ def test_good_input_passes(client):
     (b'{"user_id": "u"}', "application/json; charset=utf-8", 200),
 ])
 def test_malformed_bodies_are_4xx_and_echo_nothing(client, body, ctype, status):
-    r = client.post("/r", content=body, headers={"content-type": ctype} if ctype else {})
+    r = client.post("/v1/r", content=body, headers={"content-type": ctype} if ctype else {})
     assert r.status_code == status, r.text
     if status != 200:
         assert r.json()["detail"] and "\\xff" not in r.text and "[[[" not in r.text
@@ -112,6 +112,66 @@ def test_unauthenticated_requests_are_answered_before_the_body_is_read(client, m
     ok = {"content-type": "application/json", "authorization": "Bearer s3cret-token-of-enough-length"}
     assert c.post("/v1/r", content=huge, headers=ok).status_code == 413
     assert c.post("/v1/r", content=b'{"user_id": "u"}', headers=ok).json() == {"ok": True}
+
+
+def _asgi_post(app, path: str, chunks: list, delay_s: float = 0.0, headers: tuple = ()) -> tuple:
+    """POST a chunked body straight into the ASGI app (the way uvicorn hands it over, chunk by chunk)
+    and count the chunks the app pulled: (status, chunks read)."""
+    import asyncio
+
+    pulled = 0
+
+    async def receive():
+        nonlocal pulled
+        if pulled < len(chunks):
+            if delay_s:
+                await asyncio.sleep(delay_s)  # a client trickling its body
+            pulled += 1
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+        await asyncio.sleep(3600)  # the client neither sends more nor goes away
+        return {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"transfer-encoding", b"chunked"), *headers],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start"), pulled
+
+
+def test_bodies_are_streamed_with_a_cap_a_deadline_and_never_read_on_routes_that_take_none(monkeypatch):
+    """No route outside /v1/ takes a body: a POST there is answered 405 with not one chunk read; a
+    chunked body stops being read at the size limit (413); a trickled one gets 408 at the deadline;
+    a body within both reaches the route whole."""
+    import time
+
+    app = FastAPI()
+    app.middleware("http")(limit_body)
+
+    @app.post("/v1/r")
+    def r(req: RecommendationRequest):
+        return {"ok": True}
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    chunk = b" " * 65536
+    assert _asgi_post(app, "/healthz", [chunk] * 100) == (405, 0)
+    assert _asgi_post(app, "/anything", [chunk] * 100) == (405, 0)
+    status, pulled = _asgi_post(app, "/v1/r", [chunk] * 100)  # 6.4 MB, the limit is 256 KiB
+    assert status == 413 and pulled == guards.GUARDS.max_body_bytes // len(chunk) + 1, pulled
+    monkeypatch.setattr(guards.GUARDS, "body_timeout_s", 1.0)
+    t = time.time()
+    status, pulled = _asgi_post(app, "/v1/r", [b" "] * 100, delay_s=0.2)
+    assert status == 408 and pulled <= 7 and time.time() - t < 5, (status, pulled)
+    body = b'{"user_id": ' + b" " * 100_000 + b'"u"}'  # whole, in chunks, within both
+    assert _asgi_post(app, "/v1/r", [body[i:i + 4096] for i in range(0, len(body), 4096)]) == (200, 25)
 
 
 def test_every_request_schema_carries_examples_that_validate():

@@ -7,12 +7,15 @@ the module (modules pickle by reference), which is what the FastAPI dependencies
 
     401 -- no ``Authorization: Bearer …`` header (with ``WWW-Authenticate: Bearer``)
     403 -- a token that is not one of the configured ones
-    413 -- a body above ``max_body_bytes`` (declared or actual)
+    405 -- a body sent to a route outside ``/v1/`` (none of them takes one): answered unread
+    408 -- a body that has not arrived within ``body_timeout_s``
+    413 -- a body above ``max_body_bytes`` (declared, or counted while it streams in: reading stops there)
     422 -- invalid input, rendered safely whatever it holds (:func:`validation_error`)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any, Optional
@@ -33,6 +36,7 @@ class EndpointGuards:
     def __init__(self) -> None:
         self.auth: Optional[TokenAuth] = None
         self.max_body_bytes: int = ServeConfig.max_body_bytes
+        self.body_timeout_s: float = 10.0  # the whole body, from the first byte the middleware asks for
 
 
 GUARDS = EndpointGuards()
@@ -91,20 +95,26 @@ async def limit_body(request: Request, call_next):
     413 above the size limit (declared or actual), 400 for a body that is not UTF-8, nested deeper
     than MAX_JSON_DEPTH, or repeats a key in an object. Error bodies never echo the input."""
     if request.method in ("POST", "PUT", "PATCH"):
-        if GUARDS.auth is not None and request.url.path.startswith("/v1/"):
+        if not request.url.path.startswith("/v1/"):  # no route outside /v1/ takes a body: not a byte is read
+            return _error(405, "this route takes no request body", {"Connection": "close"})
+        if GUARDS.auth is not None:
             err = GUARDS.auth.check(request.headers.get("authorization"))
             if err:
-                return _error(err[0], err[1], {"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+                return _error(err[0], err[1], {"WWW-Authenticate": "Bearer", "Connection": "close"} if err[0] == 401
+                              else {"Connection": "close"})
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             return _error(415, "send the body as application/json")
         limit = GUARDS.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return _error(413, f"request body larger than {limit} bytes")
-        body = await request.body()
-        if len(body) > limit:
-            return _error(413, f"request body larger than {limit} bytes")
+            return _error(413, f"request body larger than {limit} bytes", {"Connection": "close"})
+        try:
+            body = await _read_capped(request, limit, GUARDS.body_timeout_s)
+        except _TooLarge:
+            return _error(413, f"request body larger than {limit} bytes", {"Connection": "close"})
+        except asyncio.TimeoutError:
+            return _error(408, f"request body not received within {GUARDS.body_timeout_s:g} s", {"Connection": "close"})
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -118,6 +128,32 @@ async def limit_body(request: Request, call_next):
         except ValueError:
             pass  # not JSON at all: FastAPI answers 422 json_invalid
     return await call_next(request)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, read chunk by chunk: stops at the first byte over ``limit`` (:class:`_TooLarge`) or
+    when the whole body has not arrived within ``timeout_s`` (``asyncio.TimeoutError``); what was
+    read is handed on to the route (Starlette replays ``request._body``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    chunks, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(deadline - loop.time(), 0.0))
+        except StopAsyncIteration:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # what the route reads (BaseHTTPMiddleware's cached request)
+    return body
 
 
 def _finite(x: Any) -> Any:

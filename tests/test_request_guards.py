@@ -172,6 +172,12 @@ def test_bodies_are_streamed_with_a_cap_a_deadline_and_never_read_on_routes_that
     assert status == 408 and pulled <= 7 and time.time() - t < 5, (status, pulled)
     body = b'{"user_id": ' + b" " * 100_000 + b'"u"}'  # whole, in chunks, within both
     assert _asgi_post(app, "/v1/r", [body[i:i + 4096] for i in range(0, len(body), 4096)]) == (200, 25)
+    # an app deployed under a route prefix (Serve's route_prefix: root_path) reads its own paths
+    prefixed = FastAPI(root_path="/shop")
+    prefixed.middleware("http")(limit_body)
+    prefixed.post("/v1/r")(r)
+    assert _asgi_post(prefixed, "/shop/v1/r", [b'{"user_id": "u"}']) == (200, 1)
+    assert _asgi_post(prefixed, "/shop/healthz", [chunk]) == (405, 0)
 
 
 def test_every_request_schema_carries_examples_that_validate():

@@ -95,7 +95,10 @@ async def limit_body(request: Request, call_next):
     413 above the size limit (declared or actual), 400 for a body that is not UTF-8, nested deeper
     than MAX_JSON_DEPTH, or repeats a key in an object. Error bodies never echo the input."""
     if request.method in ("POST", "PUT", "PATCH"):
-        if not request.url.path.startswith("/v1/"):  # no route outside /v1/ takes a body: not a byte is read
+        path, root = request.scope["path"], request.scope.get("root_path", "")
+        if root and path.startswith(root):  # deployed under a route prefix: the app's own path
+            path = path[len(root):]
+        if not path.startswith("/v1/"):  # no route outside /v1/ takes a body: not a byte is read
             return _error(405, "this route takes no request body", {"Connection": "close"})
         if GUARDS.auth is not None:
             err = GUARDS.auth.check(request.headers.get("authorization"))

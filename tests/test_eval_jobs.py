@@ -205,6 +205,16 @@ def _check_bundle_evaluation(res: dict, eval_dir: str) -> None:
             g = res["generation"][domain][method]
             assert 0 <= g["f1"] <= 1 and g["f1_ci"][0] <= g["f1"] <= g["f1_ci"][1]
         assert res["lift"][domain]["vs"] in ("popular", "itemknn", "lexical", "zeroshot")
+        # the leak gate: every method's top-10 share of items seen in training bundles, against
+        # zero-shot's, and the control row (zero-shot with every seen item ranked last)
+        gate = res["leak_gate"][domain]
+        assert gate["zeroshot_seen_share@10"] == res["completion"][domain]["zeroshot"]["seen_share@10"]
+        for method in ("bundlerec", "itemknn", "lexical", "tuned"):
+            share = res["completion"][domain][method]["seen_share@10"]
+            assert 0 <= share <= 1 and gate["methods"][method]["passes"] == (share >= gate["zeroshot_seen_share@10"] - 0.05)
+        control = res["completion"][domain]["zeroshot_seen_penalty"]
+        assert control["seen_share@10"] <= res["completion"][domain]["zeroshot"]["seen_share@10"]
+        assert "zeroshot_seen_penalty" not in gate["methods"]
         for method in ("bundlerec", "lexical", "zeroshot", "tuned"):  # intent text -> the bundle's items
             i = res["intent"][domain][method]
             assert i["n"] > 0 and i["recall@10_ci"][0] <= i["recall@10"] <= i["recall@10_ci"][1]

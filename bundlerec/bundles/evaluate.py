@@ -210,19 +210,52 @@ def query_values(engine: BundleEngine, queries: list, cache: dict | None = None,
 
 
 def split_recall(engine: BundleEngine, queries: list, seen: set, k: int = 10) -> dict:
-    """Recall@k over the targets seen in training and over the unseen ones (pooled over queries)."""
+    """The leak gate's figures of one method: Recall@k over the targets seen in training bundles and
+    over the unseen ones (pooled over queries), and the share of the top-k items that were seen in
+    training (``seen_share@k``)."""
     hit = {"seen": [0, 0], "unseen": [0, 0]}
+    shown = shown_seen = 0
     for i in range(0, len(queries), 256):
         chunk = queries[i:i + 256]
         top = top_k(engine.complete_scores([q[0] for q in chunk]), k)
         for (_, rest), t in zip(chunk, top):
             ts = set(t.tolist())
+            shown += len(ts)
+            shown_seen += len(ts & seen)
             for it in rest:
                 h = hit["seen" if it in seen else "unseen"]
                 h[0] += it in ts
                 h[1] += 1
     return {f"recall@{k}_{s}": (h[0] / h[1] if h[1] else float("nan")) for s, h in hit.items()} | \
-           {f"targets_{s}": h[1] for s, h in hit.items()}
+           {f"targets_{s}": h[1] for s, h in hit.items()} | {f"seen_share@{k}": shown_seen / shown if shown else float("nan")}
+
+
+LEAK_GATE_POINTS = 0.05  # a method whose top-10 holds this much less of the seen items than zero-shot's fails the gate
+CONTROL_PENALTY = 1e3  # the control row's penalty on seen items: below every unseen item's score
+
+
+class SeenPenalty:
+    """The leak control: an engine's completion with every item seen in training bundles lowered by
+    ``penalty`` (below every unseen item). Its recall against the engine's shows how much a method
+    could gain from "not seen in training" alone, a signal the catalog's construction leaks."""
+
+    def __init__(self, engine: BundleEngine, seen: set, penalty: float = CONTROL_PENALTY):
+        self.engine, self.penalty = engine, penalty
+        self.seen_idx = np.fromiter(seen, dtype=np.int64) if seen else np.zeros(0, dtype=np.int64)
+
+    def complete_scores(self, carts, channels=None) -> np.ndarray:
+        scores = np.array(self.engine.complete_scores(carts, channels), dtype=np.float64)
+        scores[:, self.seen_idx] -= self.penalty
+        return scores
+
+
+def leak_gate(completion: dict) -> dict:
+    """Per method of one domain's completion results: its share of seen items in the top 10 against
+    zero-shot's, and whether it passes (no more than :data:`LEAK_GATE_POINTS` below zero-shot's)."""
+    ref = completion["zeroshot"]["seen_share@10"]
+    return {"zeroshot_seen_share@10": ref, "max_drop": LEAK_GATE_POINTS,
+            "methods": {m: {"seen_share@10": v["seen_share@10"], "passes": bool(v["seen_share@10"] >= ref - LEAK_GATE_POINTS)}
+                        for m, v in completion.items() if "seen_share@10" in v and m != "zeroshot_seen_penalty"}}
 
 
 def session_truth(d: Domain, index: dict) -> list[tuple[list[int], list[list[int]]]]:
@@ -603,6 +636,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
                                        {**BASELINES, **ABLATIONS}.items()}}
     # ablation: bundlerec's fusion without the re-ranker (= bundlerec where validation did not choose it)
     methods["fusion_only"] = engine.with_params(EngineParams(completion=engine.params.completion))
+    methods["zeroshot_seen_penalty"] = SeenPenalty(methods["zeroshot"], seen)  # the leak control row
     out: dict = {"completion": {}, "completion_half": {}, "generation": {}}
     per_query = {}
     for mode, key in (("first", "completion"), ("half", "completion_half")):
@@ -618,6 +652,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
                 res.update(split_recall(e, q, seen))
                 per_query[m] = v
             out[key][m] = res
+    out["leak_gate"] = leak_gate(out["completion"])
     best = max(BASELINES, key=lambda m: out["completion"][m]["recall@10"])
     out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
                                   for name in ("recall@10", "ndcg@10")}}
@@ -689,7 +724,8 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
         progress.update(len(d.bundles))  # one line per domain scored, with the ETA of the rest
-        for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift"):
+        for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift",
+                    "leak_gate"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
         personal, personal_lift = score_personal(engine, d, index, cfg.train.seed)
@@ -723,6 +759,12 @@ def print_table(res: dict) -> None:
         for m, v in methods.items():
             ci = v["recall@10_ci"]
             print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
+    for dom, gate in res.get("leak_gate", {}).items():
+        failing = [m for m, g in gate["methods"].items() if not g["passes"]]
+        ctrl = res["completion"][dom].get("zeroshot_seen_penalty", {})
+        print(f"{'leak gate':<11}{dom:<11}zeroshot top-10 seen share {gate['zeroshot_seen_share@10']:.3f}; "
+              f"bundlerec {gate['methods']['bundlerec']['seen_share@10']:.3f}; control (seen items last) recall@10 "
+              f"{ctrl.get('recall@10', float('nan')):.4f}; failing: {', '.join(failing) or 'none'}")
     for dom, per_epoch in res.get("train", {}).get("rows_by_domain", {}).items():
         print(f"{'trained':<11}{dom:<11}rows per epoch {per_epoch}")
     for key in ("lift", "intent_lift"):
@@ -827,6 +869,21 @@ def markdown(res: dict) -> str:
                 v = res[task][d].get(m)
                 ci = v.get(f"{metric}_ci") if v else None
                 cells.append("–" if v is None else f"{v[metric]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if "leak_gate" in res and "completion" in res:
+        doms = list(res["leak_gate"])
+        lines += ["**Leak gate** (completion; share of the top 10 seen in training bundles / Recall@10 on seen "
+                  "and unseen targets; fails: top-10 seen share more than "
+                  f"{LEAK_GATE_POINTS:.0%} below zero-shot's)", "",
+                  "| method | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+        for m in res["completion"][doms[0]]:
+            cells = []
+            for d in doms:
+                v, g = res["completion"][d].get(m, {}), res["leak_gate"][d]["methods"].get(m)
+                cells.append("–" if "seen_share@10" not in v else
+                             f"{v['seen_share@10']:.3f} / {v['recall@10_seen']:.3f} / {v['recall@10_unseen']:.3f}"
+                             + ("" if g is None or g["passes"] else " **fails**"))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

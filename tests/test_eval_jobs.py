@@ -215,6 +215,8 @@ def _check_bundle_evaluation(res: dict, eval_dir: str) -> None:
         control = res["completion"][domain]["zeroshot_seen_penalty"]
         assert control["seen_share@10"] <= res["completion"][domain]["zeroshot"]["seen_share@10"]
         assert "zeroshot_seen_penalty" not in gate["methods"]
+        pool = res["candidate_pool"][domain]  # what the re-ranker could reach at most, where it was chosen
+        assert (pool["k"] == 0) if not res["engine_params"]["rerank"] else (0 <= pool["recall"] <= 1 and pool["k"] > 0)
         for method in ("bundlerec", "lexical", "zeroshot", "tuned"):  # intent text -> the bundle's items
             i = res["intent"][domain][method]
             assert i["n"] > 0 and i["recall@10_ci"][0] <= i["recall@10"] <= i["recall@10_ci"][1]

@@ -230,6 +230,21 @@ def split_recall(engine: BundleEngine, queries: list, seen: set, k: int = 10) ->
            {f"targets_{s}": h[1] for s, h in hit.items()} | {f"seen_share@{k}": shown_seen / shown if shown else float("nan")}
 
 
+def pool_recall(engine: BundleEngine, queries: list, batch: int = 256) -> dict:
+    """The share of completion targets inside the candidate pool the re-ranker orders (the fused
+    top ``k``): what the re-ranker could reach at most. ``k`` 0 where the engine has no re-ranker."""
+    if not (engine.params.rerank and engine.reranker is not None):
+        return {"k": 0, "recall": None}
+    k, hit, n = engine.reranker.k, 0, 0
+    for i in range(0, len(queries), batch):
+        chunk = queries[i:i + batch]
+        cand = engine.reranker.candidates(engine.fused_scores([q[0] for q in chunk])[0])
+        for c, (_, rest) in zip(cand, chunk):
+            hit += int(np.isin(rest, c).sum())
+            n += len(rest)
+    return {"k": k, "recall": hit / n if n else float("nan"), "targets": n}
+
+
 LEAK_GATE_POINTS = 0.05  # a method whose top-10 holds this much less of the seen items than zero-shot's fails the gate
 CONTROL_PENALTY = 1e3  # the control row's penalty on seen items: below every unseen item's score
 
@@ -653,6 +668,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
                 per_query[m] = v
             out[key][m] = res
     out["leak_gate"] = leak_gate(out["completion"])
+    out["candidate_pool"] = pool_recall(engine, completion_queries(d.bundles, index, "first"))
     best = max(BASELINES, key=lambda m: out["completion"][m]["recall@10"])
     out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
                                   for name in ("recall@10", "ndcg@10")}}
@@ -725,7 +741,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
         progress.update(len(d.bundles))  # one line per domain scored, with the ETA of the rest
         for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift",
-                    "leak_gate"):
+                    "leak_gate", "candidate_pool"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
         personal, personal_lift = score_personal(engine, d, index, cfg.train.seed)
@@ -759,6 +775,9 @@ def print_table(res: dict) -> None:
         for m, v in methods.items():
             ci = v["recall@10_ci"]
             print(f"{'intent':<11}{dom:<11}{m:<10}recall@10 {v['recall@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]")
+    for dom, pool in res.get("candidate_pool", {}).items():
+        if pool["k"]:
+            print(f"{'rerank pool':<11}{dom:<11}top {pool['k']} fused candidates hold {pool['recall']:.3f} of the targets")
     for dom, gate in res.get("leak_gate", {}).items():
         failing = [m for m, g in gate["methods"].items() if not g["passes"]]
         ctrl = res["completion"][dom].get("zeroshot_seen_penalty", {})

@@ -297,3 +297,33 @@ def test_rouge1_and_intent_names_from_the_nearest_annotated_bundle(tmp_path):
     assert eng.name([2, 3]) == "morning coffee"  # served bundles carry the drawn name
     with pytest.raises(ValueError, match="unknown naming channels"):
         IntentNamer(texts, c, c, {"magic": 1.0})
+
+
+def test_the_leak_gate_its_control_row_and_the_rerankers_pool():
+    """The leak gate's figures of a method (top-10 share of items seen in training, recall on seen and
+    unseen targets), the control row that ranks every seen item last, and the re-ranker's pool recall
+    (all targets inside a pool as large as the catalog)."""
+    from bundlerec.bundles.evaluate import SeenPenalty, leak_gate, pool_recall, split_recall
+    from bundlerec.bundles.rerank import CategoryStats, Reranker
+
+    eng, pos, rng = _transition_engine()
+    seen = {pos(c, j) for c in range(6) for j in range(30)}  # items 0-29 of each category were trained on
+    queries = [([pos(2 * k, j)], [pos(2 * k + 1, j), pos(2 * k + 1, j - 30)]) for k in range(3) for j in range(30, 40)]
+    zs = split_recall(eng, queries, seen)
+    top = np.argsort(-eng.complete_scores([q[0] for q in queries]), axis=1, kind="stable")[:, :10]
+    assert zs["seen_share@10"] == pytest.approx(np.isin(top, list(seen)).mean())
+    assert zs["targets_seen"] == zs["targets_unseen"] == len(queries)
+    ctrl = split_recall(SeenPenalty(eng, seen), queries, seen)
+    assert ctrl["seen_share@10"] == 0 and ctrl["recall@10_seen"] == 0  # 59 unseen items rank above every seen one
+    completion = {"zeroshot": zs, "bundlerec": ctrl, "zeroshot_seen_penalty": ctrl, "same": zs}
+    gate = leak_gate(completion)
+    assert gate["zeroshot_seen_share@10"] == zs["seen_share@10"] and "zeroshot_seen_penalty" not in gate["methods"]
+    assert gate["methods"]["same"]["passes"] and gate["methods"]["bundlerec"]["passes"] == (zs["seen_share@10"] <= 0.05)
+    # the re-ranker's pool: none without one; every target inside a pool of the whole catalog
+    assert pool_recall(eng, queries) == {"k": 0, "recall": None}
+    bundles = [[pos(2 * k, int(rng.integers(30))), pos(2 * k + 1, int(rng.integers(30)))] for k in range(3) for _ in range(20)]
+    qs = [([b[0]], [b[1]]) for b in bundles]
+    eng.reranker = Reranker.fit(eng, [(qs, CategoryStats.from_groups(bundles, eng.categories))],
+                                CategoryStats.from_groups(bundles, eng.categories), k=len(eng.item_ids))
+    ranked = eng.with_params(EngineParams(completion={"pretrained": 1.0}, rerank=True))
+    assert pool_recall(ranked, queries) == {"k": len(eng.item_ids), "recall": 1.0, "targets": 2 * len(queries)}

@@ -141,6 +141,75 @@ def test_online_log_flushes_on_time_and_on_close(tmp_path):
     assert wal_dir_for("s3://b/x").endswith(".cache/bundlerec/wal") and wal_dir_for(str(tmp_path)).endswith("_wal")
 
 
+def test_appends_never_wait_for_a_slow_store(tmp_path, monkeypatch):
+    """The flush thread converts a sealed segment to Parquet while the store takes 2 s to answer (an
+    object-store PUT on a bad day): appends meanwhile return at local-disk speed, and every row
+    reaches Parquet once the store answers."""
+    import threading
+
+    from bundlerec.serving import event_log
+
+    real = event_log.pq.write_table
+
+    def slow_write(*a, **k):  # the store is slow, not gone
+        time.sleep(2.0)
+        return real(*a, **k)
+
+    monkeypatch.setattr(event_log.pq, "write_table", slow_write)
+    el = EventLog(str(tmp_path), "impressions", str(tmp_path / "_wal"), flush_rows=50, convert_inline=False)
+    for i in range(60):  # one segment sealed, 10 rows in the open one
+        el.append([_imp(i)])
+    flusher = threading.Thread(target=el.flush)
+    flusher.start()
+    time.sleep(0.2)  # the conversion is under way, waiting for the store
+    worst = 0.0
+    for i in range(60, 260):
+        t = time.perf_counter()
+        el.append([_imp(i)])
+        worst = max(worst, time.perf_counter() - t)
+    assert flusher.is_alive() and worst < 0.2, worst  # before 2026-12-02 appends waited for the store
+    flusher.join()
+    el.close()
+    ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
+    assert sorted(ids) == sorted(f"i{i}" for i in range(260))
+
+
+def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(tmp_path):
+    """The write-ahead log on a real 1 MiB tmpfs that fills up: the append that does not fit raises
+    LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves
+    the segment clean; with space freed, appends go on; Parquet holds exactly the acknowledged rows."""
+    from bundlerec.serving.event_log import LogUnavailable
+
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
+    try:
+        el = EventLog(str(tmp_path), "impressions", str(vol), flush_rows=10_000_000)
+        filler = vol / "filler"
+        with open(filler, "wb") as f:
+            f.write(b"\0" * (os.statvfs(vol).f_bavail * os.statvfs(vol).f_frsize - 64 * 1024))
+        acked, refused, i = [], 0, 0
+        while refused < 5 and i < 10_000:
+            try:
+                el.append([_imp(i)])
+                acked.append(i)
+            except LogUnavailable:
+                refused += 1
+            i += 1
+        assert refused == 5 and acked and el.refused == 5 and el.last_error
+        filler.unlink()  # space again
+        for j in range(i, i + 100):
+            el.append([_imp(j)])
+            acked.append(j)
+        el.close()
+        ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
+        assert sorted(ids) == sorted(f"i{k}" for k in acked)  # every acknowledged row, no refused one, none torn
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], check=False)
+
+
 # ---------------------------------------------------------------- the report and the rule
 def _logs(rates: dict, users: int = 400, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Impressions (two per user: a recommendation and a bundle answer) and feedback whose click and

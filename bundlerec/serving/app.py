@@ -398,7 +398,7 @@ class BundlerecService:
         """Issue the answer's impression id and log what was shown (before the answer goes out)."""
         iid, f = self.signer.issue(unit, exp, arm, m.info.version, endpoint)
         if self.log is not None:
-            self.log.impressions.append([{
+            self._log_impression([{
                 "impression_id": iid, "event_time": f["t"], "experiment": exp, "arm": arm, "model_name": m.info.name,
                 "model_version": m.info.version, "endpoint": endpoint, "user_id": unit, "session_id": new_session,
                 "items": items, "bundle_items": [[i["item_id"] for i in b["items"]] for b in bundles],
@@ -406,6 +406,16 @@ class BundlerecService:
                 "bundle_prices": [b.get("bundle_price") for b in bundles]}])
         return {"impression_id": iid, "experiment": {"experiment": exp, "arm": arm} if exp else None,
                 "session_id": new_session}
+
+    def _log_impression(self, rows: list) -> None:
+        """An impression into the event log; a storage fault degrades logging (counted, in /readyz),
+        never the answer."""
+        from bundlerec.serving.event_log import LogUnavailable
+
+        try:
+            self.log.impressions.append(rows)
+        except LogUnavailable as e:
+            log.warning("bundlerec: impression not logged (the answer still goes out): %s", e)
 
     def __del__(self):
         self._stop.set()
@@ -529,7 +539,12 @@ class BundlerecService:
                              "model_version": imp["v"], "bundle_index": e.bundle_index,
                              "revenue": round(p * e.quantity, 4) if FEEDBACK_EVENT_TYPE[e.type] == "purchase" else 0.0,
                              "received_time": now})
-        self.log.feedback.append(rows)  # durable (write-ahead) before the answer
+        from bundlerec.serving.event_log import LogUnavailable
+
+        try:
+            self.log.feedback.append(rows)  # durable (write-ahead) before the answer
+        except LogUnavailable as e:  # nothing recorded: the client sends it again later
+            raise HTTPException(503, f"feedback not recorded, retry later: {e}", headers={"Retry-After": "5"}) from None
         with self._seen_lock:
             for k in keys:
                 self._seen[k] = None
@@ -598,13 +613,15 @@ class BundlerecService:
         info = self.current.info  # open endpoint (probes): name/version only, no paths
         return {"status": "ready", "model": {"name": info.name, "version": info.version, "alias": info.alias},
                 "refused_version": (self.refused or {}).get("version"),
-                "experiment_refused": self.experiment_refused is not None, "watch_ok": self.watch_error is None}
+                "experiment_refused": self.experiment_refused is not None, "watch_ok": self.watch_error is None,
+                "event_log_ok": self.log.health()["ok"] if self.log is not None else None}  # details: /v1/model
 
     @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def model(self) -> dict:
         m = self.current
         return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
                 "reloads": self.reloads, "source": m.source, "refused": self.refused,
+                "event_log": self.log.health() if self.log is not None else None,
                 "base_model": m.rec.meta.get("base_model"),
                 "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None,
                 "bundle_engine": m.rec.bundle_engine.params.__dict__ if m.rec.bundle_engine else None}

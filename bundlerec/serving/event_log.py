@@ -7,6 +7,12 @@ shutdown. A segment is held under an exclusive ``flock`` while its replica lives
 the node converts segments nobody holds (a killed replica's) at its start and at every flush.
 The Parquet file is named after the segment, so converting one twice writes the same file once.
 
+Appends never wait for storage: a full segment is sealed (a new one opened, under the append lock:
+local file operations only) and converted to Parquet outside that lock, by the flush thread of
+:class:`OnlineLog`, so a slow or absent object store delays the Parquet files, never a request. A
+write the write-ahead disk refuses (``ENOSPC``) is cut back to the last whole row and raises
+:class:`LogUnavailable`: the caller knows nothing was recorded, and the segment stays clean.
+
 Feedback rows use the clickstream schema (bundlerec.data.schema: event_time, event_type, user_id,
 session_id, item_id, price, quantity) plus the experiment's columns, so ``data.events`` can point
 at ``<event_log_dir>/feedback`` and shopper feedback becomes the next run's training data.
@@ -55,18 +61,31 @@ def wal_dir_for(event_log_dir: str) -> str:
     return os.path.join(storage.absolute(event_log_dir), "_wal")
 
 
-class EventLog:
-    """One kind of event (``impressions`` or ``feedback``) of one replica. Thread-safe."""
+class LogUnavailable(RuntimeError):
+    """The write-ahead disk refused the rows (e.g. full): nothing of them was recorded."""
 
-    def __init__(self, root: str, kind: str, wal_dir: str, flush_rows: int = 2000):
+
+class EventLog:
+    """One kind of event (``impressions`` or ``feedback``) of one replica. Thread-safe.
+
+    ``convert_inline``: sealed segments are converted by the appending call itself (after it has
+    released the append lock); :class:`OnlineLog` turns it off and converts from its flush thread."""
+
+    def __init__(self, root: str, kind: str, wal_dir: str, flush_rows: int = 2000, convert_inline: bool = True):
         self.kind, self.schema, self.flush_rows = kind, SCHEMAS[kind], flush_rows
+        self.convert_inline = convert_inline
         self.out = storage.join(root if storage.is_uri(root) else storage.absolute(root), kind)
         self.wal = os.path.join(wal_dir, kind)
         os.makedirs(self.wal, exist_ok=True)
         if not storage.is_uri(self.out):
             os.makedirs(self.out, exist_ok=True)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the open segment (appends): held for local writes only
+        self._convert_lock = threading.Lock()  # one conversion at a time, outside the append lock
+        self._sealed: list[tuple[str, str, int]] = []  # (path, segment, locked fd) waiting for Parquet
         self.written = 0  # rows converted to Parquet by this replica
+        self.refused = 0  # appends the write-ahead disk refused
+        self.last_error: str | None = None  # the last storage error (append or conversion), None once healthy
+        self.fd: int | None = None
         self._open()
 
     def _open(self) -> None:
@@ -75,46 +94,92 @@ class EventLog:
         # created under a name recover() does not look at, locked, then renamed: a segment is never
         # visible unlocked (another replica's recover() would take an empty new segment for a dead one's)
         hidden = os.path.join(self.wal, f".{self.segment}.jsonl.new")
-        self.f = open(hidden, "a")
-        fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while this replica lives
+        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the segment is converted
         os.rename(hidden, self.path)
-        self.pending = 0
+        self.fd, self.size, self.pending = fd, 0, 0
 
     def append(self, rows: list[dict]) -> None:
-        """Write ``rows`` to the write-ahead segment (in the OS once this returns)."""
+        """Write ``rows`` to the write-ahead segment (in the OS once this returns), or raise
+        :class:`LogUnavailable` with nothing of them written."""
         if not rows:
             return
-        text = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in rows)
+        data = "".join(json.dumps(r, separators=(",", ":"), default=str) + "\n" for r in rows).encode()
         with self._lock:
-            self.f.write(text)
-            self.f.flush()
+            try:
+                if self.fd is None:  # the last segment could not be opened: try again
+                    self._open()
+                off = 0
+                while off < len(data):
+                    off += os.write(self.fd, data[off:])
+            except OSError as e:
+                if self.fd is not None:
+                    try:
+                        os.ftruncate(self.fd, self.size)  # back to the last whole row: the segment stays clean
+                    except OSError:
+                        pass
+                self.refused += 1
+                self.last_error = f"write-ahead log: {e}"
+                raise LogUnavailable(f"{self.kind} not recorded: {e}") from e
+            self.size += len(data)
             self.pending += len(rows)
             if self.pending >= self.flush_rows:
-                try:
-                    self._rotate()
-                except Exception as e:  # the rows are safe in the segment; the next flush retries
-                    log.error("bundlerec: %s flush failed (kept in the write-ahead log): %s", self.kind, e)
+                self._seal()
+        if self.convert_inline:
+            self.convert_sealed()
+
+    def _seal(self) -> None:
+        """Queue the open segment for conversion and open a new one (caller holds the append lock)."""
+        self._sealed.append((self.path, self.segment, self.fd))
+        self.fd, self.pending = None, 0
+        try:
+            self._open()
+        except OSError as e:  # the disk is full: the next append tries again
+            self.last_error = f"write-ahead log: {e}"
+
+    def convert_sealed(self) -> int:
+        """Convert the sealed segments to Parquet (outside the append lock); a failure keeps them for
+        the next call and raises."""
+        with self._convert_lock:
+            with self._lock:
+                todo, self._sealed = self._sealed, []
+            n = 0
+            try:
+                while todo:
+                    path, segment, fd = todo[0]
+                    n += self._convert(path, segment)
+                    os.remove(path)
+                    os.close(fd)  # the lock goes with it
+                    todo.pop(0)
+                self.last_error = None
+            except Exception as e:
+                self.last_error = f"conversion: {e}"
+                raise
+            finally:
+                if todo:
+                    with self._lock:
+                        self._sealed = todo + self._sealed
+            return n
+
+    @property
+    def backlog(self) -> int:
+        """Sealed segments not yet in Parquet."""
+        return len(self._sealed)
 
     def flush(self) -> None:
         with self._lock:
             if self.pending:
-                self._rotate()
+                self._seal()
+        self.convert_sealed()
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
-            if self.pending:
-                self._convert(self.path, self.segment)
-            self.f.close()
-            if os.path.exists(self.path) and not self.pending:
-                os.remove(self.path)
-            self.pending = 0
-
-    def _rotate(self) -> None:
-        path, segment, f = self.path, self.segment, self.f
-        self._convert(path, segment)  # still locked: no other replica converts it meanwhile
-        os.remove(path)
-        f.close()
-        self._open()
+            if self.fd is not None:
+                os.close(self.fd)
+                if os.path.exists(self.path):
+                    os.remove(self.path)  # empty: every row went to Parquet with the flush
+            self.fd = None
 
     def _convert(self, path: str, segment: str) -> int:
         rows = []
@@ -173,8 +238,8 @@ class OnlineLog:
 
     def __init__(self, root: str, flush_s: float = 5.0):
         wal = wal_dir_for(root)
-        self.impressions = EventLog(root, "impressions", wal)
-        self.feedback = EventLog(root, "feedback", wal)
+        self.impressions = EventLog(root, "impressions", wal, convert_inline=False)
+        self.feedback = EventLog(root, "feedback", wal, convert_inline=False)
         self.recovered = self.impressions.recover() + self.feedback.recover()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(flush_s,), daemon=True, name="event-log")
@@ -189,7 +254,16 @@ class OnlineLog:
                 except Exception as e:  # storage hiccup: the rows stay in the write-ahead segment
                     log.error("bundlerec: %s flush failed (kept in the write-ahead log): %s", el.kind, e)
 
+    def health(self) -> dict:
+        """What /readyz reports: whether both logs are healthy, and their backlog and last error."""
+        logs = {el.kind: {"backlog_segments": el.backlog, "refused_appends": el.refused, "last_error": el.last_error}
+                for el in (self.impressions, self.feedback)}
+        return {"ok": all(v["last_error"] is None for v in logs.values()), **logs}
+
     def close(self) -> None:
         self._stop.set()
         for el in (self.impressions, self.feedback):
-            el.close()
+            try:
+                el.close()
+            except Exception as e:  # the rows stay in the write-ahead segments: the next replica converts them
+                log.error("bundlerec: %s not converted at shutdown (kept in the write-ahead log): %s", el.kind, e)

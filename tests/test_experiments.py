@@ -38,7 +38,7 @@ def test_assignment_is_sticky_deterministic_and_follows_the_shares():
 
 def test_impression_ids_are_signed_and_any_replica_can_check_them():
     a, b = ImpressionSigner(b"k" * 32), ImpressionSigner(b"k" * 32)
-    iid, fields = a.issue("u1", "e1", "treatment", "3", "bundles")
+    iid, fields = a.issue("u1", "e1", "treatment", "3", "bundles", [["I1", "I2"], ["I3", "I4", "I5"]])
     assert b.check(iid) == fields and fields["a"] == "treatment" and fields["v"] == "3"
     payload, _, tag = iid.partition(".")
     forged = payload[:-2] + ("AA" if payload[-2:] != "AA" else "BB") + "." + tag
@@ -51,15 +51,57 @@ def test_impression_ids_are_signed_and_any_replica_can_check_them():
     for bad in (payload + ".é" + tag, payload + "." + tag[:-1] + "\u00e9", "\ud800." + tag, payload + ".\ud800"):
         with pytest.raises(ValueError):
             b.check(bad)
-    # the longest user id the API takes, in any script, gives an id POST /v1/feedback accepts
+    # the longest user id the API takes, in any script, with the most items an answer shows (100),
+    # gives an id POST /v1/feedback accepts
     from bundlerec.serving.schemas import FeedbackEvent, RecommendationRequest
 
     limit = RecommendationRequest.model_fields["user_id"].metadata
     longest = next(m.max_length for m in limit if hasattr(m, "max_length"))
     id_limit = next(m.max_length for m in FeedbackEvent.model_fields["impression_id"].metadata if hasattr(m, "max_length"))
     for ch in ("a", "\u4e2d", "\U0001f600"):
-        iid, fields = a.issue(ch * longest, "experiment-name", "treatment", "123", "recommendations")
+        iid, fields = a.issue(ch * longest, "experiment-name", "treatment", "123", "recommendations",
+                              [[f"I{j:07d}" for j in range(100)]])
         assert len(iid) <= id_limit and b.check(iid) == fields
+
+
+def test_feedback_must_match_what_the_answer_showed():
+    """Stateless checks any replica makes against the signed impression: the item was shown (its
+    keyed tag), bundle_accept names a bundle of a bundles answer with exactly its items, the time is
+    not before the answer, the answer is not expired, the price is within 10x the catalog's; an id
+    that does not say what was shown is refused."""
+    import base64
+
+    from bundlerec.serving.experiment import IMPRESSION_TTL_S, bound_feedback
+    from bundlerec.serving.schemas import FeedbackEvent
+
+    signer = ImpressionSigner(b"k" * 32)
+    rec_id, rec = signer.issue("u1", None, None, "3", "recommendations", [["I1", "I2", "I3"]])
+    bun_id, bun = signer.issue("u1", None, None, "3", "bundles", [["I1", "I2"], ["I3", "I4", "I5"]])
+    now = rec["t"] + 1_000_000
+
+    def ev(imp_id, **kw):
+        return FeedbackEvent(impression_id=imp_id, event_id="e1", **kw)
+
+    ok = [(rec, ev(rec_id, type="click", item_id="I2")), (bun, ev(bun_id, type="purchase", item_id="I4", price=12.0)),
+          (bun, ev(bun_id, type="bundle_accept", bundle_index=1, items=["I5", "I3", "I4"], price=25.0))]
+    for imp, e in ok:
+        assert bound_feedback(signer, imp, e, [10.0] * len(e.items or [e.item_id]), now) is None, e
+    bad = {"item_id": (rec, ev(rec_id, type="click", item_id="I9")),
+           "type": (rec, ev(rec_id, type="bundle_accept", bundle_index=0, items=["I1", "I2"], price=5.0)),
+           "bundle_index": (bun, ev(bun_id, type="bundle_accept", bundle_index=2, items=["I1", "I2"], price=5.0)),
+           "items": (bun, ev(bun_id, type="bundle_accept", bundle_index=0, items=["I1", "I3"], price=5.0)),
+           "price": (bun, ev(bun_id, type="purchase", item_id="I1", price=101.0)),
+           "event_time": (rec, ev(rec_id, type="click", item_id="I1", event_time="2020-01-01T00:00:00Z"))}
+    for field, (imp, e) in bad.items():
+        got = bound_feedback(signer, imp, e, [10.0] * len(e.items or [e.item_id]), now)
+        assert got is not None and got[0] == field, (field, got)
+    late = bound_feedback(signer, rec, ok[0][1], [10.0], rec["t"] + int((IMPRESSION_TTL_S + 60) * 1e6))
+    assert late[0] == "impression_id" and "days old" in late[1]
+    # an id without what was shown (the format before 2026-12-02), signed with the same key, is refused
+    old = {k: v for k, v in rec.items() if k not in ("s", "g")}
+    payload = base64.urlsafe_b64encode(json.dumps(old, separators=(",", ":"), sort_keys=True).encode()).rstrip(b"=").decode()
+    with pytest.raises(ValueError, match="older version"):
+        signer.check(f"{payload}.{signer._tag(payload)}")
 
 
 def test_a_malformed_experiment_tag_is_refused_with_the_reason():
@@ -446,6 +488,10 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         code, body = _post(f"{url}/v1/feedback", {"events": [ok, forged]}, token)
         assert code == 422 and body["detail"][0]["loc"] == ["body", "events", 1, "impression_id"], body
         assert _post(f"{url}/v1/feedback", {"events": [{**ok, "item_id": "no-such-item"}]}, token)[0] == 422
+        not_shown = next(x for x in pd.read_parquet(f"{good}/items.parquet").item_id.astype(str)
+                         if x not in {i["item_id"] for i in first["items"]})
+        code, body = _post(f"{url}/v1/feedback", {"events": [{**ok, "item_id": not_shown}]}, token)
+        assert code == 422 and body["detail"][0]["loc"] == ["body", "events", 0, "item_id"], body  # not shown
         assert _post(f"{url}/v1/feedback", {"events": [{**ok, "type": "bundle_accept"}]}, token)[0] == 422
         assert _post(f"{url}/v1/feedback", {"events": [ok]}, None)[0] == 401
         code, res = _post(f"{url}/v1/feedback", {"events": [ok, ok]}, token)  # ok was in the refused request

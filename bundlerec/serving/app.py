@@ -396,7 +396,8 @@ class BundlerecService:
     def _impression(self, m: Loaded, exp: Optional[str], arm: Optional[str], unit: str, new_session: Optional[str],
                     endpoint: str, items: list, bundles: list) -> dict:
         """Issue the answer's impression id and log what was shown (before the answer goes out)."""
-        iid, f = self.signer.issue(unit, exp, arm, m.info.version, endpoint)
+        shown = [items] if endpoint == "recommendations" else [[i["item_id"] for i in b["items"]] for b in bundles]
+        iid, f = self.signer.issue(unit, exp, arm, m.info.version, endpoint, shown)
         if self.log is not None:
             self._log_impression([{
                 "impression_id": iid, "event_time": f["t"], "experiment": exp, "arm": arm, "model_name": m.info.name,
@@ -501,6 +502,8 @@ class BundlerecService:
         written (422 names the first bad one); a repeated (impression_id, event_id) is counted once."""
         import time as _time
 
+        from bundlerec.serving.experiment import bound_feedback
+
         if self.log is None:
             raise HTTPException(503, "feedback is not recorded by this deployment (serve.event_log_dir is empty)")
         rec, now = self.current.rec, int(_time.time() * 1e6)
@@ -517,6 +520,10 @@ class BundlerecService:
                 field = "items" if e.type == "bundle_accept" else "item_id"
                 raise RequestValidationError([{"loc": ("body", "events", i, field), "type": "value_error",
                                                "msg": f"not in the catalog: {unknown[:5]}"}])
+            wrong = bound_feedback(self.signer, imp, e, [float(rec.prices[rec.item_pos[x]]) for x in items], now)
+            if wrong:  # feedback must match what the answer showed (items, endpoint, bundle, time, price)
+                raise RequestValidationError([{"loc": ("body", "events", i, wrong[0]), "type": "value_error",
+                                               "msg": wrong[1]}])
             key = f"{e.impression_id}|{e.event_id}"
             with self._seen_lock:
                 seen = key in self._seen or key in keys

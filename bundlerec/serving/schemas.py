@@ -240,7 +240,7 @@ class FeedbackEvent(BaseModel):
     """One thing a shopper did with what an answer showed."""
 
     model_config = ConfigDict(extra="forbid")
-    impression_id: str = Field(min_length=10, max_length=1024)
+    impression_id: str = Field(min_length=10, max_length=2048)  # binds up to 100 shown items (4 bytes each)
     event_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
                           description="the client's id of this event: a repeat is counted once")
     type: FeedbackType

@@ -44,6 +44,13 @@ def sha256_file(path: str, fs=None) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(root: str) -> str:
+    """SHA-256 of ``root``/MANIFEST.json. The manifest lists every file with its SHA-256, so this one
+    digest, pinned where the directory cannot be rewritten (the registry's version tag), names one
+    exact export: a re-sealed one (files changed and the manifest recomputed) has another digest."""
+    return sha256_file(os.path.join(root, MANIFEST))
+
+
 def _files(root: str) -> list[str]:
     """Relative paths of the content files under ``root`` (no dot-files or dot-folders, no manifest)."""
     out = []

@@ -169,7 +169,7 @@ def test_a_replica_started_while_the_registry_is_down_serves_the_last_good_copy(
     model_uri = f"models:/{name}@champion"
     first = load(model_uri, uri, user_key=key, store=store)
     assert first.info.version == "1" and first.source == "registry"
-    store.remember(model_uri, first.info.name, first.info.version, first.local)
+    store.remember(model_uri, first.info.name, first.info.version, first.local, first.digest)
     dead = f"http://127.0.0.1:{free_port()}"  # the registry is gone
     with pytest.raises(Exception):
         load(model_uri, dead, user_key=key)  # no local copy to fall back to: the error, not a guess
@@ -183,6 +183,43 @@ def test_a_replica_started_while_the_registry_is_down_serves_the_last_good_copy(
     with pytest.raises(Exception, match="popularity.npy"):
         load(model_uri, dead, user_key=key, store=store)
     assert store.last_good(model_uri) is None
+
+
+def test_a_tampered_registered_model_is_refused_before_any_of_its_code_runs(registered, tmp_path, tmp_path_factory):
+    """A replica (bundlerec.serving.app.load) reads only a registered version's export, and only once
+    its manifest's digest equals the one register() pinned in the version's tags: every Python file of
+    the stored model replaced by code that leaves a mark, then its export altered and re-sealed (the
+    manifest recomputed), is refused with the mark never made; a version without the pinned digest is
+    refused; the untouched version loads."""
+    from bundlerec.integrity import seal
+    from bundlerec.privacy import read_user_key
+    from bundlerec.registry.promotion import EXPORT_DIGEST_TAG, register
+    from bundlerec.serving.app import load
+
+    uri, client, cfg = registered["uri"], registered["client"], registered["cfg"]
+    key = read_user_key(cfg.serve.user_key_file)
+    name = "bundlerec-tamper"
+    v = register(registered["good_dir"], cfg.data.output_dir, uri, "registry-test", model_name=name,
+                 history_len=cfg.data.history_len)["version"]
+    assert load(f"models:/{name}/{v}", uri, user_key=key).info.version == v  # as registered: loads
+    model_id = client.get_model_version(name, v).source.rsplit("/", 1)[-1]
+    stored = list({p.resolve() for p in tmp_path_factory.getbasetemp().glob(f"mlflow*/artifacts/*/models/{model_id}/artifacts")})
+    assert len(stored) == 1, stored
+    mark = tmp_path / "code-ran"
+    py = [p for p in stored[0].rglob("*.py")]
+    assert py  # the model-from-code file and bundlerec's code logged beside it
+    for p in py:
+        p.write_text(f"open({str(mark)!r}, 'w').write('ran')\n")
+    export = next(stored[0].rglob("export/MANIFEST.json")).parent
+    open(export / "popularity.npy", "ab").write(b"x")
+    seal(str(export))  # re-sealed: the manifest agrees with the altered files
+    with pytest.raises(ValueError, match="not the one registered"):
+        load(f"models:/{name}/{v}", uri, user_key=key)
+    assert not mark.exists()  # not a line of the registry's code ran
+    client.delete_model_version_tag(name, v, EXPORT_DIGEST_TAG)
+    with pytest.raises(ValueError, match=EXPORT_DIGEST_TAG):
+        load(f"models:/{name}/{v}", uri, user_key=key)
+    assert not mark.exists()
 
 
 def test_pyfunc_loads_in_a_fresh_process_without_ray(registered):

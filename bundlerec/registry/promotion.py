@@ -114,13 +114,48 @@ def validation_data_id(prep_dir: str, history_len: Optional[int], metric: str = 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+EXPORT_DIGEST_TAG = "bundlerec.export_digest"
+"""Model-version tag: :func:`bundlerec.integrity.manifest_digest` of the registered export, written by
+:func:`register` (the training identity, the only one that may write the model's tags)."""
+
+
+def export_dir_of(model_dir: str) -> str:
+    """Where a downloaded registered model keeps the export (the pyfunc's ``export`` artifact)."""
+    return os.path.join(model_dir, "artifacts", "export")
+
+
+def load_verified(model_dir: str, pinned: Optional[str], user_key: Optional[bytes] = None):
+    """The :class:`~bundlerec.serving.recommender.Recommender` of a downloaded registered model, with
+    no code of the model run: only its export is read, and only after its manifest's digest equals
+    ``pinned`` (the version's :data:`EXPORT_DIGEST_TAG`), then every file against the manifest.
+    Raises ValueError for a version without a pinned digest or with another export than the one
+    registered (files changed and the manifest recomputed, or the manifest replaced)."""
+    from bundlerec.integrity import manifest_digest
+    from bundlerec.serving.recommender import Recommender
+
+    export = export_dir_of(model_dir)
+    if not pinned:
+        raise ValueError(f"{model_dir}: the version has no {EXPORT_DIGEST_TAG} tag (not registered by bundlerec's "
+                         "register, or before digests were pinned): re-register it")
+    try:
+        got = manifest_digest(export)
+    except OSError as e:
+        raise ValueError(f"{export}: no export manifest ({e})") from None
+    if got != pinned:
+        raise ValueError(f"{export}: the export is not the one registered (manifest digest {got[:12]}, "
+                         f"pinned {pinned[:12]})")
+    return Recommender.from_export(export, user_key)  # every file against the manifest
+
+
 def _score_on(client, model_name: str, mv, data_id: str, prep_dir: str, history_len: Optional[int],
               cache: dict, metric: str = "ndcg@10") -> float:
-    """A version's val ``metric`` on ``data_id``: its tag when it was scored on that data, else re-scored."""
+    """A version's val ``metric`` on ``data_id``: its tag when it was scored on that data, else re-scored
+    (its export loaded by :func:`load_verified`: no code from the registry runs here)."""
     if mv.tags.get("val_data") == data_id and score_tag(metric) in mv.tags:
         return float(mv.tags[score_tag(metric)])
     if mv.version not in cache:
-        rec = mlflow.pyfunc.load_model(f"models:/{model_name}/{mv.version}").unwrap_python_model().rec
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{mv.version}")
+        rec = load_verified(local, mv.tags.get(EXPORT_DIGEST_TAG))
         cache[mv.version] = SCORERS[metric](rec, prep_dir, history_len)
     return cache[mv.version]
 
@@ -216,6 +251,10 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
             registered_model_name=model_name, pip_requirements=_requirements())
         source_run = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)
+    from bundlerec.integrity import manifest_digest
+
+    # the export's digest pinned first: replicas load nothing else under this version
+    client.set_model_version_tag(model_name, version, EXPORT_DIGEST_TAG, manifest_digest(export_dir))
     # the evidence first (tags), then the alias: a racing registrant reads this score
     client.set_model_version_tag(model_name, version, "val_data", data_id)
     client.set_model_version_tag(model_name, version, score_tag(primary_metric), f"{cand_score:.6f}")

@@ -73,6 +73,7 @@ class Loaded:
     info: ModelInfo
     source: str = "registry"  # registry | local copy (registry unreachable) | export dir
     local: Optional[str] = None  # the verified local copy it was loaded from (ModelStore)
+    digest: Optional[str] = None  # the export's manifest digest pinned in the registry (checked at load)
 
 
 def _resolve(model_uri: str, tracking_uri: Optional[str]) -> tuple[str, Optional[str], Optional[str]]:
@@ -117,7 +118,9 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    source, local = "registry", None
+    from bundlerec.registry.promotion import EXPORT_DIGEST_TAG, load_verified
+
+    source, local, pinned = "registry", None, None
     try:
         uri, version, alias = _resolve(model_uri, tracking_uri)
     except Exception as e:
@@ -127,13 +130,23 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
         log.warning("bundlerec: registry unreachable (%s); serving the last good local copy, %s version %s",
                     e, kept["name"], kept["version"])
         uri, version, alias, local = f"models:/{kept['name']}/{kept['version']}", kept["version"], None, kept["path"]
-        source = "local copy (registry unreachable)"
-    if uri.startswith("models:/") or uri.startswith("runs:/"):
-        name = uri[len("models:/"):].split("/")[0] if uri.startswith("models:/") else "bundlerec"
-        if local is None:
-            local = store.fetch(uri, name, version) if store is not None and version and uri.startswith("models:/") else uri
-        try:
-            rec = mlflow.pyfunc.load_model(local).unwrap_python_model().rec  # verifies the export's manifest
+        source, pinned = "local copy (registry unreachable)", kept.get("digest")
+    if uri.startswith("runs:/"):
+        raise ValueError(f"{uri}: serve a registered version (models:/<name>/<version> or @<alias>): only those "
+                         "carry the pinned digest their export is checked against")
+    if uri.startswith("models:/"):
+        name = uri[len("models:/"):].split("/")[0]
+        if source == "registry":  # from the registry, written by the training identity at registration
+            from bundlerec.tracking import one_try
+
+            with one_try(10):
+                pinned = mlflow.MlflowClient(tracking_uri).get_model_version(name, version).tags.get(EXPORT_DIGEST_TAG)
+        fresh = local is None
+        if fresh:
+            local = (store.fetch(uri, name, version) if store is not None and version
+                     else mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        try:  # no code of the registered model runs: its export is read, after the pinned digest matches
+            rec = load_verified(local, pinned, user_key)
         except Exception:
             if store is not None and source.startswith("local copy"):
                 store.discard(local)  # a kept copy that no longer verifies is of no use to any replica
@@ -141,9 +154,8 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
             # node share the store, and another one may be reading that folder right now
             raise
         finally:
-            if store is not None and local != uri:
+            if store is not None and fresh:
                 store.release(local)  # loaded (or refused): this replica's pruning lease ends
-        rec.user_key = user_key
     else:
         from bundlerec.serving.recommender import Recommender
 
@@ -154,7 +166,7 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
     if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
         rec.configure_ann(**ann)
     canned_check(rec)
-    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source, local)
+    return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source, local, pinned)
 
 
 def _lower_this_threads_priority(nice: int = 19) -> None:
@@ -271,7 +283,7 @@ class BundlerecService:
 
     def _remember(self, m: Loaded) -> None:
         if self.store is not None and m.info.version and m.local and m.info.uri.startswith("models:/"):
-            self.store.remember(self.model_uri, m.info.name, m.info.version, m.local)
+            self.store.remember(self.model_uri, m.info.name, m.info.version, m.local, m.digest)
 
     def _refuse(self, version: Optional[str], e: Exception) -> None:
         from datetime import datetime, timezone
@@ -310,7 +322,7 @@ class BundlerecService:
             a = arms[version]
             new = Loaded(a.rec, a.info.model_copy(update={"alias": self.model_uri.rsplit("@", 1)[-1],
                                                             "uri": f"models:/{self.model_name}/{version}"}),
-                         a.source, a.local)
+                         a.source, a.local, a.digest)
         else:
             try:
                 new = load(self.model_uri, self.tracking_uri, self.ann, self.user_key, self.store)

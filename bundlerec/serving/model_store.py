@@ -112,13 +112,13 @@ class ModelStore:
     def _pointer(self, model_uri: str) -> str:
         return os.path.join(self.root, "last_good", hashlib.sha256(model_uri.encode()).hexdigest()[:16] + ".json")
 
-    def remember(self, model_uri: str, name: str, version: str, path: str) -> None:
-        """``path`` (version ``version``) loaded and answered: the one to fall back to; other copies of
-        the model are removed."""
+    def remember(self, model_uri: str, name: str, version: str, path: str, digest: Optional[str] = None) -> None:
+        """``path`` (version ``version``, its export's pinned manifest ``digest``) loaded and answered:
+        the one to fall back to, checked against that digest again; other copies of the model are removed."""
         tmp = self._pointer(model_uri) + f".{uuid.uuid4().hex[:8]}.tmp"
         with open(tmp, "w") as f:
             json.dump({"model_uri": model_uri, "name": name, "version": str(version),
-                       "folder": os.path.basename(path)}, f)
+                       "folder": os.path.basename(path), "digest": digest}, f)
         os.replace(tmp, self._pointer(model_uri))
         keep = {os.path.basename(path)} | {p.get("folder") for p in self._pointers() if p["name"] == name}
         d = os.path.join(self.root, name)

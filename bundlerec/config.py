@@ -414,6 +414,9 @@ class ServeConfig:
     """Require a bearer token on the API (the deploy stage writes a fresh one to token_file, mode 0600)."""
     token_file: str = "runs/demo/api_token"
     """Secret file with the accepted tokens, one per line (several = rotation)."""
+    admin_token_file: str = ""
+    """Secret file with the tokens of the explore routes (``/v1/explore/*``: any shopper's history);
+    "" = the API tokens open those too (one local user). Set it wherever the endpoint has clients."""
     user_key_file: str = "runs/demo/user_key"
     """Secret key that pseudonymizes user ids in exports (HMAC-SHA256; created 0600 on the first
     export); Serve replicas and the pyfunc ($BUNDLEREC_USER_KEY_FILE) read it to find histories."""
@@ -585,6 +588,8 @@ class PipelineConfig:
             self.tune.storage_path = fix(self.tune.storage_path)
             self.results_path = fix(self.results_path)
             self.serve.token_file = fix(self.serve.token_file)
+            if self.serve.admin_token_file:
+                self.serve.admin_token_file = fix(self.serve.admin_token_file)
             self.serve.user_key_file = fix(self.serve.user_key_file)
             if self.serve.event_log_dir:
                 self.serve.event_log_dir = fix(self.serve.event_log_dir)

@@ -192,10 +192,12 @@ def _the_rayservice_app_serves_the_champion(backends: dict, key: Path, tmp_path:
     conf = yaml.safe_load(service["spec"]["serveConfigV2"])
     app = conf["applications"][0]
     token = write_token_file(str(tmp_path / "api" / "tokens"))
+    admin = write_token_file(str(tmp_path / "admin" / "tokens"))
     args = app["args"]
-    assert set(args) >= {"model_uri", "tracking_uri", "auth_token_file", "user_key_file", "event_log_dir"}
+    assert set(args) >= {"model_uri", "tracking_uri", "auth_token_file", "admin_token_file", "user_key_file", "event_log_dir"}
     args.update({"model_uri": "models:/bundlerec-s3@champion", "tracking_uri": backends["mlflow"],
-                 "auth_token_file": str(tmp_path / "api" / "tokens"), "user_key_file": str(key),
+                 "auth_token_file": str(tmp_path / "api" / "tokens"), "admin_token_file": str(tmp_path / "admin" / "tokens"),
+                 "user_key_file": str(key),
                  "event_log_dir": f"s3://{backends['bucket']}/online", "model_cache_dir": str(tmp_path / "models")})
     args.pop("tracking_credentials_file")  # the local tracking server has no users
     from bundlerec.runtime import WORKER_ENV
@@ -216,5 +218,12 @@ def _the_rayservice_app_serves_the_champion(backends: dict, key: Path, tmp_path:
         assert len(r["items"]) == 3 and not r["cold_start"] and r["model"]["alias"] == "champion", r
         b = http_json(f"{base}/v1/bundles", {"user_id": user, "n": 1, "max_size": 3}, token=token)
         assert b["bundles"] and not b["cold_start"], b
+        # the explore routes (any shopper's history) take the admin Secret's tokens, not the API's
+        import urllib.error
+
+        assert http_json(f"{base}/v1/explore/users?n=2", token=admin)["users"]
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            http_json(f"{base}/v1/explore/users?n=2", token=token)
+        assert refused.value.code == 403
     finally:
         serve.shutdown()

@@ -103,7 +103,7 @@ def test_one_definition_of_serve_defaults():
     local = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"]
     assert {k: local[k] for k in defaults} == defaults
     kuberay = yaml.safe_load(yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"])
-    assert set(kuberay["applications"][0]["args"]) <= {"model_uri", "tracking_uri", "auth_token_file",
+    assert set(kuberay["applications"][0]["args"]) <= {"model_uri", "tracking_uri", "auth_token_file", "admin_token_file",
                                                      "tracking_credentials_file", "user_key_file", *defaults}
     with pytest.raises(ValueError, match="unknown Serve app args"):
         build_app({"model_uri": "x", "ann_min_item": 5})

@@ -3,7 +3,7 @@ renderer (no Ray): input that FastAPI's default renderer cannot echo (lone surro
 clean 422, never a 500."""
 
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
@@ -112,6 +112,55 @@ def test_unauthenticated_requests_are_answered_before_the_body_is_read(client, m
     ok = {"content-type": "application/json", "authorization": "Bearer s3cret-token-of-enough-length"}
     assert c.post("/v1/r", content=huge, headers=ok).status_code == 413
     assert c.post("/v1/r", content=b'{"user_id": "u"}', headers=ok).json() == {"ok": True}
+
+
+def test_the_explore_routes_take_admin_tokens_where_the_deployment_has_them(monkeypatch):
+    """/v1/explore/* reads any shopper's history: with an admin token file its tokens open those
+    routes and nothing else, and an API token is 403 there; without one the API tokens open them."""
+    from bundlerec.serving.app import api
+    from bundlerec.serving.auth import TokenAuth
+    from bundlerec.serving.guards import require_admin, require_token
+
+    monkeypatch.setenv("BUNDLEREC_API_TOKENS", "api-token-of-enough-length-1")
+    monkeypatch.setenv("BUNDLEREC_ADMIN_TOKENS", "admin-token-of-enough-length")
+    app = FastAPI()
+    app.middleware("http")(limit_body)
+
+    @app.post("/v1/r", dependencies=[Depends(require_token)])
+    def r(req: RecommendationRequest):
+        return {"ok": True}
+
+    @app.post("/v1/explore/history", dependencies=[Depends(require_admin)])
+    def history(req: RecommendationRequest):
+        return {"ok": True}
+
+    c = TestClient(app, raise_server_exceptions=False)
+    body = {"user_id": "u"}
+    use = lambda t: {"authorization": f"Bearer {t}"}  # noqa: E731
+    monkeypatch.setattr(guards.GUARDS, "auth", TokenAuth())
+    monkeypatch.setattr(guards.GUARDS, "admin", None)  # no admin tokens: the API tokens open everything
+    assert c.post("/v1/explore/history", json=body, headers=use("api-token-of-enough-length-1")).status_code == 200
+    monkeypatch.setattr(guards.GUARDS, "admin", TokenAuth(env_var="BUNDLEREC_ADMIN_TOKENS"))
+    assert c.post("/v1/explore/history", json=body, headers=use("api-token-of-enough-length-1")).status_code == 403
+    assert c.post("/v1/explore/history", json=body, headers=use("admin-token-of-enough-length")).status_code == 200
+    assert c.post("/v1/r", json=body, headers=use("admin-token-of-enough-length")).status_code == 403
+    assert c.post("/v1/r", json=body, headers=use("api-token-of-enough-length-1")).status_code == 200
+    # the service's own routes (Serve's ingress includes them as a router): every /v1/explore/ route,
+    # and only those, on the admin dependency
+    routes, todo = [], list(api.routes)
+    while todo:
+        rt = todo.pop()
+        if hasattr(rt, "dependant"):
+            routes.append(rt)
+        todo.extend(getattr(rt, "routes", None) or getattr(getattr(rt, "original_router", None), "routes", None) or [])
+    explore = [rt for rt in routes if rt.path.startswith("/v1/explore/")]
+    assert len(explore) == 3 and len([rt for rt in routes if rt.path.startswith("/v1/")]) >= 8
+    for rt in routes:
+        deps = {d.call for d in rt.dependant.dependencies}
+        if rt in explore:
+            assert require_admin in deps and require_token not in deps, rt.path
+        elif rt.path.startswith("/v1/"):
+            assert require_admin not in deps and require_token in deps, rt.path
 
 
 def _asgi_post(app, path: str, chunks: list, delay_s: float = 0.0, headers: tuple = ()) -> tuple:

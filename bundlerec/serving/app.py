@@ -37,7 +37,7 @@ from bundlerec.config import ServeConfig
 from bundlerec.serving.auth import TokenAuth
 from bundlerec.serving import guards  # a module reference: see the note in bundlerec/serving/guards.py
 from bundlerec.serving import metrics as serve_metrics  # a module reference: the replica sets METRICS
-from bundlerec.serving.guards import limit_body, require_token, validation_error
+from bundlerec.serving.guards import limit_body, require_admin, require_token, validation_error
 from bundlerec.serving.schemas import (
     feedback_links,
     ERROR_RESPONSES,
@@ -214,7 +214,7 @@ class BundlerecService:
                  model_cache_dir: Optional[str] = DEFAULTS.model_cache_dir,
                  max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles,
                  event_log_dir: str = DEFAULTS.event_log_dir, event_flush_s: float = DEFAULTS.event_flush_s,
-                 tracking_credentials_file: Optional[str] = None):
+                 tracking_credentials_file: Optional[str] = None, admin_token_file: Optional[str] = None):
         import hashlib
 
         import torch
@@ -230,9 +230,11 @@ class BundlerecService:
         # auth=True with no token configured fails the replica at start (a clear deploy error, never an open door)
         if auth or auth_token_file or os.environ.get("BUNDLEREC_API_TOKENS"):
             guards.GUARDS.auth = TokenAuth(auth_token_file)
+            # the explore routes (any shopper's history) take other tokens where the deployment has them
+            guards.GUARDS.admin = TokenAuth(admin_token_file, env_var="BUNDLEREC_ADMIN_TOKENS") if admin_token_file else None
             log.info("bundlerec: bearer-token authentication on (%d token(s))", len(guards.GUARDS.auth))
         else:
-            guards.GUARDS.auth = None
+            guards.GUARDS.auth = guards.GUARDS.admin = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
         serve_metrics.METRICS = serve_metrics.ServeMetrics(serve_metrics.api_paths(api))
@@ -598,13 +600,13 @@ class BundlerecService:
         return HTMLResponse(html, headers={"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
                                            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"})
 
-    @api.get("/v1/explore/users", response_model=UserSample, dependencies=[Depends(require_token)],
+    @api.get("/v1/explore/users", response_model=UserSample, dependencies=[Depends(require_admin)],
              responses=ERROR_RESPONSES)
     def explore_users(self, n: int = Query(10, ge=1, le=50)) -> UserSample:
         """Sample shoppers of the model's data snapshot (the explorer's picker)."""
         return UserSample(users=self.current.rec.sample_users(n))
 
-    @api.post("/v1/explore/history", response_model=HistoryResponse, dependencies=[Depends(require_token)],
+    @api.post("/v1/explore/history", response_model=HistoryResponse, dependencies=[Depends(require_admin)],
               responses=ERROR_RESPONSES)
     def explore_history(self, req: HistoryRequest) -> HistoryResponse:
         """The history the model reads for a user (what recommendations and bundles start from)."""
@@ -612,7 +614,7 @@ class BundlerecService:
         h = m.rec.history_for_user(req.user_id)
         return HistoryResponse(events=m.rec.describe_history(h), history_source=h.source, model=m.info)
 
-    @api.get("/v1/explore/items", response_model=ItemSearchResponse, dependencies=[Depends(require_token)],
+    @api.get("/v1/explore/items", response_model=ItemSearchResponse, dependencies=[Depends(require_admin)],
              responses=ERROR_RESPONSES)
     def explore_items(self, q: str = Query("", max_length=100), limit: int = Query(10, ge=1, le=50)) -> ItemSearchResponse:
         """Catalog items whose id or title contains ``q`` (the explorer's cart)."""
@@ -649,7 +651,7 @@ class BundlerecService:
 def build_app(args: dict) -> serve.Application:
     """Application builder for serve/config.yaml (``import_path: bundlerec.serving.app:build_app``);
     args not given take ServeConfig's defaults."""
-    known = {"model_uri", "tracking_uri", "auth_token_file", "user_key_file", "tracking_credentials_file",
+    known = {"model_uri", "tracking_uri", "auth_token_file", "admin_token_file", "user_key_file", "tracking_credentials_file",
              *DEFAULTS.app_args()}
     unknown = set(args) - known
     if unknown:

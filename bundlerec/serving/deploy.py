@@ -38,6 +38,8 @@ def serve_config(cfg: PipelineConfig, model_uri: Optional[str] = None, token_fil
         app["args"]["event_log_dir"] = absolute(app["args"]["event_log_dir"])
     if cfg.serve.auth:
         app["args"]["auth_token_file"] = os.path.abspath(token_file or cfg.serve.token_file)
+        if cfg.serve.admin_token_file:  # the explore routes' own tokens
+            app["args"]["admin_token_file"] = os.path.abspath(cfg.serve.admin_token_file)
     if cfg.serve.tracking_credentials_file:  # a read-only MLflow identity (basic-auth servers)
         app["args"]["tracking_credentials_file"] = os.path.abspath(cfg.serve.tracking_credentials_file)
     if os.path.exists(cfg.serve.user_key_file):  # histories are keyed by pseudonym (bundlerec.privacy)

@@ -35,6 +35,7 @@ class EndpointGuards:
 
     def __init__(self) -> None:
         self.auth: Optional[TokenAuth] = None
+        self.admin: Optional[TokenAuth] = None  # explore/admin tokens; None = the API tokens serve those routes too
         self.max_body_bytes: int = ServeConfig.max_body_bytes
         self.body_timeout_s: float = 10.0  # the whole body, from the first byte the middleware asks for
 
@@ -44,14 +45,32 @@ GUARDS = EndpointGuards()
 _bearer = HTTPBearer(auto_error=False, description="API token (serve args auth_token_file / $BUNDLEREC_API_TOKENS)")
 
 
-def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
-    """401 without a bearer token, 403 with a wrong one; a no-op when authentication is off."""
-    auth = GUARDS.auth
+ADMIN_PREFIX = "/v1/explore/"  # the routes that read any shopper's history: admin tokens when configured
+
+
+def _auth_for(path: str) -> Optional[TokenAuth]:
+    """The token set a path is checked against: the admin tokens for :data:`ADMIN_PREFIX` routes when
+    the deployment has them (``admin_token_file``), else the API tokens."""
+    return GUARDS.admin if GUARDS.admin is not None and path.startswith(ADMIN_PREFIX) else GUARDS.auth
+
+
+def _check(auth: Optional[TokenAuth], request: Request) -> None:
     if auth is None:
         return
     err = auth.check(request.headers.get("authorization"))
     if err:
         raise HTTPException(err[0], err[1], headers={"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+
+
+def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    """401 without a bearer token, 403 with a wrong one; a no-op when authentication is off."""
+    _check(GUARDS.auth, request)
+
+
+def require_admin(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    """The explore routes (any shopper's history): an admin token where the deployment has an admin
+    token file (an API token is then 403 there), else an API token."""
+    _check(GUARDS.admin if GUARDS.admin is not None else GUARDS.auth, request)
 
 
 MAX_JSON_DEPTH = 32  # the deepest request schema nests 4 levels
@@ -100,8 +119,9 @@ async def limit_body(request: Request, call_next):
             path = path[len(root):]
         if not path.startswith("/v1/"):  # no route outside /v1/ takes a body: not a byte is read
             return _error(405, "this route takes no request body", {"Connection": "close"})
-        if GUARDS.auth is not None:
-            err = GUARDS.auth.check(request.headers.get("authorization"))
+        auth = _auth_for(path)
+        if auth is not None:
+            err = auth.check(request.headers.get("authorization"))
             if err:
                 return _error(err[0], err[1], {"WWW-Authenticate": "Bearer", "Connection": "close"} if err[0] == 401
                               else {"Connection": "close"})

@@ -120,8 +120,20 @@ EXPORT_DIGEST_TAG = "bundlerec.export_digest"
 
 
 def export_dir_of(model_dir: str) -> str:
-    """Where a downloaded registered model keeps the export (the pyfunc's ``export`` artifact)."""
-    return os.path.join(model_dir, "artifacts", "export")
+    """Where a downloaded registered model keeps the export: the path of the pyfunc's ``export``
+    artifact in its MLmodel file (read as data), which must lie inside ``model_dir``."""
+    import yaml
+
+    try:
+        with open(os.path.join(model_dir, "MLmodel")) as f:
+            rel = yaml.safe_load(f)["flavors"]["python_function"]["artifacts"]["export"]["path"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise ValueError(f"{model_dir}: not a bundlerec model (its MLmodel names no export artifact: {e})") from None
+    root = os.path.realpath(model_dir)
+    path = os.path.realpath(os.path.join(root, str(rel)))
+    if not path.startswith(root + os.sep):
+        raise ValueError(f"{model_dir}: its MLmodel points the export outside the model ({rel})")
+    return path
 
 
 def load_verified(model_dir: str, pinned: Optional[str], user_key: Optional[bytes] = None):

@@ -6,6 +6,7 @@ Ray resource mistakes hang rather than fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -203,6 +204,20 @@ def tiny_model_dir(family: str, root) -> str:
         torch.manual_seed(0)
         AutoModel.from_config(conf).save_pretrained(out)
     return str(out)
+
+
+@contextlib.contextmanager
+def small_volume(path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "256m") mounted at ``path`` for the block: a real disk that can fill
+    up. Skipped where mounting is not allowed (needs root or CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def require_system_package(present: bool, package: str) -> None:

@@ -221,13 +221,9 @@ def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(
     LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves
     the segment clean; with space freed, appends go on; Parquet holds exactly the acknowledged rows."""
     from bundlerec.serving.event_log import LogUnavailable
+    from tests.conftest import small_volume
 
-    vol = tmp_path / "vol"
-    vol.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(vol)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
-    try:
+    with small_volume(tmp_path / "vol", "1m") as vol:
         el = EventLog(str(tmp_path), "impressions", str(vol), flush_rows=10_000_000)
         filler = vol / "filler"
         with open(filler, "wb") as f:
@@ -248,8 +244,6 @@ def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(
         el.close()
         ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
         assert sorted(ids) == sorted(f"i{k}" for k in acked)  # every acknowledged row, no refused one, none torn
-    finally:
-        subprocess.run(["umount", "-l", str(vol)], check=False)
 
 
 # ---------------------------------------------------------------- the report and the rule

@@ -273,19 +273,11 @@ def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
 
 @pytest.fixture
 def small_volume(tmp_path):
-    """A 256 MiB tmpfs mounted for the test (a disk that can fill up); skipped where mounting is not
-    allowed (needs root or CAP_SYS_ADMIN)."""
-    import subprocess
+    """A 256 MiB tmpfs mounted for the test (tests.conftest.small_volume)."""
+    from tests.conftest import small_volume as mount
 
-    vol = tmp_path / "vol"
-    vol.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(vol)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
-    try:
+    with mount(tmp_path / "vol", "256m") as vol:
         yield vol
-    finally:
-        subprocess.run(["umount", "-l", str(vol)], check=False)
 
 
 def test_a_full_disk_then_a_killed_driver_each_rerun_continues_the_run(tiny_trained, tmp_path, small_volume,

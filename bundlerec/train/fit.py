@@ -62,12 +62,12 @@ def fit(cfg: PipelineConfig, prep_dir: str, run_id: str | None = None, export_di
     # a resumed run whose Ray snapshot was torn (disk full) restarts from its newest intact checkpoint
     from bundlerec.train.checkpoints import recover_torn_snapshot
 
+    if item_groups is not None and len(item_groups) != n_items:
+        raise ValueError(f"item_groups has {len(item_groups)} labels for a catalog of {n_items} items")
     resume_from = recover_torn_snapshot(storage, run_name)
     inputs = LoopInputs(cfg=cfg, prep_dir=absolute(prep_dir), steps_per_epoch=steps, run_id=run_id,
                         popularity=popularity(load_split(prep_dir, "train"), n_items).tolist(), resume_from=resume_from,
                         item_groups=list(item_groups) if item_groups is not None else None)
-    if item_groups is not None and len(item_groups) != n_items:
-        raise ValueError(f"item_groups has {len(item_groups)} labels for a catalog of {n_items} items")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},  # Ray Train wants a dict; the worker gets the typed config

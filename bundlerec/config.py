@@ -67,7 +67,7 @@ class DataConfig:
     """clickstream: an event log (``events``, ``catalog``) through prep. bundlerec_intent: a directory of
     that format (``events`` names it; annotated bundles, sessions, intents): the two-tower trains on
     bundle completion and every engine parameter is chosen on validation users carved from it
-    (:mod:`bundlerec.bundles.evaluate`, the same code as ``jobs.eval_bundles``)."""
+    (:mod:`bundlerec.eval.bundles`, the same code as ``jobs.eval_bundles``)."""
     eval_dir: Optional[str] = None
     """bundlerec_intent: the evaluation directory (same format; never used for any choice). None: the
     users of ``events`` in ``eval_fold`` (``jobs.split_intent``'s rule) are held out for evaluation."""
@@ -332,7 +332,7 @@ class EvalConfig:
     """Examples scored per batch."""
     baselines: list = field(default_factory=lambda: ["popular", "itemknn", "zeroshot"])
     """Baselines run by the same code on the same split: popular, itemknn, zeroshot, recent, lexical
-    (TF-IDF of the history's item texts), sasrec (bundlerec.eval.sasrec, trained on the same split)."""
+    (TF-IDF of the history's item texts), sasrec (bundlerec.model.sasrec, trained on the same split)."""
 
     def __post_init__(self) -> None:
         _check(all(int(k) > 0 for k in self.ks), "eval.ks must be positive")
@@ -353,7 +353,7 @@ class MlflowConfig:
     primary_metric: str = "ndcg@10"
     """What the registry gate compares champion and candidate on, both re-scored on this prep's val
     split: ``ndcg@10`` (the served recommendations) or ``bundle_f1`` (personalized generation as
-    /v1/bundles serves it, on the val baskets: bundlerec.engine_fit) for clickstream data;
+    /v1/bundles serves it, on the val baskets: bundlerec.eval.engine_fit) for clickstream data;
     ``completion_recall@10`` (``/v1/bundles/complete`` on the validation bundles) for bundle data
     (``data.source: bundlerec_intent``)."""
 
@@ -463,12 +463,12 @@ class ServeConfig:
 
 ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impression", "bundle_take_rate",
                   "realized_discount")
-"""Per-arm metrics of an online experiment (bundlerec.eval.online)."""
+"""Per-arm metrics of an online experiment (bundlerec.experiments.analysis)."""
 
 
 @dataclass
 class PromotionRule:
-    """When an online experiment moves ``champion`` (bundlerec.registry.experiment.decide)."""
+    """When an online experiment moves ``champion`` (bundlerec.experiments.lifecycle.decide)."""
 
     metric: str = "revenue_per_impression"
     """The primary metric the challenger must improve."""

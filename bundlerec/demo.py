@@ -19,7 +19,7 @@ def sample_request(cfg: PipelineConfig, k: int = 5) -> dict:
 
 def try_endpoint(cfg: PipelineConfig, serve_url: str, token: Optional[str]) -> dict:
     """POST /v1/recommendations and /v1/bundles for a real user; print both; return the summary keys."""
-    from bundlerec.serving.deploy import http_json
+    from bundlerec.client import http_json
     from bundlerec.privacy import redact
 
     body = sample_request(cfg)
@@ -43,7 +43,7 @@ def try_bundle_endpoint(eval_dir: str, serve_url: str, token: Optional[str]) -> 
     first annotated bundle as purchase events -> POST /v1/bundles, and its first item ->
     POST /v1/bundles/complete; both printed; returns the summary keys."""
     from bundlerec.bundles.intent import load
-    from bundlerec.serving.deploy import http_json
+    from bundlerec.client import http_json
 
     domain = next(iter(load(eval_dir).values()))
     first = domain.bundles.sort_values("bundle_id").iloc[0]

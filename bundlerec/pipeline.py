@@ -41,23 +41,36 @@ def require_prep(cfg: PipelineConfig) -> dict:
 
 
 def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
-    """The fitted bundle-pricing model goes into the export that will be registered and served."""
-    from bundlerec.bundles.pricing import attach_to_export
+    """The price stage: the bundle-pricing model fitted on ``cfg.pricing.data_dir`` (Steam bundles
+    format), cross-validated there (:func:`bundlerec.eval.pricing.evaluate_pricing`), and saved into
+    the export that will be registered and served (verified before, re-sealed after). With no data
+    the export keeps no model and serving says price_source "default"."""
+    if not cfg.pricing.data_dir:
+        return {"source": "default"}
+    from bundlerec.eval.pricing import evaluate_pricing
+    from bundlerec.integrity import amend
+    from bundlerec.pricing.steam import fit_steam
 
-    info = attach_to_export(export_dir, cfg.pricing.data_dir, cfg.pricing.s)
-    if info["source"] == "fitted":
-        log.info("pricing: fitted on %d Steam bundles, cv discount MAE %.4f (median baseline %.4f)",
-                 info["n_bundles"], info["cv_discount_mae"], info["cv_discount_mae_median_baseline"])
+    data_dir, s = cfg.pricing.data_dir, cfg.pricing.s
+    cv = evaluate_pricing(data_dir, s=s, robustness=False)
+    model, meta = fit_steam(data_dir, s=s)
+    meta.update({"cv_folds": cv["folds"], "cv_discount_mae": cv["discount_mae"]["bundlerec"],
+                 "cv_discount_mae_median_baseline": cv["discount_mae"]["median"]})
+    with amend(export_dir, "export"):
+        model.save(export_dir, meta)
+    info = {"source": "fitted", **meta}
+    log.info("pricing: fitted on %d Steam bundles, cv discount MAE %.4f (median baseline %.4f)",
+             info["n_bundles"], info["cv_discount_mae"], info["cv_discount_mae_median_baseline"])
     return info
 
 
 def fit_engine_stage(cfg: PipelineConfig, export_dir: str, run_id: str) -> dict:
     """The fit step: the served engine's parameters chosen on the prep's validation baskets
-    (:mod:`bundlerec.engine_fit`), written into the local export ``export_dir`` (re-sealed), the
+    (:mod:`bundlerec.eval.engine_fit`), written into the local export ``export_dir`` (re-sealed), the
     selection record logged to the MLflow run (``fit/selection.json``, metrics ``fit/*``)."""
     import mlflow
 
-    from bundlerec.engine_fit import fit_engine
+    from bundlerec.eval.engine_fit import fit_engine
 
     t = time.time()
     with integrity.amend(export_dir, "export"):
@@ -117,11 +130,11 @@ def evaluate_and_log(cfg: PipelineConfig, export_dir: str, run_id: str, extra: d
 
 def log_generation(cfg: PipelineConfig, export_dir: str, run_id: str) -> dict:
     """Personalized generation on the test baskets as ``/v1/bundles`` serves it, against the
-    baselines (:func:`bundlerec.engine_fit.evaluate_generation`): printed, in the MLflow run
+    baselines (:func:`bundlerec.eval.engine_fit.evaluate_generation`): printed, in the MLflow run
     (``bundles/generation.json``, metrics ``test_bundles/<method>/<metric>``)."""
     import mlflow
 
-    from bundlerec.engine_fit import evaluate_generation
+    from bundlerec.eval.engine_fit import evaluate_generation
 
     res = evaluate_generation(export_dir, cfg.data.output_dir, "test", cfg.train.seed)
     if not res.get("baskets"):
@@ -273,7 +286,7 @@ def run_bundle_prep(cfg: PipelineConfig) -> dict:
     """The prep of a bundlerec_intent source: both directories read and checked (the format's
     tables, every bundle's items in the catalog), the evaluation users split off when no
     ``data.eval_dir`` is given. The bundle-completion examples are written by the train stage, from
-    the fit users only (:func:`bundlerec.bundles.evaluate.prepare_export`)."""
+    the fit users only (:func:`bundlerec.eval.bundles.prepare_export`)."""
     from bundlerec.bundles.intent import load, split_by_user
 
     if not os.path.isdir(cfg.data.events):
@@ -296,9 +309,10 @@ def run_bundle_train_stage(cfg: PipelineConfig) -> dict:
     """Train, fit and evaluate on a bundlerec_intent source as one MLflow run: the two-tower trains on
     the fit users' bundles, every engine parameter is chosen on validation users carved from the
     training directory, the export's engine is scored on the evaluation directory against every
-    baseline (:func:`bundlerec.bundles.evaluate.evaluate_bundles`, what ``jobs.eval_bundles`` runs),
+    baseline (:func:`bundlerec.eval.bundles.evaluate_bundles`, what ``jobs.eval_bundles`` runs),
     the pricing model attached; returns (and writes) results.json."""
-    from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, print_table
+    from bundlerec.eval.bundle_report import headline_metrics, markdown, print_table
+    from bundlerec.eval.bundles import evaluate_bundles
     from bundlerec.tracking import RunLogger, TrackingError, check_server, start_run
 
     train_dir, eval_dir = bundle_dirs(cfg)

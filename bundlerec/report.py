@@ -4,7 +4,7 @@ rather look than read.
 * ``curves.png``      -- training loss (per logged step and per epoch) and validation NDCG/Recall@10;
 * ``comparison.png``  -- the model against every baseline on the test split, 95 % bootstrap intervals;
 * ``examples.html``   -- a few test users: their history, the recommended items and the priced bundles,
-  computed by :class:`bundlerec.serving.recommender.Recommender` (the code the endpoint runs);
+  computed by :class:`bundlerec.inference.recommender.Recommender` (the code the endpoint runs);
 * ``report.html``     -- all of it in one self-contained page (images inlined), what to open first.
 
 User ids never appear in clear (short digests, as in the logs).
@@ -24,7 +24,7 @@ from bundlerec.privacy import hash_id
 def example_users(export_dir: str, user_ids: list[str], user_key: Optional[bytes], n_bundles: int = 2,
                   k: int = 5) -> list[dict]:
     """History -> recommendations -> bundles for each user, from the export as the endpoint serves it."""
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     rec = Recommender.from_export(export_dir, user_key)
     out = []

@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.evaluate import evaluate_bundles, headline_metrics, markdown, print_table, summarize_folds
+from bundlerec.eval.bundle_report import headline_metrics, markdown, print_table, summarize_folds
+from bundlerec.eval.bundles import evaluate_bundles
 from bundlerec.bundles.intent import split_by_user
 from bundlerec.config import load_config
 from bundlerec.runtime import check_versions, init_ray, setup_env

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from bundlerec.bundles.pricing import evaluate_pricing
+from bundlerec.eval.pricing import evaluate_pricing
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     import mlflow
 
     from bundlerec.cli import parse_with
-    from bundlerec.registry import experiment
+    from bundlerec.experiments import lifecycle
     from bundlerec.runtime import setup_env
 
     setup_env()
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> dict:
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     name = cfg.serve.model_name
     if args.action == "start":
-        out = {"started": experiment.start(client, name, cfg.experiment)}
+        out = {"started": lifecycle.start(client, name, cfg.experiment)}
     elif args.action == "stop":
-        out = {"stopped": experiment.stop(client, name)}
+        out = {"stopped": lifecycle.stop(client, name)}
     else:
-        out = {"running": experiment.read(client, name)}
+        out = {"running": lifecycle.read(client, name)}
     print(json.dumps(out, indent=2))
     return out
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_with(argv, __doc__, lambda p: p.add_argument(
         "--promote", action="store_true", help="apply experiment.promotion and move champion if it holds"))
     init_ray()
-    from bundlerec.registry.experiment import run_report
+    from bundlerec.experiments.lifecycle import run_report
 
     out = run_report(cfg, promote_now=args.promote)
     print(json.dumps({k: out[k] for k in ("summary", "decision", "promotion", "report_path") if k in out}, indent=2))

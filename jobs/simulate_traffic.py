@@ -15,7 +15,7 @@ import json
 
 def main(argv: list[str] | None = None) -> dict:
     from bundlerec.cli import parse_with
-    from bundlerec.eval.simulator import simulate
+    from bundlerec.experiments.simulator import simulate
     from bundlerec.runtime import setup_env
     from bundlerec.serving.deploy import read_token
 
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[simulate] {done}/{total} {what}" + (f", {s:.0f}s" if s else ""), flush=True)
 
     if args.aa_runs:
-        from bundlerec.registry.experiment import aa_false_positives
+        from bundlerec.experiments.lifecycle import aa_false_positives
         from bundlerec.runtime import init_ray
 
         init_ray()  # the reports read the logs with Ray Data

@@ -157,7 +157,7 @@ def tiny_encoder() -> str:
         import torch
         from transformers import AutoConfig, AutoModel
 
-        from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
+        from bundlerec.hub import load_tokenizer, resolve_model_path
 
         base = resolve_model_path("all-MiniLM-L6-v2")
         conf = AutoConfig.from_pretrained(base)
@@ -190,7 +190,7 @@ def tiny_model_dir(family: str, root) -> str:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
 
     out = root / family
     if not (out / "config.json").exists():

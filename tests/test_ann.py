@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from bundlerec.serving.ann import IVFIndex, recall_vs_exact
+from bundlerec.inference.ann import IVFIndex, recall_vs_exact
 
 
 @pytest.fixture
 def tiny_export_recommender(tiny_trained):
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     _, out, _ = tiny_trained
     return Recommender.from_export(out["export_dir"])

@@ -157,7 +157,7 @@ def test_mlflow_basic_auth_only_the_training_identity_writes_the_registry(tmp_pa
     from mlflow.exceptions import MlflowException
 
     from bundlerec.config import ExperimentConfig
-    from bundlerec.registry import experiment
+    from bundlerec.experiments import lifecycle
     from bundlerec.registry.promotion import set_alias
     from bundlerec.serving.app import _resolve
     from bundlerec.tracking import TrackingError, check_server, read_env_file, setup_basic_auth
@@ -196,15 +196,15 @@ def test_mlflow_basic_auth_only_the_training_identity_writes_the_registry(tmp_pa
         trainer.create_registered_model("bundlerec")
         v = trainer.create_model_version("bundlerec", f"runs:/{run.info.run_id}/model", run.info.run_id).version
         set_alias(trainer, "bundlerec", "champion", v)
-        experiment.start(trainer, "bundlerec", ExperimentConfig(arms={"control": "champion", "treatment": "1"}))
+        lifecycle.start(trainer, "bundlerec", ExperimentConfig(arms={"control": "champion", "treatment": "1"}))
 
         serving = as_identity("serving")
         check_server(uri)  # reading is allowed
         assert _resolve("models:/bundlerec@champion", uri)[1] == v  # what a replica does
-        assert experiment.read(serving, "bundlerec")["name"] == "exp-1"
+        assert lifecycle.read(serving, "bundlerec")["name"] == "exp-1"
         for write in (lambda: set_alias(serving, "bundlerec", "champion", v),
                       lambda: serving.create_model_version("bundlerec", f"runs:/{run.info.run_id}/model", run.info.run_id),
-                      lambda: experiment.stop(serving, "bundlerec"),
+                      lambda: lifecycle.stop(serving, "bundlerec"),
                       lambda: serving.set_model_version_tag("bundlerec", v, "promotion", "{}")):
             with pytest.raises(MlflowException, match="403"):
                 write()

@@ -17,14 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, STEAM, free_port, require_system_package, require_job_agent
+from tests.conftest import ROOT, free_port, require_job_agent, require_system_package, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-# the RayJob's sizes shrunk to tiny.yaml's (a 2-core box); everything else is the entrypoint's own
+# the RayJob's sizes shrunk to tiny.yaml's (a 2-core box) and the tiny random-init encoder in place of
+# MiniLM (the subject here is the stores, not the weights: MiniLM's ZeRO checkpoints are 345 MB of
+# uploads to the local S3 server); everything else is the entrypoint's own
 SMALL = ["data.synthetic.n_users=300", "data.synthetic.n_items=120", "data.synthetic.n_events=6000",
          "data.synthetic.n_bundles=40", "data.history_len=6", "data.item_max_tokens=24", "data.num_shards=2",
-         "model.freeze_layers=3", "model.sampled_negatives=8", "train.epochs=1", "train.max_steps_per_epoch=4",
+         "model.sampled_negatives=8", "train.epochs=1", "train.max_steps_per_epoch=4",
          "train.micro_batch=8"]
 
 
@@ -106,7 +108,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
     renv.write_text(yaml.safe_dump({"working_dir": str(tree), "env_vars": env_vars}))
     prefix = f"s3://{bucket}/run"
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster,
-           "--runtime-env", str(renv), "--", *entry, *SMALL, "mlflow.experiment=backends", "serve.model_name=bundlerec-s3"]
+           "--runtime-env", str(renv), "--", *entry, *SMALL, *tiny_overrides(), "mlflow.experiment=backends", "serve.model_name=bundlerec-s3"]
     for attempt in range(12):  # the dashboard's job agent can still be starting on a loaded box
         r = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
         if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
@@ -157,7 +159,7 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
              f"results_path={prefix}/results.json", f"tune.storage_path={prefix}/tune",
              f"mlflow.tracking_uri={backends['mlflow']}", "mlflow.experiment=backends", "serve.model_name=bundlerec-s3",
              "train.epochs=1", f"serve.user_key_file={key}", "stages=[tune,register]", "tune.num_samples=1",
-             f"pricing.data_dir={STEAM}"]
+             *tiny_overrides()]
     r = subprocess.run(sweep, cwd=ROOT, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=840)
     (tmp_path / "sweep.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
@@ -185,7 +187,8 @@ def _the_rayservice_app_serves_the_champion(backends: dict, key: Path, tmp_path:
 
     from bundlerec.data.examples import load_split
     from bundlerec.serving.auth import write_token_file
-    from bundlerec.serving.deploy import http_json, wait_ready
+    from bundlerec.client import http_json
+    from bundlerec.serving.deploy import wait_ready
     from tests.conftest import free_port
 
     service = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())

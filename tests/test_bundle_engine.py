@@ -8,13 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bundlerec.bundles import evaluate as E
 from bundlerec.bundles.engine import BundleEngine, EngineParams
 from bundlerec.bundles.intent import Domain, category_and_brand
 from bundlerec.model.lexical import Lexical
-from bundlerec.bundles.pricing import PricingModel
+from bundlerec.pricing.demand import PricingModel
 from bundlerec.data.schema import item_text
 from bundlerec.data.statistics import CoStats
+from bundlerec.eval.bundle_data import carve_validation
+from bundlerec.eval.bundle_report import markdown, summarize_folds
+from bundlerec.eval.bundle_scoring import f1_ci, f1_of
+from bundlerec.eval.bundle_select import FUSION_CHANNELS, fusion_grid
+from bundlerec.metrics import bootstrap_ci, paired_lift
 
 from tests.conftest import INTENT
 
@@ -137,33 +141,33 @@ def _domain(n_users=200, seed=0):
 
 
 def test_validation_is_carved_by_user_and_deterministic():
-    fit, val = E.carve_validation({"d": _domain()}, seed=0)
+    fit, val = carve_validation({"d": _domain()}, seed=0)
     fu, vu = set(fit["d"].bundles.user_id), set(val["d"].bundles.user_id)
     assert not fu & vu and len(fu | vu) == 200 and 8 <= len(vu) <= 40
     assert not set(fit["d"].sessions.session_id) & set(val["d"].sessions.session_id)
-    assert set(E.carve_validation({"d": _domain()}, seed=0)[1]["d"].bundles.user_id) == vu
-    assert set(E.carve_validation({"d": _domain()}, seed=1)[1]["d"].bundles.user_id) != vu
+    assert set(carve_validation({"d": _domain()}, seed=0)[1]["d"].bundles.user_id) == vu
+    assert set(carve_validation({"d": _domain()}, seed=1)[1]["d"].bundles.user_id) != vu
 
 
 def test_intervals_cover_the_truth_and_a_paired_lift_of_equal_methods_is_zero():
     rng = np.random.default_rng(0)
     v = rng.binomial(1, 0.3, size=400).astype(float)
-    lo, hi = E.bootstrap_mean_ci(v)
+    lo, hi = bootstrap_ci(v)
     assert lo < v.mean() < hi and hi - lo < 0.12
-    same = E.paired_lift(v, v)
+    same = paired_lift(v, v)
     assert same["lift"] == 0 and same["ci"] == [0.0, 0.0]
-    better = E.paired_lift(np.clip(v + rng.binomial(1, 0.2, 400), 0, 1), v)
+    better = paired_lift(np.clip(v + rng.binomial(1, 0.2, 400), 0, 1), v)
     assert better["ci"][0] > 0
     tr = np.array([[1.0, 1, 1]] * 50 + [[0.0, 1, 1]] * 50)
-    f1 = E.f1_of(tr)
-    lo, hi = E.f1_ci(tr)
+    f1 = f1_of(tr)
+    lo, hi = f1_ci(tr)
     assert f1 == 0.5 and lo < 0.5 < hi
 
 
 def test_fusion_grid_is_the_simplex_and_includes_every_pure_channel():
-    grid = E.fusion_grid()
+    grid = fusion_grid()
     assert all(abs(sum(w.values()) - 1) < 1e-9 for w in grid) and len(grid) == 15
-    for ch in E.FUSION_CHANNELS:
+    for ch in FUSION_CHANNELS:
         assert {ch: 1.0} in grid
 
 
@@ -183,10 +187,10 @@ def test_fold_summary_means_and_sds_and_markdown():
                 "generation": {"food": {"bundlerec": {"f1": 0.6}}},
                 "lift": {"food": {"vs": "lexical", "recall@10": {"lift": lift, "ci": [lift - 0.1, lift + 0.1]}}}}
 
-    sm = E.summarize_folds({1: fold(0.3, 0.5), 2: fold(0.5, 1.5)})
+    sm = summarize_folds({1: fold(0.3, 0.5), 2: fold(0.5, 1.5)})
     assert sm["completion"]["food"]["bundlerec"]["recall@10"] == {"mean": 0.4, "sd": pytest.approx(0.1414, abs=1e-4)}
     assert sm["lift"]["food"]["mean"] == 1.0 and sm["folds"] == [1, 2]
-    md = E.markdown({"summary": sm})
+    md = markdown({"summary": sm})
     assert "| bundlerec | 0.4000 ± 0.1414 |" in md and "+150.0% [+140.0%, +160.0%] vs lexical" in md
 
 
@@ -250,7 +254,7 @@ def test_rerank_without_a_reranker_in_the_export_is_refused(tmp_path):
 
 def test_served_prices_respect_the_shops_limits_with_catalog_costs():
     from bundlerec.bundles.generate import BundleConstraints
-    from bundlerec.bundles.pricing import PriceLimits
+    from bundlerec.pricing.demand import PriceLimits
 
     items = _items().assign(price=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0])
     items["cost"] = items.price * 0.5
@@ -303,7 +307,7 @@ def test_the_leak_gate_its_control_row_and_the_rerankers_pool():
     """The leak gate's figures of a method (top-10 share of items seen in training, recall on seen and
     unseen targets), the control row that ranks every seen item last, and the re-ranker's pool recall
     (all targets inside a pool as large as the catalog)."""
-    from bundlerec.bundles.evaluate import SeenPenalty, leak_gate, pool_recall, split_recall
+    from bundlerec.eval.bundle_scoring import SeenPenalty, leak_gate, pool_recall, split_recall
     from bundlerec.bundles.rerank import CategoryStats, Reranker
 
     eng, pos, rng = _transition_engine()

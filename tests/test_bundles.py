@@ -12,16 +12,9 @@ from bundlerec.bundles.compat import Compatibility
 from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
 from bundlerec.bundles.matching import match, prf
-from bundlerec.bundles.pricing import (
-    BUNDLE_FEATURES,
-    CONTEXT_FEATURES,
-    FEATURES,
-    NoFeasiblePrice,
-    PricingContext,
-    PricingModel,
-    bundle_features,
-    evaluate_pricing,
-)
+from bundlerec.eval.pricing import evaluate_pricing
+from bundlerec.pricing.demand import NoFeasiblePrice, PricingModel
+from bundlerec.pricing.features import BUNDLE_FEATURES, CONTEXT_FEATURES, FEATURES, PricingContext, bundle_features
 from bundlerec.data.statistics import cooccurrence_counts, item_counts
 
 from tests.conftest import STEAM
@@ -169,11 +162,12 @@ def test_pricing_beats_the_median_on_real_steam_bundles():
 def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     """The export carries the fitted model as JSON + skops (no pickle), with its fit metadata; the
     loaded model prices exactly as the fitted one, and prices depend on what is in the bundle."""
-    from bundlerec.bundles.pricing import attach_to_export
+    from bundlerec.config import PipelineConfig, PricingConfig
+    from bundlerec.pipeline import attach_pricing
     from bundlerec.integrity import seal, verify
 
     seal(str(tmp_path))  # an (empty) committed export: attaching verifies it first, then re-seals
-    info = attach_to_export(str(tmp_path), STEAM)
+    info = attach_pricing(PipelineConfig(pricing=PricingConfig(data_dir=STEAM)), str(tmp_path))
     assert verify(str(tmp_path)) == (True, "ok")
     assert info["source"] == "fitted" and info["n_bundles"] > 500
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "pricing.skops").exists()
@@ -243,9 +237,10 @@ def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
     """The price grid is evaluated with one pricing-model call for all bundles of an answer (the
     location mu does not depend on the price asked); the chosen price is the argmax of the
     objective computed point by point with the scalar model, and price_many equals price."""
-    from bundlerec.bundles.pricing import PricingContext, fit_steam
+    from bundlerec.pricing.features import PricingContext
+    from bundlerec.pricing.steam import fit_steam
 
-    model, _ = fit_steam(STEAM, folds=2)
+    model, _ = fit_steam(STEAM)
     rng = np.random.default_rng(1)
     specs = [dict(item_prices=rng.uniform(0.5, 40, rng.integers(1, 6)).round(2).tolist()) for _ in range(12)]
     specs[0]["costs"] = [p * 0.5 for p in specs[0]["item_prices"]]

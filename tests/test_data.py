@@ -12,7 +12,7 @@ from bundlerec.data.schema import SchemaError
 from bundlerec.data.sessionize import build_examples
 from bundlerec.data.synthetic import generate
 from bundlerec.data.validate import REASON_COL, normalize_events
-from bundlerec.eval.metrics import MetricAccumulator, batch_metrics, pad_targets
+from bundlerec.metrics import MetricAccumulator, batch_metrics, pad_targets
 
 CATALOG = pd.Index(["a", "b", "c"])
 

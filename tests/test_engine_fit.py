@@ -1,4 +1,4 @@
-"""The pipeline's fit step (bundlerec.engine_fit): the served engine's parameters chosen on
+"""The pipeline's fit step (bundlerec.eval.engine_fit): the served engine's parameters chosen on
 validation baskets, and personalized generation measured as /v1/bundles answers."""
 
 import json
@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from bundlerec.engine_fit import BasketQuery, generation_values, summarize
+from bundlerec.eval.engine_fit import BasketQuery, generation_values, summarize
 
 
 def _q(basket):
@@ -33,9 +33,9 @@ def test_generation_metrics_count_containment_coverage_and_best_jaccard():
 @pytest.mark.timeout(600)
 def test_fit_chooses_the_engine_on_validation_baskets_and_the_export_serves_it(tiny_trained, tmp_path):
     from bundlerec.bundles.engine import EngineParams
-    from bundlerec.engine_fit import basket_queries, evaluate_generation, fit_engine, served_bundles
+    from bundlerec.eval.engine_fit import basket_queries, evaluate_generation, fit_engine, served_bundles
     from bundlerec.integrity import amend
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     cfg, trained, _ = tiny_trained
     export = str(tmp_path / "export")

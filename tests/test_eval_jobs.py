@@ -92,9 +92,10 @@ def test_the_bundle_pipeline_serves_what_its_evaluation_scored(bundle_pipeline, 
     from dataclasses import replace
 
     from bundlerec.bundles.engine import top_k
-    from bundlerec.bundles.evaluate import completion_queries, personal_bundles, personal_queries
+    from bundlerec.eval.bundle_data import completion_queries, personal_queries
+    from bundlerec.eval.bundle_scoring import personal_bundles
     from bundlerec.bundles.intent import load
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     summary, results = bundle_pipeline["summary"], bundle_pipeline["results"]
     res = results["bundles_eval"]
@@ -252,9 +253,9 @@ def _check_bundle_evaluation(res: dict, eval_dir: str) -> None:
     assert res["engine_params"]["intent_history"] == json.loads(max(ih["val_f1"], key=ih["val_f1"].get))
 
     # evaluated as served: the serving object's completion reproduces the evaluation's figure
-    from bundlerec.bundles.evaluate import completion_queries
+    from bundlerec.eval.bundle_data import completion_queries
     from bundlerec.bundles.intent import load
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     rec = Recommender.from_export(export)
     d = load(eval_dir)["food"]

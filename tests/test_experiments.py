@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from bundlerec.config import ExperimentConfig, PromotionRule
-from bundlerec.eval import online
-from bundlerec.registry.experiment import decide, spec_of
-from bundlerec.serving.event_log import EventLog, OnlineLog, wal_dir_for
-from bundlerec.serving.experiment import ImpressionSigner, assign, bucket
+from bundlerec.experiments import analysis
+from bundlerec.experiments.lifecycle import decide, spec_of
+from bundlerec.experiments.event_log import EventLog, OnlineLog, wal_dir_for
+from bundlerec.experiments.assignment import ImpressionSigner, assign, bucket
 from tests.conftest import ROOT
 
 
@@ -71,7 +71,7 @@ def test_feedback_must_match_what_the_answer_showed():
     that does not say what was shown is refused."""
     import base64
 
-    from bundlerec.serving.experiment import IMPRESSION_TTL_S, bound_feedback
+    from bundlerec.experiments.assignment import IMPRESSION_TTL_S, bound_feedback
     from bundlerec.serving.schemas import FeedbackEvent
 
     signer = ImpressionSigner(b"k" * 32)
@@ -107,7 +107,7 @@ def test_feedback_must_match_what_the_answer_showed():
 def test_a_malformed_experiment_tag_is_refused_with_the_reason():
     """The registry tag is checked before a replica routes on it (anyone with registry write access
     can set it): each malformed form is refused naming what is wrong; the form `start` writes passes."""
-    from bundlerec.registry.experiment import ExperimentSpecError, check_spec, spec_of
+    from bundlerec.experiments.lifecycle import ExperimentSpecError, check_spec, spec_of
 
     good = spec_of(ExperimentConfig())
     assert check_spec(good) == good
@@ -146,7 +146,7 @@ def test_a_killed_writer_loses_nothing_it_acknowledged(tmp_path):
     """A process appends impressions and is SIGKILLed mid-stream; every row whose append returned
     (printed) is in Parquet after the next replica's recovery, none twice."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-            "from bundlerec.serving.event_log import EventLog\n"
+            "from bundlerec.experiments.event_log import EventLog\n"
             "from tests.test_experiments import _imp\n"
             f"el = EventLog({str(tmp_path)!r}, 'impressions', {str(tmp_path / '_wal')!r}, flush_rows=300)\n"
             "for i in range(100000):\n"
@@ -174,12 +174,12 @@ def test_online_log_flushes_on_time_and_on_close(tmp_path):
     log = OnlineLog(str(tmp_path), flush_s=0.2)
     log.impressions.append([_imp(0)])
     deadline = time.time() + 10
-    while online.count_rows(str(tmp_path), "e") < 1 and time.time() < deadline:
+    while analysis.count_rows(str(tmp_path), "e") < 1 and time.time() < deadline:
         time.sleep(0.05)
-    assert online.count_rows(str(tmp_path), "e") == 1  # by the flusher thread
+    assert analysis.count_rows(str(tmp_path), "e") == 1  # by the flusher thread
     log.impressions.append([_imp(1)])
     log.close()  # Serve's graceful shutdown
-    assert online.count_rows(str(tmp_path), "e") == 2
+    assert analysis.count_rows(str(tmp_path), "e") == 2
     assert wal_dir_for("s3://b/x").endswith(".cache/bundlerec/wal") and wal_dir_for(str(tmp_path)).endswith("_wal")
 
 
@@ -189,7 +189,7 @@ def test_appends_never_wait_for_a_slow_store(tmp_path, monkeypatch):
     reaches Parquet once the store answers."""
     import threading
 
-    from bundlerec.serving import event_log
+    from bundlerec.experiments import event_log
 
     real = event_log.pq.write_table
 
@@ -220,7 +220,7 @@ def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(
     """The write-ahead log on a real 1 MiB tmpfs that fills up: the append that does not fit raises
     LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves
     the segment clean; with space freed, appends go on; Parquet holds exactly the acknowledged rows."""
-    from bundlerec.serving.event_log import LogUnavailable
+    from bundlerec.experiments.event_log import LogUnavailable
     from tests.conftest import small_volume
 
     with small_volume(tmp_path / "vol", "1m") as vol:
@@ -276,7 +276,7 @@ SPEC = spec_of(ExperimentConfig(name="e"))
 
 def test_report_counts_once_and_finds_a_real_difference():
     imp, fb = _logs({"control": 0.2, "treatment": 0.4})
-    rep = online.report(imp, fb, SPEC, bootstrap=1000)
+    rep = analysis.report(imp, fb, SPEC, bootstrap=1000)
     assert rep["duplicate_rows_dropped"] > 0 and rep["feedback_without_impression"] == 0
     c, t = rep["arms"]["control"], rep["arms"]["treatment"]
     assert c["units"] == t["units"] == 200 and c["impressions"] == 400
@@ -292,17 +292,17 @@ def test_report_counts_once_and_finds_a_real_difference():
     rule = PromotionRule(min_units=100)
     assert decide(rep, rule, "control")["promote"] == "treatment"
     # the other way round: nothing to promote, and why
-    worse = decide(online.report(*_logs({"control": 0.4, "treatment": 0.2}), SPEC, bootstrap=500), rule, "control")
+    worse = decide(analysis.report(*_logs({"control": 0.4, "treatment": 0.2}), SPEC, bootstrap=500), rule, "control")
     assert worse["promote"] is None and "not better" in worse["reasons"][0]
 
 
 def test_the_rule_refuses_on_sample_ratio_mismatch_guardrails_and_small_samples():
     imp, fb = _logs({"control": 0.2, "treatment": 0.4})
     lopsided = imp[(imp.arm == "control") | (imp.user_id.str[1:].astype(int) % 4 == 1)]  # half the treatment lost
-    rep = online.report(lopsided, fb, SPEC, bootstrap=500)
+    rep = analysis.report(lopsided, fb, SPEC, bootstrap=500)
     d = decide(rep, PromotionRule(min_units=10), "control")
     assert rep["srm"]["p_value"] < 0.001 and d["promote"] is None and "sample ratio mismatch" in d["reasons"][0]
-    rep = online.report(imp, fb, SPEC, bootstrap=500)
+    rep = analysis.report(imp, fb, SPEC, bootstrap=500)
     assert decide(rep, PromotionRule(min_units=1000), "control")["promote"] is None
     rep["differences"]["treatment"]["conversion"]["upper"] = -0.01  # a guardrail clearly worse
     assert "guardrail" in decide(rep, PromotionRule(min_units=10), "control")["reasons"][0]
@@ -310,7 +310,7 @@ def test_the_rule_refuses_on_sample_ratio_mismatch_guardrails_and_small_samples(
 
 def test_an_aa_comparison_rarely_promotes():
     """Both arms the same: over 40 simulated A/A logs the one-sided 95 % rule promotes at most a few."""
-    promoted = sum(decide(online.report(*_logs({"control": 0.3, "treatment": 0.3}, seed=s), SPEC, bootstrap=300,
+    promoted = sum(decide(analysis.report(*_logs({"control": 0.3, "treatment": 0.3}, seed=s), SPEC, bootstrap=300,
                                         seed=s), PromotionRule(min_units=10), "control")["promote"] is not None
                    for s in range(40))
     assert promoted <= 6, promoted  # binomial(40, 0.05): P(> 6) < 0.01
@@ -390,13 +390,14 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     from ray import serve
     from ray.util.state import list_actors
 
-    from bundlerec.eval.simulator import simulate
+    from bundlerec.experiments.simulator import simulate
     from bundlerec.integrity import seal
     from bundlerec.pipeline import attach_pricing
-    from bundlerec.registry.experiment import aa_false_positives, read, wait_for_experiment
+    from bundlerec.experiments.lifecycle import aa_false_positives, read, wait_for_experiment
     from bundlerec.registry.promotion import register, set_alias
     from bundlerec.serving.auth import write_token_file
-    from bundlerec.serving.deploy import deploy, http_json
+    from bundlerec.client import http_json
+    from bundlerec.serving.deploy import deploy
     from jobs import experiment as experiment_job, experiment_report
     from tests.conftest import free_port, tiny_config
 
@@ -441,7 +442,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
                                                                        "treatment": v_good["version"]}
         # a malformed tag (anyone with registry write access can set one) is refused with the reason,
         # the running split stays, the replicas keep following the registry; put right, it is taken
-        from bundlerec.registry.experiment import TAG
+        from bundlerec.experiments.lifecycle import TAG
 
         import urllib.request
 

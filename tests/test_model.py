@@ -8,11 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bundlerec.model.collate import Collator, history_tensors
-from bundlerec.model.pretrained import (
-    ModelNotFoundError,
-    load_tokenizer,
-    resolve_model_path,
-)
+from bundlerec.hub import ModelNotFoundError, load_tokenizer, resolve_model_path
 from bundlerec.model.two_tower import TwoTower, build_encoder
 from tests.conftest import tiny_model_dir
 
@@ -80,7 +76,7 @@ def test_missing_model_gives_a_clear_hint(tmp_path):
 def test_itemknn_cooccurrence_counts_history_to_target_and_same_basket():
     import pandas as pd
 
-    from bundlerec.eval.baselines import cooccurrence
+    from bundlerec.data.statistics import cooccurrence
 
     t = pd.Timestamp("2026-01-01", tz="UTC")
     train = pd.DataFrame({"user_id": ["u", "u", "v"], "target_time": [t, t, t],
@@ -126,7 +122,7 @@ def test_accidental_hits_are_masked_not_counted_as_negatives(tokens):
 
 
 def test_recent_baseline_repeats_the_history_carts_first_and_nothing_else():
-    from bundlerec.eval.baselines import Recent
+    from bundlerec.data.statistics import Recent
     from bundlerec.model.collate import history_tensors
 
     # user 0: viewed 3, carted 1, viewed 2 (most recent); user 1: no history
@@ -143,7 +139,7 @@ def test_export_round_trips_without_pickle(tmp_path):
     import torch
 
     from bundlerec.model.export import load_export, save_export
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
     from bundlerec.model.two_tower import TwoTower, build_encoder
     from tests.conftest import tiny_encoder
 
@@ -168,7 +164,7 @@ def test_any_encoder_or_decoder_family_trains_freezes_and_takes_lora(family, poo
     PEFT's default modules of that architecture, the configured pooling embeds items, gradients reach
     what trains, and the export round-trips with its pooling."""
     from bundlerec.model.export import load_export, save_export
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
     from bundlerec.model.two_tower import transformer_blocks
 
     path = tiny_model_dir(family, tmp_path_factory.getbasetemp() / "families")
@@ -269,7 +265,7 @@ def test_training_refuses_items_tokenized_by_another_tokenizer_and_pads_with_the
 
     from bundlerec.data.catalog import pad_id, padded_tokens, tokenizer_fingerprint
     from bundlerec.data.examples import PrepMismatch, check_prepared
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
     from tests.conftest import tiny_encoder
 
     minilm = load_tokenizer(MODEL)
@@ -319,7 +315,8 @@ def test_auto_pooling_follows_a_sentence_transformers_folder_else_the_architectu
     not have is refused with the fix; an explicit choice wins."""
     import shutil
 
-    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from bundlerec.hub import resolve_model_path
+    from bundlerec.model.pretrained import resolve_pooling
     from tests.conftest import tiny_model_dir
 
     assert resolve_pooling(resolve_model_path("all-MiniLM-L6-v2")) == "mean"  # the packaged ST folder

@@ -56,8 +56,8 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     import mlflow
     import numpy as np
 
-    from bundlerec.engine_fit import fit_engine
-    from bundlerec.eval.fusion import FusionParams
+    from bundlerec.eval.engine_fit import fit_engine
+    from bundlerec.inference.fusion import FusionParams
     from bundlerec.integrity import amend, seal
     from bundlerec.pipeline import attach_pricing
     from bundlerec.registry.promotion import register
@@ -618,12 +618,12 @@ def _metric(lines: list, name: str, **labels) -> float:
 
 
 def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) -> None:
-    """What the evaluation scored (bundlerec.engine_fit: test baskets' histories through
+    """What the evaluation scored (bundlerec.eval.engine_fit: test baskets' histories through
     Recommender.bundles_for, completion through the engine) is what the endpoint answers over HTTP:
     each history replayed as events ``as_of`` the moment the evaluation measured its ages from."""
     from bundlerec.bundles.engine import top_k
-    from bundlerec.engine_fit import MAX_SIZE, N_BUNDLES, basket_queries, served_bundles
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.eval.engine_fit import MAX_SIZE, N_BUNDLES, basket_queries, served_bundles
+    from bundlerec.inference.recommender import Recommender
 
     rec = Recommender.from_export(export)
     params = json.loads(Path(export, "bundle_engine.json").read_text())
@@ -716,7 +716,7 @@ def test_the_model_artifact_holds_no_clear_user_id(tiny_trained, registered, tmp
     from bundlerec.data.examples import load_split
     from bundlerec.privacy import pseudonym, read_user_key
     from bundlerec.serving.app import load
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     cfg, out, _ = tiny_trained
     raw = set(load_split(cfg.data.output_dir, "latest").user_id.astype(str))

@@ -185,7 +185,7 @@ def test_a_run_resumes_with_fewer_workers_from_a_universal_checkpoint(tiny_train
     exports, whichever number of workers wrote it."""
     import shutil
 
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
     from bundlerec.train.checkpoints import saved_world_size
 
     ref_cfg, ref_out, _ = tiny_trained

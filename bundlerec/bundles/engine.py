@@ -6,7 +6,7 @@ pricing and reasons, over one exported catalog and the parameters the export car
     engine.detect([session item positions])         # partition a session into bundles
     engine.personalized(user_scores, constraints)   # priced bundles for one user
 
-The Serve app, the MLflow pyfunc (through :class:`bundlerec.serving.recommender.Recommender`) and
+The Serve app, the MLflow pyfunc (through :class:`bundlerec.inference.recommender.Recommender`) and
 ``jobs.eval_bundles`` all call these methods on an engine built by :meth:`BundleEngine.from_export`;
 every choice (fusion weights, compatibility weights, merge threshold) is read from the export's
 ``bundle_engine.json`` (:class:`EngineParams`), so what is served is what was evaluated.
@@ -42,7 +42,7 @@ from bundlerec.bundles.detect import partition
 from bundlerec.bundles.generate import BundleConstraints, bundle_name, generate
 from bundlerec.model.lexical import Lexical
 from bundlerec.bundles.naming import IntentNamer
-from bundlerec.bundles.pricing import NoFeasiblePrice, PriceLimits, PricingModel
+from bundlerec.pricing.demand import NoFeasiblePrice, PriceLimits, PricingModel
 from bundlerec.bundles.rerank import FEATURE_CHANNELS as RERANK_CHANNELS
 from bundlerec.bundles.rerank import Reranker
 from bundlerec.data.schema import EVENT_TYPE_ID
@@ -54,7 +54,7 @@ CHANNELS = ("tuned", "pretrained", "lexical", "cooccurrence", "popularity")
 COMPAT_TERMS = ("data", "tuned", "pretrained", "lexical")
 QUERY_CHANNELS = ("tuned", "pretrained", "lexical")
 # The event type a cart's items carry for the user tower: the bundle-completion training examples
-# use the same (bundlerec.bundles.evaluate.write_training_data).
+# use the same (bundlerec.eval.bundles.write_training_data).
 COMPLETION_EVENT = "purchase"
 PARAMS_FILE = "bundle_engine.json"
 HISTORY_SOURCES = ("recommender", "completion")
@@ -124,7 +124,8 @@ def write_engine_assets(export_dir: str, items: pd.DataFrame, pretrained_name: s
     ``cache_dir``: reuse a pretrained index computed for the same model and tokens (dev folds)."""
     import hashlib
 
-    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from bundlerec.hub import resolve_model_path
+    from bundlerec.model.pretrained import resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
     key = hashlib.sha1(pretrained_name.encode() + np.ascontiguousarray(ids).tobytes() +
@@ -248,7 +249,7 @@ class BundleEngine:
             return self.lexical.cart_scores(carts)
         if channel == "cooccurrence":
             if self._knn is None:
-                from bundlerec.eval.baselines import ItemKNN
+                from bundlerec.data.statistics import ItemKNN
 
                 self._knn = ItemKNN(self.stats.pairs)
             rows = sp.csr_matrix((np.ones(sum(len(c) for c in carts), np.float32),
@@ -308,7 +309,8 @@ class BundleEngine:
     def _encoder(self, channel: str):
         """(tokenizer, model with encode_items) of the tuned or pretrained encoder, loaded once."""
         if channel not in self._text:
-            from bundlerec.model.pretrained import load_tokenizer, resolve_model_path, resolve_pooling
+            from bundlerec.hub import load_tokenizer, resolve_model_path
+            from bundlerec.model.pretrained import resolve_pooling
 
             if channel == "tuned":
                 tok, model = load_tokenizer(os.path.join(self.export_dir, "encoder")), self.model

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bundlerec.bundles.compat import Compatibility
-from bundlerec.bundles.pricing import PriceLimits
+from bundlerec.pricing.demand import PriceLimits
 
 
 @dataclass

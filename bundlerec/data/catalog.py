@@ -125,7 +125,7 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model_name: str):
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
 
     return load_tokenizer(model_name)
 

@@ -56,7 +56,7 @@ def check_prepared(manifest: dict, history_len: int, tokenizer: Optional[dict] =
     """Fail before any compute when prep's output cannot give what training/evaluation will read:
     an empty validation split (model selection would fall back on test), histories shorter than
     ``history_len`` (the knob would silently do nothing), or items tokenized by another tokenizer
-    than the model's (``tokenizer``: its :func:`bundlerec.model.pretrained.tokenizer_fingerprint`)."""
+    than the model's (``tokenizer``: its :func:`bundlerec.data.catalog.tokenizer_fingerprint`)."""
     had = manifest.get("tokenizer_fingerprint")
     if tokenizer is not None and had is not None and had["sha256"] != tokenizer["sha256"]:
         raise PrepMismatch(f"prep tokenized the catalog with {manifest.get('tokenizer')} ({had['class']}, "

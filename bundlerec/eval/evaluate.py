@@ -15,10 +15,10 @@ import torch
 from bundlerec.config import PipelineConfig
 from bundlerec.data.catalog import load_items, padded_tokens
 from bundlerec.data.examples import load_split
-from bundlerec.eval.baselines import ItemKNN, Popular, Recent
-from bundlerec.eval.fusion import Fusion, FusionParams
-from bundlerec.eval.sasrec import SASRec, SASRecConfig, fit_sasrec
-from bundlerec.eval.metrics import MetricAccumulator, paired_lift
+from bundlerec.data.statistics import ItemKNN, Popular, Recent
+from bundlerec.inference.fusion import Fusion, FusionParams
+from bundlerec.model.sasrec import SASRec, SASRecConfig, fit_sasrec
+from bundlerec.metrics import MetricAccumulator, paired_lift
 from bundlerec.model.collate import history_tensors
 from bundlerec.model.lexical import Lexical
 from bundlerec.storage import join
@@ -53,7 +53,8 @@ def zeroshot_model(model_name: str, items: pd.DataFrame, temperature: float, poo
     """The pretrained encoder as a scorer (the zero-shot baseline). ``train`` (a TrainConfig): a catalog
     of at least ``train.batch_inference_min_items`` items is encoded by Ray Data batch inference."""
     from bundlerec.model.batch_encode import index_catalog
-    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from bundlerec.hub import resolve_model_path
+    from bundlerec.model.pretrained import resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
 
     path = resolve_model_path(model_name)
@@ -85,7 +86,7 @@ def evaluate_run(prep_dir: str, export_dir: str | None, cfg: PipelineConfig, spl
         model.set_index(torch.as_tensor(np.load(join(export_dir, "item_index.npy"))))
         # the history length the model was trained with (a Tune trial may differ from the base config)
         own = {**kw, "history_len": int(meta["history_len"])}
-        fusion = Fusion.from_export(export_dir, model, n)  # the served recommender (bundlerec.eval.fusion)
+        fusion = Fusion.from_export(export_dir, model, n)  # the served recommender (bundlerec.inference.fusion)
         out["bundlerec"] = evaluate_scorer(fusion, examples, **own, name="bundlerec", keep=keep("bundlerec"))
         if not fusion.tuned_only:  # the ablation: the fine-tuned two-tower alone
             out["tuned"] = evaluate_scorer(model, examples, **own, name="tuned", keep=keep("tuned"))

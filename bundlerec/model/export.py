@@ -9,7 +9,7 @@
     export/latest.parquet      each user's most recent history in the snapshot
     export/copurchase*.{npz,npy,txt}   co-purchase counts of training baskets (bundle compatibility)
 
-Added beside it by later stages (optional; see bundlerec.bundles.engine / bundlerec.bundles.pricing):
+Added beside it by later stages (optional; see bundlerec.bundles.engine / bundlerec.pricing.demand):
 
     export/bundle_engine.json  the bundle engine's chosen parameters (fusion weights, compatibility, threshold)
     export/item_index_pretrained.npy, lexical.json, lexical_items.npz   the engine's extra text channels
@@ -85,7 +85,8 @@ def consolidated_state_dict(ckpt_dir: str) -> dict:
 
 def export(cfg: PipelineConfig, ckpt_dir: str, prep_dir: str, export_dir: str) -> str:
     """DeepSpeed checkpoint -> consolidated model -> serving export (see :func:`write_export`)."""
-    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from bundlerec.hub import resolve_model_path
+    from bundlerec.model.pretrained import resolve_pooling
     from bundlerec.model.two_tower import build_encoder
 
     mc = cfg.model
@@ -115,7 +116,7 @@ def _write_export(model, cfg: PipelineConfig, prep_dir: str, export_dir: str) ->
     from bundlerec.data.catalog import load_items, padded_tokens
     from bundlerec.data.examples import load_split
     from bundlerec.data.statistics import CoStats, basket_groups, popularity
-    from bundlerec.model.pretrained import load_tokenizer
+    from bundlerec.hub import load_tokenizer
     from bundlerec.privacy import SCHEME, ensure_user_key, pseudonym
 
     model.eval()

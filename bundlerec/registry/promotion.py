@@ -53,8 +53,8 @@ def validation_ndcg(rec, prep_dir: str, history_len: Optional[int] = None) -> fl
 
 def validation_bundle_f1(rec, prep_dir: str, history_len: Optional[int] = None) -> float:
     """Best-Jaccard F1 of the bundles a Recommender serves for the val baskets' histories
-    (bundlerec.engine_fit's protocol)."""
-    from bundlerec.engine_fit import basket_queries, generation_values, served_bundles
+    (bundlerec.eval.engine_fit's protocol)."""
+    from bundlerec.eval.engine_fit import basket_queries, generation_values, served_bundles
     from bundlerec.bundles.matching import prf
 
     queries = basket_queries(prep_dir, "val")
@@ -65,8 +65,8 @@ def validation_bundle_f1(rec, prep_dir: str, history_len: Optional[int] = None) 
 
 def validation_completion_recall(rec, prep_dir: str, history_len: Optional[int] = None) -> float:
     """Recall@10 of the bundle engine's completion (what ``/v1/bundles/complete`` answers) on a bundle
-    export's val split: each validation bundle's first item -> the rest (bundlerec.bundles.evaluate)."""
-    from bundlerec.bundles.evaluate import completion_values
+    export's val split: each validation bundle's first item -> the rest (bundlerec.eval.bundles)."""
+    from bundlerec.eval.bundle_scoring import completion_values
     from bundlerec.data.catalog import load_items
     from bundlerec.data.examples import load_split
 
@@ -137,13 +137,13 @@ def export_dir_of(model_dir: str) -> str:
 
 
 def load_verified(model_dir: str, pinned: Optional[str], user_key: Optional[bytes] = None):
-    """The :class:`~bundlerec.serving.recommender.Recommender` of a downloaded registered model, with
+    """The :class:`~bundlerec.inference.recommender.Recommender` of a downloaded registered model, with
     no code of the model run: only its export is read, and only after its manifest's digest equals
     ``pinned`` (the version's :data:`EXPORT_DIGEST_TAG`), then every file against the manifest.
     Raises ValueError for a version without a pinned digest or with another export than the one
     registered (files changed and the manifest recomputed, or the manifest replaced)."""
     from bundlerec.integrity import manifest_digest
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     export = export_dir_of(model_dir)
     if not pinned:
@@ -231,7 +231,7 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
 
     import bundlerec
     from bundlerec.tracking import check_server
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     from bundlerec.integrity import checkout
 

@@ -2,7 +2,7 @@
 
     mlflow.pyfunc.load_model("models:/bundlerec@champion").predict(events_df, params={"k": 10})
 
-It wraps the same inference core as the Serve app (:class:`bundlerec.serving.recommender.Recommender`),
+It wraps the same inference core as the Serve app (:class:`bundlerec.inference.recommender.Recommender`),
 so what the registry holds, the endpoint serves.
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from bundlerec.bundles.generate import BundleConstraints
-from bundlerec.bundles.pricing import PriceLimits
+from bundlerec.pricing.demand import PriceLimits
 
 _DEFAULT_BUNDLE = BundleConstraints()
 
@@ -50,7 +50,7 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
         import os
 
         from bundlerec.privacy import read_user_key
-        from bundlerec.serving.recommender import Recommender
+        from bundlerec.inference.recommender import Recommender
 
         key_file = os.environ.get("BUNDLEREC_USER_KEY_FILE")
         self.rec = Recommender.from_export(context.artifacts["export"], read_user_key(key_file) if key_file else None)

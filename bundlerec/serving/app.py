@@ -69,7 +69,7 @@ api.exception_handler(RequestValidationError)(validation_error)
 
 @dataclass
 class Loaded:
-    rec: Any  # bundlerec.serving.recommender.Recommender
+    rec: Any  # bundlerec.inference.recommender.Recommender
     info: ModelInfo
     source: str = "registry"  # registry | local copy (registry unreachable) | export dir
     local: Optional[str] = None  # the verified local copy it was loaded from (ModelStore)
@@ -157,13 +157,13 @@ def load(model_uri: str, tracking_uri: Optional[str], ann: Optional[dict] = None
             if store is not None and fresh:
                 store.release(local)  # loaded (or refused): this replica's pruning lease ends
     else:
-        from bundlerec.serving.recommender import Recommender
+        from bundlerec.inference.recommender import Recommender
 
         rec, name, source = Recommender.from_export(uri, user_key), os.path.basename(os.path.normpath(uri)), "export dir"
     if rec.pseudonymized and user_key is None:
         raise RuntimeError(f"{uri}: its user ids are pseudonymized; give the Serve app the key (arg user_key_file, "
                            "serve.user_key_file) or shoppers would only be found by pseudonym")
-    if ann:  # approximate top-k for large catalogs (bundlerec.serving.ann)
+    if ann:  # approximate top-k for large catalogs (bundlerec.inference.ann)
         rec.configure_ann(**ann)
     canned_check(rec)
     return Loaded(rec, ModelInfo(name=name, version=version, alias=alias, uri=uri), source, local, pinned)
@@ -263,8 +263,8 @@ class BundlerecService:
         self._remember(self.current)
         self.reloads = 0
         # --- online experiments: signed impression ids, durable impression/feedback logs, arms
-        from bundlerec.serving.event_log import OnlineLog
-        from bundlerec.serving.experiment import ImpressionSigner
+        from bundlerec.experiments.event_log import OnlineLog
+        from bundlerec.experiments.assignment import ImpressionSigner
 
         self.signer = ImpressionSigner(self.user_key or hashlib.sha256(f"bundlerec:{model_uri}".encode()).digest())
         self.log = OnlineLog(event_log_dir, event_flush_s) if event_log_dir else None
@@ -272,7 +272,7 @@ class BundlerecService:
         # within this replica, 500,000 keys in about 70 MB (the full keys took about 420 MB)
         self._seen: "OrderedDict[bytes, None]" = OrderedDict()
         self._seen_lock = threading.Lock()
-        self.experiment = None  # bundlerec.serving.experiment.Experiment while one runs
+        self.experiment = None  # bundlerec.experiments.assignment.Experiment while one runs
         self.experiment_refused: Optional[dict] = None
         self._experiment_key: Optional[str] = None
         self.model_name = model_uri[len("models:/"):].split("@")[0].split("/")[0] if model_uri.startswith("models:/") else None
@@ -347,17 +347,17 @@ class BundlerecService:
 
         import mlflow
 
-        from bundlerec.registry import experiment as registry_experiment
-        from bundlerec.serving.experiment import Experiment
+        from bundlerec.experiments import lifecycle
+        from bundlerec.experiments.assignment import Experiment
         from bundlerec.tracking import one_try
 
         try:
             client = mlflow.MlflowClient(self.tracking_uri)
             with one_try(10):
-                spec = registry_experiment.read(client, self.model_name)
-                versions = {a: registry_experiment.resolve(client, self.model_name, arm["model"])
+                spec = lifecycle.read(client, self.model_name)
+                versions = {a: lifecycle.resolve(client, self.model_name, arm["model"])
                             for a, arm in (spec or {}).get("arms", {}).items()}
-        except registry_experiment.ExperimentSpecError as e:  # a malformed tag: refused, traffic as it was
+        except lifecycle.ExperimentSpecError as e:  # a malformed tag: refused, traffic as it was
             if (self.experiment_refused or {}).get("error") != str(e):
                 log.error("bundlerec: experiment tag refused: %s", e)
             self.experiment_refused = {"name": None, "key": None, "error": str(e)[:500]}
@@ -397,7 +397,7 @@ class BundlerecService:
 
     def _route(self, user_id: Optional[str], session_id: Optional[str]):
         """(model, experiment name, arm, unit, new session id) for one request."""
-        from bundlerec.serving.experiment import new_session_id
+        from bundlerec.experiments.assignment import new_session_id
 
         new = None
         unit = user_id or session_id
@@ -427,7 +427,7 @@ class BundlerecService:
     def _log_impression(self, rows: list) -> None:
         """An impression into the event log; a storage fault degrades logging (counted, in /readyz),
         never the answer."""
-        from bundlerec.serving.event_log import LogUnavailable
+        from bundlerec.experiments.event_log import LogUnavailable
 
         try:
             self.log.impressions.append(rows)
@@ -519,7 +519,7 @@ class BundlerecService:
         import hashlib
         import time as _time
 
-        from bundlerec.serving.experiment import bound_feedback
+        from bundlerec.experiments.assignment import bound_feedback
 
         if self.log is None:
             raise HTTPException(503, "feedback is not recorded by this deployment (serve.event_log_dir is empty)")
@@ -563,7 +563,7 @@ class BundlerecService:
                              "model_version": imp["v"], "bundle_index": e.bundle_index,
                              "revenue": round(p * e.quantity, 4) if FEEDBACK_EVENT_TYPE[e.type] == "purchase" else 0.0,
                              "received_time": now})
-        from bundlerec.serving.event_log import LogUnavailable
+        from bundlerec.experiments.event_log import LogUnavailable
 
         try:
             self.log.feedback.append(rows)  # durable (write-ahead) before the answer

@@ -6,15 +6,14 @@ pipeline config so the endpoint serves what was just registered.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-import urllib.request
 from typing import Optional
 
 import yaml
 
+from bundlerec.client import http_json
 from bundlerec.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -51,16 +50,6 @@ def read_token(token_file: Optional[str]) -> Optional[str]:
     from bundlerec.serving.auth import read_token_file
 
     return read_token_file(token_file)[0] if token_file else None
-
-
-def http_json(url: str, body: Optional[dict] = None, timeout: float = 30.0, token: Optional[str] = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=data, headers=headers, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, version: Optional[str] = None) -> dict:

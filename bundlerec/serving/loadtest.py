@@ -123,7 +123,7 @@ def in_process(export_dir: str, users: list[str], n_requests: int, k: int, serve
     """The same model called in one thread, configured as a Serve replica is (``serve`` args)."""
     import torch
 
-    from bundlerec.serving.recommender import Recommender
+    from bundlerec.inference.recommender import Recommender
 
     serve = serve or ServeConfig()
     torch.set_num_threads(1)  # like one Serve replica (num_cpus: 1)
@@ -191,7 +191,7 @@ def build_large_catalog(src_export: str, dst_export: str, n_items: int, seed: in
         sp.save_npz(f"{dst_export}/copurchase.npz", sp.csr_matrix((pairs.data, (pairs.row, pairs.col)), shape=(n_items, n_items)))
         counts = np.load(f"{src_export}/copurchase_items.npy")
         np.save(f"{dst_export}/copurchase_items.npy", np.concatenate([counts, np.zeros(extra_n)]))
-    # the engine's extra text channels and the recommender's fusion (bundlerec.eval.fusion) are not
+    # the engine's extra text channels and the recommender's fusion (bundlerec.inference.fusion) are not
     # grown here: drop them (the grown export recommends with the two-tower alone), and parameters that use them
     from bundlerec.bundles.engine import EngineParams
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bundlerec.bundles.generate import BundleConstraints
-from bundlerec.bundles.pricing import PriceLimits
+from bundlerec.pricing.demand import PriceLimits
 from bundlerec.data.schema import EVENT_TYPES
 
 _BUNDLE = BundleConstraints()  # bundle defaults: one definition

@@ -130,7 +130,7 @@ def shape_dir(shape: str, root: str, tokenizer: str = "all-MiniLM-L6-v2") -> str
     ``model.random_init=true``."""
     from transformers import AutoConfig
 
-    from bundlerec.model.pretrained import load_tokenizer, resolve_model_path
+    from bundlerec.hub import load_tokenizer, resolve_model_path
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; one of {sorted(SHAPES)}")

@@ -57,9 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
 
     from bundlerec.data.catalog import load_items, padded_tokens
-    from bundlerec.eval.metrics import MetricAccumulator
+    from bundlerec.metrics import MetricAccumulator
     from bundlerec.model.collate import Collator, history_tensors
-    from bundlerec.model.pretrained import resolve_model_path, resolve_pooling
+    from bundlerec.hub import resolve_model_path
+    from bundlerec.model.pretrained import resolve_pooling
     from bundlerec.model.two_tower import TwoTower, build_encoder
     from bundlerec.runtime import is_rank_zero
     from bundlerec.tracking import RunLogger, load_credentials, mlflow_name

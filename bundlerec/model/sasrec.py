@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bundlerec.eval.metrics import MetricAccumulator
+from bundlerec.metrics import MetricAccumulator
 from bundlerec.model.collate import history_tensors
 
 log = logging.getLogger(__name__)

@@ -108,7 +108,7 @@ def stop(client, model_name: str) -> Optional[dict]:
 
 
 def decide(report: dict, rule: PromotionRule, control: str) -> dict:
-    """The promotion rule on a report (bundlerec.eval.online.report): the arm to promote, or None,
+    """The promotion rule on a report (bundlerec.experiments.analysis.report): the arm to promote, or None,
     with every reason. An arm qualifies when the report's sample ratio is sound, every arm has
     ``min_units`` users, its ``rule.metric`` difference to ``control`` is above 0 at the rule's
     one-sided confidence and no guardrail difference is below 0 at that confidence."""
@@ -180,22 +180,22 @@ def run_report(cfg, promote_now: bool = False) -> dict:
     from mlflow.entities import Metric
 
     from bundlerec import storage
-    from bundlerec.eval import online
+    from bundlerec.experiments import analysis
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     name, exp = cfg.serve.model_name, cfg.experiment
     spec = read(client, name)
     if spec is None or spec["name"] != exp.name:  # stopped already: the config says what it was
         spec = spec_of(exp)
-    imp, fb = online.read_logs(cfg.serve.event_log_dir, spec["name"])
-    rep = online.report(imp, fb, spec, exp.bootstrap, exp.seed, exp.promotion.confidence)
+    imp, fb = analysis.read_logs(cfg.serve.event_log_dir, spec["name"])
+    rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed, exp.promotion.confidence)
     decision = decide(rep, exp.promotion, spec["control"])
     rep["decision"] = decision
     with tempfile.TemporaryDirectory() as tmp:
         js, png = os.path.join(tmp, f"{spec['name']}.json"), os.path.join(tmp, f"{spec['name']}.png")
         with open(js, "w") as f:
             json.dump(rep, f, indent=2, default=float)
-        online.plot(rep, png)
+        analysis.plot(rep, png)
         report_path = storage.join(cfg.serve.event_log_dir, "reports", f"{spec['name']}.json")
         storage.write_text(report_path, open(js).read())
         if storage.is_uri(report_path):
@@ -233,7 +233,7 @@ def wait_for_experiment(url: str, token: Optional[str], experiment: Optional[str
     """Until ``agree`` answers in a row of GET /v1/experiment (any replica) run ``experiment`` (None: no experiment)."""
     import time
 
-    from bundlerec.serving.deploy import http_json
+    from bundlerec.client import http_json
 
     deadline, streak = time.time() + timeout_s, 0
     while time.time() < deadline:
@@ -254,8 +254,8 @@ def aa_false_positives(cfg, runs: int, users: int, token: Optional[str], seed: i
 
     import mlflow
 
-    from bundlerec.eval import online
-    from bundlerec.eval.simulator import simulate
+    from bundlerec.experiments import analysis
+    from bundlerec.experiments.simulator import simulate
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     name, rule = cfg.serve.model_name, cfg.experiment.promotion
@@ -271,9 +271,9 @@ def aa_false_positives(cfg, runs: int, users: int, token: Optional[str], seed: i
         finally:
             stop(client, name)
         shown = sum(t["impressions"] for t in sim["truth"].values())
-        online.wait_for_rows(cfg.serve.event_log_dir, exp.name, shown, timeout_s=10 * cfg.serve.event_flush_s + 30)
-        imp, fb = online.read_logs(cfg.serve.event_log_dir, exp.name)
-        rep = online.report(imp, fb, spec, exp.bootstrap, exp.seed + r, rule.confidence)
+        analysis.wait_for_rows(cfg.serve.event_log_dir, exp.name, shown, timeout_s=10 * cfg.serve.event_flush_s + 30)
+        imp, fb = analysis.read_logs(cfg.serve.event_log_dir, exp.name)
+        rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed + r, rule.confidence)
         d = decide(rep, rule, "a")
         results.append({"experiment": exp.name, "promote": d["promote"], "srm_p": rep["srm"]["p_value"],
                         "units": {a: v["units"] for a, v in rep["arms"].items()},

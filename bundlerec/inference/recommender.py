@@ -22,9 +22,9 @@ import torch
 
 from bundlerec.bundles.engine import BundleEngine
 from bundlerec.bundles.generate import BundleConstraints
-from bundlerec.bundles.pricing import PriceLimits
+from bundlerec.pricing.demand import PriceLimits
 from bundlerec.data.schema import EVENT_TYPE_ID
-from bundlerec.eval.fusion import Fusion
+from bundlerec.inference.fusion import Fusion
 from bundlerec.model.collate import pad_history
 from bundlerec.privacy import PSEUDO_PREFIX, SCHEME, lookup_key
 
@@ -91,8 +91,8 @@ class Recommender:
         return rec
 
     def configure_ann(self, min_items: int, nprobe: int, threads: int = 1) -> None:
-        """Approximate top-k (bundlerec.serving.ann) when the catalog has at least ``min_items`` items (0 = never)."""
-        from bundlerec.serving.ann import IVFIndex
+        """Approximate top-k (bundlerec.inference.ann) when the catalog has at least ``min_items`` items (0 = never)."""
+        from bundlerec.inference.ann import IVFIndex
 
         n = len(self.item_ids)
         self.ann = IVFIndex(self.model._index.numpy(), nprobe=nprobe, threads=threads) if 0 < min_items <= n else None

@@ -6,7 +6,7 @@ Protocol (clickstream data, after prep's per-user temporal split):
 * a **query** is one basket of a split: the items one user bought at one time (at least 2), with
   the history prep built for that purchase (the events before it, as the user tower reads them);
 * the answer is what the served call returns for that history:
-  :meth:`bundlerec.serving.recommender.Recommender.bundles_for` (retrieval of the top items by the
+  :meth:`bundlerec.inference.recommender.Recommender.bundles_for` (retrieval of the top items by the
   user tower, greedy growth by compatibility, pricing): the same code the Serve replica and the
   pyfunc run, with the constraints :meth:`Recommender.bundle_constraints` builds from the export's
   ``bundle_engine.json``;
@@ -39,11 +39,13 @@ import pandas as pd
 import torch
 
 from bundlerec.bundles.engine import BundleEngine, EngineParams
-from bundlerec.bundles.evaluate import bootstrap_mean_ci, channel_cache, completion_values, fusion_grid
-from bundlerec.eval.metrics import paired_lift
+from bundlerec.metrics import bootstrap_ci
+from bundlerec.eval.bundle_scoring import channel_cache, completion_values
+from bundlerec.eval.bundle_select import fusion_grid
+from bundlerec.metrics import paired_lift
 from bundlerec.bundles.matching import jaccard, match, prf
 from bundlerec.data.examples import load_split
-from bundlerec.serving.recommender import History, Recommender
+from bundlerec.inference.recommender import History, Recommender
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ def summarize(v: dict, seed: int = 0) -> dict:
     out = {"n": len(v["precision"]), **prf(*v["triplets"].sum(0))}
     for k in ("precision", "coverage", "best_jaccard"):
         out[f"contained_{k}" if k == "precision" else k] = float(v[k].mean())
-        out[f"{'contained_' if k == 'precision' else ''}{k}_ci"] = bootstrap_mean_ci(v[k], seed)
+        out[f"{'contained_' if k == 'precision' else ''}{k}_ci"] = bootstrap_ci(v[k], seed=seed)
     return out
 
 
@@ -151,16 +153,16 @@ def _f1(rec: Recommender, queries: list[BasketQuery], ranked: list) -> float:
 
 
 def fit_recommender(export_dir: str, prep_dir: str, max_examples: int = MAX_VAL_EXAMPLES, seed: int = 0) -> dict:
-    """The served recommender's channel weights (:mod:`bundlerec.eval.fusion`), chosen on the ``val``
-    split by NDCG@10 over :func:`bundlerec.eval.fusion.grid`; writes the channels' data (``itemknn.npz``
+    """The served recommender's channel weights (:mod:`bundlerec.inference.fusion`), chosen on the ``val``
+    split by NDCG@10 over :func:`bundlerec.inference.fusion.grid`; writes the channels' data (``itemknn.npz``
     from the training split, the catalog's lexical index when the export has none) and
     ``recommend_fusion.json`` into the export (the caller re-seals it)."""
     import scipy.sparse as sp
 
-    from bundlerec.eval.baselines import ItemKNN
-    from bundlerec.eval.fusion import KNN_FILE, Fusion, FusionParams, grid
-    from bundlerec.eval.metrics import MetricAccumulator
-    from bundlerec.eval.sasrec import SASRecConfig, fit_sasrec
+    from bundlerec.data.statistics import ItemKNN
+    from bundlerec.inference.fusion import KNN_FILE, Fusion, FusionParams, grid
+    from bundlerec.metrics import MetricAccumulator
+    from bundlerec.model.sasrec import SASRecConfig, fit_sasrec
     from bundlerec.model.collate import history_tensors
     from bundlerec.model.export import load_export
     from bundlerec.model.lexical import Lexical

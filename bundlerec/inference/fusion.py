@@ -7,11 +7,11 @@ standardised over the catalog and summed with weights chosen on the ``val`` spli
 Channels (each a (B, N) raw score of every item for a history batch):
 
 * ``tuned``    -- the fine-tuned two-tower model;
-* ``itemknn``  -- co-occurrence of training histories/baskets (:class:`bundlerec.eval.baselines.ItemKNN`);
-* ``recent``   -- the shopper's own recent items (:class:`bundlerec.eval.baselines.Recent`);
+* ``itemknn``  -- co-occurrence of training histories/baskets (:class:`bundlerec.data.statistics.ItemKNN`);
+* ``recent``   -- the shopper's own recent items (:class:`bundlerec.data.statistics.Recent`);
 * ``popular``  -- log(1 + training purchases), the same row for everyone;
 * ``lexical``  -- TF-IDF cosine of catalog items to the history's item texts (:mod:`bundlerec.model.lexical`);
-* ``sasrec``   -- the sequential transformer over item ids (:mod:`bundlerec.eval.sasrec`), trained by
+* ``sasrec``   -- the sequential transformer over item ids (:mod:`bundlerec.model.sasrec`), trained by
   the fit step on the training split (the ``sasrec`` baseline of the evaluation is this model).
 
 The export carries the weights (``recommend_fusion.json``) and what the channels need
@@ -31,8 +31,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from bundlerec.eval.baselines import ItemKNN, Recent
-from bundlerec.eval.sasrec import SASRec
+from bundlerec.data.statistics import ItemKNN, Recent
+from bundlerec.model.sasrec import SASRec
 from bundlerec.model.lexical import Lexical
 
 FUSION_FILE = "recommend_fusion.json"

@@ -1,0 +1,219 @@
+"""Bundle pricing: a purchase-probability model fitted from data, and a revenue-maximizing price.
+
+Model (documented with its assumptions in docs/pricing.md). A shopper's willingness to pay for a
+bundle with list price L (sum of item prices) is ``W = L * exp(mu + eps)``, ``eps ~ Logistic(0, s)``,
+with ``mu = theta . x`` linear in bundle features x (size, list price, price concentration, add-on
+share such as soundtracks/DLC). The purchase probability at price p is therefore
+
+    P(buy | p) = sigmoid((mu - log(p / L)) / s)
+
+and expected revenue ``p * P(buy | p)`` is maximised at ``log(p*/L) = mu - s * logit(1 - s)``
+(s < 1), where P(buy) = 1 - s. Without purchase logs, theta is fitted by *inverse optimisation*:
+assuming the observed (seller-chosen) bundle prices are revenue-optimal, the observed log price
+ratio is regressed on x (ridge). ``s`` is not identifiable from prices alone; it is an assumption
+(default 0.3) that sets the purchase probabilities and revenue figures, not the fitted prices.
+
+Prices are chosen on a grid under constraints (maximum discount, minimum margin over cost,
+optional price endings such as .99), so constraints hold exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from bundlerec.pricing.features import FEATURES, PricingContext, bundle_features
+
+@dataclass(frozen=True)
+class PriceLimits:
+    """A shop's constraints on a bundle price (request knobs; one definition of their defaults)."""
+
+    max_discount: float = 0.6
+    """At most this share off the list price."""
+    min_margin: float = 0.0
+    """The price is at least the items' summed catalog ``cost`` times (1 + min_margin)."""
+    price_ending: Optional[float] = None
+    """Cents every price ends in, e.g. 0.99."""
+
+
+class NoFeasiblePrice(ValueError):
+    """No price in whole cents meets the limits (e.g. the minimum margin is above the list price)."""
+
+@dataclass
+class PricingModel:
+    s: float = 0.3
+    """Logistic scale of willingness to pay (an assumption; see module docstring)."""
+    seed: int = 0
+    regressor: object = None
+    """mu(x) learner: gradient-boosted trees with absolute-error loss (the metric we report)."""
+    default_discount: float = 0.2
+    """Revenue-optimal discount assumed before fitting (the median Steam bundle discount)."""
+    context: Optional[PricingContext] = None
+    """Earlier bundles for the overlap/seller features (empty context: their fallbacks)."""
+
+    def features(self, item_prices, item_names=None, item_genres=None, bundle_name: str = "",
+                 item_ids: Optional[Sequence] = None) -> np.ndarray:
+        ctx = self.context or PricingContext([], [], {})
+        return np.concatenate([bundle_features(item_prices, item_names, item_genres, bundle_name), ctx.features(item_ids)])
+
+    # ---------------------------------------------------------------- fitting
+    def fit(self, X: np.ndarray, discount: np.ndarray) -> "PricingModel":
+        """Inverse optimisation: learn the revenue-optimal discount (hence mu) from observed prices."""
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        self.regressor = GradientBoostingRegressor(loss="absolute_error", n_estimators=200, max_depth=3,
+                                                   learning_rate=0.05, subsample=0.8, random_state=self.seed)
+        self.regressor.fit(X, np.clip(np.asarray(discount, dtype=float), 0.0, 0.95))
+        return self
+
+    # ---------------------------------------------------------------- persistence (no pickle)
+    def save(self, out_dir: str, meta: dict) -> None:
+        """``pricing.json`` (parameters + fit metadata) and ``pricing.skops`` (the fitted trees in
+        skops' format, which loads without executing code)."""
+        import json
+
+        import skops.io as sio
+
+        if self.regressor is None:
+            raise ValueError("only a fitted pricing model is saved (the unfitted default needs no file)")
+        os.makedirs(out_dir, exist_ok=True)
+        sio.dump(self.regressor, os.path.join(out_dir, "pricing.skops"))
+        with open(os.path.join(out_dir, "pricing.json"), "w") as f:
+            json.dump({"s": self.s, "seed": self.seed, "features": list(FEATURES), **meta}, f, indent=2)
+        with open(os.path.join(out_dir, "pricing_context.json"), "w") as f:
+            json.dump((self.context or PricingContext([], [], {})).to_json(), f)
+
+    @classmethod
+    def load(cls, export_dir: str) -> tuple["PricingModel", dict]:
+        """The fitted model of an export and its metadata; ``(PricingModel(), {"source": "default"})``
+        when the export has none. Only scikit-learn types are accepted from the file."""
+        import json
+
+        import skops.io as sio
+
+        meta_path = os.path.join(export_dir, "pricing.json")
+        if not os.path.exists(meta_path):
+            return cls(), {"source": "default", "note": f"no fitted pricing model: a fixed {cls.default_discount:.0%} "
+                                                        f"optimal discount is assumed (set pricing.data_dir)"}
+        meta = json.load(open(meta_path))
+        if list(meta.get("features", [])) != list(FEATURES):
+            raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the pricing model")
+        path = os.path.join(export_dir, "pricing.skops")
+        untrusted = sio.get_untrusted_types(file=path)
+        foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+        if foreign:
+            raise ValueError(f"{path} holds types that are not scikit-learn's: {foreign}; refusing to load it")
+        model = cls(s=float(meta["s"]), seed=int(meta.get("seed", 0)))
+        model.regressor = sio.load(path, trusted=untrusted)
+        ctx_path = os.path.join(export_dir, "pricing_context.json")
+        if os.path.exists(ctx_path):
+            model.context = PricingContext(**json.load(open(ctx_path)))
+        return model, {"source": "fitted", **{k: v for k, v in meta.items() if k != "features"}}
+
+    def offset(self) -> float:
+        """s * logit(1 - s): how far below mean WTP the revenue-optimal price sits."""
+        return self.s * math.log((1 - self.s) / self.s)
+
+    # ---------------------------------------------------------------- demand and prices
+    def mu(self, X: np.ndarray) -> np.ndarray:
+        """Location of log(WTP / list price) implied by the fitted optimal discount, for each row of
+        ``X`` (one model call for all rows: it does not depend on the price asked)."""
+        d = self.predict_discount(np.atleast_2d(X))
+        return np.log(np.maximum(1.0 - d, 1e-6)) + self.offset()
+
+    def purchase_probability(self, price, list_price, x: Optional[np.ndarray] = None, mu=None):
+        """P(buy) at ``price`` (scalar or array, against ``list_price``) for a bundle with features
+        ``x``, or with its location ``mu`` already computed (:meth:`mu`)."""
+        m = self.mu(x)[0] if mu is None else mu
+        z = (m - np.log(np.maximum(np.asarray(price, dtype=float), 1e-9) / np.asarray(list_price, dtype=float))) / self.s
+        p = 1.0 / (1.0 + np.exp(-z))
+        return float(p) if np.ndim(p) == 0 else p
+
+    def predict_discount(self, X: np.ndarray) -> np.ndarray:
+        """Unconstrained revenue-optimal discount for each row of X."""
+        if self.regressor is None:
+            return np.full(len(X), self.default_discount)
+        return np.clip(self.regressor.predict(X), 0.0, 0.95)
+
+    def price(self, item_prices: Sequence[float], item_names: Optional[Sequence[str]] = None,
+              item_genres: Optional[Sequence[str]] = None, bundle_name: str = "", costs: Optional[Sequence[float]] = None,
+              max_discount: float = PriceLimits.max_discount, min_margin: float = PriceLimits.min_margin,
+              price_ending: Optional[float] = PriceLimits.price_ending, grid: int = 400,
+              item_ids: Optional[Sequence] = None) -> dict:
+        """Revenue- (or margin-, when costs are given) maximizing bundle price under constraints, in
+        whole cents, each constraint met exactly: ``bundle_price >= list * (1 - max_discount)``,
+        ``bundle_price >= sum(costs) * (1 + min_margin)``, ``bundle_price <= list``, and with
+        ``price_ending`` (e.g. 0.99) the cents are that ending. Raises :class:`NoFeasiblePrice` when
+        no price meets them."""
+        out = self.price_many([dict(item_prices=item_prices, item_names=item_names, item_genres=item_genres,
+                                    bundle_name=bundle_name, costs=costs, item_ids=item_ids)],
+                              max_discount=max_discount, min_margin=min_margin, price_ending=price_ending, grid=grid)[0]
+        if isinstance(out, NoFeasiblePrice):
+            raise out
+        return out
+
+    def price_many(self, bundles: Sequence[dict], max_discount: float = PriceLimits.max_discount,
+                   min_margin: float = PriceLimits.min_margin, price_ending: Optional[float] = PriceLimits.price_ending,
+                   grid: int = 400) -> list:
+        """:meth:`price` for several bundles (dicts of its per-bundle arguments: ``item_prices`` and
+        optionally ``item_names``, ``item_genres``, ``bundle_name``, ``costs``, ``item_ids``) with one
+        model call for all of them and their items sold alone; each entry is the price dict, or the
+        :class:`NoFeasiblePrice` of that bundle."""
+        if not 0 <= max_discount <= 1 or min_margin < 0:
+            raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
+        end = None if price_ending is None else int(round(price_ending * 100))
+        if end is not None and not 0 <= end < 100:
+            raise ValueError("price_ending must be in [0, 1)")
+        rows, plans = [], []
+        for b in bundles:
+            prices = np.asarray(b["item_prices"], dtype=float)
+            L = float(prices.sum())
+            if not np.isfinite(L) or L <= 0:
+                raise ValueError("bundle list price must be positive")
+            names, ids = b.get("item_names"), b.get("item_ids")
+            rows.append(self.features(prices, names, b.get("item_genres"), b.get("bundle_name", ""), ids))
+            # selling separately: each item alone at its own list price, under the same model (n = 1)
+            alone = [(float(pi), nm, i) for pi, nm, i in zip(prices, list(names or [""] * len(prices)),
+                                                              list(ids or [None] * len(prices))) if pi > 0]
+            rows += [self.features([pi], [nm], item_ids=[i] if i else None) for pi, nm, i in alone]
+            plans.append((L, b.get("costs"), np.array([pi for pi, _, _ in alone])))
+        mus = self.mu(np.stack(rows)) if rows else np.zeros(0)
+        out, r = [], 0
+        for L, costs, alone in plans:
+            try:
+                out.append(self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
+                                            min_margin, end, grid))
+            except NoFeasiblePrice as e:
+                out.append(e)
+            r += 1 + len(alone)
+        return out
+
+    def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
+                    min_margin: float, end: Optional[int], grid: int) -> dict:
+        """The best whole-cent price of one bundle (list price ``L``, location ``mu``) on the grid."""
+        cost = float(np.sum(costs)) if costs is not None else 0.0
+        lo = max(L * (1 - max_discount), cost * (1 + min_margin))
+        cents_lo, cents_hi = math.ceil(round(lo * 100, 6)), math.floor(round(L * 100, 6))  # whole cents inside [lo, L]
+        if cents_lo > cents_hi:
+            raise NoFeasiblePrice(f"no price in whole cents within [{lo:.4f}, {L:.2f}] (minimum margin or maximum discount)")
+        cents = np.unique(np.linspace(cents_lo, cents_hi, grid).round().astype(np.int64))
+        if end is not None:  # e.g. 0.99 -> x.99 prices inside [lo, L]
+            cents = np.unique((cents - end) // 100 * 100 + end)
+            cents = cents[(cents >= cents_lo) & (cents <= cents_hi)]
+            if len(cents) == 0:
+                raise NoFeasiblePrice(f"no price ending in .{end:02d} within [{lo:.2f}, {L:.2f}]")
+        cand = cents / 100.0
+        prob = self.purchase_probability(cand, L, mu=mu)  # the whole grid at once: mu does not depend on the price
+        objective = (cand - cost) * prob
+        best = int(np.argmax(objective))
+        p_star = float(cand[best])
+        sep = float(np.sum(alone * self.purchase_probability(alone, alone, mu=mu_alone))) if len(alone) else 0.0
+        return {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
+                "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
+                "expected_margin": float(objective[best]) if costs is not None else None,
+                "expected_revenue_separately": float(sep),
+                "revenue_lift_vs_separate": float(p_star * prob[best] / sep - 1) if sep > 0 else None}

@@ -114,9 +114,12 @@ def paired_lift(a: np.ndarray, b: np.ndarray, seed: int = 0, resamples: int = 10
             "ci": [float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))]}
 
 
-def bootstrap_ci(values: np.ndarray, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
+def bootstrap_ci(values: np.ndarray, *, resamples: int = 1000, level: float = 0.95, seed: int = 0) -> list[float]:
     """Percentile bootstrap interval of the mean of ``values`` (resampling examples, in chunks so
-    memory stays at 50 x len(values))."""
+    memory stays at 50 x len(values)). Keyword-only options: a seed passed by position once became
+    the number of resamples."""
+    if resamples < 1:
+        raise ValueError(f"bootstrap_ci needs at least one resample, got {resamples}")
     rng = np.random.default_rng(seed)
     values = np.asarray(values, dtype=np.float64)
     means = []

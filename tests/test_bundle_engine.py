@@ -154,6 +154,11 @@ def test_intervals_cover_the_truth_and_a_paired_lift_of_equal_methods_is_zero():
     v = rng.binomial(1, 0.3, size=400).astype(float)
     lo, hi = bootstrap_ci(v)
     assert lo < v.mean() < hi and hi - lo < 0.12
+    assert bootstrap_ci(v, seed=3) != bootstrap_ci(v, seed=4)  # the seed draws the resamples
+    with pytest.raises(TypeError):  # a seed by position once became the number of resamples
+        bootstrap_ci(v, 3)
+    with pytest.raises(ValueError, match="at least one resample"):
+        bootstrap_ci(v, resamples=0)
     same = paired_lift(v, v)
     assert same["lift"] == 0 and same["ci"] == [0.0, 0.0]
     better = paired_lift(np.clip(v + rng.binomial(1, 0.2, 400), 0, 1), v)

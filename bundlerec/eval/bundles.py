@@ -91,7 +91,7 @@ def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> t
         per["history_on_intent_sessions"] = personal_values(personal_bundles(engine, iq, "history"), iq)
     for m, v in per.items():
         out[m] = {"sessions": len(v["best_jaccard"]), **prf(*v["triplets"].sum(0)), "f1_ci": f1_ci(v["triplets"], seed),
-                  "best_jaccard": float(v["best_jaccard"].mean()), "best_jaccard_ci": bootstrap_ci(v["best_jaccard"], seed)}
+                  "best_jaccard": float(v["best_jaccard"].mean()), "best_jaccard_ci": bootstrap_ci(v["best_jaccard"], seed=seed)}
     base = [m for m in PERSONAL_BASELINES if m in out]
     best = max(base, key=lambda m: out[m]["best_jaccard"]) if base else None
     lift = {"vs": best, "best_jaccard": paired_lift(per["bundlerec"]["best_jaccard"], per[best]["best_jaccard"], seed)} if best else {}
@@ -119,7 +119,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
             for name, arr in sorted(v.items()):
                 res[name] = float(arr.mean())
                 if name.endswith("@10"):
-                    res[f"{name}_ci"] = bootstrap_ci(arr, seed)
+                    res[f"{name}_ci"] = bootstrap_ci(arr, seed=seed)
             if mode == "first":
                 res.update(split_recall(e, q, seen))
                 per_query[m] = v
@@ -137,7 +137,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
             e = engine if w is None else engine.with_params(EngineParams(query=w))
             per_i[m] = query_values(e, iq)
             out["intent"][m] = {"n": len(iq), **{k: float(v.mean()) for k, v in sorted(per_i[m].items())},
-                                **{f"{k}_ci": bootstrap_ci(v, seed) for k, v in per_i[m].items() if k.endswith("@10")}}
+                                **{f"{k}_ci": bootstrap_ci(v, seed=seed) for k, v in per_i[m].items() if k.endswith("@10")}}
         best_i = max(("lexical", "zeroshot"), key=lambda m: out["intent"][m]["recall@10"])
         out["intent_lift"] = {"vs": best_i, "recall@10": paired_lift(per_i["bundlerec"]["recall@10"], per_i[best_i]["recall@10"], seed)}
     named = named(annotated({d.name: d}, index)[d.name])
@@ -145,7 +145,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
         per_n = {m: naming_values(engine, engine.namer, named, w) for m, w in
                  (("bundlerec", engine.namer.weights), ("zeroshot", {"zeroshot": 1.0}), ("lexical", {"lexical": 1.0}))}
         per_n["category"] = np.array([rouge1_f1(bundle_name([engine.categories[i] for i in b]), t) for b, t in named])
-        out["naming"] = {m: {"n": len(named), "rouge1_f1": float(v.mean()), "rouge1_f1_ci": bootstrap_ci(v, seed)}
+        out["naming"] = {m: {"n": len(named), "rouge1_f1": float(v.mean()), "rouge1_f1_ci": bootstrap_ci(v, seed=seed)}
                          for m, v in per_n.items()}
         best_n = max(("zeroshot", "lexical", "category"), key=lambda m: out["naming"][m]["rouge1_f1"])
         out["naming_lift"] = {"vs": best_n, "rouge1_f1": paired_lift(per_n["bundlerec"], per_n[best_n], seed)}

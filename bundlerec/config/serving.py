@@ -1,0 +1,140 @@
+"""Serving and online-experiment sections: the Ray Serve deployment, the experiment and its promotion rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from bundlerec.config.base import _check
+
+
+@dataclass
+class ServeConfig:
+    """Deployment of the registered model (serve/config.yaml holds the Serve-side settings)."""
+
+    model_name: str = "bundlerec"
+    """Registered model name."""
+    model_uri: Optional[str] = None
+    """What to serve: None = models:/<model_name>@champion; or a registry URI or a local export dir."""
+    config_path: str = "serve/config.yaml"
+    """Ray Serve config deployed by jobs.deploy (args below override its application args)."""
+    url: str = "http://127.0.0.1:8000"
+    """Where the endpoint answers once deployed."""
+    dashboard_url: str = "http://127.0.0.1:8265"
+    """Ray dashboard (Serve REST API) that receives the deployment."""
+    poll_s: float = 10.0
+    """Seconds between champion-alias checks in each replica."""
+    auth: bool = False
+    """Require a bearer token on the API (the deploy stage writes a fresh one to token_file, mode 0600)."""
+    token_file: str = "runs/demo/api_token"
+    """Secret file with the accepted tokens, one per line (several = rotation)."""
+    admin_token_file: str = ""
+    """Secret file with the tokens of the explore routes (``/v1/explore/*``: any shopper's history);
+    "" = the API tokens open those too (one local user). Set it wherever the endpoint has clients."""
+    user_key_file: str = "runs/demo/user_key"
+    """Secret key that pseudonymizes user ids in exports (HMAC-SHA256; created 0600 on the first
+    export); Serve replicas and the pyfunc ($BUNDLEREC_USER_KEY_FILE) read it to find histories."""
+    torch_threads: int = 1
+    """Intra-op threads per replica (= its CPUs)."""
+    max_body_bytes: int = 256 * 1024
+    """Request bodies above this get 413."""
+    ann_min_items: int = 50_000
+    """Approximate (FAISS IVF) top-k from this catalog size on; 0 = always exact."""
+    ann_nprobe: int = 48
+    """IVF cells searched per request (recall@10 vs exact 0.99 at 100k items)."""
+    max_concurrent_bundles: int = 2
+    """/v1/bundles requests one replica computes at once; beyond that it answers 503 + Retry-After
+    at once, so maximal bundle requests are shed before they slow recommendations down."""
+    model_cache_dir: str = "~/.cache/bundlerec/models"
+    """Each replica's verified local copies of registry versions; the last good one is served
+    when a replica restarts while MLflow is unreachable ("" = no copies)."""
+    tracking_credentials_file: str = ""
+    """MLflow credentials of the Serve replicas (MLFLOW_TRACKING_USERNAME/PASSWORD lines, mode 0600;
+    cluster/local.sh MLFLOW_AUTH=basic writes .cluster/mlflow-serving.env: a read-only identity);
+    "" = none (a server without authentication)."""
+    event_log_dir: str = "runs/demo/online"
+    """Where replicas write impressions and shopper feedback as Parquet (a local dir or s3://...;
+    "" = not logged). Each event is first appended to a local write-ahead file under
+    ``<event_log_dir>/_wal`` (``~/.cache/bundlerec/wal`` for object stores) before the answer goes out."""
+    event_flush_s: float = 5.0
+    """Seconds between write-ahead -> Parquet flushes (also on shutdown and at 2,000 rows)."""
+
+    def __post_init__(self) -> None:
+        _check(self.poll_s >= 0 and self.torch_threads >= 1, "serve.poll_s >= 0, serve.torch_threads >= 1")
+        _check(self.max_body_bytes >= 1024, "serve.max_body_bytes must be >= 1024")
+        _check(self.max_concurrent_bundles >= 1, "serve.max_concurrent_bundles must be >= 1")
+        _check(self.ann_min_items >= 0 and self.ann_nprobe >= 1, "serve.ann_min_items >= 0, serve.ann_nprobe >= 1")
+        _check(self.event_flush_s > 0, "serve.event_flush_s must be > 0")
+
+    def app_args(self) -> dict:
+        """The Serve application's args (serve/config.yaml mirrors these defaults)."""
+        return {"poll_s": self.poll_s, "torch_threads": self.torch_threads, "auth": self.auth,
+                "max_body_bytes": self.max_body_bytes, "ann_min_items": self.ann_min_items,
+                "ann_nprobe": self.ann_nprobe, "model_cache_dir": self.model_cache_dir,
+                "max_concurrent_bundles": self.max_concurrent_bundles, "event_log_dir": self.event_log_dir,
+                "event_flush_s": self.event_flush_s}
+
+
+ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impression", "bundle_take_rate",
+                  "realized_discount")
+"""Per-arm metrics of an online experiment (bundlerec.experiments.analysis)."""
+
+
+@dataclass
+class PromotionRule:
+    """When an online experiment moves ``champion`` (bundlerec.experiments.lifecycle.decide)."""
+
+    metric: str = "revenue_per_impression"
+    """The primary metric the challenger must improve."""
+    confidence: float = 0.95
+    """One-sided confidence that it is better: the (1 - confidence) bootstrap quantile of the
+    difference (challenger - control) must be > 0. An A/A test promotes with probability <= 1 - confidence."""
+    guardrails: list = field(default_factory=lambda: ["ctr", "conversion"])
+    """Metrics that must not be worse: the challenger is refused when the upper (confidence) quantile
+    of a guardrail's difference is < 0."""
+    min_units: int = 100
+    """Users (assignment units) per arm before any decision."""
+    srm_p: float = 0.001
+    """Sample-ratio mismatch: a chi-square p-value below this stops the decision (assignment is broken)."""
+
+    def __post_init__(self) -> None:
+        _check(self.metric in ONLINE_METRICS, f"experiment.promotion.metric must be one of {ONLINE_METRICS}")
+        _check(not set(self.guardrails) - set(ONLINE_METRICS), f"experiment.promotion.guardrails: one of {ONLINE_METRICS}")
+        _check(0.5 < self.confidence < 1, "experiment.promotion.confidence must lie in (0.5, 1)")
+        _check(self.min_units >= 1 and 0 < self.srm_p < 1, "experiment.promotion: min_units >= 1, 0 < srm_p < 1")
+
+
+@dataclass
+class ExperimentConfig:
+    """An online experiment: registry versions or aliases as arms with traffic shares
+    (``python -m jobs.experiment start``; replicas pick it up from the registry, no redeploy)."""
+
+    name: str = "exp-1"
+    """Experiment name: the salt of the assignment hash unless ``salt`` is set, and the label of its logs."""
+    arms: dict = field(default_factory=lambda: {"control": "champion", "treatment": "challenger"})
+    """Arm name -> registry alias (champion, challenger, ...) or version number."""
+    shares: dict = field(default_factory=lambda: {"control": 0.5, "treatment": 0.5})
+    """Arm name -> share of assignment units (users; sessions for anonymous shoppers); sums to 1."""
+    control: str = "control"
+    """The arm the others are compared with (it normally serves the champion)."""
+    salt: str = ""
+    """Assignment salt ("" = the name): a new salt reshuffles who sees which arm."""
+    bootstrap: int = 2000
+    """Bootstrap resamples (over users) behind every interval of the report."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    promotion: PromotionRule = field(default_factory=PromotionRule)
+
+    def __post_init__(self) -> None:
+        import re
+
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name)),
+               "experiment.name: 1-64 letters, digits, _ . - (it names log partitions and tags)")
+        _check(set(self.arms) == set(self.shares) and len(self.arms) >= 2,
+               "experiment.arms and experiment.shares must name the same arms, at least two")
+        _check(all(bool(re.fullmatch(r"[A-Za-z0-9_-]{1,32}", a)) for a in self.arms),
+               "experiment arm names: 1-32 letters, digits, _ -")
+        _check(all(float(v) > 0 for v in self.shares.values()) and abs(sum(map(float, self.shares.values())) - 1) < 1e-6,
+               "experiment.shares must be > 0 and sum to 1")
+        _check(self.control in self.arms, "experiment.control must be one of experiment.arms")
+        _check(self.bootstrap >= 100, "experiment.bootstrap must be >= 100")

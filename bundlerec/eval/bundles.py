@@ -140,12 +140,12 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
                                 **{f"{k}_ci": bootstrap_ci(v, seed=seed) for k, v in per_i[m].items() if k.endswith("@10")}}
         best_i = max(("lexical", "zeroshot"), key=lambda m: out["intent"][m]["recall@10"])
         out["intent_lift"] = {"vs": best_i, "recall@10": paired_lift(per_i["bundlerec"]["recall@10"], per_i[best_i]["recall@10"], seed)}
-    named = named(annotated({d.name: d}, index)[d.name])
-    if engine.namer is not None and named:
-        per_n = {m: naming_values(engine, engine.namer, named, w) for m, w in
+    named_b = named(annotated({d.name: d}, index)[d.name])
+    if engine.namer is not None and named_b:
+        per_n = {m: naming_values(engine, engine.namer, named_b, w) for m, w in
                  (("bundlerec", engine.namer.weights), ("zeroshot", {"zeroshot": 1.0}), ("lexical", {"lexical": 1.0}))}
-        per_n["category"] = np.array([rouge1_f1(bundle_name([engine.categories[i] for i in b]), t) for b, t in named])
-        out["naming"] = {m: {"n": len(named), "rouge1_f1": float(v.mean()), "rouge1_f1_ci": bootstrap_ci(v, seed=seed)}
+        per_n["category"] = np.array([rouge1_f1(bundle_name([engine.categories[i] for i in b]), t) for b, t in named_b])
+        out["naming"] = {m: {"n": len(named_b), "rouge1_f1": float(v.mean()), "rouge1_f1_ci": bootstrap_ci(v, seed=seed)}
                          for m, v in per_n.items()}
         best_n = max(("zeroshot", "lexical", "category"), key=lambda m: out["naming"][m]["rouge1_f1"])
         out["naming_lift"] = {"vs": best_n, "rouge1_f1": paired_lift(per_n["bundlerec"], per_n[best_n], seed)}

@@ -23,7 +23,7 @@ DEMO_CONFIG ?= jobs/configs/demo.yaml
 DEMO_ROOT ?= $(CURDIR)
 DEMO_ARGS ?=
 
-.PHONY: setup system-packages demo services stop test test-fast lock clean wheelhouse
+.PHONY: setup system-packages demo services stop test test-fast test-unit test-integration test-e2e lock clean wheelhouse
 
 setup: system-packages $(VENV)/.installed
 
@@ -65,8 +65,15 @@ stop:
 test: setup
 	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 tests
 
-test-fast: setup
+# The tiers: unit (no Ray, about a minute), integration (real services on 127.0.0.1), end to end.
+test-fast test-unit: setup
 	$(VENV)/bin/python -m pytest -q -m "not integration" tests
+
+test-integration: setup
+	timeout 5400 $(VENV)/bin/python -m pytest -x -q -m "integration and not e2e" tests
+
+test-e2e: setup
+	timeout 5400 $(VENV)/bin/python -m pytest -x -q -m e2e tests
 
 clean: stop
 	rm -rf runs .cluster

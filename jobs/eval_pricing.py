@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", required=True, help="folder with bundles.csv.gz and bundle_items.csv.gz")
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--s", type=float, default=0.3, help="assumed logistic scale of willingness to pay")
+    from bundlerec.config import PricingConfig
+
+    p.add_argument("--s", type=float, default=PricingConfig.s, help="assumed logistic scale of willingness to pay")
     p.add_argument("--mlflow-uri", default=None, help="also log the figures, the JSON and the plot to this tracking "
                    "server (experiment bundlerec-pricing)")
     args = p.parse_args(argv)

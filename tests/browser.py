@@ -33,7 +33,7 @@ class Chromium:
     def __enter__(self) -> "Chromium":
         from websockets.sync.client import connect
 
-        from tests.conftest import require_system_package
+        from tests.support import require_system_package
 
         require_system_package(bool(CHROMIUM), "chromium")
         profile = self.workdir / "chromium-profile"

@@ -6,53 +6,21 @@ Ray resource mistakes hang rather than fail.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bundlerec.runtime import LOCAL_NUM_CPUS, WORKER_ENV, setup_env
+from tests.support import JOB_AGENT_PORT, _listening, free_port, start_mlflow, stop_mlflow, tiny_config, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
 setup_env()
 # Job drivers and workers started by the suite's Ray cluster resolve `python` on PATH: make it this
 # interpreter's environment (as `make test` and cluster/local.sh do), whoever started pytest.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
-
-
-JOB_AGENT_PORT = 52365  # Ray's dashboard agent (the job API's agent) listens on this fixed port
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +31,7 @@ def ray_cluster():
     fail at once saying so (:func:`require_job_agent`)."""
     import ray
 
-    # (an environment variable: pytest's conftest module and `from tests.conftest import` may be two modules)
+    # (an environment variable: pytest's conftest module and `from tests.support import` may be two modules)
     os.environ["BUNDLEREC_TEST_AGENT_PORT_TAKEN"] = "1" if _listening(JOB_AGENT_PORT) else ""
 
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
@@ -78,46 +46,6 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def require_job_agent() -> None:
-    """Fail a job-submitting test with the reason when another Ray instance held the job agent's port."""
-    if os.environ.get("BUNDLEREC_TEST_AGENT_PORT_TAKEN"):
-        pytest.fail(f"another Ray instance on this machine listens on 127.0.0.1:{JOB_AGENT_PORT} (Ray's fixed "
-                    f"dashboard-agent port), so the suite's cluster has no job agent: stop it (`make stop`, "
-                    f"`ray stop` for one started by hand) and run the tests again")
-
-
-def start_mlflow(d, port: int, backend: str | None = None, artifacts: str | None = None,
-                 env: dict | None = None, app_name: str | None = None) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` on 127.0.0.1:``port``: sqlite in ``d`` and local artifacts unless
-    ``backend`` (e.g. postgresql://...) and ``artifacts`` (e.g. s3://bucket/mlflow) say otherwise;
-    ``app_name="basic-auth"``: with MLflow's authentication app."""
-    log = open(d / "server.log", "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", *(["--app-name", app_name] if app_name else []), "--backend-store-uri", backend or f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", artifacts or str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **(env or {})})
-    log.close()
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        # generous: a loaded 2-core box has needed more than 120 s (sqlite migrations + uvicorn start;
-        # cluster/local.sh waits as long)
-        wait_http(uri + "/health", 300)
-    except BaseException:
-        stop_mlflow(proc)
-        raise
-    return proc, uri
-
-
-def stop_mlflow(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn/job-runner children
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite backend, local artifacts) on a free loopback port."""
@@ -126,135 +54,6 @@ def mlflow_server(tmp_path_factory):
         yield uri
     finally:
         stop_mlflow(proc)
-
-
-def mlflow_post(uri: str, endpoint: str, body: dict) -> dict:
-    import json
-
-    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def mlflow_get(uri: str, endpoint: str, **params) -> dict:
-    import json
-    import urllib.parse
-
-    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(params)}", timeout=30) as r:
-        return json.loads(r.read())
-
-
-TINY_ENCODER = Path(tempfile.gettempdir()) / "bundlerec-tiny-bert-v1"
-
-
-def tiny_encoder() -> str:
-    """A tiny random-init BERT (2 layers, hidden 64: ~1.3 M parameters + embeddings) with MiniLM's
-    tokenizer, saved as a normal HF model directory. For tests whose subject is the machinery
-    (DeepSpeed, resume, Tune, registry, Serve), not what the pretrained weights know: MiniLM's 345 MB
-    ZeRO-2 checkpoints and forwards are what made those tests slow. Deterministic (seed 0)."""
-    if not (TINY_ENCODER / "model.safetensors").exists():
-        import torch
-        from transformers import AutoConfig, AutoModel
-
-        from bundlerec.hub import load_tokenizer, resolve_model_path
-
-        base = resolve_model_path("all-MiniLM-L6-v2")
-        conf = AutoConfig.from_pretrained(base)
-        conf.update({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128})
-        torch.manual_seed(0)
-        tmp = Path(tempfile.mkdtemp(prefix="tiny-bert-"))
-        AutoModel.from_config(conf).save_pretrained(tmp)
-        load_tokenizer("all-MiniLM-L6-v2").save_pretrained(tmp)
-        try:
-            tmp.rename(TINY_ENCODER)  # atomic: concurrent sessions never see half a model
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(TINY_ENCODER)
-
-
-# Tiny random-init models of four families, built from configs (no hub): two encoders, two decoder LLMs.
-FAMILIES = {
-    "bert": dict(model_type="bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
-    "roberta": dict(model_type="roberta", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                    intermediate_size=64, max_position_embeddings=130, pad_token_id=1),
-    "llama": dict(model_type="llama", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64),
-    "qwen2": dict(model_type="qwen2", hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                  num_key_value_heads=1, intermediate_size=64),
-}
-
-
-def tiny_model_dir(family: str, root) -> str:
-    """A tiny random-init model directory of ``family`` with MiniLM's tokenizer (vocabulary sized to it)."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
-    from bundlerec.hub import load_tokenizer
-
-    out = root / family
-    if not (out / "config.json").exists():
-        kw = dict(FAMILIES[family])
-        conf = AutoConfig.for_model(kw.pop("model_type"), vocab_size=1, **kw)
-        conf.save_pretrained(out)
-        load_tokenizer("all-MiniLM-L6-v2").save_pretrained(out)
-        # the architecture's tokenizer class reads MiniLM's vocabulary (and may add its own end-of-text
-        # token): the embedding table is sized to the tokenizer as this directory loads it
-        conf.vocab_size = len(load_tokenizer(str(out)))
-        torch.manual_seed(0)
-        AutoModel.from_config(conf).save_pretrained(out)
-    return str(out)
-
-
-@contextlib.contextmanager
-def small_volume(path: Path, size: str):
-    """A tmpfs of ``size`` (e.g. "256m") mounted at ``path`` for the block: a real disk that can fill
-    up. Skipped where mounting is not allowed (needs root or CAP_SYS_ADMIN)."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def require_system_package(present: bool, package: str) -> None:
-    """Skip a test whose Debian package (chromium, postgresql) is missing, naming the command that
-    installs it; under CI (``CI`` set, as `.ci/run` sets it) a missing package fails the test instead."""
-    if present:
-        return
-    msg = f"Debian's {package} is not installed: `make setup` installs it (or: sudo apt-get install {package})"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
-def dataset(name: str) -> Path:
-    """A real dataset: the project's ``../shared/data/<name>`` when it is beside the checkout, else the
-    copy shipped in ``datasets/<name>`` (datasets/README.md), so a bare clone runs the same tests."""
-    shared = ROOT.parent / "shared" / "data" / name
-    return shared if shared.is_dir() else ROOT / "datasets" / name
-
-
-STEAM = dataset("steam_bundles")
-INTENT = dataset("bundlerec_intent")
-
-
-def tiny_overrides() -> list[str]:
-    """Overrides that swap the tiny random-init encoder into jobs/configs/tiny.yaml (trained from
-    scratch: no frozen layers, a from-scratch learning rate); served prices from the fitted model
-    on the real Steam data."""
-    return [f"model.name_or_path={tiny_encoder()}", "model.freeze_layers=0", "train.lr=1e-3",
-            f"pricing.data_dir={STEAM}"]
-
-
-def tiny_config(*overrides: str):
-    """jobs/configs/tiny.yaml with the tiny encoder plus ``overrides``."""
-    from bundlerec.config import load_config
-
-    return load_config(str(ROOT / "jobs/configs/tiny.yaml"), [*tiny_overrides(), *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -159,9 +159,9 @@ def test_mlflow_basic_auth_only_the_training_identity_writes_the_registry(tmp_pa
     from bundlerec.config import ExperimentConfig
     from bundlerec.experiments import lifecycle
     from bundlerec.registry.promotion import set_alias
-    from bundlerec.serving.app import _resolve
+    from bundlerec.serving.loading import resolve_version as _resolve
     from bundlerec.tracking import TrackingError, check_server, read_env_file, setup_basic_auth
-    from tests.conftest import free_port, start_mlflow, stop_mlflow
+    from tests.support import free_port, start_mlflow, stop_mlflow
 
     (tmp_path / "auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, free_port, require_job_agent, require_system_package, tiny_overrides
+from tests.support import ROOT, free_port, require_job_agent, require_system_package, tiny_overrides
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 # the RayJob's sizes shrunk to tiny.yaml's (a 2-core box) and the tiny random-init encoder in place of
 # MiniLM (the subject here is the stores, not the weights: MiniLM's ZeRO checkpoints are 345 MB of
@@ -189,7 +189,7 @@ def _the_rayservice_app_serves_the_champion(backends: dict, key: Path, tmp_path:
     from bundlerec.serving.auth import write_token_file
     from bundlerec.client import http_json
     from bundlerec.serving.deploy import wait_ready
-    from tests.conftest import free_port
+    from tests.support import free_port
 
     service = yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())
     conf = yaml.safe_load(service["spec"]["serveConfigV2"])

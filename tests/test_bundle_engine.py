@@ -20,7 +20,7 @@ from bundlerec.eval.bundle_scoring import f1_ci, f1_of
 from bundlerec.eval.bundle_select import FUSION_CHANNELS, fusion_grid
 from bundlerec.metrics import bootstrap_ci, paired_lift
 
-from tests.conftest import INTENT
+from tests.support import INTENT
 
 TEXTS = ["red running shoes | category: Women > Shoes > Running", "blue running socks | category: Women > Socks",
          "espresso coffee beans | category: Beverages > Coffee", "coffee grinder burr | category: Kitchen > Coffee",

@@ -17,7 +17,7 @@ from bundlerec.pricing.demand import NoFeasiblePrice, PricingModel
 from bundlerec.pricing.features import BUNDLE_FEATURES, CONTEXT_FEATURES, FEATURES, PricingContext, bundle_features
 from bundlerec.data.statistics import cooccurrence_counts, item_counts
 
-from tests.conftest import STEAM
+from tests.support import STEAM
 
 STEAM = str(STEAM)
 

@@ -11,7 +11,7 @@ import pytest
 from bundlerec.config import load_config
 from bundlerec.data.snapshot import data_root
 from bundlerec.data.prep import run_prep
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -12,7 +12,7 @@ import typer
 import yaml
 
 from jobs.cli import STAGES, submit_command
-from tests.conftest import ROOT, require_job_agent
+from tests.support import ROOT, require_job_agent
 
 BUNDLEREC = str(Path(sys.executable).with_name("bundlerec"))  # the console script `make setup` installs
 
@@ -114,6 +114,7 @@ def test_submit_to_a_remote_cluster_refuses_outputs_that_would_be_lost(tmp_path)
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+@pytest.mark.e2e
 def test_submit_runs_a_ray_job_whose_outputs_land_here(ray_cluster, tmp_path):
     """A real `ray job submit` from a folder outside the project: the job runs in the uploaded copy of
     the project, and its relative --out still lands in the folder the command was run from."""

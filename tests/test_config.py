@@ -87,6 +87,25 @@ def test_relative_output_root_round_trips_unchanged(tmp_path, monkeypatch):
     assert again.results_path == cfg.results_path and "rel/rel" not in again.train.storage_path
 
 
+def test_every_output_path_derives_from_the_run_name_in_one_place(tmp_path):
+    """Outputs left unset go to runs/<name>/ (config.pipeline.OUTPUTS), whichever config names the run:
+    a dataset config no longer writes its checkpoints or token into runs/demo/."""
+    from operator import attrgetter
+
+    from bundlerec.config.pipeline import OUTPUTS
+
+    cfg = load_config(str(ROOT / "jobs/configs/amazon2018.yaml"), [f"output_root={tmp_path}"])
+    assert {k: attrgetter(k)(cfg) for k in OUTPUTS} == {k: f"{tmp_path}/runs/amazon2018/{leaf}" for k, leaf in OUTPUTS.items()}
+    given = load_config(None, ["name=shop", "train.storage_path=s3://bucket/ck", "serve.event_log_dir="])
+    assert given.train.storage_path == "s3://bucket/ck" and given.serve.event_log_dir == ""  # "" = off, kept
+    assert given.tune.storage_path == "runs/shop/tune"
+    for path in CONFIGS:  # no shipped YAML restates a derived path
+        name = yaml.safe_load(path.read_text()).get("name", "demo")
+        assert f"runs/{name}/" not in path.read_text(), path.name
+    with pytest.raises(ConfigError, match="names the run's folder"):
+        load_config(None, ["name=../elsewhere"])
+
+
 @pytest.mark.parametrize("bad", ["data.test_baskets=0", "data.history_len=32 data.max_history_len=16"])
 def test_selection_and_history_guards(bad):
     with pytest.raises(ConfigError):
@@ -99,9 +118,13 @@ def test_one_definition_of_serve_defaults():
     from bundlerec.config import ServeConfig
     from bundlerec.serving.app import build_app
 
+    from bundlerec.config.pipeline import OUTPUTS
+
     defaults = ServeConfig().app_args()
     local = yaml.safe_load((ROOT / "serve/config.yaml").read_text())["applications"][0]["args"]
-    assert {k: local[k] for k in defaults} == defaults
+    derived = {k.split(".", 1)[1] for k in OUTPUTS if k.startswith("serve.")}  # runs/<name>/... in a pipeline
+    assert {k: local[k] for k in defaults if k not in derived} == {k: v for k, v in defaults.items() if k not in derived}
+    assert all(defaults[k] is None and isinstance(local[k], str) for k in derived & set(defaults))  # stated there
     kuberay = yaml.safe_load(yaml.safe_load((ROOT / "cluster/kuberay/rayservice.yaml").read_text())["spec"]["serveConfigV2"])
     assert set(kuberay["applications"][0]["args"]) <= {"model_uri", "tracking_uri", "auth_token_file", "admin_token_file",
                                                      "tracking_credentials_file", "user_key_file", *defaults}

@@ -7,7 +7,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from tests.conftest import INTENT, ROOT, STEAM, free_port, mlflow_get, tiny_encoder
+from tests.support import INTENT, ROOT, STEAM, free_port, mlflow_get, tiny_encoder
 
 FILES = ("items", "user_item", "user_session", "session_item", "session_bundle", "bundle_item", "bundle_intent",
          "user_bundle")

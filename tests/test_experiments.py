@@ -19,7 +19,7 @@ from bundlerec.experiments import analysis
 from bundlerec.experiments.lifecycle import decide, spec_of
 from bundlerec.experiments.event_log import EventLog, OnlineLog, wal_dir_for
 from bundlerec.experiments.assignment import ImpressionSigner, assign, bucket
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 # ---------------------------------------------------------------- assignment and impression ids
@@ -221,7 +221,7 @@ def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(
     LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves
     the segment clean; with space freed, appends go on; Parquet holds exactly the acknowledged rows."""
     from bundlerec.experiments.event_log import LogUnavailable
-    from tests.conftest import small_volume
+    from tests.support import small_volume
 
     with small_volume(tmp_path / "vol", "1m") as vol:
         el = EventLog(str(tmp_path), "impressions", str(vol), flush_rows=10_000_000)
@@ -375,9 +375,10 @@ class _Steady:
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
+@pytest.mark.e2e
 def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_trained, mlflow_server, ray_cluster,
                                                                        tmp_path):
-    """champion = a deliberately worse model (the trained export with a shuffled item index),
+    """champion = a deliberately worse model (the trained export with a shuffled item index, served alone),
     challenger = the trained model. Started with `jobs.experiment start`, the replicas split
     simulated shoppers between them (sticky); one replica is SIGKILLed mid-run and every impression a
     shopper received is still in the Parquet log; `jobs.experiment_report --promote` finds the
@@ -391,6 +392,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     from ray.util.state import list_actors
 
     from bundlerec.experiments.simulator import simulate
+    from bundlerec.inference.fusion import FusionParams
     from bundlerec.integrity import seal
     from bundlerec.pipeline import attach_pricing
     from bundlerec.experiments.lifecycle import aa_false_positives, read, wait_for_experiment
@@ -399,7 +401,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     from bundlerec.client import http_json
     from bundlerec.serving.deploy import deploy
     from jobs import experiment as experiment_job, experiment_report
-    from tests.conftest import free_port, tiny_config
+    from tests.support import free_port, tiny_config
 
     cfg0, trained, _ = tiny_trained
     name, prep = "bundlerec-exp", cfg0.data.output_dir
@@ -409,6 +411,9 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     shutil.copytree(good, worse)
     index = np.load(f"{worse}/item_index.npy")
     np.save(f"{worse}/item_index.npy", index[np.random.default_rng(0).permutation(len(index))])
+    # ... and served by that index alone: the fit's fusion may leave the tuned channel out (on the tiny
+    # data it chose item-kNN, popularity, lexical and SASRec), and then the shuffle would change nothing
+    FusionParams({"tuned": 1.0}, {"chosen_on": "the test: a deliberately worse model"}).save(worse)
     seal(worse)
     v_good = register(good, prep, mlflow_server, "experiments-test", model_name=name, history_len=cfg0.data.history_len)
     v_worse = register(worse, prep, mlflow_server, "experiments-test", model_name=name, history_len=cfg0.data.history_len)

@@ -91,7 +91,7 @@ def s3_server():
     import subprocess
     import sys
 
-    from tests.conftest import free_port, wait_http
+    from tests.support import free_port, wait_http
 
     port = free_port()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bundlerec-local",

@@ -107,7 +107,7 @@ def test_the_demo_and_the_tests_need_nothing_beside_the_checkout():
             code = [ln for ln in p.read_text(errors="ignore").splitlines() if not ln.strip().startswith("#")]
             if any(re.search(r"""\.\./shared|/ ["']shared["']""", ln) for ln in code):
                 offenders.append(str(p.relative_to(ROOT)))
-    assert offenders == ["tests/conftest.py"], offenders  # conftest.dataset: ../shared first, else datasets/
+    assert offenders == ["tests/support.py"], offenders  # support.dataset: ../shared first, else datasets/
     shipped = ROOT / "datasets"
     files = sorted(f for f in shipped.rglob("*.gz"))
     assert {f.relative_to(shipped).parts[0] for f in files} == {"steam_bundles", "bundlerec_intent"}

@@ -12,9 +12,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import ROOT, mlflow_get, mlflow_post, require_job_agent
+from tests.support import ROOT, mlflow_get, mlflow_post, require_job_agent
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_server, tmp_path):

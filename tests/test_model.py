@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bundlerec.model.collate import Collator, history_tensors
 from bundlerec.hub import ModelNotFoundError, load_tokenizer, resolve_model_path
 from bundlerec.model.two_tower import TwoTower, build_encoder
-from tests.conftest import tiny_model_dir
+from tests.support import tiny_model_dir
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Lumix pro zoom lens | category: photography > camera lenses", "Kestrel travel tripod | category: tripods",
@@ -141,7 +141,7 @@ def test_export_round_trips_without_pickle(tmp_path):
     from bundlerec.model.export import load_export, save_export
     from bundlerec.hub import load_tokenizer
     from bundlerec.model.two_tower import TwoTower, build_encoder
-    from tests.conftest import tiny_encoder
+    from tests.support import tiny_encoder
 
     model = TwoTower(build_encoder(tiny_encoder()), temperature=0.07)
     with torch.no_grad():
@@ -266,7 +266,7 @@ def test_training_refuses_items_tokenized_by_another_tokenizer_and_pads_with_the
     from bundlerec.data.catalog import pad_id, padded_tokens, tokenizer_fingerprint
     from bundlerec.data.examples import PrepMismatch, check_prepared
     from bundlerec.hub import load_tokenizer
-    from tests.conftest import tiny_encoder
+    from tests.support import tiny_encoder
 
     minilm = load_tokenizer(MODEL)
     same = tokenizer_fingerprint(load_tokenizer(tiny_encoder()))  # the tiny test encoder reuses MiniLM's
@@ -291,7 +291,7 @@ def test_train_flops_count_what_a_step_computes(tmp_path_factory):
 
     from bundlerec.model.two_tower import TwoTower, build_encoder, transformer_blocks
     from bundlerec.train.flops import train_flops_per_token
-    from tests.conftest import tiny_model_dir
+    from tests.support import tiny_model_dir
 
     model_dir = tiny_model_dir("bert", tmp_path_factory.getbasetemp() / "families")
     enc = build_encoder(model_dir, freeze_layers=1)
@@ -317,7 +317,7 @@ def test_auto_pooling_follows_a_sentence_transformers_folder_else_the_architectu
 
     from bundlerec.hub import resolve_model_path
     from bundlerec.model.pretrained import resolve_pooling
-    from tests.conftest import tiny_model_dir
+    from tests.support import tiny_model_dir
 
     assert resolve_pooling(resolve_model_path("all-MiniLM-L6-v2")) == "mean"  # the packaged ST folder
     families = tmp_path_factory.getbasetemp() / "families"

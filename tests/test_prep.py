@@ -37,7 +37,7 @@ def test_prep_on_synthetic_writes_splits_items_and_manifest(tiny_prep):
 
 def test_the_global_time_split_trains_on_nothing_after_its_cutoff(tiny_prep, tmp_path):
     from bundlerec.data.examples import load_split
-    from tests.conftest import tiny_config
+    from tests.support import tiny_config
 
     m = run_prep(tiny_config(f"data.output_dir={tmp_path}/g", "data.split=global_time"))
     split = m["split"]

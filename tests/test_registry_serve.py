@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import ROOT, free_port, tiny_config
+from tests.support import ROOT, free_port, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -261,7 +261,7 @@ def test_mlflow_models_serve_answers_with_the_champion(registered, tmp_path):
     then POST /invocations with the logged input example."""
     import signal
 
-    from tests.conftest import wait_http
+    from tests.support import wait_http
 
     name, port = registered["name"], free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}

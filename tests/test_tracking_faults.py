@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, free_port, mlflow_get, start_mlflow, stop_mlflow
+from tests.support import ROOT, free_port, mlflow_get, start_mlflow, stop_mlflow
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

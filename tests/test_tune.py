@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, mlflow_get, mlflow_post, require_system_package, tiny_config, tiny_overrides
+from tests.support import ROOT, mlflow_get, mlflow_post, require_system_package, tiny_config, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 ARTIFACTS = ROOT / "runs" / "test-artifacts"
@@ -107,6 +107,7 @@ def test_mlflow_ui_shows_the_sweep(sweep, mlflow_server, tmp_path):
         assert f"trial-{t['trial_id']}" in dom
 
 
+@pytest.mark.e2e
 def test_sweep_survives_a_killed_driver_and_resumes(sweep, mlflow_server):
     """The sweep driver was SIGKILLed after its first trial finished (the `sweep` fixture); the same
     command with tune.resume=true finished the remaining trials in the same MLflow parent run and

@@ -120,8 +120,8 @@ class DataConfig:
     """Prices above this are quarantined as implausible (implausible_price)."""
     num_shards: int = 4
     """Parquet shards per output split (and partitions for the per-user shuffle)."""
-    output_dir: str = "runs/demo/prep"
-    """Where prep writes examples, items, quarantine and manifest.json."""
+    output_dir: Optional[str] = None
+    """Where prep writes examples, items, quarantine and manifest.json; None = runs/<name>/prep."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Used only when `events` is None."""
 

@@ -17,9 +17,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the annotated type (dataclasses recursively)."""
     origin = get_origin(tp)
     if origin is Union:  # Optional[X]
-        if value is None:
-            return None
         inner = [a for a in get_args(tp) if a is not type(None)][0]
+        if value is None or (value == "" and inner is not str):  # `key=`: none; for a str, the empty string
+            return None
         return _coerce(inner, value, where)
     if is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
@@ -45,6 +45,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an int, got {value!r}")
         return out
     if tp is str:
+        if value is None:
+            raise ConfigError(f"{where}: expected a string, got null")
         return str(value)
     if tp in (list, dict) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected a {tp.__name__}, got {value!r}")
@@ -80,7 +82,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""  # typed by _coerce: "" or None
     return raw
 
 

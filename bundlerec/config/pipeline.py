@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -12,13 +13,21 @@ from bundlerec.config.evaluation import EvalConfig, MlflowConfig, PricingConfig
 from bundlerec.config.serving import ExperimentConfig, ServeConfig
 from bundlerec.config.training import ModelConfig, TrainConfig, TuneConfig
 
+OUTPUTS = {"results_path": "results.json", "data.output_dir": "prep", "train.storage_path": "ray_results",
+           "tune.storage_path": "tune", "serve.token_file": "api_token", "serve.user_key_file": "user_key",
+           "serve.event_log_dir": "online"}
+"""Every output of a run, as it is derived when the config leaves it unset: ``runs/<name>/<leaf>``
+(relative paths are then rebased on ``output_root``). The one place these paths are written."""
+INPUTS = ("data.events", "data.eval_dir", "data.catalog", "pricing.data_dir", "serve.admin_token_file")
+"""Input paths given relative to the project: rebased on ``output_root`` too."""
+
 
 @dataclass
 class PipelineConfig:
     """Everything one pipeline run needs."""
 
     name: str = "demo"
-    """Run name; outputs go to runs/<name>/ unless paths say otherwise."""
+    """Run name; every output path left unset is runs/<name>/<leaf> (``OUTPUTS``)."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -30,8 +39,8 @@ class PipelineConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     stages: list = field(default_factory=lambda: ["prep", "train"])
     """Pipeline stages in order: prep, then train or tune, then optionally register and deploy."""
-    results_path: str = "runs/demo/results.json"
-    """The stage hand-off file (run id, model path, metrics)."""
+    results_path: Optional[str] = None
+    """The stage hand-off file (run id, model path, metrics); None = runs/<name>/results.json."""
     output_root: Optional[str] = None
     """Base directory for the relative paths (outputs, and the inputs data.events, data.catalog,
     pricing.data_dir): a `ray job submit` job runs in a copy of the working dir, so the Makefile
@@ -48,29 +57,29 @@ class PipelineConfig:
         else:
             _check(self.mlflow.primary_metric != "completion_recall@10",
                    "mlflow.primary_metric=completion_recall@10 is for bundle data (data.source=bundlerec_intent)")
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)),
+               f"name: {self.name!r} names the run's folder runs/<name>/: letters, digits, '.', '_', '-'")
+        for key, leaf in OUTPUTS.items():
+            if self._get(key) is None:
+                self._set(key, f"runs/{self.name}/{leaf}")
         if self.output_root:
             # absolute once, so applying it again (every config round-trip: Tune trials, workers) is a no-op
             root = self.output_root if "://" in self.output_root else os.path.abspath(self.output_root)
             self.output_root = root
+            for key in (*OUTPUTS, *INPUTS):
+                p = self._get(key)
+                if p and not ("://" in p or p.startswith("/")):
+                    self._set(key, f"{root.rstrip('/')}/{p}")
 
-            def fix(p: str) -> str:
-                return p if ("://" in p or p.startswith("/")) else f"{root.rstrip('/')}/{p}"
+    def _get(self, dotted: str):
+        obj = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
 
-            self.data.output_dir = fix(self.data.output_dir)
-            self.train.storage_path = fix(self.train.storage_path)
-            self.tune.storage_path = fix(self.tune.storage_path)
-            self.results_path = fix(self.results_path)
-            self.serve.token_file = fix(self.serve.token_file)
-            if self.serve.admin_token_file:
-                self.serve.admin_token_file = fix(self.serve.admin_token_file)
-            self.serve.user_key_file = fix(self.serve.user_key_file)
-            if self.serve.event_log_dir:
-                self.serve.event_log_dir = fix(self.serve.event_log_dir)
-            if self.data.events and not ("://" in self.data.events or self.data.events.startswith("/")):
-                self.data.events = fix(self.data.events)
-            if self.data.eval_dir and not ("://" in self.data.eval_dir or self.data.eval_dir.startswith("/")):
-                self.data.eval_dir = fix(self.data.eval_dir)
-            if self.data.catalog and not ("://" in self.data.catalog or self.data.catalog.startswith("/")):
-                self.data.catalog = fix(self.data.catalog)
-            if self.pricing.data_dir and not self.pricing.data_dir.startswith("/"):
-                self.pricing.data_dir = fix(self.pricing.data_dir)
+    def _set(self, dotted: str, value) -> None:
+        *parents, leaf = dotted.split(".")
+        obj = self
+        for part in parents:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)

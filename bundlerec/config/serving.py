@@ -26,14 +26,15 @@ class ServeConfig:
     """Seconds between champion-alias checks in each replica."""
     auth: bool = False
     """Require a bearer token on the API (the deploy stage writes a fresh one to token_file, mode 0600)."""
-    token_file: str = "runs/demo/api_token"
-    """Secret file with the accepted tokens, one per line (several = rotation)."""
+    token_file: Optional[str] = None
+    """Secret file with the accepted tokens, one per line (several = rotation); None = runs/<name>/api_token."""
     admin_token_file: str = ""
     """Secret file with the tokens of the explore routes (``/v1/explore/*``: any shopper's history);
     "" = the API tokens open those too (one local user). Set it wherever the endpoint has clients."""
-    user_key_file: str = "runs/demo/user_key"
+    user_key_file: Optional[str] = None
     """Secret key that pseudonymizes user ids in exports (HMAC-SHA256; created 0600 on the first
-    export); Serve replicas and the pyfunc ($BUNDLEREC_USER_KEY_FILE) read it to find histories."""
+    export); Serve replicas and the pyfunc ($BUNDLEREC_USER_KEY_FILE) read it to find histories;
+    None = runs/<name>/user_key."""
     torch_threads: int = 1
     """Intra-op threads per replica (= its CPUs)."""
     max_body_bytes: int = 256 * 1024
@@ -52,9 +53,9 @@ class ServeConfig:
     """MLflow credentials of the Serve replicas (MLFLOW_TRACKING_USERNAME/PASSWORD lines, mode 0600;
     cluster/local.sh MLFLOW_AUTH=basic writes .cluster/mlflow-serving.env: a read-only identity);
     "" = none (a server without authentication)."""
-    event_log_dir: str = "runs/demo/online"
+    event_log_dir: Optional[str] = None
     """Where replicas write impressions and shopper feedback as Parquet (a local dir or s3://...;
-    "" = not logged). Each event is first appended to a local write-ahead file under
+    "" = not logged; None = runs/<name>/online). Each event is first appended to a local write-ahead file under
     ``<event_log_dir>/_wal`` (``~/.cache/bundlerec/wal`` for object stores) before the answer goes out."""
     event_flush_s: float = 5.0
     """Seconds between write-ahead -> Parquet flushes (also on shutdown and at 2,000 rows)."""

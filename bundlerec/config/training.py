@@ -98,8 +98,9 @@ class TrainConfig:
     """Rank 0 prints a progress line every this many steps."""
     max_failures: int = 2
     """Worker-group restarts (from the last checkpoint) before the run fails."""
-    storage_path: str = "runs/demo/ray_results"
-    """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster."""
+    storage_path: Optional[str] = None
+    """Ray Train storage (checkpoints); use shared storage (s3://...) on a multi-node cluster;
+    None = runs/<name>/ray_results."""
     resume: bool = False
     """True: if the last training run of this config name did not finish (its driver was killed),
     continue it: the same MLflow run, and Ray Train restores its latest checkpoint from storage_path;
@@ -161,8 +162,8 @@ class TuneConfig:
     """ASHA keeps 1/reduction_factor of the trials at each rung."""
     trial_cpus: float = 1.0
     """Logical CPUs of each trial's driver (which starts the TorchTrainer)."""
-    storage_path: str = "runs/demo/tune"
-    """Tune experiment storage (resume state, per-trial checkpoints and exports)."""
+    storage_path: Optional[str] = None
+    """Tune experiment storage (resume state, per-trial checkpoints and exports); None = runs/<name>/tune."""
     resume: bool = True
     """Restore an interrupted sweep of the same name instead of starting over."""
     seed: int = 0

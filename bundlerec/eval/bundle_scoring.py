@@ -11,13 +11,14 @@ from bundlerec.bundles.engine import (
     top_k,
 )
 from bundlerec.bundles.generate import BundleConstraints
+from bundlerec.config import EvalConfig
 from bundlerec.bundles.matching import match, prf
 from bundlerec.bundles.naming import IntentNamer, rouge1_f1
 from bundlerec.metrics import batch_metrics, pad_targets
 
 log = logging.getLogger(__name__)
 
-KS = [10, 20]
+KS = EvalConfig().ks  # the cut-offs of every bundle metric: eval.ks's default
 
 BOOTSTRAP = 1000
 
@@ -114,7 +115,7 @@ def leak_gate(completion: dict) -> dict:
             "methods": {m: {"seen_share@10": v["seen_share@10"], "passes": bool(v["seen_share@10"] >= ref - LEAK_GATE_POINTS)}
                         for m, v in completion.items() if "seen_share@10" in v and m != "zeroshot_seen_penalty"}}
 
-PERSONAL_N, PERSONAL_MAX_SIZE = 3, 4  # the request defaults of /v1/bundles
+PERSONAL_N, PERSONAL_MAX_SIZE = BundleConstraints.n, BundleConstraints.max_size  # the request defaults of /v1/bundles
 
 
 def history_channel(engine: BundleEngine) -> str:

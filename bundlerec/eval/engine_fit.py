@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 
 from bundlerec.bundles.engine import BundleEngine, EngineParams
+from bundlerec.bundles.generate import BundleConstraints
 from bundlerec.metrics import bootstrap_ci
 from bundlerec.eval.bundle_scoring import channel_cache, completion_values
 from bundlerec.eval.bundle_select import fusion_grid
@@ -56,7 +57,7 @@ COMPLETION_CHANNELS = ("tuned", "cooccurrence", "popularity")
 COMPAT_GRID = ({"data": 1.0, "tuned": 1.0}, {"data": 1.0}, {"tuned": 1.0}, {"data": 1.0, "tuned": 0.5},
                {"data": 0.5, "tuned": 1.0})
 RELEVANCE_GRID = (0.25, 0.5, 1.0, 2.0)
-N_BUNDLES, MAX_SIZE = 3, 4  # the request defaults of /v1/bundles
+N_BUNDLES, MAX_SIZE = BundleConstraints.n, BundleConstraints.max_size  # the request defaults of /v1/bundles
 BASELINES = {"itemknn_greedy": "cooccurrence", "popular_pairs": "popularity"}
 
 

@@ -32,7 +32,7 @@ def _cv(X, sets, sellers, d, size, fold: np.ndarray, s: float, context: bool = T
     return pred
 
 
-def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = 0.3, robustness: bool = True,
+def evaluate_pricing(data_dir: str, folds: int = 5, seed: int = 0, s: float = PricingModel.s, robustness: bool = True,
                      plot_path: Optional[str] = None) -> dict:
     """K-fold out-of-sample discount MAE and final-price MAPE: bundlerec vs median and median-by-size.
 

@@ -137,7 +137,7 @@ def bound_feedback(signer: ImpressionSigner, imp: dict, event, list_prices: list
 @dataclass
 class Experiment:
     """A running experiment as one replica holds it: the registry spec (arm -> version resolved)
-    and each arm's loaded, checked model (bundlerec.serving.app.Loaded)."""
+    and each arm's loaded, checked model (bundlerec.serving.loading.Loaded)."""
 
     spec: dict
     arms: dict

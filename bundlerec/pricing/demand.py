@@ -11,7 +11,7 @@ and expected revenue ``p * P(buy | p)`` is maximised at ``log(p*/L) = mu - s * l
 (s < 1), where P(buy) = 1 - s. Without purchase logs, theta is fitted by *inverse optimisation*:
 assuming the observed (seller-chosen) bundle prices are revenue-optimal, the observed log price
 ratio is regressed on x (ridge). ``s`` is not identifiable from prices alone; it is an assumption
-(default 0.3) that sets the purchase probabilities and revenue figures, not the fitted prices.
+(default `PricingConfig.s`) that sets the purchase probabilities and revenue figures, not the fitted prices.
 
 Prices are chosen on a grid under constraints (maximum discount, minimum margin over cost,
 optional price endings such as .99), so constraints hold exactly.
@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from bundlerec.config import PricingConfig
 from bundlerec.pricing.features import FEATURES, PricingContext, bundle_features
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class NoFeasiblePrice(ValueError):
 
 @dataclass
 class PricingModel:
-    s: float = 0.3
+    s: float = PricingConfig.s
     """Logistic scale of willingness to pay (an assumption; see module docstring)."""
     seed: int = 0
     regressor: object = None

@@ -39,7 +39,7 @@ def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray, list, dict]:
     return b, X, sets, sellers
 
 
-def fit_steam(data_dir: str, s: float = 0.3, seed: int = 0) -> tuple[PricingModel, dict]:
+def fit_steam(data_dir: str, s: float = PricingModel.s, seed: int = 0) -> tuple[PricingModel, dict]:
     """The pricing model fitted on every Steam bundle of ``data_dir``, with its fit metadata (data,
     date, bundles); the price stage (:func:`bundlerec.pipeline.attach_pricing`) adds the
     cross-validated figures."""

@@ -363,3 +363,40 @@ def test_collation_in_ray_datas_threads_draws_the_same_negatives_whichever_threa
     again = c.in_threads(0, 0, 1)
     assert torch.equal(again(b)["cand_item"], fb) and torch.equal(again(a)["cand_item"], fa)  # order-free
     assert not torch.equal(c.in_threads(0, 0, 2)(a)["cand_item"], fa)  # another epoch, other negatives
+
+
+def test_mask_mates_keeps_bundle_mates_and_history_out_of_the_negatives(tokens):
+    """model.mask_mates: a column holding one of the row's other positives (targets[1:]) or one of its
+    history items is masked for that row; with it off only the same item id is."""
+    torch.manual_seed(0)
+    m = TwoTower(build_encoder(resolve_model_path(MODEL)), 0.05).eval()
+    # row 0: history [0], target 1, mate 3; row 1: history [2], target 3; row 2: history [1], target 5
+    batch = {"hist_items": [[0], [2], [1]], "hist_types": [[0], [0], [0]], "hist_age_hours": [[1.0]] * 3,
+             "targets": [[1, 3], [3], [5]]}
+    with torch.no_grad():
+        plain = m.logits(Collator(*tokens, popularity=np.ones(6), history_len=4)(batch))
+        masked = m.logits(Collator(*tokens, popularity=np.ones(6), history_len=4, mask_mates=True)(batch))
+    assert (plain > -1e3).all()  # three distinct targets: nothing masked without group masking
+    assert masked[0, 1] == -1e4  # row 0's mate (item 3) is row 1's target: not row 0's negative
+    assert masked[2, 0] == -1e4  # row 2's history (item 1) is row 0's target: not row 2's negative
+    assert masked[1, 0] > -1e3 and masked[1, 2] > -1e3 and masked[0, 2] > -1e3  # the rest stay negatives
+    assert torch.equal(masked.diagonal(), plain.diagonal())  # positives untouched
+
+
+def test_uniform_negatives_are_drawn_label_free_and_corrected_by_their_expected_count(tokens):
+    """model.negatives=uniform: the sampled negatives ignore popularity (an item never trained on is
+    drawn as often as the most popular), and logQ uses B*q + S/N per column."""
+    pop = np.array([1000.0, 0, 0, 0, 0, 0])
+    batch = {"hist_items": [[0], [2]], "hist_types": [[0], [0]], "hist_age_hours": [[1.0]] * 2, "targets": [[1], [3]]}
+    draws = {kind: np.concatenate([Collator(*tokens, popularity=pop, history_len=4, sampled_negatives=50, seed=s,
+                                            negatives=kind)(batch)["cand_item"][2:].numpy() for s in range(20)])
+             for kind in ("popularity", "uniform")}
+    assert (draws["popularity"] == 0).mean() > 0.9  # popularity sampling draws the popular item
+    counts = np.bincount(draws["uniform"], minlength=6) / len(draws["uniform"])
+    assert np.all(np.abs(counts - 1 / 6) < 0.05), counts
+    c = Collator(*tokens, popularity=pop, history_len=4, sampled_negatives=4, negatives="uniform")
+    b = c(batch)
+    expected = np.log(2 * c.q[b["cand_item"].numpy()] + 4 / 6)
+    assert np.allclose(b["cand_log_q"].numpy(), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="popularity or uniform"):
+        Collator(*tokens, popularity=pop, history_len=4, negatives="hard")

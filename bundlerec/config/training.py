@@ -7,6 +7,8 @@ from typing import Optional
 
 from bundlerec.config.base import _check
 
+NEGATIVES = ("popularity", "uniform")
+
 
 @dataclass
 class ModelConfig:
@@ -17,7 +19,14 @@ class ModelConfig:
     temperature: float = 0.05
     """Softmax temperature on cosine scores."""
     sampled_negatives: int = 0
-    """Extra popularity-sampled negatives per batch (logQ-corrected); 0 = in-batch only."""
+    """Extra sampled negatives per batch (logQ-corrected); 0 = in-batch only."""
+    negatives: str = "popularity"
+    """How the sampled negatives are drawn: popularity (as often as items are training targets) or
+    uniform (every catalog item alike: label-free, so items never trained on are pushed down too);
+    the logQ correction uses each column's expected count under the in-batch and sampled draws."""
+    mask_mates: bool = False
+    """Group masking: a row's other positives (``targets[1:]``: a bundle's mates, the rest of a basket)
+    and its history items are never its negatives (only the same item id is masked otherwise)."""
     logq_correction: bool = True
     """Subtract log sampling probability from negative logits (in-batch and sampled)."""
     freeze_layers: int = 0
@@ -37,6 +46,7 @@ class ModelConfig:
         _check(self.pooling in ("auto", "mean", "cls", "last"), "model.pooling must be auto, mean, cls or last")
         _check(0 < self.temperature <= 1.0, "model.temperature must be in (0, 1]")
         _check(self.sampled_negatives >= 0, "model.sampled_negatives must be >= 0")
+        _check(self.negatives in NEGATIVES, f"model.negatives must be one of {', '.join(NEGATIVES)}")
         _check(self.freeze_layers >= 0 and self.lora_rank >= 0, "model.freeze_layers/lora_rank >= 0")
 
 

@@ -31,7 +31,11 @@ def carve_validation(train: dict[str, Domain], seed: int) -> tuple[dict[str, Dom
     return fit, val
 
 
-def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, split: str) -> list[tuple]:
+def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, split: str,
+                  mates: bool = False) -> list[tuple]:
+    """Train: every item of a bundle is once the target of a random part of the rest (with ``mates``,
+    the rest of the bundle follows the target in ``targets``: positives that are never negatives,
+    ``model.mask_mates``); val: the first item -> the rest."""
     rows = []
     t = pd.Timestamp("2014-01-01", tz="UTC")
     ev = EVENT_TYPE_ID[COMPLETION_EVENT]
@@ -41,7 +45,8 @@ def _example_rows(bundles: pd.DataFrame, index: dict, rng: np.random.Generator, 
             for k, tgt in enumerate(ids):
                 rest = ids[:k] + ids[k + 1:]
                 part = list(rng.permutation(rest)[: rng.integers(1, len(rest) + 1)])
-                rows.append(("b", split, t, [tgt], part, [ev] * len(part), [0.0] * len(part), len(ids), 0))
+                others = [i for i in rest if i not in part] if mates else []
+                rows.append(("b", split, t, [tgt, *others], part, [ev] * len(part), [0.0] * len(part), len(ids), 0))
         else:
             rows.append(("b", split, t, ids[1:], ids[:1], [ev], [0.0], len(ids), 0))
     return rows
@@ -62,7 +67,7 @@ def write_training_data(fit: dict[str, Domain], val: dict[str, Domain], items: p
     rows = {"train": [], "val": [], "test": [], "latest": []}
     per_domain = {}
     for name in fit:
-        train_rows = _example_rows(fit[name].bundles, index, rng, "train")
+        train_rows = _example_rows(fit[name].bundles, index, rng, "train", mates=cfg.model.mask_mates)
         rows["train"] += train_rows
         rows["val"] += _example_rows(val[name].bundles, index, rng, "val")
         per_domain[name] = len(train_rows)

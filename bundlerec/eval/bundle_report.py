@@ -30,6 +30,11 @@ def print_table(res: dict) -> None:
               f"{ctrl.get('recall@10', float('nan')):.4f}; failing: {', '.join(failing) or 'none'}")
     for dom, per_epoch in res.get("train", {}).get("rows_by_domain", {}).items():
         print(f"{'trained':<11}{dom:<11}rows per epoch {per_epoch}")
+    st = res.get("st_mnrl")
+    if st:  # the sentence-transformers baseline's run beside bundlerec's loop (same model, batch, cores)
+        print(f"{'st_mnrl':<11}{'':<11}{st['pairs']} pairs, {st['steps']} steps of {st['batch_size']}, "
+              f"{st['train_seconds']:.0f}s, {st['samples_per_s']:.1f} samples/s (bundlerec's loop: "
+              f"{st['bundlerec_samples_per_s'] or float('nan'):.1f} samples/s)")
     for key in ("lift", "intent_lift"):
         for dom, lift in res.get(key, {}).items():
             r = lift["recall@10"]

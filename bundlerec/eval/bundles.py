@@ -70,6 +70,28 @@ PERSONAL_BASELINES = {"itemknn_greedy": ("cooccurrence", {"data": 1.0}), "zerosh
                       "lexical_greedy": ("lexical", {"lexical": 1.0}), "popular_pairs": ("popularity", {"data": 1.0})}
 
 
+ST_BASELINE = "st_mnrl"  # sentence-transformers' own fine-tune (bundlerec.eval.st_baseline), a completion baseline
+
+
+def st_baseline_engine(cfg: PipelineConfig, engine: BundleEngine, fit: dict[str, Domain], items, trained: dict,
+                       rows: dict, cache_dir: str | None) -> tuple[BundleEngine, dict]:
+    """The engine's zero-shot completion over the item index of the sentence-transformers fine-tune,
+    trained on as many bundle pairs as bundlerec's loop trained rows (its per-worker batch size)."""
+    import copy
+
+    from bundlerec.eval.st_baseline import fit_index
+
+    step = (trained.get("last_metrics") or {}).get("step") or 0
+    tc = cfg.train
+    examples = sum(map(sum, rows.values())) or int(step) * tc.micro_batch * tc.grad_accum * tc.num_workers
+    index, info = fit_index(cfg.model.name_or_path, fit, items, max(examples, tc.micro_batch),
+                            tc.micro_batch, cfg.data.item_max_tokens, tc.seed, cache_dir)
+    st = copy.copy(engine)
+    st.pretrained = index
+    return st.with_params(EngineParams(completion={"pretrained": 1.0})), {
+        **asdict(info), "bundlerec_samples_per_s": (trained.get("last_metrics") or {}).get("samples_per_s")}
+
+
 def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> tuple[dict, dict]:
     """Personalized generation on one evaluation domain: bundlerec (history), the greedy baselines,
     and, on the sessions with an intent, intent alone and intent + history; with intervals."""
@@ -102,10 +124,13 @@ def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> t
     return out, lift
 
 
-def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, seen: set, seed: int) -> dict:
-    """Every method on one evaluation domain, with intervals."""
+def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, seen: set, seed: int,
+                 extra: dict | None = None) -> dict:
+    """Every method on one evaluation domain, with intervals. ``extra``: more completion baselines
+    (name -> engine), such as the sentence-transformers fine-tune."""
+    extra = extra or {}
     methods = {"bundlerec": engine, **{m: engine.with_params(EngineParams(completion=w)) for m, w in
-                                       {**BASELINES, **ABLATIONS}.items()}}
+                                       {**BASELINES, **ABLATIONS}.items()}, **extra}
     # ablation: bundlerec's fusion without the re-ranker (= bundlerec where validation did not choose it)
     methods["fusion_only"] = engine.with_params(EngineParams(completion=engine.params.completion))
     methods["zeroshot_seen_penalty"] = SeenPenalty(methods["zeroshot"], seen)  # the leak control row
@@ -126,7 +151,7 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
             out[key][m] = res
     out["leak_gate"] = leak_gate(out["completion"])
     out["candidate_pool"] = pool_recall(engine, completion_queries(d.bundles, index, "first"))
-    best = max(BASELINES, key=lambda m: out["completion"][m]["recall@10"])
+    best = max([*BASELINES, *extra], key=lambda m: out["completion"][m]["recall@10"])
     out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
                                   for name in ("recall@10", "ndcg@10")}}
     iq = intent_queries(d.bundles, index)
@@ -181,6 +206,10 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
                                                            threshold=s["threshold"]))
                         for m, s in selection["baseline_detection"].items()}
     seen = {index[i] for d in fit.values() for b in d.bundles["items"] for i in b}
+    from bundlerec.train.fit import rows_by_group
+
+    rows = rows_by_group(trained.get("history") or [])
+    st_engine, st_info = st_baseline_engine(cfg, engine, fit, items, trained, rows, cache_dir)
     out: dict = {"protocol": {"train_dir": train_dir, "eval_dir": eval_dir, "val_mod": VAL_MOD, "seed": cfg.train.seed,
                               "bootstrap": BOOTSTRAP, "catalog_items": len(items),
                               "grids": {"fusion_step": FUSION_STEP, "fusion_channels": FUSION_CHANNELS,
@@ -195,7 +224,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     progress = Progress("eval bundles", sum(len(d.bundles) for d in evald.values()), "bundles", every_s=0)
     for name, d in evald.items():
         log.info("eval_bundles: scoring %s (%d bundles)", name, len(d.bundles))
-        r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed)
+        r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed, {ST_BASELINE: st_engine})
         progress.update(len(d.bundles))  # one line per domain scored, with the ETA of the rest
         for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift",
                     "leak_gate", "candidate_pool"):
@@ -211,8 +240,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     progress.done()
     out["seconds"] = round(time.time() - t0, 1)
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
-    from bundlerec.train.fit import rows_by_group
-
-    out["train"]["rows_by_domain"] = rows_by_group(trained.get("history") or [])
+    out["train"]["rows_by_domain"] = rows
+    out[ST_BASELINE] = st_info
     out["prep_dir"] = cfg.data.output_dir  # the bundle-completion examples (their val split: the registry gate)
     return out

@@ -260,7 +260,8 @@ class TwoTower(nn.Module):
         * logQ correction: ``cos / T - log q(item)``, q = the probability that the item appears as a
           candidate (popular items are over-represented among in-batch negatives);
         * accidental hits: a column holding row b's own target item (another row bought it too, or it
-          was sampled) is not a negative for row b and is masked to -1e4.
+          was sampled) is not a negative for row b and is masked to -1e4; with ``group_items`` (B, M)
+          (``model.mask_mates``) so is a column holding any of them (bundle mates, the row's history).
         """
         emb = self.encode_items(batch["tokens"], batch["token_mask"], batch.get("items"))  # (U, d): the single forward
         user = self.user_embed(emb[batch["hist_pos"]], batch)  # (B, d)
@@ -270,6 +271,8 @@ class TwoTower(nn.Module):
         B = logits.shape[0]
         own = torch.arange(B, device=logits.device)
         hit = batch["cand_item"].unsqueeze(0) == batch["target_item"].unsqueeze(1)  # (B, C)
+        if "group_items" in batch:  # (B, M): mates and history, -1 padded (never equal to an item id)
+            hit |= (batch["cand_item"].view(1, -1, 1) == batch["group_items"].unsqueeze(1)).any(-1)
         hit[own, own] = False
         return logits.masked_fill(hit, -1e4)
 

@@ -203,7 +203,8 @@ def _build(inp: LoopInputs) -> tuple[Worker, TrainState]:
                torch.as_tensor(ids, device=device), torch.as_tensor(mask, device=device),
                Collator(ids, mask, np.asarray(inp.popularity), dc.history_len, mc.sampled_negatives,
                         mc.logq_correction, seed=tc.seed + rank,  # streamed: CPU tensors Ray Data moves (pinned)
-                        device=device if tc.materialize_train else torch.device("cpu")),
+                        device=device if tc.materialize_train else torch.device("cpu"),
+                        negatives=mc.negatives, mask_mates=mc.mask_mates),
                len(items), labels,
                np.array([labels.index(g) for g in inp.item_groups]) if labels else None,  # few labels
                RunLogger(inp.cfg.mlflow.tracking_uri, inp.run_id) if rank == 0 and inp.run_id else None)

@@ -336,3 +336,29 @@ def test_the_leak_gate_its_control_row_and_the_rerankers_pool():
                                 CategoryStats.from_groups(bundles, eng.categories), k=len(eng.item_ids))
     ranked = eng.with_params(EngineParams(completion={"pretrained": 1.0}, rerank=True))
     assert pool_recall(ranked, queries) == {"k": len(eng.item_ids), "recall": 1.0, "targets": 2 * len(queries)}
+
+
+def test_pooled_lifts_pair_the_same_queries_over_every_fold():
+    """summarize_folds pools each fold's per-query Recall@10 and bootstraps the pairs: the lift is the
+    ratio of the pooled means, the best baseline is chosen by pooled mean, the interval excludes 0
+    for a clear gain and holds 0 for none."""
+    rng = np.random.default_rng(0)
+
+    def fold(n):
+        z = (rng.random(n) < 0.3).astype(float)
+        return {"baselines": ["lexical", "zeroshot", "st_mnrl"],
+                "per_query": {"food": {"bundlerec": np.maximum(z, rng.random(n) < 0.2).tolist(), "tuned": z.tolist(),
+                                       "zeroshot": z.tolist(), "lexical": (rng.random(n) < 0.1).astype(float).tolist(),
+                                       "st_mnrl": z.tolist()}}}
+
+    folds = {1: fold(400), 2: fold(600)}
+    p = summarize_folds(folds)["pooled"]["food"]
+    bund = np.concatenate([f["per_query"]["food"]["bundlerec"] for f in folds.values()])
+    zs = np.concatenate([f["per_query"]["food"]["zeroshot"] for f in folds.values()])
+    assert p["queries"] == 1000 and p["best_baseline"] in ("zeroshot", "st_mnrl")
+    assert p["bundlerec_vs_best"]["lift"] == pytest.approx(bund.mean() / zs.mean() - 1)
+    assert p["bundlerec_vs_best"]["ci"][0] > 0  # a gain on every fold's queries
+    lo, hi = p["tuned_vs_zeroshot"]["ci"]
+    assert p["tuned_vs_zeroshot"]["lift"] == 0 and lo == hi == 0  # identical per query: no lift, no spread
+    md = markdown({"summary": summarize_folds(folds)})
+    assert "pooled queries" in md and f"| food | 1000 | +0.0% [+0.0%, +0.0%]" in md

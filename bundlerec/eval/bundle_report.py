@@ -65,6 +65,30 @@ def summarize_folds(results: dict[int, dict]) -> dict:
             out[key] = {dom: {"mean": float(np.mean([r[key][dom][metric]["lift"] for r in results.values()])),
                               "per_fold": {f: {"vs": r[key][dom]["vs"], **r[key][dom][metric]}
                                            for f, r in results.items()}} for dom in first[key]}
+    if all("per_query" in r for r in results.values()):
+        out["pooled"] = pooled_lifts(results)
+    return out
+
+
+def pooled_lifts(results: dict[int, dict], seed: int = 0) -> dict:
+    """Per domain, completion Recall@10 lifts with a paired bootstrap over every fold's queries
+    pooled: the fine-tuned channel over its zero-shot, bundlerec over the best baseline (by pooled
+    mean, the sentence-transformers fine-tune included) and over the sentence-transformers fine-tune."""
+    from bundlerec.metrics import paired_lift
+
+    first = next(iter(results.values()))
+    out = {}
+    for dom in first["per_query"]:
+        pooled = {m: np.concatenate([r["per_query"][dom][m] for r in results.values()])
+                  for m in first["per_query"][dom] if all(m in r["per_query"][dom] for r in results.values())}
+        base = [m for m in first.get("baselines", []) if m in pooled]
+        best = max(base, key=lambda m: pooled[m].mean()) if base else None
+        pairs = {"tuned_vs_zeroshot": ("tuned", "zeroshot"), "bundlerec_vs_best": ("bundlerec", best),
+                 "bundlerec_vs_st_mnrl": ("bundlerec", "st_mnrl"), "tuned_vs_st_mnrl": ("tuned", "st_mnrl")}
+        out[dom] = {"queries": len(pooled["bundlerec"]), "best_baseline": best,
+                    "recall@10": {m: float(v.mean()) for m, v in pooled.items()},
+                    **{k: {"vs": b, **paired_lift(pooled[a], pooled[b], seed)} for k, (a, b) in pairs.items()
+                       if a in pooled and b in pooled}}
     return out
 
 
@@ -122,6 +146,15 @@ def markdown(res: dict) -> str:
                 per = "; ".join(f"{f}: {x['lift']:+.1%} [{x['ci'][0]:+.1%}, {x['ci'][1]:+.1%}] vs {x['vs']}"
                                 for f, x in v["per_fold"].items())
                 lines.append(f"| {d} | {v['mean']:+.1%} | {per} |")
+            lines.append("")
+        if "pooled" in sm:
+            keys = ("tuned_vs_zeroshot", "tuned_vs_st_mnrl", "bundlerec_vs_best", "bundlerec_vs_st_mnrl")
+            lines += ["**Completion Recall@10 lifts, paired bootstrap 95 % over the folds' pooled queries**", "",
+                      "| domain | queries | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+            for d, v in sm["pooled"].items():
+                cells = [f"{v[k]['lift']:+.1%} [{v[k]['ci'][0]:+.1%}, {v[k]['ci'][1]:+.1%}]"
+                         + (f" vs {v[k]['vs']}" if k == "bundlerec_vs_best" else "") if k in v else "–" for k in keys]
+                lines.append(f"| {d} | {v['queries']} | " + " | ".join(cells) + " |")
             lines.append("")
         return "\n".join(lines)
     for task, metric in (("completion", "recall@10"), ("intent", "recall@10"), ("generation", "f1"), ("naming", "rouge1_f1"),

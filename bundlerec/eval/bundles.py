@@ -154,6 +154,8 @@ def score_domain(engine: BundleEngine, baselines: dict, d: Domain, index: dict, 
     best = max([*BASELINES, *extra], key=lambda m: out["completion"][m]["recall@10"])
     out["lift"] = {"vs": best, **{name: paired_lift(per_query["bundlerec"][name], per_query[best][name], seed)
                                   for name in ("recall@10", "ndcg@10")}}
+    # per-query Recall@10 (same query order for every method): the folds' pooled paired intervals
+    out["per_query"] = {m: np.round(v["recall@10"], 6).tolist() for m, v in per_query.items()}
     iq = intent_queries(d.bundles, index)
     out["intent"] = {}
     if iq:
@@ -218,7 +220,8 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
                                         "rerank": {"folds": RERANK_FOLDS, "max_queries": RERANK_MAX_QUERIES,
                                                    "trees": RERANK_TREES, "features": list(RERANK_FEATURES)}}},
                  "engine_params": asdict(engine.params), "selection": selection, "export_dir": export,
-                 "seen_share": {}, "completion": {}, "completion_half": {}, "generation": {}, "lift": {}}
+                 "seen_share": {}, "completion": {}, "completion_half": {}, "generation": {}, "lift": {},
+                 "baselines": [*BASELINES, ST_BASELINE]}
     from bundlerec.progress import Progress
 
     progress = Progress("eval bundles", sum(len(d.bundles) for d in evald.values()), "bundles", every_s=0)
@@ -227,7 +230,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
         r = score_domain(engine, baseline_engines, d, index, seen, cfg.train.seed, {ST_BASELINE: st_engine})
         progress.update(len(d.bundles))  # one line per domain scored, with the ETA of the rest
         for key in ("completion", "completion_half", "generation", "lift", "intent", "intent_lift", "naming", "naming_lift",
-                    "leak_gate", "candidate_pool"):
+                    "leak_gate", "candidate_pool", "per_query"):
             if key in r:
                 out.setdefault(key, {})[name] = r[key]
         personal, personal_lift = score_personal(engine, d, index, cfg.train.seed)

@@ -113,6 +113,17 @@ def test_zero2_two_workers_loss_falls_and_both_ranks_checkpoint(tiny_trained):
 TOL = 0.01
 
 
+def _adam_steps(ckpt) -> set:
+    """The AdamW step counts in a DeepSpeed ZeRO checkpoint's optimizer shards (every rank, every group)."""
+    import torch
+
+    with open(f"{ckpt}/latest") as f:
+        tag = f.read().strip()
+    return {int(st["step"]) for shard in glob.glob(f"{ckpt}/{tag}/*optim_states.pt")
+            for st in torch.load(shard, map_location="cpu", weights_only=False)
+            ["optimizer_state_dict"]["base_optimizer_state"]["state"].values()}
+
+
 def _close_to_reference(m: dict, ref: dict) -> None:
     for k in ("val_ndcg_at_10", "val_recall_at_10"):
         assert abs(m[k] - ref[k]) <= TOL, (k, m[k], ref[k])
@@ -190,8 +201,8 @@ def test_zero2_killed_worker_and_damaged_checkpoint_resume_from_the_good_one(tin
 def test_a_run_resumes_with_fewer_workers_from_a_universal_checkpoint(tiny_trained, tmp_path):
     """The uninterrupted 2-worker ZeRO-2 run (`tiny_trained`, 3 epochs), continued for a 4th epoch on
     1 worker: its newest checkpoint (2 ranks' shards) is restored as DeepSpeed's universal checkpoint
-    (weights, AdamW moments, schedule, client state), training goes on, and the best checkpoint
-    exports, whichever number of workers wrote it."""
+    (weights, AdamW moments, schedule, client state; the AdamW step count is checked in the shards),
+    training goes on, and the best checkpoint exports, whichever number of workers wrote it."""
     import shutil
 
     from bundlerec.inference.recommender import Recommender
@@ -209,6 +220,11 @@ def test_a_run_resumes_with_fewer_workers_from_a_universal_checkpoint(tiny_train
     assert out["history"][:3] == ref_out["history"]  # epochs 1-3 came with the checkpoint, not redone
     newest = max(_ckpts(tmp_path))
     assert saved_world_size(newest) == 1 and m["train_loss"] > 0
+    # the AdamW state came with it: its step count goes on (36 -> 48 on the tiny run; a fresh optimizer
+    # would count epoch 4's steps only), in every parameter group of both ranks before and of one after
+    ref_steps = ref_out["last_metrics"]["step"]
+    restored = max(p for p in glob.glob(f"{run_dir}/checkpoint_*") if os.path.isdir(p))  # the newest: resumed from
+    assert _adam_steps(restored) == {ref_steps} and _adam_steps(newest) == {m["step"]} and m["step"] > ref_steps
     rec = Recommender.from_export(out["export_dir"])
     user = next(u for u in rec.latest if rec.history_for_user(u).items)
     assert len(rec.recommend(user_id=user, k=5)["items"]) == 5

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import numpy as np
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from bundlerec.config import PipelineConfig
+from bundlerec.train.shards import RayCollate, read_all
 
 
 @dataclass
@@ -134,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     load_credentials()  # the job's MLflow identity, when it came as a file (bundlerec submit)
     w, state = _build(inp)
     train_shard = ray.train.get_dataset_shard("train")
-    val_rows = _read_all(ray.train.get_dataset_shard("val"))  # every rank holds all of val (small)
+    val_rows = read_all(ray.train.get_dataset_shard("val"))  # every rank holds all of val (small)
     for epoch in range(state.epoch + 1, tc.epochs):
         stats = _train_epoch(w, state, epoch, train_shard)
         val = _validate(w, val_rows)
@@ -244,11 +244,11 @@ def _batches(w: Worker, epoch: int, train_shard):
     tc, mb = w.inp.cfg.train, w.inp.cfg.train.micro_batch
     if tc.materialize_train:
         if w.train_rows is None:
-            w.train_rows = _read_all(train_shard)
+            w.train_rows = read_all(train_shard)
         order = np.random.default_rng([tc.seed, w.rank, epoch, 1]).permutation(len(w.train_rows["targets"]))
         return ({c: a[order[i:i + mb]] for c, a in w.train_rows.items()} for i in range(0, len(order) - mb + 1, mb))
     return train_shard.iter_torch_batches(
-        batch_size=mb, collate_fn=_RayCollate(w.collate.in_threads(tc.seed, w.rank, epoch)), device=w.device,
+        batch_size=mb, collate_fn=RayCollate(w.collate.in_threads(tc.seed, w.rank, epoch)), device=w.device,
         pin_memory=tc.use_gpu, prefetch_batches=tc.prefetch_batches, drop_last=True,
         local_shuffle_buffer_size=max(4 * mb, 1024), local_shuffle_seed=tc.seed + epoch)
 
@@ -402,24 +402,6 @@ def _save(w: Worker, state: TrainState, metrics: dict) -> None:
         ray.train.report({**metrics, "history": list(state.history)}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _read_all(shard) -> dict:
-    """A dataset shard as numpy columns in memory (ragged list columns as object arrays)."""
-    parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
-    if not parts:
-        raise ValueError("an empty dataset shard: fewer examples than workers")
-    return {c: np.concatenate([_rows(p[c]) for p in parts]) for c in parts[0]}
-
-
-def _rows(a: np.ndarray) -> np.ndarray:
-    """One row per example: a list column Ray returned as a 2-D array (all lists of one length in that
-    batch) becomes an object array like the ragged ones, so batches concatenate."""
-    if a.ndim == 1:
-        return a
-    out = np.empty(len(a), dtype=object)
-    out[:] = list(a)
-    return out
-
-
 def _distributed_index(module, ids, mask, rank: int, world: int, progress=None):
     """The catalog's item index, each rank encoding an equal slice (wrapping around the end, so every
     rank runs the same number of forwards) and all-gathering the others'."""
@@ -446,13 +428,3 @@ def _peak_mem_gb(use_gpu: bool, device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-
-class _RayCollate(NumpyBatchCollateFn):
-    """A collate function as Ray Data's iter_torch_batches takes one (numpy batches in, tensors out)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, batch: dict) -> dict:
-        return self.fn(batch)

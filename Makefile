@@ -23,7 +23,7 @@ DEMO_CONFIG ?= jobs/configs/demo.yaml
 DEMO_ROOT ?= $(CURDIR)
 DEMO_ARGS ?=
 
-.PHONY: setup system-packages demo services stop test test-fast test-unit test-integration test-e2e lock clean wheelhouse
+.PHONY: setup system-packages demo services stop lint test test-fast test-unit test-integration test-e2e lock clean wheelhouse
 
 setup: system-packages $(VENV)/.installed
 
@@ -62,7 +62,10 @@ demo: services
 stop:
 	cluster/local.sh stop
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check bundlerec jobs serve tests
+
+test: setup lint
 	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 tests
 
 # The tiers: unit (no Ray, about a minute), integration (real services on 127.0.0.1), end to end.

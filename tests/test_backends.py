@@ -66,7 +66,7 @@ def backends(ray_cluster, tmp_path_factory):
         assert run.returncode == 0, run.stdout + run.stderr
         assert "Ray already running" in run.stdout  # the suite's cluster is reused, and left alone by stop
         s3_env = dict(line.split("=", 1) for line in
-                      " ".join(l[len("export "):] for l in (state / "s3.env").read_text().splitlines()).split())
+                      " ".join(ln[len("export "):] for ln in (state / "s3.env").read_text().splitlines()).split())
         yield {"mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "s3_env": s3_env, "state": state,
                "pg": f"postgresql://mlflow@127.0.0.1:{ports['PG_PORT']}/mlflow", "bucket": "bundlerec-test",
                "log": run.stdout, "dashboard": ray_cluster}

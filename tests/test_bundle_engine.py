@@ -361,4 +361,4 @@ def test_pooled_lifts_pair_the_same_queries_over_every_fold():
     lo, hi = p["tuned_vs_zeroshot"]["ci"]
     assert p["tuned_vs_zeroshot"]["lift"] == 0 and lo == hi == 0  # identical per query: no lift, no spread
     md = markdown({"summary": summarize_folds(folds)})
-    assert "pooled queries" in md and f"| food | 1000 | +0.0% [+0.0%, +0.0%]" in md
+    assert "pooled queries" in md and "| food | 1000 | +0.0% [+0.0%, +0.0%]" in md

@@ -116,3 +116,12 @@ def test_the_demo_and_the_tests_need_nothing_beside_the_checkout():
         twin = shared / f.relative_to(shipped)
         if twin.exists():
             assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256(twin.read_bytes()).digest(), f
+
+
+def test_modules_stay_small_and_the_worker_loop_reads_as_phases():
+    """No module of bundlerec/ over 450 lines; Ray Train's entry point (the worker loop) under 80."""
+    long = {str(p.relative_to(PKG)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
+    tree = ast.parse((PKG / "train" / "loop.py").read_text())
+    loop = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_loop_per_worker")
+    assert loop.end_lineno - loop.lineno + 1 < 80

@@ -2,7 +2,7 @@
 
 * :func:`run_train_stage` -- MLflow run, Ray Train fit, export, pricing, the engine fitted on
   validation baskets (:func:`fit_engine_stage`), test evaluation with baselines;
-* :func:`run_pipeline`    -- prep, then train; writes ``results.json`` and ``summary.json``.
+* :func:`run_pipeline`    -- the configured stages; writes ``results.json`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
 from bundlerec import integrity
+from bundlerec.price import pricing_step
 from bundlerec.runtime import versions
 from bundlerec.storage import absolute, exists, is_uri, join, parent, read_text, write_text
 
@@ -38,30 +39,6 @@ def require_prep(cfg: PipelineConfig) -> dict:
 
     check_prepared(manifest, cfg.data.history_len, tokenizer_fingerprint(_tokenizer(cfg.model.name_or_path)))
     return manifest
-
-
-def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
-    """The price stage: the bundle-pricing model fitted on ``cfg.pricing.data_dir`` (Steam bundles
-    format), cross-validated there (:func:`bundlerec.eval.pricing.evaluate_pricing`), and saved into
-    the export that will be registered and served (verified before, re-sealed after). With no data
-    the export keeps no model and serving says price_source "default"."""
-    if not cfg.pricing.data_dir:
-        return {"source": "default"}
-    from bundlerec.eval.pricing import evaluate_pricing
-    from bundlerec.integrity import amend
-    from bundlerec.pricing.steam import fit_steam
-
-    data_dir, s = cfg.pricing.data_dir, cfg.pricing.s
-    cv = evaluate_pricing(data_dir, s=s, robustness=False)
-    model, meta = fit_steam(data_dir, s=s)
-    meta.update({"cv_folds": cv["folds"], "cv_discount_mae": cv["discount_mae"]["bundlerec"],
-                 "cv_discount_mae_median_baseline": cv["discount_mae"]["median"]})
-    with amend(export_dir, "export"):
-        model.save(export_dir, meta)
-    info = {"source": "fitted", **meta}
-    log.info("pricing: fitted on %d Steam bundles, cv discount MAE %.4f (median baseline %.4f)",
-             info["n_bundles"], info["cv_discount_mae"], info["cv_discount_mae_median_baseline"])
-    return info
 
 
 def fit_engine_stage(cfg: PipelineConfig, export_dir: str, run_id: str) -> dict:
@@ -240,7 +217,7 @@ def run_train_stage(cfg: PipelineConfig) -> dict:
         trained = fit(cfg, prep_dir, run_id, name=state["name"])
     write_text(state_path, json.dumps({**state, "finished": True}))
     local = trained["local_export"]
-    pricing = attach_pricing(cfg, local)
+    pricing = pricing_step(cfg, local)
     engine = fit_engine_stage(cfg, local, run_id)
     integrity.publish(local, trained["export_dir"])  # object store: the amended export, manifest last
     return evaluate_and_log(cfg, trained["export_dir"], run_id, {"pricing": pricing, "engine_fit": engine,
@@ -260,7 +237,7 @@ def run_tune_stage(cfg: PipelineConfig) -> dict:
     print("\n" + trial_summary(sweep) + "\n", flush=True)
     best = sweep["best"]
     local = integrity.checkout(best["export_dir"], "the best trial's export")
-    pricing = attach_pricing(cfg, local)
+    pricing = pricing_step(cfg, local)
     engine = fit_engine_stage(cfg, local, best["run_id"])
     integrity.publish(local, best["export_dir"])
     results = evaluate_and_log(cfg, best["export_dir"], best["run_id"], {"pricing": pricing, "engine_fit": engine,
@@ -326,7 +303,7 @@ def run_bundle_train_stage(cfg: PipelineConfig) -> dict:
     work = join(cfg.data.output_dir, "work")
     res = evaluate_bundles(cfg, train_dir, eval_dir, work, run_id=run_id)
     export = res["export_dir"]
-    pricing = attach_pricing(cfg, export)  # re-seals the export
+    pricing = pricing_step(cfg, export)  # re-seals the export
     import mlflow
 
     client = mlflow.MlflowClient(cfg.mlflow.tracking_uri)
@@ -374,7 +351,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     elif "tune" in cfg.stages:
         results = run_tune_stage(cfg)
         summary["sweep_run_id"] = results["sweep_run_id"]
-    else:
+    if "price" in cfg.stages:
+        from bundlerec.price import run_price_stage
+
+        results = run_price_stage(cfg, results)
+    if results is None:
         results = json.loads(read_text(cfg.results_path))
     summary.update({
         "run_id": results["run_id"], "export_dir": results["export_dir"],

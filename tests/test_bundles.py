@@ -163,7 +163,7 @@ def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     """The export carries the fitted model as JSON + skops (no pickle), with its fit metadata; the
     loaded model prices exactly as the fitted one, and prices depend on what is in the bundle."""
     from bundlerec.config import PipelineConfig, PricingConfig
-    from bundlerec.pipeline import attach_pricing
+    from bundlerec.price import attach_pricing
     from bundlerec.integrity import seal, verify
 
     seal(str(tmp_path))  # an (empty) committed export: attaching verifies it first, then re-seals
@@ -258,3 +258,30 @@ def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
         assert one["expected_revenue_separately"] == pytest.approx(alone, rel=1e-12)
     refused = model.price_many([dict(item_prices=[10.0], costs=[20.0])] + specs[:1], min_margin=0.0)
     assert isinstance(refused[0], NoFeasiblePrice) and refused[1]["bundle_price"] > 0
+
+
+def test_the_price_stage_fits_pricing_into_the_trained_export_and_reseals_it(tmp_path):
+    """stages=[price] (jobs.price): the pricing model fitted on the Steam data goes into the export
+    results.json names, the export verifies afterwards, results.json says what was fitted; a train
+    stage in the same pipeline leaves pricing to it (fitted once); no results is a clear error."""
+    import json
+
+    from bundlerec import integrity
+    from bundlerec.price import pricing_step, run_price_stage
+    from tests.support import tiny_config
+
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "bundlerec.json").write_text("{}")
+    integrity.seal(str(export))
+    cfg = tiny_config(f"results_path={tmp_path}/results.json", "stages=[price]")
+    with pytest.raises(FileNotFoundError, match="no results of a train or tune run"):
+        run_price_stage(cfg)
+    (tmp_path / "results.json").write_text(json.dumps({"export_dir": str(export), "metrics": {}}))
+    out = run_price_stage(cfg)
+    assert out["pricing"]["source"] == "fitted" and out["pricing"]["cv_discount_mae"] > 0
+    assert json.loads((tmp_path / "results.json").read_text())["pricing"] == out["pricing"]
+    assert integrity.verify(str(export)) == (True, "ok")
+    model, meta = PricingModel.load(str(export))
+    assert meta["n_bundles"] == out["pricing"]["n_bundles"]
+    assert pricing_step(tiny_config("stages=[prep, train, price]"), str(export)) == {"source": "the price stage"}

@@ -394,7 +394,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     from bundlerec.experiments.simulator import simulate
     from bundlerec.inference.fusion import FusionParams
     from bundlerec.integrity import seal
-    from bundlerec.pipeline import attach_pricing
+    from bundlerec.price import attach_pricing
     from bundlerec.experiments.lifecycle import aa_false_positives, read, wait_for_experiment
     from bundlerec.registry.promotion import register, set_alias
     from bundlerec.serving.auth import write_token_file

@@ -18,7 +18,7 @@ ORDER = (
     # the flow
     "data", "model", "train", "pricing", "bundles", "inference", "eval", "registry", "experiments", "serving",
     # stages that run the flow
-    "tune", "report", "demo", "pipeline",
+    "tune", "price", "report", "demo", "pipeline",
 )
 RANK = {name: i for i, name in enumerate(ORDER)}
 

@@ -59,7 +59,7 @@ def registered(tiny_trained, mlflow_server, tmp_path_factory):
     from bundlerec.eval.engine_fit import fit_engine
     from bundlerec.inference.fusion import FusionParams
     from bundlerec.integrity import amend, seal
-    from bundlerec.pipeline import attach_pricing
+    from bundlerec.price import attach_pricing
     from bundlerec.registry.promotion import register
 
     cfg, trained, _ = tiny_trained

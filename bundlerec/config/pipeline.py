@@ -38,7 +38,9 @@ class PipelineConfig:
     pricing: PricingConfig = field(default_factory=PricingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     stages: list = field(default_factory=lambda: ["prep", "train"])
-    """Pipeline stages in order: prep, then train or tune, then optionally register and deploy."""
+    """Pipeline stages in order: prep, then train or tune, then optionally price, register and deploy.
+    train and tune fit the pricing model as their own step unless price is listed; price alone fits it
+    again into the export of ``results_path`` (new pricing data without retraining; register after)."""
     results_path: Optional[str] = None
     """The stage hand-off file (run id, model path, metrics); None = runs/<name>/results.json."""
     output_root: Optional[str] = None
@@ -47,7 +49,7 @@ class PipelineConfig:
     points this at the project; None = current directory."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.stages) - {"prep", "train", "tune", "register", "deploy"}
+        unknown = set(self.stages) - {"prep", "train", "tune", "price", "register", "deploy"}
         _check(not unknown, f"stages: unknown {sorted(unknown)}")
         _check(not {"train", "tune"} <= set(self.stages), "stages: choose train or tune, not both")
         if self.data.source == "bundlerec_intent":

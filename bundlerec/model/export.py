@@ -14,6 +14,7 @@ Added beside it by later stages (optional; see bundlerec.bundles.engine / bundle
     export/bundle_engine.json  the bundle engine's chosen parameters (fusion weights, compatibility, threshold)
     export/item_index_pretrained.npy, lexical.json, lexical_items.npz   the engine's extra text channels
     export/pricing.json, pricing.skops, pricing_context.json   the fitted pricing model (no pickle)
+    export/training.json       a bundle evaluation's record of the training (rows: the baselines' budget)
 
 :func:`export` turns a DeepSpeed checkpoint (any ZeRO stage) into this directory; :func:`load_export`
 reads the model back.

@@ -338,6 +338,28 @@ def test_the_leak_gate_its_control_row_and_the_rerankers_pool():
     assert pool_recall(ranked, queries) == {"k": len(eng.item_ids), "recall": 1.0, "targets": 2 * len(queries)}
 
 
+def test_the_selection_leak_gate_rejects_a_falling_seen_share_whatever_its_recall():
+    """gated_best: the best recall among candidates whose top-10 seen share stays within 5 points of
+    zero-shot's in every domain; recall_and_shares measures the shares the gate compares."""
+    from bundlerec.eval.bundle_scoring import SeenPenalty, gated_best, recall_and_shares, split_recall
+
+    ref = {"a": 0.6, "b": 0.5}
+    recall = {"zs": 0.20, "leaky": 0.40, "ok": 0.25, "edge": 0.22}
+    shares = {"zs": ref, "leaky": {"a": 0.61, "b": 0.40}, "ok": {"a": 0.58, "b": 0.46}, "edge": {"a": 0.55, "b": 0.5}}
+    best, rejected = gated_best(recall, shares, ref)
+    assert best == "ok" and rejected == {"leaky": ["b"]}  # the highest recall fails in one domain: out
+    with pytest.raises(ValueError, match="every candidate"):
+        gated_best({"leaky": 0.4}, {"leaky": shares["leaky"]}, ref)
+    eng, pos, _ = _transition_engine()
+    seen = {pos(c, j) for c in range(6) for j in range(30)}
+    queries = {"d": [([pos(2 * k, j)], [pos(2 * k + 1, j)]) for k in range(3) for j in range(30, 40)]}
+    r, sh = recall_and_shares(eng, queries, {"d": None}, seen)
+    assert sh["d"] == pytest.approx(split_recall(eng, queries["d"], seen)["seen_share@10"])
+    _, sh_ctrl = recall_and_shares(SeenPenalty(eng, seen), queries, {"d": None}, seen)
+    assert sh_ctrl["d"] == 0.0 and sh["d"] > 0.05  # the control shows no seen item: rejected beside zero-shot
+    assert gated_best({"zs": r, "ctrl": r + 1}, {"zs": sh, "ctrl": sh_ctrl}, sh) == ("zs", {"ctrl": ["d"]})
+
+
 def test_pooled_lifts_pair_the_same_queries_over_every_fold():
     """summarize_folds pools each fold's per-query Recall@10 and bootstraps the pairs: the lift is the
     ratio of the pooled means, the best baseline is chosen by pooled mean, the interval excludes 0

@@ -224,6 +224,11 @@ def _check_bundle_evaluation(res: dict, eval_dir: str) -> None:
         control = res["completion"][domain]["zeroshot_seen_penalty"]
         assert control["seen_share@10"] <= res["completion"][domain]["zeroshot"]["seen_share@10"]
         assert "zeroshot_seen_penalty" not in gate["methods"]
+        lg = res["selection"]["leak_gate"]  # the gate in selection: the chosen fusion passed it on validation
+        chosen = [k for k in lg["fusion_val_seen_share@10"] if json.loads(k) == res["engine_params"]["completion"]]
+        assert len(chosen) == 1 and chosen[0] not in lg["fusion_rejected"]
+        for k, doms in lg["fusion_rejected"].items():
+            assert all(lg["fusion_val_seen_share@10"][k][d] < lg["zeroshot_val_seen_share@10"][d] - lg["max_drop"] for d in doms)
         pool = res["candidate_pool"][domain]  # what the re-ranker could reach at most, where it was chosen
         assert (pool["k"] == 0) if not res["engine_params"]["rerank"] else (0 <= pool["recall"] <= 1 and pool["k"] > 0)
         for method in ("bundlerec", "lexical", "zeroshot", "tuned"):  # intent text -> the bundle's items

@@ -32,16 +32,21 @@ def channel_cache(engine: BundleEngine, carts: list[list[int]], channels, batch:
             for ch in channels}
 
 
-def completion_values(engine: BundleEngine, queries: list, cache: dict | None = None, batch: int = 256) -> dict:
-    """Per-query recall@K / ndcg@K of the engine's completion (numpy arrays)."""
+def completion_values(engine: BundleEngine, queries: list, cache: dict | None = None, batch: int = 256,
+                      seen: set | None = None) -> dict:
+    """Per-query recall@K / ndcg@K of the engine's completion (numpy arrays); with ``seen`` also
+    ``seen_share@10``, the share of each query's top 10 seen in training bundles (the leak gate's)."""
     vals: dict[str, list] = {}
+    seen_idx = np.fromiter(seen, dtype=np.int64) if seen else np.zeros(0, dtype=np.int64)
     for i in range(0, len(queries), batch):
         chunk = queries[i:i + batch]
         part = {ch: v[i:i + batch] for ch, v in cache.items()} if cache else None
         top = torch.as_tensor(top_k(engine.complete_scores([q[0] for q in chunk], channels=part), max(KS)))
         for name, v in batch_metrics(top, pad_targets([q[1] for q in chunk]), KS).items():
             vals.setdefault(name, []).append(v.numpy())
-    return {k: np.concatenate(v) for k, v in vals.items() if k.split("@")[0] in ("recall", "ndcg")}
+        if seen is not None:
+            vals.setdefault("seen_share@10", []).append(np.isin(top[:, :10].numpy(), seen_idx).mean(axis=1))
+    return {k: np.concatenate(v) for k, v in vals.items() if k.split("@")[0] in ("recall", "ndcg", "seen_share")}
 
 
 def query_values(engine: BundleEngine, queries: list, cache: dict | None = None, batch: int = 256) -> dict:
@@ -190,6 +195,26 @@ def f1_ci(tr: np.ndarray, seed: int = 0) -> list[float]:
 
 def mean_recall(engine: BundleEngine, queries: dict, caches: dict) -> float:
     return float(np.mean([completion_values(engine, q, caches[d])["recall@10"].mean() for d, q in queries.items() if q]))
+
+
+def recall_and_shares(engine: BundleEngine, queries: dict, caches: dict, seen: set) -> tuple[float, dict]:
+    """Mean Recall@10 over the domains (as :func:`mean_recall`) and each domain's top-10 share of
+    items seen in training bundles: what the selection's leak gate compares."""
+    per = {d: completion_values(engine, q, caches[d], seen=seen) for d, q in queries.items() if q}
+    return (float(np.mean([v["recall@10"].mean() for v in per.values()])),
+            {d: float(v["seen_share@10"].mean()) for d, v in per.items()})
+
+
+def gated_best(recall: dict, shares: dict, reference: dict, max_drop: float = LEAK_GATE_POINTS) -> tuple[str, dict]:
+    """The leak gate in selection: the key of the best ``recall`` among the candidates whose top-10
+    share of seen items stays within ``max_drop`` of ``reference`` (zero-shot's) in every domain,
+    whatever their recall; a falling share is what a drift into "not seen in training" looks like.
+    Returns (key, {key: the domains where it fails}); raises where every candidate fails."""
+    failed = {k: sorted(d for d, s in shares[k].items() if s < reference[d] - max_drop) for k in recall}
+    passing = [k for k in recall if not failed[k]]
+    if not passing:
+        raise ValueError(f"leak gate: every candidate's top-10 seen share is over {max_drop:.2f} below zero-shot's")
+    return max(passing, key=recall.get), {k: v for k, v in failed.items() if v}
 
 
 def naming_values(engine: BundleEngine, namer: IntentNamer, bundles: list, weights: dict, channels: dict | None = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from bundlerec.config import PipelineConfig
 from bundlerec.data.statistics import CoStats, item_counts
 from bundlerec.integrity import amend
 from bundlerec.eval.bundle_data import annotated, carve_validation, completion_queries, intent_queries, personal_queries, session_truth, write_training_data
-from bundlerec.eval.bundle_scoring import mean_recall, named, channel_cache, detection_triplets, f1_of, history_matrix, naming_values, personal_bundles, personal_values, query_values
+from bundlerec.eval.bundle_scoring import LEAK_GATE_POINTS, gated_best, mean_recall, recall_and_shares, named, channel_cache, detection_triplets, f1_of, history_matrix, naming_values, personal_bundles, personal_values, query_values
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,28 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
     engine.lexical = lexical
     log.info("eval_bundles: lexical setting %s (val recall@10 %s)", lex_sel["chosen"], lex_sel["val_recall@10"])
     caches = {d: channel_cache(engine, [c for c, _ in q], FUSION_CHANNELS) if q else None for d, q in val_q.items()}
-    fusion = {json.dumps(w): mean_recall(engine.with_params(EngineParams(completion=w)), val_q, caches)
-              for w in fusion_grid()}
-    best_w = json.loads(max(fusion, key=fusion.get))
-    log.info("eval_bundles: completion fusion %s (val recall@10 %.4f)", best_w, fusion[json.dumps(best_w)])
+    # the leak gate: a candidate whose top-10 holds over LEAK_GATE_POINTS less of the items seen in the
+    # fit users' bundles than zero-shot's (in any domain) is rejected, whatever its recall
+    seen = {index[i] for d in fit.values() for b in d.bundles["items"] for i in b}
+    _, ref = recall_and_shares(engine.with_params(EngineParams(completion={"pretrained": 1.0})), val_q, caches, seen)
+    fusion, shares = {}, {}
+    for w in fusion_grid():
+        fusion[json.dumps(w)], shares[json.dumps(w)] = recall_and_shares(engine.with_params(EngineParams(completion=w)), val_q, caches, seen)
+    best, fusion_rejected = gated_best(fusion, shares, ref)
+    best_w = json.loads(best)
+    log.info("eval_bundles: completion fusion %s (val recall@10 %.4f; leak gate rejected %d of %d)", best_w,
+             fusion[best], len(fusion_rejected), len(fusion))
     t0 = time.time()
     engine.reranker = fit_reranker(engine.with_params(EngineParams(completion=best_w)), fit, index, seed)
-    rerank_val = {str(on): mean_recall(engine.with_params(EngineParams(completion=best_w, rerank=on)), val_q, caches)
-                  for on in (False, True)}
-    use_rerank = rerank_val["True"] > rerank_val["False"]
+    rerank_val, rerank_shares = {}, {}
+    for on in (False, True):
+        rerank_val[str(on)], rerank_shares[str(on)] = recall_and_shares(
+            engine.with_params(EngineParams(completion=best_w, rerank=on)), val_q, caches, seen)
+    chosen_rerank, rerank_rejected = gated_best(rerank_val, rerank_shares, ref)
+    use_rerank = chosen_rerank == "True"
+    leak = {"zeroshot_val_seen_share@10": ref, "max_drop": LEAK_GATE_POINTS, "fusion_val_seen_share@10": shares,
+            "fusion_rejected": fusion_rejected, "rerank_val_seen_share@10": rerank_shares,
+            "rerank_rejected": rerank_rejected}
     if use_rerank:
         engine.reranker.save(export)
     else:  # an earlier selection's re-ranker (--reuse-exports) must not stay beside these parameters
@@ -250,7 +263,7 @@ def select(engine: BundleEngine, items: pd.DataFrame, index: dict, fit: dict[str
     selection = {"validation": {d: {"users": int(v.bundles.user_id.nunique()), "bundles": len(v.bundles),
                                     "sessions": len(val_s[d])} for d, v in val.items()},
                  "lexical": lex_sel, "completion_val_recall@10": fusion, "query_val_recall@10": query,
-                 "rerank_val_recall@10": rerank_val, "rerank": engine.reranker.info, "naming": naming_sel,
+                 "rerank_val_recall@10": rerank_val, "leak_gate": leak, "rerank": engine.reranker.info, "naming": naming_sel,
                  "detection_val": det,
                  "baseline_detection": baselines}
     params = EngineParams(completion=best_w, query=best_q, rerank=use_rerank, compat=json.loads(best_c), threshold=det[best_c]["threshold"],

@@ -6,8 +6,10 @@
     bundlerec submit pipeline --config jobs/configs/demo.yaml           # ray job submit, outputs kept here
     bundlerec submit --address http://head:8265 --output-root s3://bucket/bundlerec train --config ...
 
-Every stage is a thin module beside this one in ``jobs/`` (what ``python -m jobs.<stage>`` and ``ray job submit``
-run), so all three spellings take the same ``--config`` and dotted overrides (``train.lr=3e-5``).
+Every stage is a thin module beside this one in ``jobs/`` whose ``command`` is the typer command registered
+here, the one ``python -m jobs.<stage>`` and ``ray job submit`` run: all three spellings take the same options
+(``--config`` and dotted overrides ``train.lr=3e-5`` for the config-driven stages). The options that name files
+are typed as such in each command (``bundlerec.cli.path_option``), which is how ``submit`` finds them.
 """
 
 from __future__ import annotations
@@ -23,28 +25,26 @@ from urllib.parse import urlparse
 
 import typer
 
-# subcommand -> (module under jobs/, takes --config + dotted overrides, one line for `bundlerec --help`)
-STAGES: dict[str, tuple[str, bool, str]] = {
-    "generate": ("jobs.generate", False, "synthetic clickstream logs with planted bundles (Parquet)"),
-    "prep": ("jobs.prep", True, "Ray Data: validate (quarantine), sessionize, split, tokenize"),
-    "train": ("jobs.train", True, "Ray Train + DeepSpeed ZeRO fine-tuning, export, test-split evaluation"),
-    "tune": ("jobs.tune", True, "Ray Tune sweep of train (ASHA, Optuna); resumable"),
-    "price": ("jobs.price", True, "fit the bundle-pricing model into the trained export (new pricing data, no retraining)"),
-    "register": ("jobs.register", True, "MLflow registry: new version; champion only if it wins on validation"),
-    "deploy": ("jobs.deploy", True, "Ray Serve: deploy models:/bundlerec@champion and wait until it answers"),
-    "pipeline": ("jobs.pipeline", True, "prep + train (or tune) + price + register + deploy, as the config's stages say"),
-    "eval-bundles": ("jobs.eval_bundles", False, "bundle completion/detection/intents on bundlerec_intent data"),
-    "eval-pricing": ("jobs.eval_pricing", False, "bundle-price accuracy on the Steam bundles (k-fold)"),
-    "split-intent": ("jobs.split_intent", False, "split a bundlerec_intent directory by user (dev folds)"),
-    "loadtest": ("jobs.loadtest", False, "latency percentiles of the live endpoint at several concurrencies"),
-    "experiment": ("jobs.experiment", True, "start / status / stop an online experiment (arms = registry versions)"),
-    "experiment-report": ("jobs.experiment_report", True, "per-arm online metrics with intervals, SRM; --promote"),
-    "simulate-traffic": ("jobs.simulate_traffic", True, "simulated shoppers against the live endpoint (A/B, A/A)"),
+from bundlerec.cli import StageCommand, option_paths
+
+# subcommand -> (module under jobs/ whose `command` it runs, one line for `bundlerec --help`)
+STAGES: dict[str, tuple[str, str]] = {
+    "generate": ("jobs.generate", "synthetic clickstream logs with planted bundles (Parquet)"),
+    "prep": ("jobs.prep", "Ray Data: validate (quarantine), sessionize, split, tokenize"),
+    "train": ("jobs.train", "Ray Train + DeepSpeed ZeRO fine-tuning, export, test-split evaluation"),
+    "tune": ("jobs.tune", "Ray Tune sweep of train (ASHA, Optuna); resumable"),
+    "price": ("jobs.price", "fit the bundle-pricing model into the trained export (new pricing data, no retraining)"),
+    "register": ("jobs.register", "MLflow registry: new version; champion only if it wins on validation"),
+    "deploy": ("jobs.deploy", "Ray Serve: deploy models:/bundlerec@champion and wait until it answers"),
+    "pipeline": ("jobs.pipeline", "prep + train (or tune) + price + register + deploy, as the config's stages say"),
+    "eval-bundles": ("jobs.eval_bundles", "bundle completion/detection/intents on bundlerec_intent data"),
+    "eval-pricing": ("jobs.eval_pricing", "bundle-price accuracy on the Steam bundles (k-fold)"),
+    "split-intent": ("jobs.split_intent", "split a bundlerec_intent directory by user (dev folds)"),
+    "loadtest": ("jobs.loadtest", "latency percentiles of the live endpoint at several concurrencies"),
+    "experiment": ("jobs.experiment", "start / status / stop an online experiment (arms = registry versions)"),
+    "experiment-report": ("jobs.experiment_report", "per-arm online metrics with intervals, SRM; --promote"),
+    "simulate-traffic": ("jobs.simulate_traffic", "simulated shoppers against the live endpoint (A/B, A/A)"),
 }
-# options of the argparse stages that name files: resolved where the user runs the command
-PATH_OPTIONS = ("--out", "--work-dir", "--train-dir", "--eval-dir", "--src", "--export", "--data-dir", "--to",
-                "--token-file", "--config")
-OUTPUT_OPTIONS = ("--out", "--work-dir", "--to")
 NO_AGENT = "No available agent to submit job"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -54,26 +54,15 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 app = typer.Typer(name="bundlerec", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   help="bundlerec: clickstream logs -> fine-tuned two-tower model -> priced bundles over HTTP. "
                        "Each stage takes --config FILE and dotted overrides; `bundlerec STAGE --help` explains it.")
-_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
-def run_stage(stage: str, argv: list[str]) -> None:
-    """``bundlerec STAGE ARGS`` = ``python -m jobs.STAGE ARGS`` (``--help`` included: the job's own)."""
-    module = STAGES[stage][0]
-    sys.argv[0] = f"bundlerec {stage}"  # argparse's prog in usage lines
-    importlib.import_module(module).main(list(argv))
+def stage_function(stage: str):
+    """The typer command function of a stage (its job module's ``command``)."""
+    return importlib.import_module(STAGES[stage][0]).command
 
 
-def _add_stage(stage: str, module: str, short: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        run_stage(stage, ctx.args)
-
-    command.__doc__ = f"{short}. `bundlerec {stage} --help` for its options."
-    app.command(stage, context_settings=_FORWARD, add_help_option=False, short_help=short)(command)
-
-
-for _stage, (_module, _, _short) in STAGES.items():
-    _add_stage(_stage, _module, _short)
+for _stage, (_module, _short) in STAGES.items():
+    app.command(_stage, cls=StageCommand, short_help=_short)(stage_function(_stage))
 
 
 def _version(value: bool) -> None:
@@ -105,7 +94,8 @@ def submit_command(stage: str, args: list[str], *, address: str, output_root: Op
     a path every node shares) says where outputs go."""
     if stage not in STAGES:
         raise typer.BadParameter(f"unknown stage {stage!r}; one of {', '.join(STAGES)}", param_hint="STAGE")
-    module, takes_config, _ = STAGES[stage]
+    module = STAGES[stage][0]
+    path_options, takes_config = option_paths(stage_function(stage))
     here = Path(cwd or os.getcwd()).resolve()
     local = (urlparse(address).hostname or "") in LOOPBACK
     args = list(args)
@@ -123,27 +113,26 @@ def submit_command(stage: str, args: list[str], *, address: str, output_root: Op
         for i, a in enumerate(args):  # a config file outside the uploaded project: pass it by absolute path
             if a == "--config" and i + 1 < len(args) and local and (here / args[i + 1]).exists():
                 args[i + 1] = str((here / args[i + 1]).resolve())
-    else:
-        for i, a in enumerate(args):
-            opt, eq, val = a.partition("=")
-            if opt not in PATH_OPTIONS:
-                continue
-            j = i if eq else i + 1
-            v = val if eq else (args[j] if j < len(args) else "")
-            if not v or "://" in v or os.path.isabs(v):
-                continue
-            if local:
-                v = str(here / v)
-            elif opt in OUTPUT_OPTIONS:
-                raise typer.BadParameter(f"{opt} {v} is relative: on {address} it would be written into the job's "
-                                         "uploaded copy of the project and lost; give s3://… or a shared absolute path",
-                                         param_hint=opt)
-            else:
-                continue
-            if eq:
-                args[i] = f"{opt}={v}"
-            else:
-                args[j] = v
+    for i, a in enumerate(args):  # the options that name files: resolved where the command runs
+        opt, eq, val = a.partition("=")
+        if opt not in path_options:
+            continue
+        j = i if eq else i + 1
+        v = val if eq else (args[j] if j < len(args) else "")
+        if not v or "://" in v or os.path.isabs(v):
+            continue
+        if local:
+            v = str(here / v)
+        elif path_options[opt]:  # an output
+            raise typer.BadParameter(f"{opt} {v} is relative: on {address} it would be written into the job's "
+                                     "uploaded copy of the project and lost; give s3://… or a shared absolute path",
+                                     param_hint=opt)
+        else:
+            continue
+        if eq:
+            args[i] = f"{opt}={v}"
+        else:
+            args[j] = v
     env = job_runtime_env(runtime_env, here, local)
     ray_bin = Path(sys.executable).with_name("ray")
     cmd = [str(ray_bin) if ray_bin.exists() else "ray", "job", "submit", "--address", address, "--runtime-env", env]

@@ -1,43 +1,48 @@
-"""Bundle-pricing evaluation on real Steam bundles: out-of-sample (k-fold) discount MAE and final-price
-MAPE of bundlerec's revenue-optimal prices against the median and median-by-size baselines.
-
-    python -m jobs.eval_pricing --data-dir datasets/steam_bundles --out runs/eval_pricing.json
-"""
+"""Bundle-pricing evaluation on real Steam bundles (k-fold discount MAE, final-price MAPE)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from typing import Annotated, Optional
 
-from bundlerec.eval.pricing import evaluate_pricing
+import typer
+
+from bundlerec.cli import path_option, run
+from bundlerec.config import PricingConfig
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="folder with bundles.csv.gz and bundle_items.csv.gz")
-    p.add_argument("--out", required=True)
-    p.add_argument("--folds", type=int, default=5)
-    from bundlerec.config import PricingConfig
+def command(data_dir: Annotated[str, path_option("--data-dir", help="folder with bundles.csv.gz and bundle_items.csv.gz",
+                                                 show_default=False)],
+            out: Annotated[str, path_option("--out", help="the result (JSON; the plot beside it)", output=True, show_default=False)],
+            folds: Annotated[int, typer.Option(help="cross-validation folds")] = 5,
+            s: Annotated[float, typer.Option("--s", help="assumed logistic scale of willingness to pay")] = PricingConfig.s,
+            mlflow_uri: Annotated[Optional[str], typer.Option(help="also log the figures, the JSON and the plot to this "
+                                                              "tracking server (experiment bundlerec-pricing)")] = None) -> dict:
+    """Bundle-pricing evaluation on real Steam bundles: out-of-sample (k-fold) discount MAE and
+    final-price MAPE of bundlerec's revenue-optimal prices against the median and median-by-size
+    baselines.
 
-    p.add_argument("--s", type=float, default=PricingConfig.s, help="assumed logistic scale of willingness to pay")
-    p.add_argument("--mlflow-uri", default=None, help="also log the figures, the JSON and the plot to this tracking "
-                   "server (experiment bundlerec-pricing)")
-    args = p.parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    plot = os.path.splitext(args.out)[0] + "_discounts.png"  # predicted vs actual discount, out of fold
-    res = evaluate_pricing(args.data_dir, folds=args.folds, s=args.s, plot_path=plot)
-    with open(args.out, "w") as f:
+    \b
+    Examples (`python -m jobs.eval_pricing` takes the same arguments):
+      bundlerec eval-pricing --data-dir datasets/steam_bundles --out runs/eval_pricing.json
+    """
+    from bundlerec.eval.pricing import evaluate_pricing
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)
+    plot = os.path.splitext(out)[0] + "_discounts.png"  # predicted vs actual discount, out of fold
+    res = evaluate_pricing(data_dir, folds=folds, s=s, plot_path=plot)
+    with open(out, "w") as f:
         json.dump(res, f, indent=2)
-    if args.mlflow_uri:
+    if mlflow_uri:
         import mlflow
 
-        mlflow.set_tracking_uri(args.mlflow_uri)
+        mlflow.set_tracking_uri(mlflow_uri)
         mlflow.set_experiment("bundlerec-pricing")
         with mlflow.start_run(run_name="eval-pricing"):
-            mlflow.log_params({"folds": args.folds, "s": args.s, "data_dir": args.data_dir})
+            mlflow.log_params({"folds": folds, "s": s, "data_dir": data_dir})
             mlflow.log_metrics({f"{m}/{k}": v for m in ("discount_mae", "final_price_mape") for k, v in res[m].items()})
-            mlflow.log_artifact(args.out)
+            mlflow.log_artifact(out)
             mlflow.log_artifact(plot)
     print(f"plot: {plot}")
     for metric in ("discount_mae", "final_price_mape"):
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['grouped_by_overlap_component']['ratio']:.3f}; without the context features "
           f"{r['without_context_features']['ratio']:.3f})")
     return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(command, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def test_help_lists_every_stage_and_each_stage_explains_itself():
     for stage in [*STAGES, "submit"]:
         assert f"  {stage} " in r.stdout, stage
     r = _run("prep", "--help")  # the stage's own help: its docstring, --config and the overrides
-    assert r.returncode == 0 and r.stdout.startswith("usage: bundlerec prep"), r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("Usage: bundlerec prep"), r.stdout + r.stderr
     assert "--config" in r.stdout and "dotted overrides" in r.stdout and "Ray Data" not in r.stderr
     r = _run("eval-bundles", "--help")
     assert r.returncode == 0 and "--eval-dir" in r.stdout
@@ -37,11 +37,43 @@ def test_help_lists_every_stage_and_each_stage_explains_itself():
     assert r.returncode == 0 and r.stdout.strip() == f"bundlerec {version('bundlerec')}"
 
 
+def test_every_stage_is_one_typer_command_whose_examples_render_as_written():
+    """One style: `bundlerec STAGE --help` and `python -m jobs.STAGE --help` print the same command's
+    help (its usage line named as it was called), with the docstring's example lines verbatim."""
+    import importlib
+    import inspect
+
+    from bundlerec.cli import option_paths
+
+    for stage, (module, _) in STAGES.items():
+        doc = inspect.getdoc(importlib.import_module(module).command)
+        examples = [ln.strip() for ln in doc.split("\b", 1)[1].splitlines() if ln.strip().startswith(("bundlerec ", "python -m"))]
+        assert examples, stage  # every stage shows how it is run
+        r = _run(stage, "--help")
+        assert r.returncode == 0 and r.stdout.startswith(f"Usage: bundlerec {stage} [OPTIONS]"), (stage, r.stdout + r.stderr)
+        for line in examples:
+            assert line in r.stdout, (stage, line)  # not re-wrapped into runs of spaces
+        paths, takes_config = option_paths(importlib.import_module(module).command)
+        assert not takes_config or ("--config FILE" in r.stdout and "KEY=VALUE" in r.stdout), stage
+        assert all(o in r.stdout for o in paths), stage
+    r = subprocess.run([sys.executable, "-m", "jobs.split_intent", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("Usage: python -m jobs.split_intent [OPTIONS]")
+    r = subprocess.run([sys.executable, "-m", "jobs.eval_bundles", "--out", "x.json", "--folds", "one"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--folds" in r.stderr and "Traceback" not in r.stderr, r.stderr  # not a list of integers
+    from bundlerec.cli import click_command
+    from jobs.eval_bundles import command
+
+    ctx = click_command(command).make_context("eval-bundles", ["--out", "o", "--folds", "1", "2", "3", "train.epochs=1"])
+    assert ctx.params["folds"] == [1, 2, 3] and ctx.params["overrides"] == ["train.epochs=1"]  # argparse's nargs kept
+    assert click_command(command).make_context("eval-bundles", ["--out", "o", "--folds=2,4"]).params["folds"] == [2, 4]
+
+
 def test_a_bad_override_fails_with_one_clear_line_and_no_compute():
     r = _run("prep", "--config", "jobs/configs/tiny.yaml", "data.no_such_key=3", cwd=ROOT)
     assert r.returncode != 0
     assert "data.no_such_key" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.returncode == 2 and r.stderr.startswith("usage: bundlerec prep")
+    assert r.returncode == 2 and r.stderr.startswith("Usage: bundlerec prep")
 
 
 def test_submit_keeps_outputs_where_the_command_runs(tmp_path, monkeypatch):
@@ -94,6 +126,14 @@ def test_submit_keeps_outputs_where_the_command_runs(tmp_path, monkeypatch):
     cmd = submit_command("split-intent", ["--src", "/data/x", "--out", "split", "--fold=2"], address=local,
                          output_root=None, runtime_env=None, no_wait=False, cwd=str(tmp_path))
     assert cmd[-5:] == ["--src", "/data/x", "--out", str(tmp_path.resolve() / "split"), "--fold=2"]
+    # the path options come from each command's typed options: a config-driven stage's own ones too
+    cmd = submit_command("simulate-traffic", ["--out=sim.json", "--users", "5"], address=local, output_root=None,
+                         runtime_env=None, no_wait=False, cwd=str(tmp_path))
+    assert f"--out={tmp_path.resolve() / 'sim.json'}" in cmd and cmd[-1] == f"output_root={tmp_path.resolve()}"
+    cmd = submit_command("eval-bundles", ["--src", "d", "--folds", "1", "2", "--out", "/abs/r.json", "--work-dir", "w"],
+                         address=local, output_root=None, runtime_env=None, no_wait=False, cwd=str(tmp_path))
+    assert cmd[cmd.index("--") + 1:] == ["python", "-m", "jobs.eval_bundles", "--src", str(tmp_path.resolve() / "d"), "--folds",
+                                         "1", "2", "--out", "/abs/r.json", "--work-dir", str(tmp_path.resolve() / "w")]
 
 
 def test_submit_to_a_remote_cluster_refuses_outputs_that_would_be_lost(tmp_path):
@@ -106,6 +146,9 @@ def test_submit_to_a_remote_cluster_refuses_outputs_that_would_be_lost(tmp_path)
     with pytest.raises(typer.BadParameter, match="relative"):
         submit_command("eval-pricing", ["--data-dir", "/d", "--out", "res.json"], address=remote, output_root=None,
                        runtime_env=None, no_wait=False)
+    with pytest.raises(typer.BadParameter, match="--work-dir w is relative"):
+        submit_command("eval-bundles", ["--src", "/d", "--folds", "1", "--out", "s3://b/r.json", "--work-dir", "w"],
+                       address=remote, output_root=None, runtime_env=None, no_wait=False)
     with pytest.raises(typer.BadParameter, match="unknown stage"):
         submit_command("trian", [], address=remote, output_root="s3://b", runtime_env=None, no_wait=False)
     r = _run("submit", "--address", remote, "prep", cwd=tmp_path)  # the command itself: exit 2, nothing sent

@@ -39,3 +39,29 @@ def test_readme_commands_are_real_subcommands():
             if m:
                 used.add(m.group(2))
     assert used and used <= set(STAGES), used - set(STAGES)
+
+
+def test_the_documented_stage_commands_parse():
+    """Every `bundlerec STAGE …` command in the README's and the data guide's code blocks (continued
+    lines joined, comments dropped, `submit` and its options skipped) is accepted by that stage's command."""
+    import shlex
+
+    from bundlerec.cli import click_command
+    from jobs.cli import STAGES, stage_function
+
+    checked = 0
+    for doc in ("README.md", "docs/bring-your-own-data.md"):
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / doc).read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line.split("  #")[0].split(" # ")[0])
+                if not words or words[0] != "bundlerec" or "..." in line or "…" in line or "$" in line:
+                    continue
+                words = words[1:]
+                if words[0] == "submit":  # its own options, then the stage
+                    words = words[1:]
+                    while words and words[0].startswith("--"):
+                        words = words[1:] if words[0] == "--no-wait" else words[2:]
+                if words and words[0] in STAGES:
+                    click_command(stage_function(words[0])).make_context(words[0], words[1:])
+                    checked += 1
+    assert checked >= 15, checked

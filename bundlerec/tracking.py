@@ -307,18 +307,27 @@ def log_prep_dataset(tracking_uri: str, run_id: str, prep_dir: str, manifest: di
 
 
 @contextlib.contextmanager
-def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
-    """CPU, memory, disk, network (and GPU where there is one) of this machine, sampled into the run's
-    ``system/*`` metrics while the block runs (MLflow's SystemMetricsMonitor; on a cluster: the node
-    the driver runs on)."""
+def system_metrics(tracking_uri: str, run_id: str, interval_s: float = 10.0, node_id: Optional[str] = None) -> Iterator[None]:
+    """CPU, memory, disk, network (and GPU where there is one and ``nvidia-ml-py`` is installed) of this
+    machine, sampled into the run's ``system/*`` metrics while the block runs (MLflow's
+    SystemMetricsMonitor), and once more when it ends (so a block shorter than ``interval_s`` has a
+    sample too; CPU utilization is the average since the previous sample); with ``node_id`` under
+    ``system/<node_id>/*``: the training workers' nodes (one monitor per node, local rank 0) beside the
+    driver's."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+    mon = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri, node_id=node_id)
     mon.start()
     try:
         yield
     finally:
         mon.finish()
+        try:  # the closing sample (best effort: metrics never fail the block)
+            mon.collect_metrics()
+            mon.publish_metrics(mon.aggregate_metrics())
+            mon.mlflow_logger.flush()
+        except Exception as e:
+            log.warning("bundlerec: the closing system-metrics sample was not logged: %s", e)
 
 
 def log_evaluation(tracking_uri: str, experiment: str, run_name: str, params: dict, metrics: dict,

@@ -77,6 +77,8 @@ def test_make_demo_runs_the_pipeline_job_and_tracks_it(ray_cluster, mlflow_serve
     step_loss = mlflow_get(mlflow_server, "metrics/get-history", run_id=summary["run_id"], metric_key="step/train_loss")
     assert sorted(m["step"] for m in step_loss["metrics"]) == [2, 4, 6, 8]
     assert any(k.startswith("system/cpu_utilization") for k in metrics), sorted(metrics)[:20]
+    # ... and each training node's own (local rank 0 of the Ray Train workers; GPUs there too)
+    assert "system/train-node0/cpu_utilization_percentage" in metrics, sorted(k for k in metrics if k.startswith("system/"))
     # intervals beside every test metric
     assert metrics["test/popular/ndcg_at_10_ci95_lo"] <= metrics["test/popular/ndcg_at_10"] <= \
         metrics["test/popular/ndcg_at_10_ci95_hi"]

@@ -108,3 +108,20 @@ def test_champion_lookup_only_treats_absence_as_no_champion(tmp_path, monkeypatc
     assert current_champion(client, "no-alias-yet") is None
     with pytest.raises(MlflowException):
         current_champion(mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}"), "bundlerec")
+
+
+def test_system_metrics_of_a_node_land_under_its_id_even_for_a_short_block(tmp_path):
+    """tracking.system_metrics with a node id (what each training node's local rank 0 runs): the
+    run gets system/<node>/* metrics, one closing sample even when the block is shorter than the interval."""
+    import mlflow
+
+    from bundlerec.tracking import system_metrics
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("sysm", artifact_location=str(tmp_path / "a")))
+    with system_metrics(uri, run.info.run_id, 30.0, "train-node0"):
+        time.sleep(0.2)
+    got = client.get_run(run.info.run_id).data.metrics
+    assert "system/train-node0/cpu_utilization_percentage" in got and not any(
+        k.startswith("system/cpu") for k in got), sorted(got)

@@ -21,6 +21,8 @@ import numpy as np
 from bundlerec.config import PipelineConfig
 from bundlerec.train.shards import RayCollate, read_all
 
+SYSTEM_METRICS_S = 5.0  # each training node's system metrics: one sample this often (MLflow system/train-node<k>/*)
+
 
 @dataclass
 class LoopInputs:
@@ -125,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
     epoch train, validate with ``cfg.eval``, decide on early stopping and save."""
     import ray.train
 
-    from bundlerec.tracking import load_credentials
+    from bundlerec.tracking import load_credentials, system_metrics
 
     inp: LoopInputs = config["inputs"]
     tc = inp.cfg.train
@@ -135,16 +137,20 @@ def train_loop_per_worker(config: dict) -> None:
     w, state = _build(inp)
     train_shard = ray.train.get_dataset_shard("train")
     val_rows = read_all(ray.train.get_dataset_shard("val"))  # every rank holds all of val (small)
-    for epoch in range(state.epoch + 1, tc.epochs):
-        stats = _train_epoch(w, state, epoch, train_shard)
-        val = _validate(w, val_rows)
-        stop = state.after_validation(_agreed(w, val.get("ndcg@10", 0.0)), tc.early_stop_patience)
-        metrics = _epoch_metrics(w, state, epoch, stats, val, stop)
-        state.epoch = epoch
-        state.history.append(dict(metrics))
-        _save(w, state, metrics)
-        if stop:
-            break
+    ctx = ray.train.get_context()  # each training node's own use (GPU included) beside the driver's node
+    monitor = (system_metrics(inp.cfg.mlflow.tracking_uri, inp.run_id, SYSTEM_METRICS_S, f"train-node{ctx.get_node_rank()}")
+               if inp.run_id and ctx.get_local_rank() == 0 else nullcontext())
+    with monitor:
+        for epoch in range(state.epoch + 1, tc.epochs):
+            stats = _train_epoch(w, state, epoch, train_shard)
+            val = _validate(w, val_rows)
+            stop = state.after_validation(_agreed(w, val.get("ndcg@10", 0.0)), tc.early_stop_patience)
+            metrics = _epoch_metrics(w, state, epoch, stats, val, stop)
+            state.epoch = epoch
+            state.history.append(dict(metrics))
+            _save(w, state, metrics)
+            if stop:
+                break
     if w.logger:
         w.logger.flush()  # best effort here; fit() on the driver makes sure MLflow ends up with every epoch
 

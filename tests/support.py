@@ -218,3 +218,31 @@ def tiny_config(*overrides: str):
     from bundlerec.config import load_config
 
     return load_config(str(ROOT / "jobs/configs/tiny.yaml"), [*tiny_overrides(), *overrides])
+
+
+def pickled_files(root) -> list[str]:
+    """Files under ``root`` that unpickling would read, by content, whatever their names: a pickle
+    stream (protocol 2-5 header), a zip holding one (torch.save's format), or a NumPy array that
+    does not load with ``allow_pickle=False`` (object arrays)."""
+    import zipfile
+
+    import numpy as np
+
+    found = []
+    for p in sorted(Path(root).rglob("*")):
+        if not p.is_file():
+            continue
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            found.append(str(p))
+        elif zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                if any(n.endswith((".pkl", ".pickle")) or n.endswith("/data.pkl") for n in z.namelist()):
+                    found.append(str(p))
+        elif p.suffix == ".npy":
+            try:
+                np.load(p, allow_pickle=False)
+            except ValueError:
+                found.append(str(p))
+    return found

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bundlerec.model.collate import Collator, history_tensors
 from bundlerec.hub import ModelNotFoundError, load_tokenizer, resolve_model_path
 from bundlerec.model.two_tower import TwoTower, build_encoder
-from tests.support import tiny_model_dir
+from tests.support import pickled_files, tiny_model_dir
 
 MODEL = "all-MiniLM-L6-v2"
 TEXTS = ["Lumix pro zoom lens | category: photography > camera lenses", "Kestrel travel tripod | category: tripods",
@@ -150,10 +150,32 @@ def test_export_round_trips_without_pickle(tmp_path):
     save_export(model, load_tokenizer(tiny_encoder()), str(tmp_path), {"history_len": 4})
     names = {p.name for p in tmp_path.rglob("*") if p.is_file()}
     assert "user_tower.safetensors" in names and not any(n.endswith((".pt", ".bin", ".pkl")) for n in names), names
+    assert pickled_files(tmp_path) == []  # by content, not by name
     loaded, meta = load_export(str(tmp_path))
     assert meta["temperature"] == 0.07
     for (k, a), (_, b) in zip(model.user_tower.state_dict().items(), loaded.user_tower.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_the_pickle_check_reads_contents_not_names(tmp_path):
+    """pickled_files (what the no-pickle assertions use) finds a pickle under any name, torch.save's
+    zip, an object array; and leaves safetensors, JSON and plain arrays alone."""
+    import pickle
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    pickle.dump({"a": 1}, open(tmp_path / "weights.json", "wb"))
+    torch.save({"w": torch.ones(2)}, tmp_path / "model.safetensors")
+    np.save(tmp_path / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    save_file({"w": torch.ones(2)}, str(clean / "model.safetensors"))
+    (clean / "meta.json").write_text("{}")
+    np.save(clean / "index.npy", np.ones(3))
+    assert pickled_files(tmp_path) == sorted(str(tmp_path / n) for n in ("model.safetensors", "objects.npy", "weights.json"))
+    assert pickled_files(clean) == []
 
 
 @pytest.mark.parametrize("family,pooling", [("bert", "mean"), ("roberta", "cls"), ("llama", "last"),

@@ -531,9 +531,18 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        info = _get(f"{base}/v1/model")[1]
-        assert info["version"] == settled and info["refused"]["version"] == v3["version"], info
-        assert "latest.parquet" in info["refused"]["error"], info["refused"]
+        seen = {}  # replica -> its /v1/model answer: every replica (2, random routing) refused v3 itself
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            info = _get(f"{base}/v1/model")[1]
+            seen[info["replica"]] = info
+            if len(seen) == 2 and all((i["refused"] or {}).get("version") == v3["version"] for i in seen.values()):
+                break
+            time.sleep(0.1)
+        assert len(seen) == 2, list(seen)
+        for info in seen.values():
+            assert info["version"] == settled and (info["refused"] or {}).get("version") == v3["version"], info
+            assert "latest.parquet" in info["refused"]["error"], info["refused"]
         assert _get(f"{base}/readyz", headers={})[1]["refused_version"] == v3["version"]
         assert failures == [], failures[:3]
         client.set_registered_model_alias(name, "champion", "2")

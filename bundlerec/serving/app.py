@@ -103,6 +103,7 @@ class BundlerecService(RegistryFollower):
         self._bundle_pool = ThreadPoolExecutor(int(max_concurrent_bundles), thread_name_prefix="bundles",
                                                initializer=lower_this_threads_priority)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
+        self.replica = serve.get_replica_context().replica_id.unique_id  # /v1/model says which replica answered
         self.ann = {"min_items": ann_min_items, "nprobe": ann_nprobe, "threads": torch_threads}
         from bundlerec.privacy import read_user_key
 
@@ -324,7 +325,7 @@ class BundlerecService(RegistryFollower):
     @api.get("/v1/model", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def model(self) -> dict:
         m = self.current
-        return {**m.info.model_dump(), "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
+        return {**m.info.model_dump(), "replica": self.replica, "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
                 "reloads": self.reloads, "source": m.source, "refused": self.refused,
                 "event_log": self.log.health() if self.log is not None else None,
                 "base_model": m.rec.meta.get("base_model"),

@@ -572,3 +572,34 @@ def test_two_replicas_on_one_node_never_take_each_others_live_segments(tmp_path)
     other.close()
     ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
     assert sorted(ids) == sorted(f"i{i}" for i in range(3000))
+
+
+def test_retention_deletes_event_files_older_than_the_limit_and_only_those(tmp_path):
+    """serve event_log_retention_days: a file's age is the UTC time its segment began (its name);
+    older ones go, newer ones and files named otherwise stay; the replicas' flush thread applies it."""
+    import calendar
+
+    from bundlerec.experiments.event_log import EventLog
+
+    el = EventLog(str(tmp_path), "impressions", str(tmp_path / "_wal"))
+    el.append([_imp(0)])
+    el.flush()
+    fresh = sorted((tmp_path / "impressions").glob("*.parquet"))
+    assert len(fresh) == 1
+    day = 86400
+    now = calendar.timegm(time.strptime("20261206T120000", "%Y%m%dT%H%M%S"))
+    old = tmp_path / "impressions" / "20261101T000000-aaaaaaaaaaaa.parquet"
+    recent = tmp_path / "impressions" / "20261205T000000-bbbbbbbbbbbb.parquet"
+    other = tmp_path / "impressions" / "notes.parquet"
+    for f in (old, recent, other):
+        f.write_bytes(fresh[0].read_bytes())
+    assert el.prune(30 * day, now=now) == 1 and not old.exists() and recent.exists() and other.exists()
+    assert el.prune(30 * day, now=now) == 0  # nothing more (another replica may have been first)
+    el.close()
+    # the flush thread of a replica's OnlineLog applies it at its first flush
+    log = OnlineLog(str(tmp_path), flush_s=0.1, retention_days=0.5)
+    deadline = time.time() + 10
+    while recent.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    log.close()
+    assert not recent.exists() and other.exists() and fresh[0].exists()  # the file of today stays

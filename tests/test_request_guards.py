@@ -114,6 +114,50 @@ def test_unauthenticated_requests_are_answered_before_the_body_is_read(client, m
     assert c.post("/v1/r", content=b'{"user_id": "u"}', headers=ok).json() == {"ok": True}
 
 
+def test_a_token_over_its_rate_limit_gets_429_before_its_body_is_read(monkeypatch):
+    """serve rate_limit_rps: a token bucket per token in the replica; beyond the burst a request is
+    answered 429 with Retry-After (POST: before the body is read; GET: in the token dependency);
+    another token keeps its own budget; it refills at the rate; memory is bounded by max_keys."""
+    from bundlerec.serving.auth import TokenAuth
+    from bundlerec.serving.guards import RateLimiter, require_token
+
+    now = [0.0]
+    lim = RateLimiter(rate=2.0, burst=3, max_keys=2, clock=lambda: now[0])
+    assert [lim.admit(b"a") for _ in range(3)] == [0.0, 0.0, 0.0] and lim.admit(b"a") == pytest.approx(0.5)
+    now[0] += 0.5  # one token back
+    assert lim.admit(b"a") == 0.0 and lim.admit(b"a") > 0
+    assert lim.admit(b"b") == 0.0 and lim.admit(b"c") == 0.0 and len(lim._buckets) == 2  # "a" dropped (oldest)
+    with pytest.raises(ValueError):
+        RateLimiter(rate=0, burst=1)
+
+    tokens = "first-token-of-enough-length,second-token-of-enough-length"
+    monkeypatch.setenv("BUNDLEREC_API_TOKENS", tokens)
+    monkeypatch.setattr(guards.GUARDS, "auth", TokenAuth())
+    monkeypatch.setattr(guards.GUARDS, "limiter", RateLimiter(rate=0.01, burst=2))
+    app = FastAPI()
+    app.middleware("http")(limit_body)
+
+    @app.post("/v1/r")
+    def r(req: RecommendationRequest):
+        return {"ok": True}
+
+    @app.get("/v1/model", dependencies=[Depends(require_token)])
+    def model():
+        return {"ok": True}
+
+    def hdr(t):
+        return {"content-type": "application/json", "authorization": f"Bearer {t}"}
+
+    c = TestClient(app, raise_server_exceptions=False)
+    first, second = "first-token-of-enough-length", "second-token-of-enough-length"
+    assert [c.post("/v1/r", content=b'{"user_id": "u"}', headers=hdr(first)).status_code for _ in range(2)] == [200, 200]
+    over = c.post("/v1/r", content=b"[" * 1_000_000, headers=hdr(first))  # neither size nor content looked at
+    assert over.status_code == 429 and int(over.headers["retry-after"]) >= 1
+    assert c.get("/v1/model", headers=hdr(first)).status_code == 429
+    assert c.get("/v1/model", headers=hdr(second)).status_code == 200  # its own bucket
+    assert c.post("/v1/r", content=b'{"user_id": "u"}', headers=hdr("wrong-token")).status_code == 403  # not counted
+
+
 def test_the_explore_routes_take_admin_tokens_where_the_deployment_has_them(monkeypatch):
     """/v1/explore/* reads any shopper's history: with an admin token file its tokens open those
     routes and nothing else, and an API token is 403 there; without one the API tokens open them."""

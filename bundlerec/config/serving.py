@@ -59,6 +59,15 @@ class ServeConfig:
     ``<event_log_dir>/_wal`` (``~/.cache/bundlerec/wal`` for object stores) before the answer goes out."""
     event_flush_s: float = 5.0
     """Seconds between write-ahead -> Parquet flushes (also on shutdown and at 2,000 rows)."""
+    event_log_retention_days: float = 0.0
+    """Event-log Parquet files older than this many days are deleted by the replicas (checked at
+    start and hourly; local dirs and object stores alike); 0 = kept forever."""
+    rate_limit_rps: float = 0.0
+    """Requests per second one API token may make to one replica on average (a token bucket, checked
+    right after the token, before any body is read; over it: 429 + Retry-After); 0 = no limit. With
+    R replicas a token gets up to R x this."""
+    rate_limit_burst: int = 20
+    """Requests a token may make at once before ``rate_limit_rps`` applies."""
 
     def __post_init__(self) -> None:
         _check(self.poll_s >= 0 and self.torch_threads >= 1, "serve.poll_s >= 0, serve.torch_threads >= 1")
@@ -66,6 +75,9 @@ class ServeConfig:
         _check(self.max_concurrent_bundles >= 1, "serve.max_concurrent_bundles must be >= 1")
         _check(self.ann_min_items >= 0 and self.ann_nprobe >= 1, "serve.ann_min_items >= 0, serve.ann_nprobe >= 1")
         _check(self.event_flush_s > 0, "serve.event_flush_s must be > 0")
+        _check(self.event_log_retention_days >= 0, "serve.event_log_retention_days must be >= 0 (0 = keep)")
+        _check(self.rate_limit_rps >= 0 and self.rate_limit_burst >= 1,
+               "serve.rate_limit_rps >= 0 (0 = no limit), serve.rate_limit_burst >= 1")
 
     def app_args(self) -> dict:
         """The Serve application's args (serve/config.yaml mirrors these defaults)."""
@@ -73,7 +85,8 @@ class ServeConfig:
                 "max_body_bytes": self.max_body_bytes, "ann_min_items": self.ann_min_items,
                 "ann_nprobe": self.ann_nprobe, "model_cache_dir": self.model_cache_dir,
                 "max_concurrent_bundles": self.max_concurrent_bundles, "event_log_dir": self.event_log_dir,
-                "event_flush_s": self.event_flush_s}
+                "event_flush_s": self.event_flush_s, "event_log_retention_days": self.event_log_retention_days,
+                "rate_limit_rps": self.rate_limit_rps, "rate_limit_burst": self.rate_limit_burst}
 
 
 ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impression", "bundle_take_rate",

@@ -20,6 +20,7 @@ at ``<event_log_dir>/feedback`` and shopper feedback becomes the next run's trai
 
 from __future__ import annotations
 
+import calendar
 import fcntl
 import glob
 import json
@@ -209,6 +210,32 @@ class EventLog:
         self.written += len(rows)
         return len(rows)
 
+    def prune(self, max_age_s: float, now: float | None = None) -> int:
+        """Delete this log's Parquet files whose segment began more than ``max_age_s`` ago (the UTC
+        time at the start of every file's name; a file named otherwise is left alone); returns how many.
+        Replicas prune the same folder: a file another one deleted first is skipped."""
+        import pyarrow.fs as pafs
+
+        fs, base = pafs.FileSystem.from_uri(self.out)
+        cutoff, n = (time.time() if now is None else now) - max_age_s, 0
+        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+            if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+                continue
+            try:
+                began = calendar.timegm(time.strptime(info.base_name[:15], "%Y%m%dT%H%M%S"))
+            except ValueError:
+                continue
+            if began < cutoff:
+                try:
+                    fs.delete_file(info.path)
+                    n += 1
+                except FileNotFoundError:
+                    pass
+        if n:
+            log.info("bundlerec: deleted %d %s files older than %.1f days (serve event_log_retention_days)",
+                     n, self.kind, max_age_s / 86400)
+        return n
+
     def recover(self) -> int:
         """Convert the segments no live replica holds (killed replicas'); returns rows recovered."""
         n = 0
@@ -233,10 +260,16 @@ class EventLog:
         return n
 
 
-class OnlineLog:
-    """Impressions + feedback of one replica, flushed by a background thread every ``flush_s``."""
+PRUNE_EVERY_S = 3600.0  # how often a replica applies the event log's retention
 
-    def __init__(self, root: str, flush_s: float = 5.0):
+
+class OnlineLog:
+    """Impressions + feedback of one replica, flushed by a background thread every ``flush_s``;
+    with ``retention_days`` > 0 the same thread deletes older Parquet files at its first flush and
+    every :data:`PRUNE_EVERY_S` after."""
+
+    def __init__(self, root: str, flush_s: float = 5.0, retention_days: float = 0.0):
+        self.retention_s = retention_days * 86400.0
         wal = wal_dir_for(root)
         self.impressions = EventLog(root, "impressions", wal, convert_inline=False)
         self.feedback = EventLog(root, "feedback", wal, convert_inline=False)
@@ -246,6 +279,7 @@ class OnlineLog:
         self._thread.start()
 
     def _loop(self, flush_s: float) -> None:
+        next_prune = 0.0
         while not self._stop.wait(flush_s):
             for el in (self.impressions, self.feedback):
                 try:
@@ -253,6 +287,13 @@ class OnlineLog:
                     self.recovered += el.recover()
                 except Exception as e:  # storage hiccup: the rows stay in the write-ahead segment
                     log.error("bundlerec: %s flush failed (kept in the write-ahead log): %s", el.kind, e)
+            if self.retention_s > 0 and time.time() >= next_prune:
+                next_prune = time.time() + PRUNE_EVERY_S
+                for el in (self.impressions, self.feedback):
+                    try:
+                        el.prune(self.retention_s)
+                    except Exception as e:  # retried at the next pruning
+                        log.error("bundlerec: %s retention failed: %s", el.kind, e)
 
     def health(self) -> dict:
         """What /readyz reports: whether both logs are healthy, and their backlog and last error."""

@@ -75,7 +75,9 @@ class BundlerecService(RegistryFollower):
                  model_cache_dir: Optional[str] = DEFAULTS.model_cache_dir,
                  max_concurrent_bundles: int = DEFAULTS.max_concurrent_bundles,
                  event_log_dir: Optional[str] = DEFAULTS.event_log_dir, event_flush_s: float = DEFAULTS.event_flush_s,
-                 tracking_credentials_file: Optional[str] = None, admin_token_file: Optional[str] = None):
+                 tracking_credentials_file: Optional[str] = None, admin_token_file: Optional[str] = None,
+                 event_log_retention_days: float = DEFAULTS.event_log_retention_days,
+                 rate_limit_rps: float = DEFAULTS.rate_limit_rps, rate_limit_burst: int = DEFAULTS.rate_limit_burst):
         import hashlib
 
         import torch
@@ -98,6 +100,7 @@ class BundlerecService(RegistryFollower):
             guards.GUARDS.auth = guards.GUARDS.admin = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
+        guards.GUARDS.limiter = guards.RateLimiter(rate_limit_rps, rate_limit_burst) if rate_limit_rps > 0 else None
         serve_metrics.METRICS = serve_metrics.ServeMetrics(serve_metrics.api_paths(api))
         self._bundle_slots = threading.BoundedSemaphore(int(max_concurrent_bundles))
         self._bundle_pool = ThreadPoolExecutor(int(max_concurrent_bundles), thread_name_prefix="bundles",
@@ -129,7 +132,7 @@ class BundlerecService(RegistryFollower):
         from bundlerec.experiments.assignment import ImpressionSigner
 
         self.signer = ImpressionSigner(self.user_key or hashlib.sha256(f"bundlerec:{model_uri}".encode()).digest())
-        self.log = OnlineLog(event_log_dir, event_flush_s) if event_log_dir else None
+        self.log = OnlineLog(event_log_dir, event_flush_s, event_log_retention_days) if event_log_dir else None
         # recent (impression, event) keys, as 16-byte digests (an impression id is up to 2 KB): idempotency
         # within this replica, 500,000 keys in about 70 MB (the full keys took about 420 MB)
         self._seen: "OrderedDict[bytes, None]" = OrderedDict()

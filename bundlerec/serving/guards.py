@@ -11,14 +11,20 @@ the module (modules pickle by reference), which is what the FastAPI dependencies
     408 -- a body that has not arrived within ``body_timeout_s``
     413 -- a body above ``max_body_bytes`` (declared, or counted while it streams in: reading stops there)
     422 -- invalid input, rendered safely whatever it holds (:func:`validation_error`)
+    429 -- a token over its rate limit in this replica (``rate_limit_rps``; ``Retry-After`` says when),
+           checked right after the token, before any body is read
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
-from typing import Any, Optional
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Optional
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
@@ -30,6 +36,31 @@ from bundlerec.config import ServeConfig
 from bundlerec.serving.auth import TokenAuth
 
 
+class RateLimiter:
+    """A token bucket per API token: ``rate`` requests per second on average, up to ``burst`` at once.
+    Memory is bounded: beyond ``max_keys`` tokens the least recently seen bucket is dropped (it comes
+    back full, which only errs towards admitting)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        if rate <= 0 or burst < 1:
+            raise ValueError("a rate limit needs rate > 0 and burst >= 1")
+        self.rate, self.burst, self.max_keys, self.clock = float(rate), int(burst), int(max_keys), clock
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def admit(self, key: bytes) -> float:
+        """0.0 when the request may go ahead (one token spent), else the seconds until one is there."""
+        now = self.clock()
+        with self._lock:
+            tokens, when = self._buckets.pop(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - when) * self.rate)
+            wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0 if wait == 0.0 else tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        return wait
+
+
 class EndpointGuards:
     """Per-process guard settings, set by each replica at start."""
 
@@ -38,6 +69,7 @@ class EndpointGuards:
         self.admin: Optional[TokenAuth] = None  # explore/admin tokens; None = the API tokens serve those routes too
         self.max_body_bytes: int = ServeConfig.max_body_bytes
         self.body_timeout_s: float = 10.0  # the whole body, from the first byte the middleware asks for
+        self.limiter: Optional[RateLimiter] = None  # per token, per replica (serve rate_limit_rps; None = none)
 
 
 GUARDS = EndpointGuards()
@@ -54,12 +86,28 @@ def _auth_for(path: str) -> Optional[TokenAuth]:
     return GUARDS.admin if GUARDS.admin is not None and path.startswith(ADMIN_PREFIX) else GUARDS.auth
 
 
+def _over_limit(authorization: Optional[str]) -> Optional[float]:
+    """Seconds to wait when this (already verified) token is over its rate limit, else None."""
+    if GUARDS.limiter is None or not authorization:
+        return None
+    wait = GUARDS.limiter.admit(hashlib.sha256(authorization.encode("utf-8", "surrogatepass")).digest())
+    return wait or None
+
+
+def _retry_after(wait: float) -> str:
+    return str(max(1, math.ceil(wait)))
+
+
 def _check(auth: Optional[TokenAuth], request: Request) -> None:
     if auth is None:
         return
     err = auth.check(request.headers.get("authorization"))
     if err:
         raise HTTPException(err[0], err[1], headers={"WWW-Authenticate": "Bearer"} if err[0] == 401 else None)
+    if request.method not in ("POST", "PUT", "PATCH"):  # bodies: limit_body has counted the request already
+        wait = _over_limit(request.headers.get("authorization"))
+        if wait:
+            raise HTTPException(429, "rate limit of this token exceeded", headers={"Retry-After": _retry_after(wait)})
 
 
 def require_token(request: Request, cred: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
@@ -125,6 +173,9 @@ async def limit_body(request: Request, call_next):
             if err:
                 return _error(err[0], err[1], {"WWW-Authenticate": "Bearer", "Connection": "close"} if err[0] == 401
                               else {"Connection": "close"})
+            wait = _over_limit(request.headers.get("authorization"))
+            if wait:  # before a byte of the body is read
+                return _error(429, "rate limit of this token exceeded", {"Retry-After": _retry_after(wait), "Connection": "close"})
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             return _error(415, "send the body as application/json")

@@ -30,7 +30,7 @@ def try_endpoint(cfg: PipelineConfig, serve_url: str, token: Optional[str]) -> d
     bundle = http_json(f"{serve_url}/v1/bundles", bundle_body, token=token)
     for b in bundle["bundles"][:1]:
         print(f"\nbundle for {shown['user_id']}: {b['name']} -- list {b['list_price']}, bundle price "
-              f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off)", flush=True)
+              f"{b['bundle_price']} ({(b['discount'] or 0):.0%} off; {b.get('offer_reason') or b['price_source']})", flush=True)
         for it in b["items"]:
             print(f"  - {it['title']} ({it['price']}): {it['reason']}", flush=True)
     return {"serve_url": f"{serve_url}/v1/recommendations", "sample_request": body, "sample_response": response,

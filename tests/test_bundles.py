@@ -96,6 +96,10 @@ def test_price_limits_are_met_exactly_or_refused(prices, cost_share, max_discoun
     except NoFeasiblePrice:
         assert not feasible
         return
+    if r["offer"] == "separately":  # no discount pays: the items at their own prices, both figures given
+        assert r["bundle_price"] is None and r["discount"] == 0.0 and feasible
+        assert "no discount" in r["offer_reason"] and r["expected_revenue"] == r["expected_revenue_separately"]
+        return
     p = r["bundle_price"]
     assert feasible and round(p * 100) in feasible                      # whole cents, ending, inside [lo, L]
     assert abs(p * 100 - round(p * 100)) < 1e-6
@@ -173,9 +177,19 @@ def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "pricing.skops").exists()
     model, meta = PricingModel.load(str(tmp_path))
     assert meta["source"] == "fitted" and meta["cv_discount_mae"] == info["cv_discount_mae"]
-    games = model.price([19.99, 9.99, 4.99], ["Space Shooter", "Puzzle Quest", "Space Shooter Soundtrack"])
-    addons = model.price([19.99, 1.99, 1.99, 1.99], ["Racer", "Racer DLC pack", "Racer skin", "Racer OST"])
+    games = model.price([19.99, 9.99, 4.99], ["Space Shooter", "Puzzle Quest", "Space Shooter Soundtrack"],
+                        compare_separately=False)
+    addons = model.price([19.99, 1.99, 1.99, 1.99], ["Racer", "Racer DLC pack", "Racer skin", "Racer OST"],
+                         compare_separately=False)
     assert games["discount"] != addons["discount"]
+    # the offer: a discount only where the model expects it to beat selling the items separately
+    for raw, args in ((games, ([19.99, 9.99, 4.99], ["Space Shooter", "Puzzle Quest", "Space Shooter Soundtrack"])),
+                      (addons, ([19.99, 1.99, 1.99, 1.99], ["Racer", "Racer DLC pack", "Racer skin", "Racer OST"]))):
+        offer = model.price(*args)
+        pays = raw["expected_revenue"] > raw["expected_revenue_separately"]
+        assert offer["offer"] == ("bundle" if pays else "separately"), (raw, offer)
+        assert offer == {**raw, "offer": "bundle"} if pays else (offer["bundle_price"] is None and offer["discount"] == 0.0
+                                                                 and f"{raw['bundle_price']:.2f}" in offer["offer_reason"])
     # the context (earlier bundles' item sets, discounts, sellers) travels as JSON; a bundle that
     # repeats an earlier Steam bundle's items is priced from that bundle's discount
     assert (tmp_path / "pricing_context.json").exists() and len(model.context.discounts) == info["n_bundles"]
@@ -244,10 +258,10 @@ def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
     rng = np.random.default_rng(1)
     specs = [dict(item_prices=rng.uniform(0.5, 40, rng.integers(1, 6)).round(2).tolist()) for _ in range(12)]
     specs[0]["costs"] = [p * 0.5 for p in specs[0]["item_prices"]]
-    batch = model.price_many(specs, max_discount=0.5)
+    batch = model.price_many(specs, max_discount=0.5, compare_separately=False)  # the bundle's best price, always
     assert isinstance(model.context, PricingContext)
     for spec, got in zip(specs, batch):
-        one = model.price(**spec, max_discount=0.5)
+        one = model.price(**spec, max_discount=0.5, compare_separately=False)
         assert got == one
         L, cost = sum(spec["item_prices"]), sum(spec.get("costs") or [0.0])
         x = model.features(spec["item_prices"])
@@ -256,7 +270,7 @@ def test_grid_pricing_in_one_model_call_equals_pricing_point_by_point():
         assert one["bundle_price"] == cents[int(np.argmax(objective))] / 100
         alone = sum(p * model.purchase_probability(p, p, model.features([p])) for p in spec["item_prices"])
         assert one["expected_revenue_separately"] == pytest.approx(alone, rel=1e-12)
-    refused = model.price_many([dict(item_prices=[10.0], costs=[20.0])] + specs[:1], min_margin=0.0)
+    refused = model.price_many([dict(item_prices=[10.0], costs=[20.0])] + specs[:1], min_margin=0.0, compare_separately=False)
     assert isinstance(refused[0], NoFeasiblePrice) and refused[1]["bundle_price"] > 0
 
 

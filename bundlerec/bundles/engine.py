@@ -420,7 +420,7 @@ class BundleEngine:
                            "price": None if self.prices[i] < 0 else self.prices[i],
                            "reason": self.reason(i, items, seen)} for i in items],
                 **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
-                                               "expected_revenue_separately")},
+                                               "expected_revenue_separately", "offer", "offer_reason")},
                 "price_source": self.pricing_info["source"] if priced else why}
 
     def name(self, items: list[int]) -> str:

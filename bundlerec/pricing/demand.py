@@ -144,7 +144,7 @@ class PricingModel:
               item_genres: Optional[Sequence[str]] = None, bundle_name: str = "", costs: Optional[Sequence[float]] = None,
               max_discount: float = PriceLimits.max_discount, min_margin: float = PriceLimits.min_margin,
               price_ending: Optional[float] = PriceLimits.price_ending, grid: int = 400,
-              item_ids: Optional[Sequence] = None) -> dict:
+              item_ids: Optional[Sequence] = None, compare_separately: bool = True) -> dict:
         """Revenue- (or margin-, when costs are given) maximizing bundle price under constraints, in
         whole cents, each constraint met exactly: ``bundle_price >= list * (1 - max_discount)``,
         ``bundle_price >= sum(costs) * (1 + min_margin)``, ``bundle_price <= list``, and with
@@ -152,18 +152,20 @@ class PricingModel:
         no price meets them."""
         out = self.price_many([dict(item_prices=item_prices, item_names=item_names, item_genres=item_genres,
                                     bundle_name=bundle_name, costs=costs, item_ids=item_ids)],
-                              max_discount=max_discount, min_margin=min_margin, price_ending=price_ending, grid=grid)[0]
+                              max_discount=max_discount, min_margin=min_margin, price_ending=price_ending, grid=grid,
+                              compare_separately=compare_separately)[0]
         if isinstance(out, NoFeasiblePrice):
             raise out
         return out
 
     def price_many(self, bundles: Sequence[dict], max_discount: float = PriceLimits.max_discount,
                    min_margin: float = PriceLimits.min_margin, price_ending: Optional[float] = PriceLimits.price_ending,
-                   grid: int = 400) -> list:
+                   grid: int = 400, compare_separately: bool = True) -> list:
         """:meth:`price` for several bundles (dicts of its per-bundle arguments: ``item_prices`` and
         optionally ``item_names``, ``item_genres``, ``bundle_name``, ``costs``, ``item_ids``) with one
         model call for all of them and their items sold alone; each entry is the price dict, or the
-        :class:`NoFeasiblePrice` of that bundle."""
+        :class:`NoFeasiblePrice` of that bundle. ``compare_separately=False``: the bundle's best price
+        whether or not it beats selling the items separately (``offer`` is then always "bundle")."""
         if not 0 <= max_discount <= 1 or min_margin < 0:
             raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
         end = None if price_ending is None else int(round(price_ending * 100))
@@ -181,21 +183,29 @@ class PricingModel:
             alone = [(float(pi), nm, i) for pi, nm, i in zip(prices, list(names or [""] * len(prices)),
                                                               list(ids or [None] * len(prices))) if pi > 0]
             rows += [self.features([pi], [nm], item_ids=[i] if i else None) for pi, nm, i in alone]
-            plans.append((L, b.get("costs"), np.array([pi for pi, _, _ in alone])))
+            costs = b.get("costs")
+            alone_costs = (np.array([c for pi, c in zip(prices, costs) if pi > 0], dtype=float) if costs is not None
+                           else np.zeros(len(alone)))
+            plans.append((L, costs, np.array([pi for pi, _, _ in alone]), alone_costs))
         mus = self.mu(np.stack(rows)) if rows else np.zeros(0)
         out, r = [], 0
-        for L, costs, alone in plans:
+        for L, costs, alone, alone_costs in plans:
             try:
                 out.append(self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
-                                            min_margin, end, grid))
+                                            min_margin, end, grid, alone_costs, compare_separately))
             except NoFeasiblePrice as e:
                 out.append(e)
             r += 1 + len(alone)
         return out
 
     def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
-                    min_margin: float, end: Optional[int], grid: int) -> dict:
-        """The best whole-cent price of one bundle (list price ``L``, location ``mu``) on the grid."""
+                    min_margin: float, end: Optional[int], grid: int, alone_costs: Optional[np.ndarray] = None,
+                    compare_separately: bool = True) -> dict:
+        """The best whole-cent price of one bundle (list price ``L``, location ``mu``) on the grid, and
+        whether offering it pays: a discounted bundle is offered only where its expected revenue (margin,
+        with costs) is above selling the items separately at their own prices under the same model;
+        otherwise the offer is the items at their own prices (``offer: "separately"``: no bundle price,
+        no discount) and ``offer_reason`` gives both figures."""
         cost = float(np.sum(costs)) if costs is not None else 0.0
         lo = max(L * (1 - max_discount), cost * (1 + min_margin))
         cents_lo, cents_hi = math.ceil(round(lo * 100, 6)), math.floor(round(L * 100, 6))  # whole cents inside [lo, L]
@@ -212,9 +222,21 @@ class PricingModel:
         objective = (cand - cost) * prob
         best = int(np.argmax(objective))
         p_star = float(cand[best])
-        sep = float(np.sum(alone * self.purchase_probability(alone, alone, mu=mu_alone))) if len(alone) else 0.0
-        return {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
-                "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
-                "expected_margin": float(objective[best]) if costs is not None else None,
-                "expected_revenue_separately": float(sep),
-                "revenue_lift_vs_separate": float(p_star * prob[best] / sep - 1) if sep > 0 else None}
+        p_alone = self.purchase_probability(alone, alone, mu=mu_alone) if len(alone) else np.zeros(0)
+        sep = float(np.sum(alone * p_alone))
+        sep_margin = float(np.sum((alone - (alone_costs if alone_costs is not None else 0.0)) * p_alone))
+        bundle = {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
+                  "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
+                  "expected_margin": float(objective[best]) if costs is not None else None,
+                  "expected_revenue_separately": sep,
+                  "revenue_lift_vs_separate": float(p_star * prob[best] / sep - 1) if sep > 0 else None}
+        ours, theirs, what = ((float(objective[best]), sep_margin, "margin") if costs is not None
+                              else (bundle["expected_revenue"], sep, "revenue"))
+        if p_star >= L or ours > theirs or not compare_separately:
+            return {**bundle, "offer": "bundle", "offer_reason": f"expected {what} {ours:.2f} as a bundle at "
+                    f"{p_star:.2f}, {theirs:.2f} sold separately"}
+        return {"list_price": round(L, 2), "bundle_price": None, "discount": 0.0, "purchase_probability": None,
+                "expected_revenue": sep, "expected_margin": sep_margin if costs is not None else None,
+                "expected_revenue_separately": sep, "revenue_lift_vs_separate": 0.0,
+                "offer": "separately", "offer_reason": f"no discount: selling the items separately is expected to earn "
+                f"{theirs:.2f} ({what}), the best bundle price {p_star:.2f} ({1 - p_star / L:.0%} off) {ours:.2f}"}

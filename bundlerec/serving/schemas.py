@@ -144,6 +144,10 @@ class Bundle(BaseModel):
     discount: Optional[float] = None
     expected_revenue: Optional[float] = None
     expected_revenue_separately: Optional[float] = None
+    offer: Optional[str] = Field(default=None, description='"bundle": the bundle at bundle_price (its expected revenue, or '
+                                 'margin with item costs, beats selling the items separately); "separately": no discount, '
+                                 'the items at their own prices (a discount would earn less); null: not priced')
+    offer_reason: Optional[str] = Field(default=None, description="both expected figures behind the offer")
     price_source: str = Field(description='"fitted": the export\'s fitted pricing model (GET /v1/model has its fit '
                                           'metadata); "default": no fitted model, a fixed optimal discount is assumed; '
                                           '"none (...)": not priced, with the reason (no item prices, no price meets '

@@ -496,6 +496,14 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         assert _post(f"{url}/v1/feedback", {"events": [ok]}, None)[0] == 401
         code, res = _post(f"{url}/v1/feedback", {"events": [ok, ok]}, token)  # ok was in the refused request
         assert code == 200 and res == {"accepted": 1, "duplicates": 1}  # ... and was not recorded then
+        # the same event again and again, whichever replica each request reaches: never accepted twice
+        repeats = [_post(f"{url}/v1/feedback", {"events": [ok]}, token) for _ in range(8)]
+        assert all(c == 200 and r == {"accepted": 0, "duplicates": 1} for c, r in repeats), repeats
+        answered = {http_json(f"{url}/v1/model", token=token)["replica"] for _ in range(12)}
+        assert len(answered) == 2, answered  # both replicas answered (random routing), so both were asked
+        once = {**ok, "event_id": "c-once"}
+        firsts = [_post(f"{url}/v1/feedback", {"events": [once]}, token)[1]["accepted"] for _ in range(6)]
+        assert firsts == [1, 0, 0, 0, 0, 0], firsts
 
         # --- simulated shoppers; one replica SIGKILLed part-way
         box: dict = {}
@@ -603,3 +611,31 @@ def test_retention_deletes_event_files_older_than_the_limit_and_only_those(tmp_p
         time.sleep(0.05)
     log.close()
     assert not recent.exists() and other.exists() and fresh[0].exists()  # the file of today stays
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_shared_feedback_keys_give_one_yes_per_key_across_replicas(ray_cluster):
+    """The application's FeedbackKeys actor (what every replica claims through): handles made by two
+    replicas reach one actor; racing claims of one key get exactly one True; released keys can be
+    claimed again; the oldest keys go beyond its capacity."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from bundlerec.serving.dedup import SharedKeys
+
+    a, b = SharedKeys("test-app", capacity=1000), SharedKeys("test-app", capacity=1000)  # two replicas' handles
+    keys = [bytes([i]) * 16 for i in range(50)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda h: h.claim(keys), [a, b] * 4))
+    assert all(x is not None for x in answers)
+    assert [sum(ans[i] for ans in answers) for i in range(len(keys))] == [1] * len(keys)  # one yes per key
+    a.release(keys[:5])
+    assert b.claim(keys[:6]) == [True] * 5 + [False]
+    small = SharedKeys("other-app", capacity=3)
+    assert small.claim([b"1" * 16, b"2" * 16, b"3" * 16, b"4" * 16]) == [True] * 4
+    assert small.claim([b"1" * 16, b"4" * 16]) == [True, False]  # "1" was dropped (oldest)
+    assert ray.get(a.actor.size.remote()) == 50
+    for h in (a, small):
+        ray.kill(h.actor, no_restart=True)

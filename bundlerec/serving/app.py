@@ -137,6 +137,9 @@ class BundlerecService(RegistryFollower):
         # within this replica, 500,000 keys in about 70 MB (the full keys took about 420 MB)
         self._seen: "OrderedDict[bytes, None]" = OrderedDict()
         self._seen_lock = threading.Lock()
+        from bundlerec.serving.dedup import SharedKeys  # ... and across the application's replicas
+
+        self.shared_keys = SharedKeys(serve.get_replica_context().replica_id.deployment_id.app_name) if self.log else None
         self.experiment = None  # bundlerec.experiments.assignment.Experiment while one runs
         self.experiment_refused: Optional[dict] = None
         self._experiment_key: Optional[str] = None
@@ -281,10 +284,19 @@ class BundlerecService(RegistryFollower):
             raise HTTPException(503, "feedback is not recorded by this deployment (serve.event_log_dir is empty)")
         rows, keys, dup = feedback_rows(req.events, self.signer, self.current.rec, self._was_seen, int(time.time() * 1e6))
         from bundlerec.experiments.event_log import LogUnavailable
+        from bundlerec.serving.feedback import feedback_key
 
+        order = sorted(keys)
+        fresh = self.shared_keys.claim(order) if self.shared_keys is not None and order else None
+        if fresh is not None:  # another replica accepted some of these already: duplicates, not rows
+            taken = {k for k, f in zip(order, fresh) if not f}
+            rows = [r for r in rows if feedback_key(r["impression_id"], r["event_id"]) not in taken]
+            keys, dup = keys - taken, dup + len(taken)
         try:
             self.log.feedback.append(rows)  # durable (write-ahead) before the answer
         except LogUnavailable as e:  # nothing recorded: the client sends it again later
+            if fresh is not None:
+                self.shared_keys.release(sorted(keys))
             raise HTTPException(503, f"feedback not recorded, retry later: {e}", headers={"Retry-After": "5"}) from None
         with self._seen_lock:
             for k in keys:
@@ -331,6 +343,8 @@ class BundlerecService(RegistryFollower):
         return {**m.info.model_dump(), "replica": self.replica, "n_items": len(m.rec.item_ids), "history_len": m.rec.history_len,
                 "reloads": self.reloads, "source": m.source, "refused": self.refused,
                 "event_log": self.log.health() if self.log is not None else None,
+                "feedback_keys": ({"shared": self.shared_keys.name, "last_error": self.shared_keys.last_error}
+                                  if self.shared_keys is not None else None),
                 "base_model": m.rec.meta.get("base_model"),
                 "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None,
                 "bundle_engine": m.rec.bundle_engine.params.__dict__ if m.rec.bundle_engine else None}

@@ -12,6 +12,11 @@ from bundlerec.experiments.assignment import bound_feedback
 from bundlerec.serving.schemas import FEEDBACK_EVENT_TYPE
 
 
+def feedback_key(impression_id: str, event_id: str) -> bytes:
+    """The idempotency key of one event: a 16-byte digest of (impression_id, event_id)."""
+    return hashlib.blake2b(f"{impression_id}|{event_id}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def _refuse(i: int, field: str, msg: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", "events", i, field), "msg": msg, "type": "value_error"}])
 
@@ -40,7 +45,7 @@ def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], 
         wrong = bound_feedback(signer, imp, e, [float(rec.prices[rec.item_pos[x]]) for x in items], now)
         if wrong:
             raise _refuse(i, wrong[0], wrong[1])
-        key = hashlib.blake2b(f"{e.impression_id}|{e.event_id}".encode(), digest_size=16).digest()
+        key = feedback_key(e.impression_id, e.event_id)
         if key in keys or was_seen(key):
             dup += 1
             continue

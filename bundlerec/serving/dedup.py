@@ -1,0 +1,79 @@
+"""Feedback idempotency across replicas: one Ray actor per Serve application holds the (impression,
+event) keys every replica has accepted, so the same event posted twice is counted once whichever
+replicas the two requests reach (before, each replica only knew its own keys).
+
+A replica claims a request's new keys in one call before it appends their rows; the actor answers
+which keys nobody claimed before and records them, so two replicas racing on one key get one yes.
+When the append then fails, the replica releases its keys (nothing was recorded; the client retries).
+The actor is detached (it outlives replica restarts and redeploys) and bounded (the oldest keys are
+dropped beyond ``capacity``: 16-byte digests, about 150 MB at a million). When it cannot be reached the
+replica falls back to its own keys and says so in its health; the experiment report de-duplicates
+again over the whole log."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Optional
+
+import ray
+
+log = logging.getLogger("ray.serve")
+
+CAPACITY = 1_000_000
+CALL_TIMEOUT_S = 2.0
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class FeedbackKeys:
+    """The accepted keys of one Serve application (see the module docstring)."""
+
+    def __init__(self, capacity: int = CAPACITY):
+        self.capacity, self.keys = int(capacity), OrderedDict()
+
+    def claim(self, keys: list[bytes]) -> list[bool]:
+        """For each key: True if nobody claimed it before (it is now recorded), False for a duplicate."""
+        out = []
+        for k in keys:
+            fresh = k not in self.keys
+            if fresh:
+                self.keys[k] = None
+            out.append(fresh)
+        while len(self.keys) > self.capacity:
+            self.keys.popitem(last=False)
+        return out
+
+    def release(self, keys: list[bytes]) -> None:
+        """Forget keys whose rows were not recorded after all (the append failed)."""
+        for k in keys:
+            self.keys.pop(k, None)
+
+    def size(self) -> int:
+        return len(self.keys)
+
+
+class SharedKeys:
+    """A replica's handle on its application's :class:`FeedbackKeys` (created by the first replica)."""
+
+    def __init__(self, app_name: str, capacity: int = CAPACITY):
+        self.name = f"bundlerec-feedback-keys:{app_name}"
+        self.actor = FeedbackKeys.options(name=self.name, lifetime="detached", get_if_exists=True).remote(capacity)
+        self.last_error: Optional[str] = None
+
+    def claim(self, keys: list[bytes]) -> Optional[list[bool]]:
+        """:meth:`FeedbackKeys.claim`, or None when the actor cannot answer in time (the caller then
+        relies on its own keys)."""
+        try:
+            out = ray.get(self.actor.claim.remote(keys), timeout=CALL_TIMEOUT_S)
+            self.last_error = None
+            return out
+        except Exception as e:  # GetTimeoutError, RayActorError while it restarts, ...
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            log.warning("bundlerec: the shared feedback keys did not answer (this replica's own keys decide): %s", e)
+            return None
+
+    def release(self, keys: list[bytes]) -> None:
+        try:
+            ray.get(self.actor.release.remote(keys), timeout=CALL_TIMEOUT_S)
+        except Exception as e:
+            log.warning("bundlerec: could not release feedback keys: %s", e)

@@ -1,5 +1,5 @@
 """jobs.bench_train: the training loop of jobs.train, measured on synthetic data (a real Ray cluster,
-Ray Train + DeepSpeed; the record's figures checked against each other and against the model)."""
+Ray Train + DeepSpeed, gathered negatives on; the record's figures checked against each other and against the model)."""
 
 import json
 import os
@@ -29,7 +29,8 @@ def test_bench_train_records_throughput_mfu_memory_and_the_step_breakdown(ray_cl
     r = subprocess.run([sys.executable, "-m", "jobs.bench_train", "--config", "jobs/configs/tiny.yaml", "--shape",
                         "tiny-qwen2", "--steps", "3", "--out", str(out), "--workdir", str(tmp_path / "work"),
                         "model.freeze_layers=0", "model.pooling=last", "model.lora_rank=4", "train.zero_stage=3",
-                        "train.materialize_train=false"],  # streamed: Ray Data's iter_torch_batches collates
+                        "train.materialize_train=false",  # streamed: Ray Data's iter_torch_batches collates
+                        "model.gather_negatives=true"],  # both workers' candidates in each softmax (an all-gather per step)
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=550)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     rec = json.loads(out.read_text())

@@ -27,6 +27,9 @@ class ModelConfig:
     mask_mates: bool = False
     """Group masking: a row's other positives (``targets[1:]``: a bundle's mates, the rest of a basket)
     and its history items are never its negatives (only the same item id is masked otherwise)."""
+    gather_negatives: bool = False
+    """In-batch negatives from every training worker's batch (all-gathered with their gradients each
+    micro-step), not only this worker's: world size x the negatives for the cost of one collective."""
     logq_correction: bool = True
     """Subtract log sampling probability from negative logits (in-batch and sampled)."""
     freeze_layers: int = 0

@@ -156,6 +156,36 @@ class UserTower(nn.Module):
         return F.normalize(pooled + self.proj(pooled), dim=-1)
 
 
+def gather_candidates(cand: torch.Tensor, items: torch.Tensor, log_q: torch.Tensor) -> tuple:
+    """Every data-parallel worker's candidate embeddings (with their gradients: the all-gather's
+    backward sends each worker its own columns' share), ids and logQ, this worker's first so that
+    row b's positive stays column b; workers' batches may differ in size (padded for the collective,
+    the padding dropped). Without an initialized process group of 2 or more, the inputs unchanged.
+    Every worker must call it as often as the others (one call per micro-step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return cand, items, log_q
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n = torch.tensor([cand.shape[0]], device=cand.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    pad = max(sizes) - cand.shape[0]
+    padded = torch.cat([cand, cand.new_zeros(pad, cand.shape[1])]) if pad else cand
+    meta = torch.stack([items.to(torch.float64), log_q.to(torch.float64)], 1)  # ids are exact in float64 below 2**53
+    meta = torch.cat([meta, meta.new_zeros(pad, 2)]) if pad else meta
+    embs = all_gather(padded)
+    metas = [torch.zeros_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta)
+    order = [rank] + [r for r in range(world) if r != rank]
+    out_c = torch.cat([embs[r][:sizes[r]] for r in order])
+    out_m = torch.cat([metas[r][:sizes[r]] for r in order])
+    return out_c, out_m[:, 0].to(items.dtype), out_m[:, 1].to(log_q.dtype)
+
+
 class TwoTower(nn.Module):
     def __init__(self, encoder: nn.Module, temperature: float = 0.05, pooling: str = "mean"):
         super().__init__()
@@ -168,6 +198,7 @@ class TwoTower(nn.Module):
         self._index: Optional[torch.Tensor] = None  # (N, d) item embeddings for score/topk
         self._prefix: Optional[torch.Tensor] = None  # (N, L, d) output of the frozen prefix per item
         self._prefix_items: Optional[torch.Tensor] = None  # the items of the running forward
+        self.gather_negatives = False  # model.gather_negatives: candidates of every worker (training only)
 
     # ---------------------------------------------------------------- towers
     def encode_items(self, input_ids, attention_mask, items: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -265,14 +296,16 @@ class TwoTower(nn.Module):
         """
         emb = self.encode_items(batch["tokens"], batch["token_mask"], batch.get("items"))  # (U, d): the single forward
         user = self.user_embed(emb[batch["hist_pos"]], batch)  # (B, d)
-        cand = emb[batch["cand_pos"]]  # (C, d)
+        cand, cand_item, cand_log_q = emb[batch["cand_pos"]], batch["cand_item"], batch["cand_log_q"]  # (C, d), (C,), (C,)
+        if self.gather_negatives:  # every worker's candidates (its own first): world x the negatives
+            cand, cand_item, cand_log_q = gather_candidates(cand, cand_item, cand_log_q)
         logits = (user @ cand.T).float() / self.temperature  # (B, C)
-        logits = logits - batch["cand_log_q"].unsqueeze(0)
+        logits = logits - cand_log_q.unsqueeze(0)
         B = logits.shape[0]
         own = torch.arange(B, device=logits.device)
-        hit = batch["cand_item"].unsqueeze(0) == batch["target_item"].unsqueeze(1)  # (B, C)
+        hit = cand_item.unsqueeze(0) == batch["target_item"].unsqueeze(1)  # (B, C)
         if "group_items" in batch:  # (B, M): mates and history, -1 padded (never equal to an item id)
-            hit |= (batch["cand_item"].view(1, -1, 1) == batch["group_items"].unsqueeze(1)).any(-1)
+            hit |= (cand_item.view(1, -1, 1) == batch["group_items"].unsqueeze(1)).any(-1)
         hit[own, own] = False
         return logits.masked_fill(hit, -1e4)
 

@@ -185,6 +185,7 @@ def _build(inp: LoopInputs) -> tuple[Worker, TrainState]:
     encoder = build_encoder(model_path, mc.random_init, mc.freeze_layers, mc.lora_rank, mc.lora_targets, attention,
                             tc.gradient_checkpointing)
     model = TwoTower(encoder, mc.temperature, resolve_pooling(model_path, mc.pooling))
+    model.gather_negatives = mc.gather_negatives
     total_opt_steps = max(1, inp.steps_per_epoch * tc.epochs // tc.grad_accum)
     fused = tc.use_gpu and tc.offload == "none"  # one kernel per parameter group on the GPU
     optimizer = torch.optim.AdamW(param_groups(model, tc.lr, tc.head_lr, tc.weight_decay), fused=fused or None)

@@ -501,6 +501,16 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         assert all(c == 200 and r == {"accepted": 0, "duplicates": 1} for c, r in repeats), repeats
         answered = {http_json(f"{url}/v1/model", token=token)["replica"] for _ in range(12)}
         assert len(answered) == 2, answered  # both replicas answered (random routing), so both were asked
+        # a cart completion is an answer like the others: its impression id takes a click on what it showed
+        code, done = _post(f"{url}/v1/bundles/complete", {"items": [first["items"][0]["item_id"]], "k": 3,
+                                                          "session_id": first["session_id"]}, token)
+        assert code == 200 and done["impression_id"] and done["experiment"] == first["experiment"], done
+        click = {"impression_id": done["impression_id"], "event_id": "cc", "type": "click", "item_id": done["items"][0]["item_id"]}
+        assert _post(f"{url}/v1/feedback", {"events": [click]}, token)[1] == {"accepted": 1, "duplicates": 0}
+        accept = {"impression_id": done["impression_id"], "event_id": "ca", "type": "bundle_accept",
+                  "items": [click["item_id"]], "bundle_index": 0, "price": 1.0}
+        code, body = _post(f"{url}/v1/feedback", {"events": [accept]}, token)
+        assert code == 422 and body["detail"][0]["loc"] == ["body", "events", 0, "type"], body  # not a bundles answer
         once = {**ok, "event_id": "c-once"}
         firsts = [_post(f"{url}/v1/feedback", {"events": [once]}, token)[1]["accepted"] for _ in range(6)]
         assert firsts == [1, 0, 0, 0, 0, 0], firsts

@@ -435,6 +435,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert code == 200, body
         assert len(body["items"]) == 4 and known not in [i["item_id"] for i in body["items"]]
         assert body["unknown_items"] == ["NOPE"] and all(i["reason"].startswith("goes with") for i in body["items"])
+        assert body["impression_id"] and body["experiment"] is None  # feedback on it like on any answer
         assert [i["score"] for i in body["items"]] == sorted((i["score"] for i in body["items"]), reverse=True)
         assert _post(f"{base}/v1/bundles/complete", {"items": []})[0] == 422
         assert _post(f"{base}/v1/bundles/complete", {"items": [known]}, headers={})[0] == 401

@@ -314,12 +314,17 @@ class BundlerecService(RegistryFollower):
                 "impressions_logged": self.log is not None}
 
     @api.post("/v1/bundles/complete", response_model=CompletionResponse, dependencies=[Depends(require_token)],
-              responses=ERROR_RESPONSES)
+              responses={**ERROR_RESPONSES, **feedback_links("/items/0/item_id")})
     def complete(self, req: CompletionRequest) -> CompletionResponse:
         """The items that complete a cart: the bundle engine's completion, as ``jobs.eval_bundles``
-        measures it (fusion weights from the export's bundle_engine.json)."""
-        m = self.current
-        return CompletionResponse(**m.rec.complete(req.items, req.k), model=m.info)
+        measures it (fusion weights from the export's bundle_engine.json). Like the other answers it
+        carries an ``impression_id`` for feedback and, under an experiment, the arm that answered."""
+        m, exp, arm, unit, new = self._route(req.user_id, req.session_id)
+        out = m.rec.complete(req.items, req.k)
+        shown = self._impression(m, exp, arm, unit, new, "complete", [i["item_id"] for i in out["items"]], [])
+        if serve_metrics.METRICS is not None:
+            serve_metrics.METRICS.answer("/v1/bundles/complete", "cart", len(out["unknown_items"]), experiment=exp, arm=arm)
+        return CompletionResponse(**out, model=m.info, **shown)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

@@ -126,6 +126,11 @@ class CompletionRequest(BaseModel):
     items: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
         min_length=1, max_length=MAX_EVENTS, description="item ids of the cart (order does not matter)")
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
+    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128,
+                                   description="the shopper, for the experiment arm (the cart alone decides the answer)")
+    session_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                      description="an anonymous shopper's session: send back the session_id of "
+                                                  "the first answer to keep the same experiment arm")
 
 
 class BundleItem(BaseModel):
@@ -193,7 +198,7 @@ class CompletingItem(RecommendedItem):
     reason: str
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(Impression):
     items: list[CompletingItem] = Field(description="the items that complete the cart, best first (cart items excluded)")
     unknown_items: list[str] = Field(default_factory=list, description="cart items not in the catalog (ignored)")
     model: ModelInfo

@@ -3,7 +3,7 @@ feedback logs, with bootstrap intervals over users and the sample-ratio-mismatch
 
     python -m jobs.experiment_report --config jobs/configs/demo.yaml experiment.name=exp-1 [--promote]
 
-Per impression (an answer of /v1/recommendations or /v1/bundles): clicked, carted, converted (a
+Per impression (an answer of /v1/recommendations, /v1/bundles or /v1/bundles/complete): clicked, carted, converted (a
 purchase or an accepted bundle), revenue; per bundle answer: bundles accepted and their realized
 discount (1 - price paid / list price). Per arm, every metric is a ratio of sums over the arm's
 users (ctr = clicked impressions / impressions, revenue_per_impression, bundle_take_rate = accepted

@@ -59,6 +59,12 @@ def client():
     ("/v1/r", "[]"),
     ("/v1/r", '{"user_id": "' + "x" * 129 + '"}'),
     ("/v1/r", '{"user_id": "u", "surprise": 1}'),
+    ("/v1/r", '{"user_id": "u\\u0000x"}'),  # control characters in an id (a NUL, a line break): never an id
+    ("/v1/r", '{"user_id": "u\\nINFO forged log line"}'),
+    ("/v1/r", '{"user_id": "   "}'),  # blank
+    ("/v1/r", '{"events": [{"item_id": "\\t", "event_type": "view", "event_time": "2026-01-01T00:00:00Z"}]}'),
+    ("/v1/c", '{"items": ["a\\u001bb"]}'),
+    ("/v1/c", '{"items": ["a"], "user_id": "\\u007f"}'),
 ])
 def test_bad_input_is_a_clean_422(client, path, body):
     r = client.post(path, content=body, headers={"content-type": "application/json"})

@@ -19,6 +19,7 @@ _BUNDLE = BundleConstraints()  # bundle defaults: one definition
 
 MAX_K = 100
 MAX_EVENTS = 512
+ID_PATTERN = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"  # user and item ids: no control characters, not blank
 
 EventType = Literal[EVENT_TYPES]  # type: ignore[valid-type]  # view | click | cart | purchase
 
@@ -28,7 +29,7 @@ EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 class Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    item_id: str = Field(min_length=1, max_length=128)
+    item_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
     event_type: EventType
     event_time: datetime
 
@@ -55,7 +56,7 @@ class RecommendationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"user_id": "U0000001", "k": 10}, {"events": _EVENTS_EXAMPLE, "k": 5}]})
-    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128)
+    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=ID_PATTERN)
     events: Optional[list[Event]] = Field(default=None, max_length=MAX_EVENTS)
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
     session_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
@@ -123,10 +124,10 @@ class CompletionRequest(BaseModel):
     """The items already in a cart or a started bundle; the answer completes it."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": ["I000001", "I000002"], "k": 10}]})
-    items: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+    items: list[Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]] = Field(
         min_length=1, max_length=MAX_EVENTS, description="item ids of the cart (order does not matter)")
     k: int = Field(default=10, ge=1, le=MAX_K, strict=True)
-    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128,
+    user_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=ID_PATTERN,
                                    description="the shopper, for the experiment arm (the cart alone decides the answer)")
     session_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
                                       description="an anonymous shopper's session: send back the session_id of "
@@ -218,7 +219,7 @@ class UserSample(BaseModel):
 
 class HistoryRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"user_id": "U0000001"}]})
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: str = Field(min_length=1, max_length=128, pattern=ID_PATTERN)
 
 
 class HistoryEvent(BaseModel):
@@ -253,11 +254,11 @@ class FeedbackEvent(BaseModel):
     event_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$",
                           description="the client's id of this event: a repeat is counted once")
     type: FeedbackType
-    item_id: Optional[str] = Field(default=None, min_length=1, max_length=128,
+    item_id: Optional[str] = Field(default=None, min_length=1, max_length=128, pattern=ID_PATTERN,
                                    description="the item clicked, carted or bought (not for bundle_accept)")
     bundle_index: Optional[int] = Field(default=None, ge=0, le=9, strict=True,
                                         description="bundle_accept: which bundle of the answer (0 = first)")
-    items: Optional[list[Annotated[str, Field(min_length=1, max_length=128)]]] = Field(
+    items: Optional[list[Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]]] = Field(
         default=None, min_length=1, max_length=8, description="bundle_accept: the bundle's item ids")
     price: Optional[float] = Field(default=None, ge=0, le=1e7, allow_inf_nan=False,
                                    description="purchase: unit price paid (default: the catalog price); "

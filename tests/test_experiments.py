@@ -520,7 +520,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         sim = threading.Thread(target=lambda: box.update(simulate(url, prep, 300, token, seed=1, collect_ids=True)))
         sim.start()
         time.sleep(8)
-        victim = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        victim = [a for a in list_actors(address=ray_cluster, filters=[("state", "=", "ALIVE")], limit=10_000)
                   if a.class_name.startswith("ServeReplica:bundlerec:")][0]
         os.kill(victim.pid, signal.SIGKILL)
         sim.join(600)

@@ -470,7 +470,7 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
             code, body = _post(f"{base}/v1/recommendations", bad)
             assert code == 422 and body["detail"], (bad, body)
         _bad_input_corpus(base, user)
-        _replica_memory_is_bounded_under_the_corpus(base, user)
+        _replica_memory_is_bounded_under_the_corpus(base, user, ray_cluster)
         _serve_metrics_reach_rays_metrics_endpoint()
         assert _get(f"{base}/healthz")[0] == 200 and _get(f"{base}/readyz")[0] == 200
         assert _get(f"{base}/docs")[0] == 200 and _get(f"{base}/openapi.json")[1]["paths"]["/v1/recommendations"]
@@ -787,7 +787,7 @@ def _all_listening_sockets_are_loopback(must_see: set) -> None:
     assert must_see <= seen, (must_see - seen, sorted(seen))
 
 
-def _replica_memory_is_bounded_under_the_corpus(base: str, user: str, rounds: int = 5,
+def _replica_memory_is_bounded_under_the_corpus(base: str, user: str, dashboard: str, rounds: int = 5,
                                                  bound_mib: float = 64.0) -> None:
     """Every Serve replica's resident memory (read from the kernel, psutil) after the bad-input corpus
     was sent ``rounds`` more times stays within ``bound_mib`` of what it was after the first round:
@@ -796,7 +796,7 @@ def _replica_memory_is_bounded_under_the_corpus(base: str, user: str, rounds: in
     import psutil
     from ray.util.state import list_actors
 
-    pids = [a.pid for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    pids = [a.pid for a in list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=10_000)
             if a.class_name.startswith("ServeReplica:") and "BundlerecService" in a.class_name]
     assert pids, "no Serve replica found"
     before = {pid: psutil.Process(pid).memory_info().rss for pid in pids}

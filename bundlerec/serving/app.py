@@ -170,7 +170,7 @@ class BundlerecService(RegistryFollower):
     def _impression(self, m: Loaded, exp: Optional[str], arm: Optional[str], unit: str, new_session: Optional[str],
                     endpoint: str, items: list, bundles: list) -> dict:
         """Issue the answer's impression id and log what was shown (before the answer goes out)."""
-        shown = [items] if endpoint == "recommendations" else [[i["item_id"] for i in b["items"]] for b in bundles]
+        shown = [[i["item_id"] for i in b["items"]] for b in bundles] if endpoint == "bundles" else [items]
         iid, f = self.signer.issue(unit, exp, arm, m.info.version, endpoint, shown)
         if self.log is not None:
             self._log_impression([{

@@ -370,8 +370,9 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         (ROOT / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
         (ROOT / "runs" / "test-artifacts" / "schemathesis.txt").write_text(st.stdout)
         assert st.returncode == 0 and "No issues found" in st.stdout, st.stdout[-3000:]
-        # the stateful phase followed both documented links (answer -> POST /v1/feedback on its impression)
-        assert re.search(r"API Links:\s+2 covered", st.stdout), st.stdout[-3000:]
+        # the stateful phase followed the three documented links (recommendations, bundles and completion
+        # answers -> POST /v1/feedback on their impression)
+        assert re.search(r"API Links:\s+3 covered", st.stdout), st.stdout[-3000:]
         # --- nothing secret or personal in the cluster's logs (Serve access logs, replica logs, ...)
         import ray
 

@@ -43,7 +43,12 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
     go on; wait for the end."""
     from ray.util.state import list_actors
 
+    import ray
+
     box: dict = {}
+    # this process's cluster, by address: with none given, the state API asks the Ray instance started
+    # last on this machine, which may be another test's (CI of stop 36 polled one with no Train workers)
+    address = ray.get_runtime_context().gcs_address
 
     def run():
         try:
@@ -57,9 +62,9 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
     pids: list = []
     while len(pids) < 2 and time.time() < deadline and th.is_alive():
         time.sleep(0.5)
-        pids = [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
-                                           limit=10_000)]
-    assert len(pids) == 2, pids
+        pids = [a.pid for a in list_actors(address=address, limit=10_000,
+                                           filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(pids) == 2, (pids, box.get("err"))
     while _registered(root) < after_checkpoints and time.time() < deadline and th.is_alive():
         time.sleep(0.05)
     assert _registered(root) == after_checkpoints, "checkpoint never registered (or the run ended first)"

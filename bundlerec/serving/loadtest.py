@@ -90,9 +90,10 @@ def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests:
     from ray.util.state import list_actors
 
     ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+    gcs = ray.get_runtime_context().gcs_address  # the cluster joined above, not the newest on this machine
 
     def replicas():
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+        return [a for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=10_000)
                 if a.class_name.startswith(f"ServeReplica:{app}:")]
 
     before = replicas()

@@ -24,6 +24,12 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
                 metavar="N", help="recommendations alone, then beside N clients sending maximal /v1/bundles requests")] = 0,
             honor_retry_after: Annotated[bool, typer.Option(
                 "--honor-retry-after", help="with --bundle-pressure: a bundle client answered 503 waits Retry-After before retrying")] = False,
+            side_by_side: Annotated[bool, typer.Option(
+                "--side-by-side", help="the same export behind a bare FastAPI/uvicorn app too, then a deployment handle, one after the other")] = False,
+            bare_workers: Annotated[int, typer.Option(metavar="N", help="with --side-by-side: uvicorn worker processes (as many as Serve replicas)")] = 2,
+            with_bundles: Annotated[bool, typer.Option("--with-bundles", help="with --side-by-side: POST /v1/bundles measured too")] = False,
+            user_key_file: Annotated[Optional[str], path_option(
+                "--user-key-file", help="with --side-by-side: the key of a pseudonymized export, for the bare app")] = None,
             build_catalog: Annotated[int, typer.Option(metavar="N", help="only build a copy of --export grown to N items into --to, then exit")] = 0,
             to: Annotated[Optional[str], path_option("--to", help="destination export dir for --build-catalog", output=True)] = None) -> dict:
     """Latency percentiles (p50/p95/p99) of POST /v1/recommendations at several concurrencies, and
@@ -34,6 +40,7 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 1 8 32 --requests 400 --out docs/bench/loadtest.json
       bundlerec loadtest --export runs/demo/export --build-catalog 100000 --to runs/export100k
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 4 --requests 600 --bundle-pressure 32
+      bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --side-by-side --with-bundles --user-key-file runs/demo/user_key --out docs/bench/serving_side_by_side.json
     """
     from bundlerec.serving.deploy import read_token
     from bundlerec.serving.loadtest import build_large_catalog, format_report, run_loadtest
@@ -41,6 +48,16 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
     if build_catalog:
         print(build_large_catalog(export, to, build_catalog))
         return {}
+    if side_by_side:
+        from bundlerec.serving.loadtest import format_side_by_side, side_by_side as measure
+
+        res = measure(url, export, concurrency, requests, k, token_file, bare_workers,
+                      ["recommendations", "bundles"] if with_bundles else ["recommendations"], user_key_file=user_key_file)
+        print(format_side_by_side(res))
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
     res = run_loadtest(url, export, concurrency, requests, k, read_token(token_file), kill_replica_at, bundle_pressure,
                        honor_retry_after)
     plain = kill_replica_at is None and not bundle_pressure

@@ -46,6 +46,25 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _ray_cpus_after_each_test(request):
+    """After each test, the suite cluster's free logical CPUs, one line per test in
+    runs/test-artifacts/ray_cpus.log: a test that leaves CPUs held (a replica, an actor pool, a
+    running job) shows as the line where the count drops and stays down."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        free = ray.available_resources().get("CPU", 0.0)
+    except Exception as e:  # the record must never fail a test
+        free = f"? ({type(e).__name__})"
+    log = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "ray_cpus.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"{request.node.nodeid} free_cpus={free}\n")
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite backend, local artifacts) on a free loopback port."""

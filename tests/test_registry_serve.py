@@ -462,6 +462,8 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert len(considered) > 1, considered
 
         _served_bundles_are_the_evaluated_ones(base, registered["good_dir"], cfg.data.output_dir)
+        _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base, registered["good_dir"], str(token_file), user,
+                                                                      cfg.serve.user_key_file)
 
         # --- bad input: clear 422s
         for bad in ({"user_id": user, "k": 0}, {"user_id": user, "k": 10_000}, {},
@@ -657,6 +659,35 @@ def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) ->
         assert code == 200, body
         want = top_k(rec.bundle_engine.complete_scores([[q.basket[0]]]), 10)[0]
         assert [i["item_id"] for i in body["items"]] == [rec.item_ids[i] for i in want]
+
+
+def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, export: str, token_file: str,
+                                                                   user: str, user_key_file: str) -> None:
+    """The baseline of the serving benchmark (bundlerec.serving.bare: the same export behind plain
+    FastAPI/uvicorn) answers the items Serve answers, with the same guards; ``loadtest --side-by-side``
+    measures Serve, the deployment handle and the bare app one after the other."""
+    from bundlerec.serving.loadtest import side_by_side, start_bare, stop_bare
+
+    proc, bare = start_bare(export, 1, token_file, user_key_file)
+    try:
+        for path, body in (("/v1/recommendations", {"user_id": user, "k": 5}),
+                           ("/v1/bundles", {"user_id": user, "n": 2, "max_size": 3})):
+            (code, want), (bcode, got) = _post(base + path, body), _post(bare + path, body)
+            assert code == bcode == 200, (want, got)
+            key = "items" if path.endswith("recommendations") else "bundles"
+            assert json.dumps(got[key], sort_keys=True) == json.dumps(want[key], sort_keys=True), (got, want)
+            assert got["impression_id"] and got["model"]["uri"] == export
+        assert _post(bare + "/v1/recommendations", {"user_id": user, "k": 5}, headers={})[0] == 401
+        assert _post(bare + "/v1/recommendations", {"user_id": user, "k": 0})[0] == 422
+    finally:
+        stop_bare(proc)
+    assert proc.poll() is not None
+    res = side_by_side(base, export, [1, 3], 12, 5, token_file, 1, ["recommendations", "bundles"],
+                       user_key_file=user_key_file)
+    assert [lv["errors"] for p in ("serve", "bare") for lv in res[p]["recommendations"]] == [0] * 4, res
+    assert [lv["errors"] for lv in res["handle"]] == [0, 0], res["handle"]
+    assert all(lv["requests"] - lv["errors"] > 0 for p in ("serve", "bare") for lv in res[p]["bundles"]), res
+    assert 0 < res["serve_overhead_ratio"] == res["ratios"]["recommendations"][0]["p50"] < 100, res["ratios"]
 
 
 def _explorer_in_chromium(base: str, token: str, user: str, tmp_path) -> None:

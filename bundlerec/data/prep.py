@@ -219,6 +219,11 @@ def _run_prep(cfg: PipelineConfig) -> dict:
     from bundlerec.data.catalog import _tokenizer, tokenizer_fingerprint
 
     schema_str = json.dumps({"examples": str(EXAMPLE_ARROW), "items": str(items.schema())}, sort_keys=True)
+    t_hash = time.time()  # the snapshot's content hashes (inputs and outputs), timed on their own
+    inputs = {"events": input_table(events_path, expand(events_path)),
+              "catalog": input_table(catalog_path, expand(catalog_path) if catalog_path else [])}
+    files = file_table(root)
+    hash_seconds = time.time() - t_hash
     manifest = {
         "created": datetime.now(timezone.utc).isoformat(),
         "events_path": events_path, "catalog_path": catalog_path, "synthetic": synthetic,
@@ -227,16 +232,16 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         "sessions": int(latest or 0), "users": counts["latest"],
         "examples": counts, "split": split_report,
         "baskets": {"cold_no_history": cold},  # baskets with no earlier event of their user: not examples
-        "inputs": {"events": input_table(events_path, expand(events_path)),
-                   "catalog": input_table(catalog_path, expand(catalog_path) if catalog_path else [])},
+        "inputs": inputs,
         "snapshot": snapshot,
-        "files": file_table(root),
+        "files": files,
         "schema_hash": hashlib.sha256(schema_str.encode()).hexdigest()[:16],
         "model": cfg.model.name_or_path, "tokenizer": cfg.model.name_or_path,
         "tokenizer_fingerprint": tokenizer_fingerprint(_tokenizer(cfg.model.name_or_path)),
         "item_max_tokens": d.item_max_tokens, "max_history_len": d.max_history_len,
         "config": to_dict(d),
         "seconds": round(time.time() - t0, 2),
+        "hash_seconds": round(hash_seconds, 2),
     }
     commit(out, manifest)
     log.info("prep: done in %.1fs: %s (snapshot %s)", manifest["seconds"], counts, snapshot)

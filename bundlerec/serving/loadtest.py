@@ -30,11 +30,19 @@ def _pcts(lat_ms: list[float]) -> dict:
             "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()), "max_ms": float(a.max())}
 
 
+ROUTES = {  # what each measured route is sent: (path, body for user u)
+    "recommendations": ("/v1/recommendations", lambda u, k: {"user_id": u, "k": k}),
+    "bundles": ("/v1/bundles", lambda u, k: {"user_id": u, "n": 3, "max_size": 4}),
+}
+
+
 def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
-               token: str | None = None, progress: list | None = None) -> dict:
+               token: str | None = None, progress: list | None = None, route: str = "recommendations") -> dict:
     """n_requests POSTs split over `concurrency` keep-alive connections (``progress`` gets one entry
-    per finished request, for a fault injector watching from another thread)."""
+    per finished request, for a fault injector watching from another thread); ``route``: a key of
+    :data:`ROUTES`."""
     u = urlparse(url)
+    path, make_body = ROUTES[route]
     lat: list[float] = []
     errors: list = []
     lock = threading.Lock()
@@ -45,10 +53,10 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
         mine = []
         for j in range(per[i]):
-            body = json.dumps({"user_id": users[(i * 7919 + j) % len(users)], "k": k})
+            body = json.dumps(make_body(users[(i * 7919 + j) % len(users)], k))
             t = time.perf_counter()
             try:
-                conn.request("POST", "/v1/recommendations", body, headers)
+                conn.request("POST", path, body, headers)
                 r = conn.getresponse()
                 r.read()
                 if r.status != 200:
@@ -77,7 +85,7 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "requests": n_requests, "errors": len(errors),
+    return {"route": route, "concurrency": concurrency, "requests": n_requests, "errors": len(errors),
             "error_kinds": sorted({str(e)[:80] for e in errors}),
             "throughput_rps": len(lat) / wall, **_pcts(lat)}
 
@@ -127,16 +135,20 @@ def in_process(export_dir: str, users: list[str], n_requests: int, k: int, serve
     from bundlerec.inference.recommender import Recommender
 
     serve = serve or ServeConfig()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like one Serve replica (num_cpus: 1)
-    rec = Recommender.from_export(export_dir)
-    rec.configure_ann(serve.ann_min_items, serve.ann_nprobe)  # as the Serve replica does
-    for u in users[:5]:
-        rec.recommend(user_id=u, k=k)  # warm-up
-    lat = []
-    for j in range(n_requests):
-        t = time.perf_counter()
-        rec.recommend(user_id=users[j % len(users)], k=k)
-        lat.append((time.perf_counter() - t) * 1000)
+    try:
+        rec = Recommender.from_export(export_dir)
+        rec.configure_ann(serve.ann_min_items, serve.ann_nprobe)  # as the Serve replica does
+        for u in users[:5]:
+            rec.recommend(user_id=u, k=k)  # warm-up
+        lat = []
+        for j in range(n_requests):
+            t = time.perf_counter()
+            rec.recommend(user_id=users[j % len(users)], k=k)
+            lat.append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(threads)
     return {"requests": n_requests, "n_items": len(rec.item_ids), "ann": rec.ann is not None,
             "ann_nprobe": rec.ann.nprobe if rec.ann else None, **_pcts(lat)}
 
@@ -258,11 +270,7 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
     """Warm up, then one level per concurrency (or one level with a replica killed part-way), plus
     the same model in-process; returns the figures (``serve_overhead_p50_ms`` = HTTP p50 at the first
     level minus in-process p50)."""
-    import pandas as pd
-
-    # pseudonymized exports (bundlerec.privacy): name each user by pseudonym so the endpoint finds them
-    prefix = PSEUDO_PREFIX if json.load(open(f"{export}/bundlerec.json")).get("user_ids") == SCHEME else ""
-    users = [prefix + u for u in pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str)]
+    users = _users(export)
     for _ in range(20):  # warm the replica and the proxy
         http_level(url, users, 1, 1, k, token)
     if kill_replica_at is not None:
@@ -281,6 +289,157 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
     return {"date": datetime.now(timezone.utc).isoformat(), "url": url, "k": k, "levels": levels,
             "in_process": local, "serve_overhead_p50_ms": levels[0]["p50_ms"] - local["p50_ms"],
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+
+
+def _users(export: str) -> list[str]:
+    import pandas as pd
+
+    # pseudonymized exports (bundlerec.privacy): name each user by pseudonym so the endpoint finds them
+    prefix = PSEUDO_PREFIX if json.load(open(f"{export}/bundlerec.json")).get("user_ids") == SCHEME else ""
+    return [prefix + u for u in pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str)]
+
+
+def _route_levels(url: str, users: list[str], routes: list[str], concurrency: list[int], requests: int, k: int,
+                  token: str | None) -> dict:
+    out = {}
+    for r in routes:
+        for _ in range(20):  # warm-up
+            http_level(url, users, 1, 1, k, token, route=r)
+        out[r] = [http_level(url, users, c, requests, k, token, route=r) for c in concurrency]
+    return out
+
+
+def handle_level(app: str, users: list[str], concurrency: int, n_requests: int, k: int) -> dict:
+    """The in-cluster path: a Ray driver calls the replica through a Serve deployment handle (router to
+    replica, no HTTP proxy, no FastAPI request parsing, no auth: callers inside the cluster)."""
+    import ray
+    from ray import serve
+
+    from bundlerec.serving.schemas import RecommendationRequest
+
+    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+    h = serve.get_app_handle(app)
+    per = [n_requests // concurrency + (1 if i < n_requests % concurrency else 0) for i in range(concurrency)]
+    lat: list[float] = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        mine = []
+        for j in range(per[i]):
+            req = RecommendationRequest(user_id=users[(i * 7919 + j) % len(users)], k=k)
+            t = time.perf_counter()
+            try:
+                h.recommend.remote(req).result(timeout_s=60)
+            except Exception as e:
+                with lock:
+                    errors.append(repr(e))
+                continue
+            mine.append((time.perf_counter() - t) * 1000)
+        with lock:
+            lat.extend(mine)
+
+    for j in range(20):
+        h.recommend.remote(RecommendationRequest(user_id=users[j % len(users)], k=k)).result(timeout_s=60)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"route": "recommendations", "path": "deployment handle", "concurrency": concurrency,
+            "requests": n_requests, "errors": len(errors), "error_kinds": sorted({e[:80] for e in errors}),
+            "throughput_rps": len(lat) / wall, **_pcts(lat)}
+
+
+def start_bare(export: str, workers: int, token_file: str | None, user_key_file: str | None = None,
+               timeout_s: float = 600) -> tuple:
+    """The bare FastAPI app (:mod:`bundlerec.serving.bare`) on a free loopback port, in its own process
+    group; returns (process, url) once it answers /healthz."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "bundlerec.serving.bare", export, str(port), "--workers", str(workers)]
+    if token_file:
+        cmd += ["--token-file", token_file]
+    if user_key_file:
+        cmd += ["--user-key-file", user_key_file]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the bare app exited with {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_bare(proc)
+    raise RuntimeError(f"the bare app did not answer /healthz within {timeout_s:.0f} s")
+
+
+def stop_bare(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k: int, token_file: str | None,
+                 bare_workers: int, routes: list[str], handle_app: str | None = "bundlerec",
+                 user_key_file: str | None = None) -> dict:
+    """Ray Serve at ``url`` and the same export behind the bare FastAPI app (``bare_workers`` uvicorn
+    processes, one torch thread each, as a replica has), one after the other on the same cores, the
+    same requests; plus the deployment-handle path and the model in-process. ``serve_overhead_ratio``:
+    Serve's p50 over the bare app's at the first concurrency, for recommendations."""
+    from bundlerec.serving.deploy import read_token
+
+    token = read_token(token_file)
+    users = _users(export)
+    res: dict = {"date": datetime.now(timezone.utc).isoformat(), "url": url, "export": export, "k": k,
+                 "bare_workers": bare_workers, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                 "cpus": os.cpu_count()}
+    res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token)
+    if handle_app:
+        res["handle"] = [handle_level(handle_app, users, c, requests, k) for c in concurrency]
+    proc, bare_url = start_bare(export, bare_workers, token_file, user_key_file)
+    try:
+        res["bare"] = _route_levels(bare_url, users, routes, concurrency, requests, k, token)
+    finally:
+        stop_bare(proc)
+    res["in_process"] = in_process(export, users, requests, k)
+    res["ratios"] = {r: [{"concurrency": s["concurrency"], "p50": s["p50_ms"] / b["p50_ms"], "p99": s["p99_ms"] / b["p99_ms"],
+                          "rps": s["throughput_rps"] / b["throughput_rps"]}
+                         for s, b in zip(res["serve"][r], res["bare"][r])] for r in routes}
+    first = routes.index("recommendations") if "recommendations" in routes else 0
+    res["serve_overhead_ratio"] = res["ratios"][routes[first]][0]["p50"]
+    return res
+
+
+def format_side_by_side(res: dict) -> str:
+    lines = ["| path | route | clients | p50 ms | p99 ms | req/s | errors |", "|---|---|---|---|---|---|---|"]
+    for path in ("serve", "bare"):
+        for r, levels in res[path].items():
+            lines += [f"| {path} | {r} | {lv['concurrency']} | {lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} | "
+                      f"{lv['throughput_rps']:.0f} | {lv['errors']} |" for lv in levels]
+    for lv in res.get("handle") or []:
+        lines.append(f"| handle | recommendations | {lv['concurrency']} | {lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} | "
+                     f"{lv['throughput_rps']:.0f} | {lv['errors']} |")
+    loc = res["in_process"]
+    lines.append(f"in-process p50 {loc['p50_ms']:.2f} ms, p99 {loc['p99_ms']:.2f} ms ({loc['n_items']} items); "
+                 f"serve_overhead_ratio (p50, Serve / bare, first level) {res['serve_overhead_ratio']:.2f}")
+    return "\n".join(lines)
 
 
 def format_report(out: dict) -> str:

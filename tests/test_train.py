@@ -60,15 +60,20 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
     th.start()
     deadline = time.time() + 400
     pids: list = []
-    while len(pids) < 2 and time.time() < deadline and th.is_alive():
+    started = time.time() + 150  # the workers are normally up within 15 s
+    while len(pids) < 2 and time.time() < min(deadline, started) and th.is_alive():
         time.sleep(0.5)
         pids = [a.pid for a in list_actors(address=address, limit=10_000,
                                            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     if len(pids) < 2:  # say what holds the cluster's CPUs
         held = [(a.class_name, a.required_resources) for a in list_actors(address=address, detail=True, limit=10_000,
                                                                           filters=[("state", "=", "ALIVE")])]
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+        ctrl = [a.pid for a in list_actors(address=address, filters=[("class_name", "=", "TrainController")])]
+        tails = {f: open(f, errors="replace").read()[-3000:] for f in glob.glob(f"{logs}/worker-*")
+                 if any(f"-{pid}." in f for pid in ctrl)}
         raise AssertionError(f"Train workers {pids}, error {box.get('err')!r}; available {ray.available_resources()} "
-                             f"of {ray.cluster_resources()}; live actors {held}")
+                             f"of {ray.cluster_resources()}; live actors {held}; controller logs {tails}")
     while _registered(root) < after_checkpoints and time.time() < deadline and th.is_alive():
         time.sleep(0.05)
     assert _registered(root) == after_checkpoints, "checkpoint never registered (or the run ended first)"

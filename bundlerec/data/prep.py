@@ -241,7 +241,7 @@ def _run_prep(cfg: PipelineConfig) -> dict:
         "item_max_tokens": d.item_max_tokens, "max_history_len": d.max_history_len,
         "config": to_dict(d),
         "seconds": round(time.time() - t0, 2),
-        "hash_seconds": round(hash_seconds, 2),
+        "hash_seconds": round(hash_seconds, 4),
     }
     commit(out, manifest)
     log.info("prep: done in %.1fs: %s (snapshot %s)", manifest["seconds"], counts, snapshot)

@@ -34,6 +34,7 @@ def ray_cluster():
     # (an environment variable: pytest's conftest module and `from tests.support import` may be two modules)
     os.environ["BUNDLEREC_TEST_AGENT_PORT_TAKEN"] = "1" if _listening(JOB_AGENT_PORT) else ""
 
+    (Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "ray_cpus.log").unlink(missing_ok=True)  # this run's only
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
     ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
                    dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,

@@ -34,7 +34,9 @@ def _worker(rank: int, port: int, out: dict, dtype) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_candidates_of_every_worker_own_first_with_gradients(dtype):
-    with mp.Manager() as m:
+    # a spawned manager, never a forked one: forking this process (which holds the suite's Ray driver
+    # and its gRPC threads) left the driver's GCS calls hanging for the rest of the suite (stop 36)
+    with mp.get_context("spawn").Manager() as m:
         out = m.dict()
         mp.spawn(_worker, args=(free_port(), out, dtype), nprocs=2, join=True)
         out = dict(out)

@@ -666,7 +666,8 @@ def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, exp
     """The baseline of the serving benchmark (bundlerec.serving.bare: the same export behind plain
     FastAPI/uvicorn) answers the items Serve answers, with the same guards; ``loadtest --side-by-side``
     measures Serve, the deployment handle and the bare app one after the other."""
-    from bundlerec.serving.loadtest import side_by_side, start_bare, stop_bare
+    from bundlerec.serving.bare import start_bare, stop_bare
+    from bundlerec.serving.loadtest import side_by_side
 
     proc, bare = start_bare(export, 1, token_file, user_key_file)
     try:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import time
 from typing import Optional
 
 from fastapi import Depends, FastAPI
@@ -113,6 +115,50 @@ def serve_bare(export: str, port: int, workers: int = 1, token_file: Optional[st
                                   "torch_threads": torch_threads})
     uvicorn.run("bundlerec.serving.bare:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False)
+
+
+def start_bare(export: str, workers: int, token_file: str | None, user_key_file: str | None = None,
+               timeout_s: float = 600) -> tuple:
+    """The bare FastAPI app (:mod:`bundlerec.serving.bare`) on a free loopback port, in its own process
+    group; returns (process, url) once it answers /healthz."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "bundlerec.serving.bare", export, str(port), "--workers", str(workers)]
+    if token_file:
+        cmd += ["--token-file", token_file]
+    if user_key_file:
+        cmd += ["--user-key-file", user_key_file]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the bare app exited with {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    stop_bare(proc)
+    raise RuntimeError(f"the bare app did not answer /healthz within {timeout_s:.0f} s")
+
+
+def stop_bare(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except Exception:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
 
 
 if __name__ == "__main__":

@@ -353,49 +353,6 @@ def handle_level(app: str, users: list[str], concurrency: int, n_requests: int, 
             "throughput_rps": len(lat) / wall, **_pcts(lat)}
 
 
-def start_bare(export: str, workers: int, token_file: str | None, user_key_file: str | None = None,
-               timeout_s: float = 600) -> tuple:
-    """The bare FastAPI app (:mod:`bundlerec.serving.bare`) on a free loopback port, in its own process
-    group; returns (process, url) once it answers /healthz."""
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "bundlerec.serving.bare", export, str(port), "--workers", str(workers)]
-    if token_file:
-        cmd += ["--token-file", token_file]
-    if user_key_file:
-        cmd += ["--user-key-file", user_key_file]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the bare app exited with {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    stop_bare(proc)
-    raise RuntimeError(f"the bare app did not answer /healthz within {timeout_s:.0f} s")
-
-
-def stop_bare(proc) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except Exception:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k: int, token_file: str | None,
                  bare_workers: int, routes: list[str], handle_app: str | None = "bundlerec",
                  user_key_file: str | None = None) -> dict:
@@ -413,6 +370,8 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
     res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token)
     if handle_app:
         res["handle"] = [handle_level(handle_app, users, c, requests, k) for c in concurrency]
+    from bundlerec.serving.bare import start_bare, stop_bare
+
     proc, bare_url = start_bare(export, bare_workers, token_file, user_key_file)
     try:
         res["bare"] = _route_levels(bare_url, users, routes, concurrency, requests, k, token)

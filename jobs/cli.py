@@ -242,6 +242,9 @@ def _submit_with_retries(cmd: list[str], retries: int) -> None:
 
 
 def main() -> None:
+    from bundlerec.runtime import setup_env
+
+    setup_env()  # before any command imports Ray: it reads its environment (single-node mode, auth) on import
     app()
 
 

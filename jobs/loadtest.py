@@ -42,6 +42,9 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 4 --requests 600 --bundle-pressure 32
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --side-by-side --with-bundles --user-key-file runs/demo/user_key --out docs/bench/serving_side_by_side.json
     """
+    from bundlerec.runtime import setup_env
+
+    setup_env()  # before Ray is imported (the handle path, --kill-replica-at)
     from bundlerec.serving.deploy import read_token
     from bundlerec.serving.loadtest import build_large_catalog, format_report, run_loadtest
 

@@ -68,3 +68,43 @@ def test_bench_prep_records_the_cost_of_a_size_and_states_growth_from_the_times(
     assert r["raw_disk_mib"] > 0 and r["snapshot_disk_mib"] > 0 and r["peak_mem_above_idle_gib"] >= 0
     g = growth([{"events": 1000, "prep_s": 2.0}, {"events": 4000, "prep_s": 8.0}, {"events": 16000, "prep_s": 64.0}])
     assert [(x["time_exponent"], x["kind"]) for x in g] == [(1.0, "linear"), (1.5, "worse than linear")]
+
+
+def test_bench_catalog_resizes_an_export_and_measures_encoding_and_serving_at_each_size(tiny_trained, ray_cluster,
+                                                                                          tmp_path):
+    """jobs.bench_catalog on the tiny export: a resized export is sealed and has exactly the asked
+    items (its first ones when fewer, the originals unchanged when more); the driver and Ray Data
+    encode the same vectors; each serving size reports memory, exact and ANN latency and a recall."""
+    import numpy as np
+    import pandas as pd
+
+    from bundlerec.inference.bench import resize_export
+    from bundlerec.inference.recommender import Recommender
+    from bundlerec.integrity import verify
+    from jobs.bench_catalog import main
+
+    _, out, _ = tiny_trained
+    src = out["export_dir"]
+    n0 = len(pd.read_parquet(f"{src}/items.parquet"))
+    big = resize_export(src, str(tmp_path / "big"), 3 * n0 + 7)
+    assert verify(big) == (True, "ok")
+    rec = Recommender.from_export(big)
+    assert len(rec.item_ids) == len(set(rec.item_ids)) == 3 * n0 + 7
+    grown = np.load(f"{big}/item_index.npy")
+    np.testing.assert_array_equal(grown[:n0], np.load(f"{src}/item_index.npy"))
+    np.testing.assert_allclose(np.linalg.norm(grown[n0:], axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(ValueError, match="histories reach"):
+        resize_export(src, str(tmp_path / "none"), 1)
+
+    res = main(["--export", src, "--sizes", str(n0), str(4 * n0), "--encode-sizes", "64", "--requests", "20",
+                "--actors", "1", "--nprobe", "4", "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "c.json")])
+    (enc,) = res["encoding"]
+    assert enc["items"] == 64 and enc["driver_items_per_s"] > 0 and enc["ray_data_items_per_s"] > 0
+    assert enc["max_abs_diff"] < 1e-4  # the two paths compute the same index
+    small, large = res["serving"]
+    assert (small["items"], large["items"]) == (n0, 4 * n0)
+    for r in (small, large):
+        assert r["replica_rss_mib_exact"] > r["rss_mib_before_load"] > 0
+        assert 0 < r["exact"]["p50_ms"] <= r["exact"]["p99_ms"] and 0 < r["ann"]["p50_ms"]
+        assert 0 <= r["ann"]["recall_at_10_vs_exact"] <= 1 and r["ann"]["nprobe"] <= r["ann"]["nlist"]
+    assert len(res["serving_growth"]["exact_p50"]) == 1 and json.loads((tmp_path / "c.json").read_text())["serving"]

@@ -667,7 +667,6 @@ def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, exp
     FastAPI/uvicorn) answers the items Serve answers, with the same guards; ``loadtest --side-by-side``
     measures Serve, the deployment handle and the bare app one after the other."""
     from bundlerec.serving.bare import start_bare, stop_bare
-    from bundlerec.serving.loadtest import side_by_side
 
     proc, bare = start_bare(export, 1, token_file, user_key_file)
     try:
@@ -683,8 +682,28 @@ def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, exp
     finally:
         stop_bare(proc)
     assert proc.poll() is not None
-    res = side_by_side(base, export, [1, 3], 12, 5, token_file, 1, ["recommendations", "bundles"],
-                       user_key_file=user_key_file)
+    # as a user runs it, from a shell that has not exported bundlerec's Ray settings (the command sets
+    # them before Ray is imported: without single-node mode the handle path's driver dialled the
+    # machine's outside address and waited for the cluster forever)
+    import ray
+
+    from bundlerec.runtime import ENV_DEFAULTS
+
+    out = Path(export).parent / "side_by_side.json"
+    env = {k: v for k, v in os.environ.items() if k not in ENV_DEFAULTS}
+    r = subprocess.run([sys.executable, "-m", "jobs.loadtest", "--export", export, "--url", base, "--token-file", token_file,
+                        "--user-key-file", user_key_file, "--side-by-side", "--with-bundles", "--bare-workers", "1",
+                        "--concurrency", "1", "3", "--requests", "12", "--k", "5", "--out", str(out)], cwd=ROOT,
+                       env={**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    res = json.loads(out.read_text())
+    assert "| serve | bundles |" in r.stdout and "handle recommendations x3:" in r.stdout, r.stdout[-2000:]
+    # each level says where the CPU went: the replica and the proxy (Serve), the uvicorn workers (bare)
+    cpu = [lv["cpu_ms_per_request"] for lv in res["serve"]["recommendations"]]
+    assert all(c["replicas"] > 0 and c["http proxy"] >= 0 and c["load generator"] > 0 for c in cpu), cpu
+    assert sum(c["http proxy"] for c in cpu) > 0, cpu  # the ingress process was found
+    assert all(lv["cpu_ms_per_request"]["uvicorn workers"] > 0 for lv in res["bare"]["bundles"]), res["bare"]
     assert [lv["errors"] for p in ("serve", "bare") for lv in res[p]["recommendations"]] == [0] * 4, res
     assert [lv["errors"] for lv in res["handle"]] == [0, 0], res["handle"]
     assert all(lv["requests"] - lv["errors"] > 0 for p in ("serve", "bare") for lv in res[p]["bundles"]), res

@@ -90,6 +90,16 @@ def http_level(url: str, users: list[str], concurrency: int, n_requests: int, k:
             "throughput_rps": len(lat) / wall, **_pcts(lat)}
 
 
+def _join_ray() -> None:
+    """Connect to the running cluster (its address from RAY_ADDRESS or this machine's)."""
+    import ray
+
+    from bundlerec.runtime import setup_env
+
+    setup_env()  # too late if Ray is already imported: the commands set it first (jobs/loadtest.py)
+    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+
+
 def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests: int, k: int,
                        token: str | None, at: float, app: str = "bundlerec") -> dict:
     """Bounded load; after ``at`` of the requests, SIGKILL one Serve replica of ``app`` (found through
@@ -97,7 +107,7 @@ def kill_replica_level(url: str, users: list[str], concurrency: int, n_requests:
     import ray
     from ray.util.state import list_actors
 
-    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+    _join_ray()
     gcs = ray.get_runtime_context().gcs_address  # the cluster joined above, not the newest on this machine
 
     def replicas():
@@ -300,24 +310,36 @@ def _users(export: str) -> list[str]:
 
 
 def _route_levels(url: str, users: list[str], routes: list[str], concurrency: list[int], requests: int, k: int,
-                  token: str | None) -> dict:
+                  token: str | None, groups: dict) -> dict:
+    """Each route at each concurrency, with the CPU each of ``groups`` (role -> PIDs) spent per request."""
+    from bundlerec.serving.cpu_account import per_request
+
     out = {}
     for r in routes:
         for _ in range(20):  # warm-up
             http_level(url, users, 1, 1, k, token, route=r)
-        out[r] = [http_level(url, users, c, requests, k, token, route=r) for c in concurrency]
+        out[r] = []
+        for c in concurrency:
+            out[r].append(per_request(groups, lambda: http_level(url, users, c, requests, k, token, route=r)))
+            _say(url, r, out[r][-1])
     return out
+
+
+def _say(where: str, route: str, lv: dict) -> None:
+    """One progress line per measured level."""
+    print(f"{where} {route} x{lv['concurrency']}: p50 {lv['p50_ms']:.1f} ms, p99 {lv['p99_ms']:.1f} ms, "
+          f"{lv['throughput_rps']:.0f} req/s, {lv['errors']} errors, CPU ms/request {lv.get('cpu_ms_per_request')}",
+          flush=True)
 
 
 def handle_level(app: str, users: list[str], concurrency: int, n_requests: int, k: int) -> dict:
     """The in-cluster path: a Ray driver calls the replica through a Serve deployment handle (router to
     replica, no HTTP proxy, no FastAPI request parsing, no auth: callers inside the cluster)."""
-    import ray
     from ray import serve
 
     from bundlerec.serving.schemas import RecommendationRequest
 
-    ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR")
+    _join_ray()
     h = serve.get_app_handle(app)
     per = [n_requests // concurrency + (1 if i < n_requests % concurrency else 0) for i in range(concurrency)]
     lat: list[float] = []
@@ -367,14 +389,23 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
     res: dict = {"date": datetime.now(timezone.utc).isoformat(), "url": url, "export": export, "k": k,
                  "bare_workers": bare_workers, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                  "cpus": os.cpu_count()}
-    res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token)
+    from bundlerec.serving.cpu_account import per_request, serve_processes
+
+    groups = {}
     if handle_app:
-        res["handle"] = [handle_level(handle_app, users, c, requests, k) for c in concurrency]
+        _join_ray()
+        groups = serve_processes(handle_app)
+    res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token, groups)
+    if handle_app:
+        res["handle"] = []
+        for c in concurrency:
+            res["handle"].append(per_request(groups, lambda: handle_level(handle_app, users, c, requests, k)))
+            _say("handle", "recommendations", res["handle"][-1])
     from bundlerec.serving.bare import start_bare, stop_bare
 
     proc, bare_url = start_bare(export, bare_workers, token_file, user_key_file)
     try:
-        res["bare"] = _route_levels(bare_url, users, routes, concurrency, requests, k, token)
+        res["bare"] = _route_levels(bare_url, users, routes, concurrency, requests, k, token, {"uvicorn workers": [proc.pid]})
     finally:
         stop_bare(proc)
     res["in_process"] = in_process(export, users, requests, k)

@@ -139,6 +139,9 @@ stop() {
     as_db_user "$bin/pg_ctl" -D "$PG_DATA" -m fast -w stop > /dev/null && echo "stopped PostgreSQL"
   fi
   if [ -f "$STATE/ray.started" ]; then
+    # Serve first: with RAY_SERVE_ENABLE_HA_PROXY=1 its HAProxy process outlives `ray stop` (and keeps
+    # its ports) unless Serve shuts it down
+    if serve shutdown -y -a "http://127.0.0.1:$DASHBOARD_PORT" > /dev/null 2>&1; then sleep 3; fi
     ray stop > /dev/null 2>&1 && echo "stopped Ray" || true
     rm -f "$STATE/ray.started"
   fi

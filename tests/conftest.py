@@ -52,8 +52,14 @@ def ray_cluster():
 def _ray_cpus_after_each_test(request):
     """After each test, the suite cluster's free logical CPUs, one line per test in
     runs/test-artifacts/ray_cpus.log: a test that leaves CPUs held (a replica, an actor pool, a
-    running job) shows as the line where the count drops and stays down."""
+    running job) shows as the line where the count drops and stays down. Each line also has the
+    test's wall time (its call and function-scoped set-up) and the clock, so a running suite's slow
+    parts can be read while it runs."""
+    import time
+
+    t0 = time.time()
     yield
+    took = time.time() - t0
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
@@ -72,7 +78,7 @@ def _ray_cpus_after_each_test(request):
     log = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "ray_cpus.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        f.write(f"{request.node.nodeid} free_cpus={free}\n")
+        f.write(f"{request.node.nodeid} free_cpus={free} took_s={took:.1f} at={time.strftime('%H:%M:%S')}\n")
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,7 @@ def test_bench_catalog_resizes_an_export_and_measures_encoding_and_serving_at_ea
     assert verify(big) == (True, "ok")
     rec = Recommender.from_export(big)
     assert len(rec.item_ids) == len(set(rec.item_ids)) == 3 * n0 + 7
+    assert np.shares_memory(rec.bundle_engine.index, rec.model._index.numpy())  # one copy of the index per replica
     grown = np.load(f"{big}/item_index.npy")
     np.testing.assert_array_equal(grown[:n0], np.load(f"{src}/item_index.npy"))
     np.testing.assert_allclose(np.linalg.norm(grown[n0:], axis=1), 1.0, rtol=1e-5)

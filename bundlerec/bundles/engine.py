@@ -192,8 +192,10 @@ class BundleEngine:
         self.compat = self._compat()
 
     @classmethod
-    def from_export(cls, export_dir: str, model=None, items: Optional[pd.DataFrame] = None) -> "BundleEngine":
-        """The engine of an export; ``model``/``items`` when the caller has loaded them already."""
+    def from_export(cls, export_dir: str, model=None, items: Optional[pd.DataFrame] = None,
+                    index: Optional[np.ndarray] = None) -> "BundleEngine":
+        """The engine of an export; ``model``/``items``/``index`` (the item index) when the caller has
+        loaded them already (a replica then holds one copy of the index: 1.5 GB at 1 M items)."""
         from bundlerec.model.export import load_export
 
         meta = json.load(open(os.path.join(export_dir, "bundlerec.json")))
@@ -205,7 +207,8 @@ class BundleEngine:
         opt = lambda f: np.load(os.path.join(export_dir, f)) if os.path.exists(os.path.join(export_dir, f)) else None  # noqa: E731
         pricing, info = PricingModel.load(export_dir)
         params = EngineParams.load(export_dir)
-        eng = cls(items, model, np.load(os.path.join(export_dir, "item_index.npy")), CoStats.load(export_dir, n),
+        index = np.load(os.path.join(export_dir, "item_index.npy")) if index is None else index
+        eng = cls(items, model, index, CoStats.load(export_dir, n),
                   pricing, info, params, pretrained=opt("item_index_pretrained.npy"),
                   lexical=Lexical.load(export_dir), popularity=opt("popularity.npy"),
                   history_len=int(meta.get("history_len", 64)), reranker=Reranker.load(export_dir),

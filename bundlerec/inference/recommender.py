@@ -87,7 +87,7 @@ class Recommender:
                                  f"{len(pop)} popularity counts: they must agree")
         rec = cls(model, items, index, pop, latest, meta, user_key)
         rec.fusion = Fusion.from_export(export_dir, rec.model, len(items))
-        rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items)
+        rec.bundle_engine = BundleEngine.from_export(export_dir, model=model, items=rec.items, index=index.numpy())
         return rec
 
     def configure_ann(self, min_items: int, nprobe: int, threads: int = 1) -> None:

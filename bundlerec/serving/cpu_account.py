@@ -49,18 +49,24 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def per_request(groups: dict[str, list[int]], level: Callable[[], dict]) -> dict:
-    """Run ``level`` (a load level returning ``requests`` and ``errors``) and add ``cpu_ms_per_request``:
-    each group's CPU milliseconds per answered request over the level, and their ``total``; the load
-    generator (this process) is its own group."""
+def snapshot(groups: dict[str, list[int]]) -> dict:
+    """CPU seconds so far of each group, and of this process alone (the load generator: not its
+    children, which may be a bare app it started)."""
     import psutil
 
-    before = {g: _cpu_seconds(p) for g, p in groups.items()}
-    me = psutil.Process()  # the load generator: this process, not its children (a bare app it started)
-    mine = sum(me.cpu_times()[:2])
-    out = level()
-    done = max(1, out["requests"] - out["errors"])
-    cpu = {g: round((_cpu_seconds(p) - before[g]) * 1000 / done, 3) for g, p in groups.items()}
-    cpu["load generator"] = round((sum(me.cpu_times()[:2]) - mine) * 1000 / done, 3)
+    return {**{g: _cpu_seconds(p) for g, p in groups.items()}, "load generator": sum(psutil.Process().cpu_times()[:2])}
+
+
+def per_answer(before: dict, after: dict, answered: int) -> dict:
+    """CPU milliseconds per answered request of each group between two snapshots, and their ``total``."""
+    cpu = {g: round((after[g] - before[g]) * 1000 / max(1, answered), 3) for g in before}
     cpu["total"] = round(sum(cpu.values()), 3)
-    return {**out, "cpu_ms_per_request": cpu}
+    return cpu
+
+
+def per_request(groups: dict[str, list[int]], level: Callable[[], dict]) -> dict:
+    """Run ``level`` (a load level returning ``requests`` and ``errors``) and add ``cpu_ms_per_request``
+    (:func:`per_answer`; the load generator is its own group)."""
+    before = snapshot(groups)
+    out = level()
+    return {**out, "cpu_ms_per_request": per_answer(before, snapshot(groups), out["requests"] - out["errors"])}

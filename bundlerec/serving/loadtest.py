@@ -332,47 +332,55 @@ def _say(where: str, route: str, lv: dict) -> None:
           flush=True)
 
 
-def handle_level(app: str, users: list[str], concurrency: int, n_requests: int, k: int) -> dict:
-    """The in-cluster path: a Ray driver calls the replica through a Serve deployment handle (router to
-    replica, no HTTP proxy, no FastAPI request parsing, no auth: callers inside the cluster)."""
+def handle_levels(app: str, users: list[str], concurrency: list[int], n_requests: int, k: int,
+                  groups: dict) -> list[dict]:
+    """The in-cluster path, one level per concurrency: a Ray driver calls the replica through a Serve
+    deployment handle (router to replica, no HTTP proxy, no FastAPI request parsing, no auth: callers
+    inside the cluster). The clients are asyncio tasks on one loop (under RAY_SERVE_THROUGHPUT_OPTIMIZED
+    a handle needs a running loop and stays bound to it); ``groups`` as :func:`_route_levels`."""
+    import asyncio
+
     from ray import serve
 
+    from bundlerec.serving.cpu_account import per_answer, snapshot
     from bundlerec.serving.schemas import RecommendationRequest
 
     _join_ray()
-    h = serve.get_app_handle(app)
-    per = [n_requests // concurrency + (1 if i < n_requests % concurrency else 0) for i in range(concurrency)]
-    lat: list[float] = []
-    errors: list = []
-    lock = threading.Lock()
 
-    def worker(i: int) -> None:
-        mine = []
-        for j in range(per[i]):
-            req = RecommendationRequest(user_id=users[(i * 7919 + j) % len(users)], k=k)
-            t = time.perf_counter()
-            try:
-                h.recommend.remote(req).result(timeout_s=60)
-            except Exception as e:
-                with lock:
+    async def level(h, c: int) -> dict:
+        per = [n_requests // c + (1 if i < n_requests % c else 0) for i in range(c)]
+        lat: list[float] = []
+        errors: list = []
+
+        async def worker(i: int) -> None:
+            for j in range(per[i]):
+                req = RecommendationRequest(user_id=users[(i * 7919 + j) % len(users)], k=k)
+                t = time.perf_counter()
+                try:
+                    await asyncio.wait_for(h.recommend.remote(req), 60)
+                except Exception as e:
                     errors.append(repr(e))
-                continue
-            mine.append((time.perf_counter() - t) * 1000)
-        with lock:
-            lat.extend(mine)
+                    continue
+                lat.append((time.perf_counter() - t) * 1000)
 
-    for j in range(20):
-        h.recommend.remote(RecommendationRequest(user_id=users[j % len(users)], k=k)).result(timeout_s=60)
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    return {"route": "recommendations", "path": "deployment handle", "concurrency": concurrency,
-            "requests": n_requests, "errors": len(errors), "error_kinds": sorted({e[:80] for e in errors}),
-            "throughput_rps": len(lat) / wall, **_pcts(lat)}
+        before, t0 = snapshot(groups), time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(c)))
+        wall = time.perf_counter() - t0
+        return {"route": "recommendations", "path": "deployment handle", "concurrency": c, "requests": n_requests,
+                "errors": len(errors), "error_kinds": sorted({e[:80] for e in errors}), "throughput_rps": len(lat) / wall,
+                **_pcts(lat), "cpu_ms_per_request": per_answer(before, snapshot(groups), len(lat))}
+
+    async def measure() -> list[dict]:
+        h = serve.get_app_handle(app)
+        for j in range(20):  # warm-up
+            await h.recommend.remote(RecommendationRequest(user_id=users[j % len(users)], k=k))
+        out = []
+        for c in concurrency:
+            out.append(await level(h, c))
+            _say("handle", "recommendations", out[-1])
+        return out
+
+    return asyncio.run(measure())
 
 
 def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k: int, token_file: str | None,
@@ -389,7 +397,7 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
     res: dict = {"date": datetime.now(timezone.utc).isoformat(), "url": url, "export": export, "k": k,
                  "bare_workers": bare_workers, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                  "cpus": os.cpu_count()}
-    from bundlerec.serving.cpu_account import per_request, serve_processes
+    from bundlerec.serving.cpu_account import serve_processes
 
     groups = {}
     if handle_app:
@@ -397,10 +405,7 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
         groups = serve_processes(handle_app)
     res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token, groups)
     if handle_app:
-        res["handle"] = []
-        for c in concurrency:
-            res["handle"].append(per_request(groups, lambda: handle_level(handle_app, users, c, requests, k)))
-            _say("handle", "recommendations", res["handle"][-1])
+        res["handle"] = handle_levels(handle_app, users, concurrency, requests, k, groups)
     from bundlerec.serving.bare import start_bare, stop_bare
 
     proc, bare_url = start_bare(export, bare_workers, token_file, user_key_file)

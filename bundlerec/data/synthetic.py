@@ -115,15 +115,15 @@ def make_bundles(cfg: SyntheticConfig, catalog: pd.DataFrame, rng: np.random.Gen
     return pd.DataFrame(rows, columns=["bundle_id", "group", "item_ids", "_idx"])
 
 
-def _user_events(uid: str, rng: np.random.Generator, catalog: pd.DataFrame, bundles_by_group: dict,
+def _user_events(uid: str, rng: np.random.Generator, columns: tuple, bundles_by_group: dict,
                  by_cat: dict, pop_p: np.ndarray, n_sessions: int, noise: float, out: list) -> None:
+    """``columns``: the catalog's item ids, prices and categories as arrays (converted once, not per
+    user: per user it made generation quadratic in users x items)."""
     groups = list(bundles_by_group)
     intents = rng.choice(len(groups), size=int(rng.integers(1, 3)), replace=False)
     # Each user favours a few bundles of their intents (repeat interest), so history predicts.
     t = pd.Timestamp("2026-01-01", tz="UTC").value // 10**9 + int(rng.integers(0, 40 * 86400))
-    item_ids = catalog.item_id.to_numpy()
-    prices = catalog.price.to_numpy()
-    cats = catalog.category.to_numpy()
+    item_ids, prices, cats = columns
     for s in range(n_sessions):
         g = groups[intents[rng.integers(len(intents))]]
         bundle = bundles_by_group[g][rng.integers(len(bundles_by_group[g]))]
@@ -198,9 +198,10 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path) -> dict:
         shard += 1
         rows = []
 
+    columns = (catalog.item_id.to_numpy(), catalog.price.to_numpy(), catalog.category.to_numpy())
     for u in range(cfg.n_users):
         n_sessions = max(1, int(rng.poisson(sessions_per_user)))
-        _user_events(f"U{u:07d}", rng, catalog, bundles_by_group, by_cat, pop_p, n_sessions, cfg.noise, rows)
+        _user_events(f"U{u:07d}", rng, columns, bundles_by_group, by_cat, pop_p, n_sessions, cfg.noise, rows)
         if len(rows) >= cfg.events_per_shard:
             flush()
             log.info("synthetic: %d events written (%d shards)", total, shard)

@@ -169,18 +169,45 @@ def tiny_model_dir(family: str, root) -> str:
     return str(out)
 
 
+def mount_tmpfs(path: Path, size: str) -> str | None:
+    """Mount a tmpfs of ``size`` at ``path``: None when mounted, else why not (needs root or
+    CAP_SYS_ADMIN). Unmount with :func:`unmount`."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip() or f"mount exited with {r.returncode}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @contextlib.contextmanager
 def small_volume(path: Path, size: str):
     """A tmpfs of ``size`` (e.g. "256m") mounted at ``path`` for the block: a real disk that can fill
     up. Skipped where mounting is not allowed (needs root or CAP_SYS_ADMIN)."""
-    path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small volume here: {r.stderr.strip()}")
+    why = mount_tmpfs(path, size)
+    if why is not None:
+        pytest.skip(f"cannot mount a small volume here: {why}")
     try:
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+        unmount(path)
+
+
+def fill_volume(path: Path) -> Path:
+    """Fill the volume of ``path`` with one file (returned) until the disk refuses a byte more."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        chunk = 1 << 20
+        while chunk:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError:
+                chunk //= 2
+    finally:
+        os.close(fd)
+    return filler
 
 
 def require_system_package(present: bool, package: str) -> None:

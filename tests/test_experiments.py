@@ -104,6 +104,44 @@ def test_feedback_must_match_what_the_answer_showed():
         signer.check(f"{payload}.{signer._tag(payload)}")
 
 
+def test_a_shown_item_is_bought_at_most_once_per_answer():
+    """A second purchase of a shown item on one answer, under another event id (a purchase, or an
+    accepted bundle holding it), is a duplicate, not a row; clicks repeat freely; a purchase of the
+    same item on another answer is new; the same event id twice is one event (before 2026-12-07 each
+    new event id bought the item again)."""
+    from types import SimpleNamespace
+
+    from bundlerec.serving.feedback import feedback_rows
+    from bundlerec.serving.schemas import FeedbackEvent
+
+    signer = ImpressionSigner(b"k" * 32)
+    rec_id, f = signer.issue("u1", None, None, "3", "recommendations", [["I1", "I2", "I3"]])
+    other_id, _ = signer.issue("u1", None, None, "3", "recommendations", [["I1"]])
+    bun_id, _ = signer.issue("u1", None, None, "3", "bundles", [["I1", "I2"], ["I3", "I4"]])
+    cat = SimpleNamespace(item_pos={f"I{i}": i - 1 for i in range(1, 5)}, prices=np.array([10.0, 20.0, 30.0, 40.0]))
+    now = f["t"] + 1_000_000
+
+    def ev(imp, eid, **kw):
+        return FeedbackEvent(impression_id=imp, event_id=eid, **kw)
+
+    events = [ev(rec_id, "a", type="purchase", item_id="I1", price=10.0),
+              ev(rec_id, "b", type="purchase", item_id="I1", price=10.0),  # bought again: a duplicate
+              ev(rec_id, "c", type="click", item_id="I1"), ev(rec_id, "d", type="click", item_id="I1"),
+              ev(other_id, "a", type="purchase", item_id="I1", price=10.0),  # another answer: new
+              ev(bun_id, "x", type="purchase", item_id="I2", price=20.0),
+              ev(bun_id, "y", type="bundle_accept", bundle_index=0, items=["I1", "I2"], price=27.0),  # I2 bought
+              ev(bun_id, "z", type="bundle_accept", bundle_index=1, items=["I3", "I4"], price=63.0),
+              ev(bun_id, "z", type="bundle_accept", bundle_index=1, items=["I3", "I4"], price=63.0)]  # same event
+    out, dup = feedback_rows(events, signer, cat, lambda k: False, now)
+    assert [rows[0]["event_id"] for _, rows in out] == ["a", "c", "d", "a", "x", "z"] and dup == 3
+    assert [len(rows) for _, rows in out] == [1, 1, 1, 1, 1, 2]
+    seen = {k for keys, _ in out for k in keys}  # what the replica records; a later request is checked against it
+    again, dup2 = feedback_rows([ev(rec_id, "e", type="purchase", item_id="I1", price=10.0),
+                                 ev(rec_id, "f", type="purchase", item_id="I2", price=20.0)],
+                                signer, cat, seen.__contains__, now)
+    assert [rows[0]["item_id"] for _, rows in again] == ["I2"] and dup2 == 1
+
+
 def test_a_malformed_experiment_tag_is_refused_with_the_reason():
     """The registry tag is checked before a replica routes on it (anyone with registry write access
     can set it): each malformed form is refused naming what is wrong; the form `start` writes passes."""
@@ -221,7 +259,9 @@ def test_appends_never_wait_for_a_slow_store(tmp_path, monkeypatch):
 def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(tmp_path):
     """The write-ahead log on a real 1 MiB tmpfs that fills up: the append that does not fit raises
     LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves
-    the segment clean; with space freed, appends go on; Parquet holds exactly the acknowledged rows."""
+    the segment clean; the error stays in the health until the disk takes an append again (a
+    conversion to Parquet elsewhere does not clear it); with space freed, appends go on; Parquet holds
+    exactly the acknowledged rows."""
     from bundlerec.experiments.event_log import LogUnavailable
     from tests.support import small_volume
 
@@ -239,10 +279,13 @@ def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(
                 refused += 1
             i += 1
         assert refused == 5 and acked and el.refused == 5 and el.last_error
+        el.flush()  # the acknowledged rows reach Parquet (another disk): the write-ahead disk is still full
+        assert el.last_error and el.last_error.startswith("write-ahead"), el.last_error  # cleared before 2026-12-07
         filler.unlink()  # space again
         for j in range(i, i + 100):
             el.append([_imp(j)])
             acked.append(j)
+        assert el.last_error is None  # healthy again with the first append the disk takes
         el.close()
         ids = pq.read_table(tmp_path / "impressions").column("impression_id").to_pylist()
         assert sorted(ids) == sorted(f"i{k}" for k in acked)  # every acknowledged row, no refused one, none torn
@@ -274,6 +317,20 @@ def _logs(rates: dict, users: int = 400, seed: int = 0) -> tuple[pd.DataFrame, p
 
 
 SPEC = spec_of(ExperimentConfig(name="e"))
+
+
+def test_the_report_counts_a_shown_item_bought_once_per_answer():
+    """Repeat purchases of one shown item on one answer under new event ids (a replica that could not
+    reach the shared keys lets them in) add no revenue; the same item bought on another answer does."""
+    imp, fb = _logs({"control": 1.0, "treatment": 1.0}, users=4)
+    buy = {"event_id": "p", "item_id": "I7", "feedback_type": "purchase", "revenue": 10.0, "price": 10.0,
+           "quantity": 1, "bundle_index": None, "experiment": "e"}
+    extra = [{**buy, "impression_id": "0-recommendations"}, {**buy, "impression_id": "0-recommendations", "event_id": "q"},
+             {**buy, "impression_id": "2-recommendations", "event_id": "q"}]
+    base = analysis.per_user(imp, fb)[0]
+    users, acc = analysis.per_user(imp, pd.concat([fb, pd.DataFrame(extra)], ignore_index=True))
+    assert users.revenue.sum() == pytest.approx(base.revenue.sum() + 20.0)
+    assert acc["duplicate_rows_dropped"] == analysis.per_user(imp, fb)[1]["duplicate_rows_dropped"] + 1
 
 
 def test_report_counts_once_and_finds_a_real_difference():
@@ -403,7 +460,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
     from bundlerec.client import http_json
     from bundlerec.serving.deploy import deploy
     from jobs import experiment as experiment_job, experiment_report
-    from tests.support import free_port, tiny_config
+    from tests.support import free_port, mount_tmpfs, tiny_config, unmount
 
     cfg0, trained, _ = tiny_trained
     name, prep = "bundlerec-exp", cfg0.data.output_dir
@@ -425,6 +482,8 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
 
     port, logs = free_port(), tmp_path / "online"
     token = write_token_file(str(tmp_path / "api_token"))
+    wal = logs / "_wal"  # the replicas' write-ahead folder, on a real 64 MiB disk that the end fills
+    unmountable = mount_tmpfs(wal, "64m")
     overrides = [f"data.output_dir={prep}", f"serve.model_name={name}", f"serve.url=http://127.0.0.1:{port}",
                  f"serve.dashboard_url={ray_cluster}", f"mlflow.tracking_uri={mlflow_server}", "serve.poll_s=1",
                  "serve.auth=true", f"serve.token_file={tmp_path / 'api_token'}", f"serve.event_log_dir={logs}",
@@ -565,8 +624,75 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         only = aa["results"][0]
         assert aa["false_positives"] == 0 and only["revenue_per_impression"]["lower"] <= 0, aa  # not "better"
         assert only["srm_p"] > 0.001 and sum(only["units"].values()) == 100
+
+        # --- the write-ahead disk fills up under the running deployment
+        if unmountable is None:
+            _a_full_write_ahead_disk_over_http(url, token, wal, logs)
+        elif os.environ.get("CI"):
+            pytest.fail(f"the full-disk part needs a tmpfs mount: {unmountable}")
     finally:
         serve.shutdown()
+        if unmountable is None:
+            unmount(wal)
+
+
+def _post_with_headers(url, body, token) -> tuple:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers  # case-insensitive
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}"), e.headers
+
+
+def _a_full_write_ahead_disk_over_http(url, token, wal, logs):
+    """The write-ahead disk full under two replicas: every recommendation is answered 200 (its
+    impression unlogged); feedback the disk refuses is a 503 with Retry-After (never a 500) and is
+    not recorded; /v1/model and /readyz show the write-ahead error; with space again the refused
+    events are accepted when sent again, and every acknowledged event is in Parquet exactly once."""
+    from bundlerec.client import http_json
+    from tests.support import fill_volume
+
+    code, answer = _post(f"{url}/v1/recommendations", {"user_id": "full-disk", "k": 3}, token)
+    assert code == 200
+    filler = fill_volume(wal)
+
+    def click(i):
+        return {"impression_id": answer["impression_id"], "event_id": f"full-{i}", "type": "click",
+                "item_id": answer["items"][0]["item_id"]}
+
+    acked, refused, rec_codes = [], [], []
+    for i in range(200):  # a segment's last page may take a few rows before the disk refuses
+        rec_codes.append(_post(f"{url}/v1/recommendations", {"user_id": f"full-{i}", "k": 3}, token)[0])
+        code, body, headers = _post_with_headers(f"{url}/v1/feedback", {"events": [click(i)]}, token)
+        assert code in (200, 503), (code, body)
+        if code == 503:
+            assert headers.get("Retry-After") == "5" and "not recorded" in body["detail"], (body, headers)
+            refused.append(i)
+        else:
+            acked.append(i)
+        if len(refused) >= 5:
+            break
+    assert len(refused) >= 5 and set(rec_codes) == {200}, (refused, set(rec_codes))
+    health = [http_json(f"{url}/v1/model", token=token)["event_log"] for _ in range(12)]
+    assert any(h["ok"] is False and "write-ahead" in (h["feedback"]["last_error"] or "") for h in health), health
+    assert any(http_json(f"{url}/readyz")["event_log_ok"] is False for _ in range(12))
+    filler.unlink()  # space again: the client sends the refused events again
+    for i in refused:
+        assert _post(f"{url}/v1/feedback", {"events": [click(i)]}, token)[1] == {"accepted": 1, "duplicates": 0}
+    want = sorted(f"full-{i}" for i in acked + refused)
+    deadline = time.time() + 60  # the next flush (1 s) takes them to Parquet
+    while True:
+        got = sorted(x for x in pq.read_table(logs / "feedback", columns=["event_id"]).column(0).to_pylist()
+                     if x.startswith("full-"))
+        if got == want or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert got == want, (len(got), len(want))  # each acknowledged event once, nothing refused twice
 
 
 def test_two_replicas_on_one_node_never_take_each_others_live_segments(tmp_path):
@@ -629,7 +755,8 @@ def test_retention_deletes_event_files_older_than_the_limit_and_only_those(tmp_p
 @pytest.mark.timeout(120)
 def test_shared_feedback_keys_give_one_yes_per_key_across_replicas(ray_cluster):
     """The application's FeedbackKeys actor (what every replica claims through): handles made by two
-    replicas reach one actor; racing claims of one key get exactly one True; released keys can be
+    replicas reach one actor; racing claims of one key get exactly one True; an event (a group of
+    keys) sharing any key with a claimed one is a duplicate and records nothing; released keys can be
     claimed again; the oldest keys go beyond its capacity."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -640,14 +767,18 @@ def test_shared_feedback_keys_give_one_yes_per_key_across_replicas(ray_cluster):
     a, b = SharedKeys("test-app", capacity=1000), SharedKeys("test-app", capacity=1000)  # two replicas' handles
     keys = [bytes([i]) * 16 for i in range(50)]
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda h: h.claim(keys), [a, b] * 4))
+        answers = list(pool.map(lambda h: h.claim([[k] for k in keys]), [a, b] * 4))
     assert all(x is not None for x in answers)
     assert [sum(ans[i] for ans in answers) for i in range(len(keys))] == [1] * len(keys)  # one yes per key
     a.release(keys[:5])
-    assert b.claim(keys[:6]) == [True] * 5 + [False]
+    assert b.claim([[k] for k in keys[:6]]) == [True] * 5 + [False]
+    # a second purchase of a bought item under another event id: the group shares its purchase key
+    buy, again, other = [b"e" * 16, b"p" * 16], [b"f" * 16, b"p" * 16], [b"g" * 16, b"q" * 16]
+    assert a.claim([buy]) == [True] and b.claim([again, other]) == [False, True]
+    assert b.claim([[b"f" * 16]]) == [True]  # nothing of the refused group was recorded
     small = SharedKeys("other-app", capacity=3)
-    assert small.claim([b"1" * 16, b"2" * 16, b"3" * 16, b"4" * 16]) == [True] * 4
-    assert small.claim([b"1" * 16, b"4" * 16]) == [True, False]  # "1" was dropped (oldest)
-    assert ray.get(a.actor.size.remote()) == 50
+    assert small.claim([[b"1" * 16], [b"2" * 16], [b"3" * 16], [b"4" * 16]]) == [True] * 4
+    assert small.claim([[b"1" * 16], [b"4" * 16]]) == [True, False]  # "1" was dropped (oldest)
+    assert ray.get(a.actor.size.remote()) == 55
     for h in (a, small):
         ray.kill(h.actor, no_restart=True)

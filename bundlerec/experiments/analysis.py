@@ -11,7 +11,8 @@ bundles / bundle answers, realized_discount = mean discount of accepted bundles 
 users are resampled (Poisson bootstrap, ``bootstrap`` replicates), since one user's impressions are
 not independent; the difference of an arm to control takes independent replicates of both.
 Feedback is de-duplicated on (impression_id, event_id, item_id) first, so a repeat sent to two
-replicas still counts once.
+replicas still counts once, and a shown item bought again on the same answer under another event id
+(what the replicas refuse, but could not while the shared keys were unreachable) counts once.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def per_user(imp: pd.DataFrame, fb: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """One row per (arm, user) with the sums every metric is a ratio of; and the log's accounting."""
     n_raw = len(fb)
     fb = fb.drop_duplicates(["impression_id", "event_id", "item_id"])
+    buys = fb.feedback_type.isin(["purchase", "bundle_accept"])  # a shown item is bought once per answer
+    fb = fb[~(buys & fb[["impression_id", "item_id"]].where(buys).duplicated())]
     known = fb.impression_id.isin(imp.impression_id)
     accounting = {"feedback_rows": int(n_raw), "duplicate_rows_dropped": int(n_raw - len(fb)),
                   "feedback_without_impression": int((~known).sum())}

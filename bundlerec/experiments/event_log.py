@@ -85,7 +85,10 @@ class EventLog:
         self._sealed: list[tuple[str, str, int]] = []  # (path, segment, locked fd) waiting for Parquet
         self.written = 0  # rows converted to Parquet by this replica
         self.refused = 0  # appends the write-ahead disk refused
-        self.last_error: str | None = None  # the last storage error (append or conversion), None once healthy
+        # the last error of each store, None once it worked again: the write-ahead disk (cleared by the
+        # next append it takes) and the Parquet store (cleared by the next conversion that succeeds)
+        self.wal_error: str | None = None
+        self.store_error: str | None = None
         self.fd: int | None = None
         self._open()
 
@@ -120,8 +123,9 @@ class EventLog:
                     except OSError:
                         pass
                 self.refused += 1
-                self.last_error = f"write-ahead log: {e}"
+                self.wal_error = f"write-ahead log: {e}"
                 raise LogUnavailable(f"{self.kind} not recorded: {e}") from e
+            self.wal_error = None
             self.size += len(data)
             self.pending += len(rows)
             if self.pending >= self.flush_rows:
@@ -136,7 +140,7 @@ class EventLog:
         try:
             self._open()
         except OSError as e:  # the disk is full: the next append tries again
-            self.last_error = f"write-ahead log: {e}"
+            self.wal_error = f"write-ahead log: {e}"
 
     def convert_sealed(self) -> int:
         """Convert the sealed segments to Parquet (outside the append lock); a failure keeps them for
@@ -152,15 +156,20 @@ class EventLog:
                     os.remove(path)
                     os.close(fd)  # the lock goes with it
                     todo.pop(0)
-                self.last_error = None
+                self.store_error = None
             except Exception as e:
-                self.last_error = f"conversion: {e}"
+                self.store_error = f"conversion: {e}"
                 raise
             finally:
                 if todo:
                     with self._lock:
                         self._sealed = todo + self._sealed
             return n
+
+    @property
+    def last_error(self) -> str | None:
+        """The write-ahead disk's error, else the Parquet store's; None when both work (/readyz)."""
+        return self.wal_error or self.store_error
 
     @property
     def backlog(self) -> int:

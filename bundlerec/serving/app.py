@@ -282,28 +282,26 @@ class BundlerecService(RegistryFollower):
 
         if self.log is None:
             raise HTTPException(503, "feedback is not recorded by this deployment (serve.event_log_dir is empty)")
-        rows, keys, dup = feedback_rows(req.events, self.signer, self.current.rec, self._was_seen, int(time.time() * 1e6))
+        events, dup = feedback_rows(req.events, self.signer, self.current.rec, self._was_seen, int(time.time() * 1e6))
         from bundlerec.experiments.event_log import LogUnavailable
-        from bundlerec.serving.feedback import feedback_key
 
-        order = sorted(keys)
-        fresh = self.shared_keys.claim(order) if self.shared_keys is not None and order else None
+        fresh = self.shared_keys.claim([k for k, _ in events]) if self.shared_keys is not None and events else None
         if fresh is not None:  # another replica accepted some of these already: duplicates, not rows
-            taken = {k for k, f in zip(order, fresh) if not f}
-            rows = [r for r in rows if feedback_key(r["impression_id"], r["event_id"]) not in taken]
-            keys, dup = keys - taken, dup + len(taken)
+            dup += fresh.count(False)
+            events = [ev for ev, f in zip(events, fresh) if f]
+        keys = [k for ks, _ in events for k in ks]
         try:
-            self.log.feedback.append(rows)  # durable (write-ahead) before the answer
+            self.log.feedback.append([r for _, rows in events for r in rows])  # durable (write-ahead) before the answer
         except LogUnavailable as e:  # nothing recorded: the client sends it again later
             if fresh is not None:
-                self.shared_keys.release(sorted(keys))
+                self.shared_keys.release(keys)
             raise HTTPException(503, f"feedback not recorded, retry later: {e}", headers={"Retry-After": "5"}) from None
         with self._seen_lock:
             for k in keys:
                 self._seen[k] = None
             while len(self._seen) > 500_000:
                 self._seen.popitem(last=False)
-        return FeedbackResponse(accepted=len(keys), duplicates=dup)
+        return FeedbackResponse(accepted=len(events), duplicates=dup)
 
     @api.get("/v1/experiment", dependencies=[Depends(require_token)], responses=ERROR_RESPONSES)
     def experiment_state(self) -> dict:

@@ -2,8 +2,10 @@
 event) keys every replica has accepted, so the same event posted twice is counted once whichever
 replicas the two requests reach (before, each replica only knew its own keys).
 
-A replica claims a request's new keys in one call before it appends their rows; the actor answers
-which keys nobody claimed before and records them, so two replicas racing on one key get one yes.
+A replica claims a request's new events in one call before it appends their rows, each event as the
+group of its keys (its (impression, event) key and the purchase key of each item it buys); the actor
+answers which groups hold no key claimed before and records those, so two replicas racing on one key
+get one yes.
 When the append then fails, the replica releases its keys (nothing was recorded; the client retries).
 The actor is detached (it outlives replica restarts and redeploys) and bounded (the oldest keys are
 dropped beyond ``capacity``: 16-byte digests, about 150 MB at a million). When it cannot be reached the
@@ -31,13 +33,15 @@ class FeedbackKeys:
     def __init__(self, capacity: int = CAPACITY):
         self.capacity, self.keys = int(capacity), OrderedDict()
 
-    def claim(self, keys: list[bytes]) -> list[bool]:
-        """For each key: True if nobody claimed it before (it is now recorded), False for a duplicate."""
+    def claim(self, groups: list[list[bytes]]) -> list[bool]:
+        """For each group of keys (one event): True if none of them was claimed before (all are now
+        recorded), False for a duplicate (nothing of it recorded)."""
         out = []
-        for k in keys:
-            fresh = k not in self.keys
+        for g in groups:
+            fresh = not any(k in self.keys for k in g)
             if fresh:
-                self.keys[k] = None
+                for k in g:
+                    self.keys[k] = None
             out.append(fresh)
         while len(self.keys) > self.capacity:
             self.keys.popitem(last=False)
@@ -60,11 +64,11 @@ class SharedKeys:
         self.actor = FeedbackKeys.options(name=self.name, lifetime="detached", get_if_exists=True).remote(capacity)
         self.last_error: Optional[str] = None
 
-    def claim(self, keys: list[bytes]) -> Optional[list[bool]]:
+    def claim(self, groups: list[list[bytes]]) -> Optional[list[bool]]:
         """:meth:`FeedbackKeys.claim`, or None when the actor cannot answer in time (the caller then
         relies on its own keys)."""
         try:
-            out = ray.get(self.actor.claim.remote(keys), timeout=CALL_TIMEOUT_S)
+            out = ray.get(self.actor.claim.remote(groups), timeout=CALL_TIMEOUT_S)
             self.last_error = None
             return out
         except Exception as e:  # GetTimeoutError, RayActorError while it restarts, ...

@@ -1,7 +1,10 @@
 """Feedback events (``POST /v1/feedback``) checked against the impression they answer and turned into
 event-log rows: the impression id must be this deployment's, the items in the catalog and exactly
 what the answer showed (items, endpoint, bundle, time, price); a bundle's price is split over its
-items in proportion to their list prices."""
+items in proportion to their list prices. An event is recorded once (its (impression_id, event_id)
+key), and a shown item is bought at most once per answer (a purchase or an accepted bundle holding
+it, whatever the event id: its (impression_id, item_id) purchase key); a repeat of either is counted
+as a duplicate, not recorded."""
 
 import hashlib
 from typing import Callable
@@ -17,22 +20,30 @@ def feedback_key(impression_id: str, event_id: str) -> bytes:
     return hashlib.blake2b(f"{impression_id}|{event_id}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def purchase_key(impression_id: str, item_id: str) -> bytes:
+    """The key of one shown item bought on one answer (a separate digest space from event keys)."""
+    return hashlib.blake2b(f"{impression_id}|{item_id}".encode("utf-8", "surrogatepass"), digest_size=16,
+                           person=b"bundlerec-buy").digest()
+
+
 def _refuse(i: int, field: str, msg: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", "events", i, field), "msg": msg, "type": "value_error"}])
 
 
-def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], now: int) -> tuple[list, set, int]:
-    """(event-log rows, idempotency keys of the new events, duplicates skipped) for a request's events;
-    every event is checked before any row is returned (the first bad one raises a 422 naming it).
+def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], now: int) -> tuple[list, int]:
+    """([(keys, rows) of each new event], duplicates skipped) for a request's events: an event's keys
+    are its idempotency key and, for a purchase or an accepted bundle, the purchase key of each of its
+    items; it is new when none of them was recorded before (here or earlier in the request). Every
+    event is checked before anything is returned (the first bad one raises a 422 naming it).
 
     Args:
         events: the request's ``FeedbackEvent`` objects.
         signer: the replica's ``ImpressionSigner``.
         rec: the serving ``Recommender`` (catalog positions and list prices).
-        was_seen: whether an (impression_id, event_id) key was recorded before (this replica).
+        was_seen: whether a key was recorded before (this replica).
         now: the receive time in microseconds since the epoch.
     """
-    rows, keys, dup = [], set(), 0
+    out, taken, dup = [], set(), 0
     for i, e in enumerate(events):
         try:
             imp = signer.check(e.impression_id)
@@ -45,11 +56,14 @@ def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], 
         wrong = bound_feedback(signer, imp, e, [float(rec.prices[rec.item_pos[x]]) for x in items], now)
         if wrong:
             raise _refuse(i, wrong[0], wrong[1])
-        key = feedback_key(e.impression_id, e.event_id)
-        if key in keys or was_seen(key):
+        kind = FEEDBACK_EVENT_TYPE[e.type]
+        keys = [feedback_key(e.impression_id, e.event_id)]
+        if kind == "purchase":
+            keys += [purchase_key(e.impression_id, x) for x in items]
+        if any(k in taken or was_seen(k) for k in keys):
             dup += 1
             continue
-        keys.add(key)
+        taken.update(keys)
         list_prices = [max(rec.prices[rec.item_pos[x]], 0.0) for x in items]
         if e.type == "bundle_accept":
             total = sum(list_prices)
@@ -57,7 +71,7 @@ def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], 
         else:
             paid = [e.price if e.price is not None else list_prices[0]]
         t = int(e.event_time.timestamp() * 1e6) if e.event_time else now
-        kind = FEEDBACK_EVENT_TYPE[e.type]
+        rows = []
         for x, p in zip(items, paid):
             rows.append({"event_time": t, "event_type": kind, "user_id": imp["u"],
                          "session_id": imp["u"] if imp["u"].startswith("anon-") else None, "item_id": x,
@@ -65,4 +79,5 @@ def feedback_rows(events: list, signer, rec, was_seen: Callable[[bytes], bool], 
                          "event_id": e.event_id, "feedback_type": e.type, "experiment": imp["e"], "arm": imp["a"],
                          "model_version": imp["v"], "bundle_index": e.bundle_index,
                          "revenue": round(p * e.quantity, 4) if kind == "purchase" else 0.0, "received_time": now})
-    return rows, keys, dup
+        out.append((keys, rows))
+    return out, dup

@@ -288,7 +288,7 @@ class FeedbackRequest(BaseModel):
 
 class FeedbackResponse(BaseModel):
     accepted: int = Field(description="events recorded now")
-    duplicates: int = Field(description="events already recorded (same impression_id and event_id): counted once")
+    duplicates: int = Field(description="events already recorded (same impression_id and event_id, or a purchase of an item this answer's feedback bought already): counted once")
 
 
 class ErrorResponse(BaseModel):

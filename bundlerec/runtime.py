@@ -18,6 +18,8 @@ ENV_DEFAULTS = {
                                                # client; the token: $RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token)
     "HF_HUB_OFFLINE": "1",                     # never download weights at run time
     "TOKENIZERS_PARALLELISM": "false",         # tokenizers + fork = warnings and deadlocks
+    # Serve's HTTP proxy refuses token-less and body-on-open-route requests itself (bundlerec.serving.edge)
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "bundlerec.serving.edge:proxy_middlewares",
 }
 
 # Worker processes (Ray Train) get these too, via the runtime_env of the job / ray.init.

@@ -32,6 +32,8 @@ OBJECT_STORE_BYTES="${OBJECT_STORE_BYTES:-1500000000}"
 export PATH="$VENV/bin:$PATH"      # workers and job drivers must run the venv's python
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Serve's HTTP proxy answers token-less requests and bodies on open routes itself (bundlerec/serving/edge.py)
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH="${RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH:-bundlerec.serving.edge:proxy_middlewares}"
 mkdir -p "$STATE/mlflow/artifacts" "$STATE/logs"
 
 wait_http() {  # url timeout_s

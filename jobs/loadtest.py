@@ -30,6 +30,9 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
             with_bundles: Annotated[bool, typer.Option("--with-bundles", help="with --side-by-side: POST /v1/bundles measured too")] = False,
             user_key_file: Annotated[Optional[str], path_option(
                 "--user-key-file", help="with --side-by-side: the key of a pseudonymized export, for the bare app")] = None,
+            slow_bodies: Annotated[int, typer.Option(
+                metavar="N", help="recommendations alone, then beside N unauthenticated connections trickling request bodies")] = 0,
+            slow_kind: Annotated[str, typer.Option(help="with --slow-bodies: 'trickle' (a byte at a time) or 'chunked' (a chunked body that never ends)")] = "trickle",
             build_catalog: Annotated[int, typer.Option(metavar="N", help="only build a copy of --export grown to N items into --to, then exit")] = 0,
             to: Annotated[Optional[str], path_option("--to", help="destination export dir for --build-catalog", output=True)] = None) -> dict:
     """Latency percentiles (p50/p95/p99) of POST /v1/recommendations at several concurrencies, and
@@ -40,6 +43,7 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 1 8 32 --requests 400 --out docs/bench/loadtest.json
       bundlerec loadtest --export runs/demo/export --build-catalog 100000 --to runs/export100k
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 4 --requests 600 --bundle-pressure 32
+      bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 8 --requests 2000 --slow-bodies 200 --out docs/bench/slow_bodies.json
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --side-by-side --with-bundles --user-key-file runs/demo/user_key --out docs/bench/serving_side_by_side.json
     """
     from bundlerec.runtime import setup_env
@@ -51,6 +55,16 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
     if build_catalog:
         print(build_large_catalog(export, to, build_catalog))
         return {}
+    if slow_bodies:
+        from bundlerec.serving.hostile import slow_bodies_level
+        from bundlerec.serving.loadtest import users_of
+
+        res = slow_bodies_level(url, users_of(export), concurrency[0], requests, k, read_token(token_file), slow_bodies, slow_kind)
+        print(json.dumps(res, indent=2))
+        if out:
+            with open(out, "w") as f:
+                json.dump(res, f, indent=2)
+        return res
     if side_by_side:
         from bundlerec.serving.loadtest import format_side_by_side, side_by_side as measure
 

@@ -146,7 +146,7 @@ def test_one_definition_of_environment_defaults():
             assert make[k] == v, (k, make[k], v)
         if k in runtime_env:
             assert runtime_env[k] == v, k
-        found = re.search(rf"\b{k}=(?:\"\$\{{{k}:-)?(\w+)", local)
+        found = re.search(rf"\b{k}=(?:\"\$\{{{k}:-)?([\w.:]+)", local)
         if found:
             assert found.group(1) == v, (k, found.group(1))
     assert {"RAY_AUTH_MODE", "HF_HUB_OFFLINE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"} <= set(make)

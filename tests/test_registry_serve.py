@@ -323,6 +323,17 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _post(f"{base}/v1/bundles", ok_body, headers={})[0] == 401
         assert _get(f"{base}/v1/model", headers={})[0] == 401
         assert _get(f"{base}/healthz", headers={})[0] == 200 and _get(f"{base}/readyz", headers={})[0] == 200
+        # ... answered by Serve's proxy itself (bundlerec.serving.edge): no replica spends anything on them
+        for path, hdrs, code in (("/v1/recommendations", {}, 401), ("/v1/recommendations", {"Authorization": "Bearer " + "w" * 43}, 403),
+                                 ("/healthz", {}, 405), ("/v1/recommendations", AUTH, 200)):
+            req = urllib.request.Request(base + path, data=json.dumps(ok_body).encode(),
+                                         headers={"Content-Type": "application/json", **hdrs})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    got, by = r.status, r.headers.get("X-Refused-By")
+            except urllib.error.HTTPError as e:
+                got, by = e.code, e.headers.get("X-Refused-By")
+            assert (got, by) == (code, "proxy" if code != 200 else None), (path, got, by)
         new = "rotated-" + token[:24]
         token_file.write_text(f"{token}\n{new}\n")  # rotation: both valid until the old one is removed
         os.utime(token_file, (time.time() + 5, time.time() + 5))
@@ -605,7 +616,8 @@ def _serve_metrics_reach_rays_metrics_endpoint(timeout_s: float = 90.0) -> None:
         "requests /v1/bundles 200": lambda ls: _metric(ls, "ray_bundlerec_requests_total", route="/v1/bundles", status="200"),
         "requests /v1/recommendations 422": lambda ls: _metric(ls, "ray_bundlerec_requests_total",
                                                                 route="/v1/recommendations", status="422"),
-        "requests 401": lambda ls: _metric(ls, "ray_bundlerec_requests_total", status="401"),
+        "refused by the proxy 401": lambda ls: _metric(ls, "ray_bundlerec_edge_refused_total", status="401"),
+        "refused by the proxy 403": lambda ls: _metric(ls, "ray_bundlerec_edge_refused_total", status="403"),
         "cold starts": lambda ls: _metric(ls, "ray_bundlerec_answers_total", history_source="cold_start"),
         "fitted prices": lambda ls: _metric(ls, "ray_bundlerec_bundles_priced_total", price_source="fitted"),
         "shed bundles": lambda ls: _metric(ls, "ray_bundlerec_bundles_shed_total"),

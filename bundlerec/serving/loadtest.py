@@ -280,7 +280,7 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
     """Warm up, then one level per concurrency (or one level with a replica killed part-way), plus
     the same model in-process; returns the figures (``serve_overhead_p50_ms`` = HTTP p50 at the first
     level minus in-process p50)."""
-    users = _users(export)
+    users = users_of(export)
     for _ in range(20):  # warm the replica and the proxy
         http_level(url, users, 1, 1, k, token)
     if kill_replica_at is not None:
@@ -301,7 +301,7 @@ def run_loadtest(url: str, export: str, concurrency: list[int], requests: int, k
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
 
 
-def _users(export: str) -> list[str]:
+def users_of(export: str) -> list[str]:
     import pandas as pd
 
     # pseudonymized exports (bundlerec.privacy): name each user by pseudonym so the endpoint finds them
@@ -393,7 +393,7 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
     from bundlerec.serving.deploy import read_token
 
     token = read_token(token_file)
-    users = _users(export)
+    users = users_of(export)
     res: dict = {"date": datetime.now(timezone.utc).isoformat(), "url": url, "export": export, "k": k,
                  "bare_workers": bare_workers, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                  "cpus": os.cpu_count()}

@@ -210,6 +210,28 @@ def fill_volume(path: Path) -> Path:
     return filler
 
 
+@contextlib.contextmanager
+def moto_server(bucket: str = "bundlerec-it", port: int | None = None):
+    """A real local S3 server (moto in server mode, as `BACKENDS=postgres-s3 cluster/local.sh start`
+    runs it) with one bucket: yields (the client environment pyarrow's S3 filesystem reads, the
+    server process)."""
+    port = port or free_port()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bundlerec-local",
+           "AWS_SECRET_ACCESS_KEY": "bundlerec-local", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", 60)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="bundlerec-local", aws_secret_access_key="bundlerec-local").create_bucket(Bucket=bucket)
+        yield env, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def require_system_package(present: bool, package: str) -> None:
     """Skip a test whose Debian package (chromium, postgresql) is missing, naming the command that
     installs it; under CI (``CI`` set, as `.ci/run` sets it) a missing package fails the test instead."""

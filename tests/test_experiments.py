@@ -256,6 +256,52 @@ def test_appends_never_wait_for_a_slow_store(tmp_path, monkeypatch):
     assert sorted(ids) == sorted(f"i{i}" for i in range(260))
 
 
+@pytest.mark.timeout(300)
+def test_an_object_store_outage_costs_no_append_and_no_acknowledged_row(tmp_path, monkeypatch):
+    """The event log's Parquet on a real local S3 server (moto, server mode) that goes away while
+    rows keep coming: appends go on at local-disk speed and none is refused; the conversion fails
+    and the health says so, naming the store, not the disk; once a server answers on that address
+    again, the next flush takes every row acknowledged since to the bucket exactly once and the
+    health clears. (moto keeps objects in memory: what the first server held went with it.)"""
+    from urllib.parse import urlparse
+
+    import pyarrow.fs as pafs
+
+    from tests.support import moto_server
+
+    with moto_server() as (env, server):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        el = EventLog("s3://bundlerec-it/events", "impressions", str(tmp_path / "_wal"), flush_rows=50,
+                      convert_inline=False)
+        for i in range(60):
+            el.append([_imp(i)])
+        el.flush()  # the store answers
+        assert el.last_error is None and el.written == 60
+        server.kill()  # the store is gone
+        server.wait(30)
+        worst = 0.0
+        for i in range(60, 260):
+            t = time.perf_counter()
+            el.append([_imp(i)])
+            worst = max(worst, time.perf_counter() - t)
+        with pytest.raises(OSError):
+            el.flush()
+        assert worst < 0.2 and el.refused == 0, (worst, el.refused)
+        assert el.store_error and el.store_error.startswith("conversion") and el.wal_error is None
+        assert el.backlog >= 1  # sealed segments kept on local disk for the next flush
+        for i in range(260, 320):
+            el.append([_imp(i)])
+    with moto_server(port=urlparse(env["AWS_ENDPOINT_URL"]).port):  # the store is back (empty: moto)
+        el.flush()
+        el.close()
+        assert el.last_error is None and el.written == 320
+        fs = pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], scheme="http",
+                               access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+        ids = pq.read_table("bundlerec-it/events/impressions", filesystem=fs).column("impression_id").to_pylist()
+        assert sorted(ids) == sorted(f"i{i}" for i in range(60, 320))  # every row acknowledged since, once
+
+
 def test_a_full_write_ahead_disk_refuses_cleanly_and_loses_nothing_acknowledged(tmp_path):
     """The write-ahead log on a real 1 MiB tmpfs that fills up: the append that does not fit raises
     LogUnavailable (the app answers feedback 503, impressions go unlogged, never a 500) and leaves

@@ -70,22 +70,25 @@ def test_the_level_measures_authenticated_requests_alone_and_beside_them(server)
         SlowBodies(url, 1, "flood")
 
 
-def test_the_proxys_guard_answers_hostile_requests_itself_and_forwards_the_rest(tmp_path):
-    """EdgeGuard with one app's settings in front of a counting ASGI app, under uvicorn: token-less
-    requests (401), wrong tokens (403) and bodies on open routes (405) never reach the app; tokened
-    requests, GETs of open routes and other prefixes do, unchanged; without verification (tokens the
-    proxy cannot see) a wrong token is forwarded for the replica to refuse."""
+def test_the_proxys_guard_answers_hostile_requests_itself_and_forwards_the_rest(tmp_path, monkeypatch):
+    """EdgeGuard with three apps' settings (as their replicas publish them) in front of a counting
+    ASGI app, under uvicorn: token-less requests (401), wrong tokens (403) and bodies on open routes
+    (405) never reach the app; tokened requests, GETs of open routes and other prefixes do,
+    unchanged; where the replicas' environment adds tokens the proxy cannot see, a wrong token is
+    forwarded for the replica to refuse."""
     import http.client
 
-    from bundlerec.serving.edge import EdgeGuard, settings_of
+    from bundlerec.serving.edge import EdgeGuard, replica_settings
 
     path = str(tmp_path / "api_token")
     token = write_token_file(path)
-    conf = {"applications": [{"route_prefix": "/shop", "args": {"auth": True, "auth_token_file": path}},
-                             {"route_prefix": "/open", "args": {"auth": False}},
-                             {"route_prefix": "/env", "args": {"auth": True, "auth_token_file": path},
-                              "runtime_env": {"env_vars": {"BUNDLEREC_API_TOKENS": "t" * 30}}}]}
-    settings = settings_of(conf)
+    monkeypatch.delenv("BUNDLEREC_API_TOKENS", raising=False)
+    settings = {"/shop": replica_settings(path, None, True), "/open": replica_settings(None, None, False)}
+    monkeypatch.setenv("BUNDLEREC_API_TOKENS", "t" * 30)  # a replica with tokens from its environment
+    settings["/env"] = replica_settings(path, None, True)
+    monkeypatch.delenv("BUNDLEREC_API_TOKENS")
+    for prefix, s in settings.items():
+        s["prefix"] = prefix  # learnt from the first request each replica serves
     assert settings["/shop"]["verify"] and not settings["/env"]["verify"] and not settings["/open"]["auth"]
     reached = []
 

@@ -86,28 +86,11 @@ def test_amend_reseals_and_a_writer_that_stops_half_way_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real local S3 server (moto in server mode, as `BACKENDS=postgres-s3 cluster/local.sh start`
-    runs it) with one bucket; its client environment is what pyarrow's S3 filesystem reads."""
-    import subprocess
-    import sys
+    """A real local S3 server with one bucket (tests.support.moto_server); its client environment."""
+    from tests.support import moto_server
 
-    from tests.support import free_port, wait_http
-
-    port = free_port()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bundlerec-local",
-           "AWS_SECRET_ACCESS_KEY": "bundlerec-local", "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/moto-api/", 60)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id="bundlerec-local", aws_secret_access_key="bundlerec-local").create_bucket(Bucket="bundlerec-it")
+    with moto_server() as (env, _):
         yield env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.timeout(300)

@@ -323,17 +323,24 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert _post(f"{base}/v1/bundles", ok_body, headers={})[0] == 401
         assert _get(f"{base}/v1/model", headers={})[0] == 401
         assert _get(f"{base}/healthz", headers={})[0] == 200 and _get(f"{base}/readyz", headers={})[0] == 200
-        # ... answered by Serve's proxy itself (bundlerec.serving.edge): no replica spends anything on them
-        for path, hdrs, code in (("/v1/recommendations", {}, 401), ("/v1/recommendations", {"Authorization": "Bearer " + "w" * 43}, 403),
-                                 ("/healthz", {}, 405), ("/v1/recommendations", AUTH, 200)):
+        # ... answered by Serve's proxy itself (bundlerec.serving.edge) once the replicas have told it
+        # their prefix and token files (at their first request; the proxy reads them every 5 s)
+        def asked(path, hdrs):
             req = urllib.request.Request(base + path, data=json.dumps(ok_body).encode(),
                                          headers={"Content-Type": "application/json", **hdrs})
             try:
                 with urllib.request.urlopen(req, timeout=30) as r:
-                    got, by = r.status, r.headers.get("X-Refused-By")
+                    return r.status, r.headers.get("X-Refused-By")
             except urllib.error.HTTPError as e:
-                got, by = e.code, e.headers.get("X-Refused-By")
-            assert (got, by) == (code, "proxy" if code != 200 else None), (path, got, by)
+                return e.code, e.headers.get("X-Refused-By")
+
+        deadline = time.time() + 30
+        while asked("/v1/recommendations", {}) != (401, "proxy") and time.time() < deadline:
+            time.sleep(0.5)
+        for path, hdrs, code in (("/v1/recommendations", {}, 401), ("/v1/recommendations", {"Authorization": "Bearer " + "w" * 43}, 403),
+                                 ("/healthz", {}, 405), ("/v1/recommendations", AUTH, 200)):
+            got = asked(path, hdrs)
+            assert got == (code, "proxy" if code != 200 else None), (path, got)
         new = "rotated-" + token[:24]
         token_file.write_text(f"{token}\n{new}\n")  # rotation: both valid until the old one is removed
         os.utime(token_file, (time.time() + 5, time.time() + 5))

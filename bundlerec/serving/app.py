@@ -99,6 +99,10 @@ class BundlerecService(RegistryFollower):
         else:
             guards.GUARDS.auth = guards.GUARDS.admin = None
             log.warning("bundlerec: authentication is OFF (set serve args auth: true and a token)")
+        from bundlerec.serving.edge import EdgePublisher, replica_settings  # what Serve's proxy refuses itself
+
+        guards.GUARDS.edge = EdgePublisher(serve.get_replica_context().app_name, replica_settings(
+            auth_token_file, admin_token_file, guards.GUARDS.auth is not None))
         guards.GUARDS.max_body_bytes = int(max_body_bytes)
         guards.GUARDS.limiter = guards.RateLimiter(rate_limit_rps, rate_limit_burst) if rate_limit_rps > 0 else None
         serve_metrics.METRICS = serve_metrics.ServeMetrics(serve_metrics.api_paths(api))

@@ -67,29 +67,12 @@ def wait_ready(url: str, timeout_s: float = 300.0, version: Optional[str] = None
     raise TimeoutError(f"Serve app at {url} not ready after {timeout_s:.0f}s (last error: {last})")
 
 
-def _publish_edge(conf: dict) -> None:
-    """The proxy's guard learns the app's prefix and token files (bundlerec.serving.edge); where the
-    cluster cannot be joined from here, the replicas' own guards answer alone (logged)."""
-    try:
-        import ray
-
-        from bundlerec.serving import edge
-
-        if not ray.is_initialized():
-            ray.init(address="auto", ignore_reinit_error=True, logging_level="ERROR", log_to_driver=False)
-        edge.publish(conf)
-    except Exception as e:
-        log.warning("deploy: the proxy's request guard was not told about this app (%s: %s); the replicas "
-                    "still refuse what it would", type(e).__name__, e)
-
-
 def deploy(cfg: PipelineConfig, model_uri: Optional[str] = None, version: Optional[str] = None,
            timeout_s: float = 300.0, token_file: Optional[str] = None) -> dict:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     conf = serve_config(cfg, model_uri, token_file)
     t0 = time.time()
-    _publish_edge(conf)
     client = ServeSubmissionClient(cfg.serve.dashboard_url)
     client.deploy_applications(conf)
     app = conf["applications"][0]

@@ -20,8 +20,9 @@ Each refusal carries ``X-Refused-By: proxy`` and is counted in the Ray metric
 ``bundlerec_edge_refused_total`` (by status; Prometheus reads it as ``ray_bundlerec_edge_refused_total``
 beside the replicas' ``ray_bundlerec_requests_total``). Everything else goes to the replica unchanged, which checks again (which token class a route
 takes, rate limits, body limits). The guard learns each application's route prefix and token files
-from a small detached actor that :func:`publish` fills at deploy time (``jobs.deploy``); until one is
-published, or when the actor cannot be reached, it lets every request through. Serve's HAProxy
+from a small detached actor that the application's replicas fill and renew (:class:`EdgePublisher`:
+at start, from the first request's route prefix, every 30 s); an application not renewed for 90 s
+is forgotten, and until one is known the guard lets every request through. Serve's HAProxy
 ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``) does not run Python middleware: there the replicas'
 guards answer alone.
 """
@@ -43,45 +44,74 @@ REFRESH_S = 5.0
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
+LEASE_S = 90.0  # an application's settings are forgotten this long after its replicas last renewed them
+RENEW_S = 30.0
+
+
 @ray.remote(num_cpus=0, max_restarts=-1)
 class EdgeSettings:
-    """Route prefix -> {"auth": bool, "token_files": [[file, env var], ...], "verify": bool} of each
-    deployed application."""
+    """Each live application's settings, as its replicas publish and renew them: app name ->
+    {"prefix", "auth", "token_files": [[file, env var], ...], "verify"} and when it was renewed."""
 
     def __init__(self):
         self.apps: dict = {}
 
-    def publish(self, route_prefix: str, settings: dict) -> None:
-        self.apps[route_prefix] = settings
+    def publish(self, app_name: str, settings: dict) -> None:
+        self.apps[app_name] = (time.time(), settings)
 
     def get(self) -> dict:
-        return self.apps
+        """Route prefix -> settings of the applications renewed within LEASE_S whose prefix is known."""
+        now = time.time()
+        return {s["prefix"]: s for t, s in self.apps.values() if now - t < LEASE_S and s.get("prefix")}
 
 
-def settings_of(conf: dict) -> dict:
-    """What the guard needs of each application of a Serve config (``serve_config``'s dict): its
-    route prefix, whether it takes tokens, and the token files to check them against. Tokens that
-    only the application's own runtime env gives (``BUNDLEREC_API_TOKENS`` there) are unknown to the
-    proxy: then it answers 401 only and leaves 403 to the replicas (``verify`` false)."""
+def replica_settings(auth_token_file: Optional[str], admin_token_file: Optional[str], auth: bool) -> dict:
+    """What the guard needs of a replica's application: whether it takes tokens and the token files
+    to check them against. Where this replica's environment adds tokens (``BUNDLEREC_API_TOKENS``,
+    ``BUNDLEREC_ADMIN_TOKENS``: the proxy may not have them) the proxy answers 401 only and leaves
+    403 to the replicas (``verify`` false)."""
+    import os
+
     from bundlerec.serving.auth import TOKENS_ENV
 
-    out = {}
-    for app in conf.get("applications", []):
-        args = app.get("args", {})
-        env = ((app.get("runtime_env") or {}).get("env_vars") or {})
-        files = [[f, var] for f, var in ((args.get("auth_token_file"), TOKENS_ENV),
-                                         (args.get("admin_token_file"), "BUNDLEREC_ADMIN_TOKENS")) if f]
-        out[app.get("route_prefix") or "/"] = {
-            "auth": bool(args.get("auth") or args.get("auth_token_file")), "token_files": files,
-            "verify": bool(files) and TOKENS_ENV not in env and "BUNDLEREC_ADMIN_TOKENS" not in env}
-    return out
+    files = [[os.path.abspath(f), var] for f, var in ((auth_token_file, TOKENS_ENV),
+                                                      (admin_token_file, "BUNDLEREC_ADMIN_TOKENS")) if f]
+    env_tokens = bool(os.environ.get(TOKENS_ENV) or os.environ.get("BUNDLEREC_ADMIN_TOKENS"))
+    return {"prefix": None, "auth": bool(auth), "token_files": files, "verify": bool(files) and not env_tokens}
 
 
-def publish(conf: dict) -> None:
-    """Tell the proxies' guard about the applications of a Serve config (a Ray driver calls it:
-    ``jobs.deploy``)."""
-    actor = EdgeSettings.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
-    ray.get([actor.publish.remote(prefix, s) for prefix, s in settings_of(conf).items()], timeout=30)
+class EdgePublisher:
+    """A replica's side: publishes its application's settings at start and renews them every
+    RENEW_S from a daemon thread (an application deleted or redeployed differently is forgotten by
+    the proxies after LEASE_S); its route prefix is learnt from the first request it serves
+    (:meth:`saw`, called by the body guard with the request's ``root_path``)."""
+
+    def __init__(self, app_name: str, settings: dict):
+        import threading
+
+        self.app_name, self.settings = app_name, dict(settings)
+        self._wake = threading.Event()
+        threading.Thread(target=self._renew, daemon=True, name="bundlerec-edge").start()
+
+    def saw(self, root_path: str) -> None:
+        prefix = root_path or "/"
+        if self.settings["prefix"] != prefix:
+            self.settings["prefix"] = prefix
+            self._wake.set()  # publish now, not at the next renewal
+
+    def _renew(self) -> None:
+        actor = None
+        while True:
+            try:
+                if actor is None:
+                    actor = EdgeSettings.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
+                                                 get_if_exists=True).remote()
+                ray.get(actor.publish.remote(self.app_name, dict(self.settings)), timeout=10)
+            except Exception as e:  # the proxies keep what they had until the lease ends
+                actor = None
+                log.warning("bundlerec: could not publish the proxy guard's settings: %s", e)
+            self._wake.wait(RENEW_S)
+            self._wake.clear()
 
 
 class EdgeGuard:
@@ -93,7 +123,7 @@ class EdgeGuard:
         self.fixed = settings is not None
         self.apps: dict = {}
         self.auth: dict = {}  # token file -> TokenAuth (None where the proxy cannot read it)
-        self._next = 0.0
+        self._next = self._fresh = 0.0
         self._task: Optional[asyncio.Task] = None
         self.refused = _refusal_counter()
         if settings is not None:
@@ -116,8 +146,10 @@ class EdgeGuard:
         try:
             actor = await asyncio.to_thread(ray.get_actor, NAME, NAMESPACE)
             self._take(await actor.get.remote())
-        except Exception:  # nothing published yet, or the actor restarting: keep what is known
-            pass
+            self._fresh = time.monotonic()
+        except Exception:  # nothing published yet, or the actor restarting: what is known, for a lease
+            if time.monotonic() - self._fresh > LEASE_S:
+                self.apps = {}
 
     def _maybe_refresh(self) -> None:
         now = time.monotonic()

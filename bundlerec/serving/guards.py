@@ -70,6 +70,7 @@ class EndpointGuards:
         self.max_body_bytes: int = ServeConfig.max_body_bytes
         self.body_timeout_s: float = 10.0  # the whole body, from the first byte the middleware asks for
         self.limiter: Optional[RateLimiter] = None  # per token, per replica (serve rate_limit_rps; None = none)
+        self.edge = None  # bundlerec.serving.edge.EdgePublisher of a Serve replica: told the route prefix
 
 
 GUARDS = EndpointGuards()
@@ -161,6 +162,8 @@ async def limit_body(request: Request, call_next):
     /v1 routes (401/403 without reading the body), 415 for a body that is not application/json,
     413 above the size limit (declared or actual), 400 for a body that is not UTF-8, nested deeper
     than MAX_JSON_DEPTH, or repeats a key in an object. Error bodies never echo the input."""
+    if GUARDS.edge is not None:
+        GUARDS.edge.saw(request.scope.get("root_path", ""))
     if request.method in ("POST", "PUT", "PATCH"):
         path, root = request.scope["path"], request.scope.get("root_path", "")
         if root and path.startswith(root):  # deployed under a route prefix: the app's own path

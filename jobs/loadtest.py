@@ -28,6 +28,8 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
                 "--side-by-side", help="the same export behind a bare FastAPI/uvicorn app too, then a deployment handle, one after the other")] = False,
             bare_workers: Annotated[int, typer.Option(metavar="N", help="with --side-by-side: uvicorn worker processes (as many as Serve replicas)")] = 2,
             with_bundles: Annotated[bool, typer.Option("--with-bundles", help="with --side-by-side: POST /v1/bundles measured too")] = False,
+            with_mlflow: Annotated[bool, typer.Option(
+                "--with-mlflow", help="with --side-by-side: the export as a pyfunc under `mlflow models serve` too (recommendations)")] = False,
             user_key_file: Annotated[Optional[str], path_option(
                 "--user-key-file", help="with --side-by-side: the key of a pseudonymized export, for the bare app")] = None,
             slow_bodies: Annotated[int, typer.Option(
@@ -44,7 +46,7 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
       bundlerec loadtest --export runs/demo/export --build-catalog 100000 --to runs/export100k
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 4 --requests 600 --bundle-pressure 32
       bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --concurrency 8 --requests 2000 --slow-bodies 200 --out docs/bench/slow_bodies.json
-      bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --side-by-side --with-bundles --user-key-file runs/demo/user_key --out docs/bench/serving_side_by_side.json
+      bundlerec loadtest --export runs/demo/export --token-file runs/demo/api_token --side-by-side --with-bundles --with-mlflow --user-key-file runs/demo/user_key --out docs/bench/serving_side_by_side.json
     """
     from bundlerec.runtime import setup_env
 
@@ -70,7 +72,13 @@ def command(export: Annotated[str, path_option("--export", help="export dir of t
 
         res = measure(url, export, concurrency, requests, k, token_file, bare_workers,
                       ["recommendations", "bundles"] if with_bundles else ["recommendations"], user_key_file=user_key_file)
+        if with_mlflow:
+            from bundlerec.serving.mlflow_serve import add_mlflow_leg, format_levels
+
+            add_mlflow_leg(res, export, concurrency, requests, k, bare_workers, user_key_file)
         print(format_side_by_side(res))
+        if with_mlflow:
+            print(format_levels(res["mlflow"]))
         if out:
             with open(out, "w") as f:
                 json.dump(res, f, indent=2)

@@ -683,8 +683,9 @@ def _served_bundles_are_the_evaluated_ones(base: str, export: str, prep: str) ->
 def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, export: str, token_file: str,
                                                                    user: str, user_key_file: str) -> None:
     """The baseline of the serving benchmark (bundlerec.serving.bare: the same export behind plain
-    FastAPI/uvicorn) answers the items Serve answers, with the same guards; ``loadtest --side-by-side``
-    measures Serve, the deployment handle and the bare app one after the other."""
+    FastAPI/uvicorn) answers the items Serve answers, with the same guards; ``loadtest --side-by-side
+    --with-mlflow`` measures Serve, the deployment handle, the bare app and the pyfunc under
+    ``mlflow models serve`` one after the other."""
     from bundlerec.serving.bare import start_bare, stop_bare
 
     proc, bare = start_bare(export, 1, token_file, user_key_file)
@@ -711,7 +712,7 @@ def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, exp
     out = Path(export).parent / "side_by_side.json"
     env = {k: v for k, v in os.environ.items() if k not in ENV_DEFAULTS}
     r = subprocess.run([sys.executable, "-m", "jobs.loadtest", "--export", export, "--url", base, "--token-file", token_file,
-                        "--user-key-file", user_key_file, "--side-by-side", "--with-bundles", "--bare-workers", "1",
+                        "--user-key-file", user_key_file, "--side-by-side", "--with-bundles", "--with-mlflow", "--bare-workers", "1",
                         "--concurrency", "1", "3", "--requests", "12", "--k", "5", "--out", str(out)], cwd=ROOT,
                        env={**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, capture_output=True, text=True,
                        timeout=300)
@@ -727,6 +728,10 @@ def _the_bare_app_answers_as_serve_does_and_is_measured_beside_it(base: str, exp
     assert [lv["errors"] for lv in res["handle"]] == [0, 0], res["handle"]
     assert all(lv["requests"] - lv["errors"] > 0 for p in ("serve", "bare") for lv in res[p]["bundles"]), res
     assert 0 < res["serve_overhead_ratio"] == res["ratios"]["recommendations"][0]["p50"] < 100, res["ratios"]
+    # ... and the same export as the registry's pyfunc under `mlflow models serve`
+    assert [lv["errors"] for lv in res["mlflow"]] == [0, 0] and "| mlflow models serve |" in r.stdout, res["mlflow"]
+    assert all(lv["cpu_ms_per_request"]["mlflow workers"] > 0 for lv in res["mlflow"]), res["mlflow"]
+    assert [m["concurrency"] for m in res["mlflow_over_bare"]] == [1, 3] and res["mlflow_over_bare"][0]["p50"] > 0
 
 
 def _explorer_in_chromium(base: str, token: str, user: str, tmp_path) -> None:

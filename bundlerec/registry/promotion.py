@@ -16,10 +16,9 @@ import os
 from typing import Optional
 
 import mlflow
-import pandas as pd
 import torch
 
-from bundlerec.registry.pyfunc import PARAMS, BundlerecPyfunc, _requirements
+from bundlerec.registry.pyfunc import model_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +226,6 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     """Log ``export_dir`` as a pyfunc, register a new version, then settle champion/challenger on
     validation merit in ``primary_metric`` (:data:`SCORERS`, :func:`settle_champion`). Returns a
     summary. A torn or altered export is refused before anything is registered (bundlerec.integrity)."""
-    from mlflow.models import infer_signature
-
-    import bundlerec
     from bundlerec.tracking import check_server
     from bundlerec.inference.recommender import Recommender
 
@@ -246,21 +242,9 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     data_id = validation_data_id(prep_dir, history_len, primary_metric)
     label = f"val {primary_metric}"
 
-    example = pd.DataFrame({"user_id": ["u1", "u1"], "item_id": [cand.item_ids[0], cand.item_ids[1]],
-                            "event_type": ["view", "cart"],
-                            "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:05:00Z"]})
-    pyfunc = BundlerecPyfunc()
-    pyfunc.rec = cand
-    signature = infer_signature(example, pyfunc.predict(None, example, {"k": 10}), params=PARAMS)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "register"):
-        info = mlflow.pyfunc.log_model(
-            # models from code: the model is this file + bundlerec's code + the export, never a pickle
-            name="pyfunc", python_model=os.path.join(os.path.dirname(__file__), "pyfunc_model.py"),
-            artifacts={"export": export_dir},
-            code_paths=[os.path.dirname(bundlerec.__file__)], signature=signature,
-            input_example=(example, {"k": 10}),  # shown in the UI; `mlflow models serve` docs
-            registered_model_name=model_name, pip_requirements=_requirements())
+        info = mlflow.pyfunc.log_model(name="pyfunc", registered_model_name=model_name, **model_kwargs(cand, export_dir))
         source_run = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)
     from bundlerec.integrity import manifest_digest

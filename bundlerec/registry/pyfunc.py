@@ -99,6 +99,28 @@ class BundlerecPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=PREDICT_COLUMNS)
 
 
+def model_kwargs(rec, export_dir: str) -> dict:
+    """The arguments of ``mlflow.pyfunc.log_model`` / ``save_model`` for the export ``rec`` was
+    loaded from: models from code (this package's ``pyfunc_model.py`` + bundlerec's code + the export,
+    never a pickle), the signature inferred on an example of two events."""
+    import os
+
+    from mlflow.models import infer_signature
+
+    import bundlerec
+
+    example = pd.DataFrame({"user_id": ["u1", "u1"], "item_id": [rec.item_ids[0], rec.item_ids[1]],
+                            "event_type": ["view", "cart"],
+                            "event_time": ["2026-01-01T10:00:00Z", "2026-01-01T10:05:00Z"]})
+    pyfunc = BundlerecPyfunc()
+    pyfunc.rec = rec
+    signature = infer_signature(example, pyfunc.predict(None, example, {"k": 10}), params=PARAMS)
+    return {"python_model": os.path.join(os.path.dirname(__file__), "pyfunc_model.py"), "artifacts": {"export": export_dir},
+            "code_paths": [os.path.dirname(bundlerec.__file__)], "signature": signature,
+            "input_example": (example, {"k": 10}),  # shown in the UI; `mlflow models serve` docs
+            "pip_requirements": _requirements()}
+
+
 def _requirements() -> list[str]:
     import pyarrow
     import transformers

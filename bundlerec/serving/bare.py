@@ -121,33 +121,40 @@ def start_bare(export: str, workers: int, token_file: str | None, user_key_file:
                timeout_s: float = 600) -> tuple:
     """The bare FastAPI app (:mod:`bundlerec.serving.bare`) on a free loopback port, in its own process
     group; returns (process, url) once it answers /healthz."""
+    import sys
+
+    def cmd(port: int) -> list:
+        c = [sys.executable, "-m", "bundlerec.serving.bare", export, str(port), "--workers", str(workers)]
+        c += ["--token-file", token_file] if token_file else []
+        return c + (["--user-key-file", user_key_file] if user_key_file else [])
+
+    return launch(cmd, "/healthz", timeout_s)
+
+
+def launch(cmd, health_path: str, timeout_s: float = 600, env: Optional[dict] = None) -> tuple:
+    """``cmd(port)`` started on a free loopback port in its own process group; returns (process, url)
+    once ``health_path`` answers 200 (the process is stopped if it does not within ``timeout_s``)."""
     import socket
     import subprocess
-    import sys
     import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "bundlerec.serving.bare", export, str(port), "--workers", str(workers)]
-    if token_file:
-        cmd += ["--token-file", token_file]
-    if user_key_file:
-        cmd += ["--user-key-file", user_key_file]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd(port), start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the bare app exited with {proc.returncode} before answering")
+            raise RuntimeError(f"{cmd(port)[:3]} exited with {proc.returncode} before answering")
         try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+            with urllib.request.urlopen(url + health_path, timeout=2) as r:
                 if r.status == 200:
                     return proc, url
         except OSError:
             time.sleep(0.5)
     stop_bare(proc)
-    raise RuntimeError(f"the bare app did not answer /healthz within {timeout_s:.0f} s")
+    raise RuntimeError(f"{cmd(port)[:3]} did not answer {health_path} within {timeout_s:.0f} s")
 
 
 def stop_bare(proc) -> None:

@@ -33,6 +33,10 @@ def _pcts(lat_ms: list[float]) -> dict:
 ROUTES = {  # what each measured route is sent: (path, body for user u)
     "recommendations": ("/v1/recommendations", lambda u, k: {"user_id": u, "k": k}),
     "bundles": ("/v1/bundles", lambda u, k: {"user_id": u, "n": 3, "max_size": 4}),
+    # the pyfunc under `mlflow models serve` (bundlerec.serving.mlflow_serve): one user's row (the
+    # signature makes every column required: null events = the user's stored history)
+    "invocations": ("/invocations", lambda u, k: {"dataframe_records": [
+        {"user_id": u, "item_id": None, "event_type": None, "event_time": None}], "params": {"k": k}}),
 }
 
 
@@ -309,7 +313,7 @@ def users_of(export: str) -> list[str]:
     return [prefix + u for u in pd.read_parquet(f"{export}/latest.parquet").user_id.astype(str)]
 
 
-def _route_levels(url: str, users: list[str], routes: list[str], concurrency: list[int], requests: int, k: int,
+def route_levels(url: str, users: list[str], routes: list[str], concurrency: list[int], requests: int, k: int,
                   token: str | None, groups: dict) -> dict:
     """Each route at each concurrency, with the CPU each of ``groups`` (role -> PIDs) spent per request."""
     from bundlerec.serving.cpu_account import per_request
@@ -337,7 +341,7 @@ def handle_levels(app: str, users: list[str], concurrency: list[int], n_requests
     """The in-cluster path, one level per concurrency: a Ray driver calls the replica through a Serve
     deployment handle (router to replica, no HTTP proxy, no FastAPI request parsing, no auth: callers
     inside the cluster). The clients are asyncio tasks on one loop (under RAY_SERVE_THROUGHPUT_OPTIMIZED
-    a handle needs a running loop and stays bound to it); ``groups`` as :func:`_route_levels`."""
+    a handle needs a running loop and stays bound to it); ``groups`` as :func:`route_levels`."""
     import asyncio
 
     from ray import serve
@@ -403,14 +407,14 @@ def side_by_side(url: str, export: str, concurrency: list[int], requests: int, k
     if handle_app:
         _join_ray()
         groups = serve_processes(handle_app)
-    res["serve"] = _route_levels(url, users, routes, concurrency, requests, k, token, groups)
+    res["serve"] = route_levels(url, users, routes, concurrency, requests, k, token, groups)
     if handle_app:
         res["handle"] = handle_levels(handle_app, users, concurrency, requests, k, groups)
     from bundlerec.serving.bare import start_bare, stop_bare
 
     proc, bare_url = start_bare(export, bare_workers, token_file, user_key_file)
     try:
-        res["bare"] = _route_levels(bare_url, users, routes, concurrency, requests, k, token, {"uvicorn workers": [proc.pid]})
+        res["bare"] = route_levels(bare_url, users, routes, concurrency, requests, k, token, {"uvicorn workers": [proc.pid]})
     finally:
         stop_bare(proc)
     res["in_process"] = in_process(export, users, requests, k)

@@ -117,9 +117,18 @@ class TokenAuth:
 
     def check(self, authorization: Optional[str]) -> Optional[tuple[int, str]]:
         """None if allowed, else (status, message) for the HTTP error."""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return 401, "missing bearer token (send 'Authorization: Bearer <token>')"
-        if not self.verify(token.strip()):
-            return 403, "invalid token"
+        token = bearer_token(authorization)
+        if token is None:
+            return 401, MISSING
+        if not self.verify(token):
+            return 403, INVALID
         return None
+
+
+MISSING, INVALID = "missing bearer token (send 'Authorization: Bearer <token>')", "invalid token"
+
+
+def bearer_token(authorization: Optional[str]) -> Optional[str]:
+    """The token of an ``Authorization: Bearer <token>`` header, None without one."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -37,6 +37,8 @@ from typing import Optional
 
 import ray
 
+from bundlerec.serving.auth import INVALID, MISSING, bearer_token
+
 log = logging.getLogger("ray.serve")
 
 NAME, NAMESPACE = "bundlerec-edge", "bundlerec"
@@ -168,14 +170,12 @@ class EdgeGuard:
                 return (405, "this route takes no request body", {"Connection": "close"}) if method in BODY_METHODS else None
             if not s.get("auth"):
                 return None
-            scheme, _, token = (authorization or "").partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
-                return 401, "missing bearer token (send 'Authorization: Bearer <token>')", {
-                    "WWW-Authenticate": "Bearer", "Connection": "close"}
+            token = bearer_token(authorization)
+            if token is None:
+                return 401, MISSING, {"WWW-Authenticate": "Bearer", "Connection": "close"}
             checks = [self.auth.get(f) for f, _ in s.get("token_files", [])]
-            if s.get("verify") and checks and all(c is not None for c in checks) \
-                    and not any(c.verify(token.strip()) for c in checks):
-                return 403, "invalid token", {"Connection": "close"}
+            if s.get("verify") and checks and all(c is not None for c in checks) and not any(c.verify(token) for c in checks):
+                return 403, INVALID, {"Connection": "close"}
             return None
         return None
 

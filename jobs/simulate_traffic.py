@@ -14,6 +14,8 @@ def command(config: Config = None, overrides: Overrides = None,
             users: Annotated[int, typer.Option(help="simulated shoppers (two answers each)")] = 1000,
             seed: Annotated[int, typer.Option(help="the shoppers' random seed")] = 0,
             concurrency: Annotated[int, typer.Option(help="shoppers in flight at once")] = 4,
+            visit: Annotated[int, typer.Option(help="the same shoppers' visit number (0: first; run 0 before an "
+                                               "experiment and 1 during it for a CUPED pre-period)")] = 0,
             aa_runs: Annotated[int, typer.Option(help="repeated A/A experiments: the false-positive rate")] = 0,
             out: Annotated[Optional[str], path_option("--out", help="write the result as JSON here", output=True)] = None) -> dict:
     """Synthetic shoppers (the generator's planted preferences, a known response model with price
@@ -24,6 +26,7 @@ def command(config: Config = None, overrides: Overrides = None,
     \b
     Examples (`python -m jobs.simulate_traffic` takes the same arguments):
       bundlerec simulate-traffic --config jobs/configs/demo.yaml --users 2000
+      bundlerec simulate-traffic --config jobs/configs/demo.yaml --users 2000 --visit 1   # the same shoppers again
       bundlerec simulate-traffic --config jobs/configs/demo.yaml --aa-runs 20 --users 400   # A/A false positives
     """
     from bundlerec.experiments.simulator import simulate
@@ -45,7 +48,8 @@ def command(config: Config = None, overrides: Overrides = None,
         init_ray()  # the reports read the logs with Ray Data
         res = aa_false_positives(cfg, aa_runs, users, token, seed, concurrency, progress)
     else:
-        res = simulate(cfg.serve.url, cfg.data.output_dir, users, token, seed, concurrency, progress=progress)
+        res = simulate(cfg.serve.url, cfg.data.output_dir, users, token, seed, concurrency, progress=progress,
+                       visit=visit)
     print(json.dumps(res, indent=2))
     if out:
         with open(out, "w") as f:

@@ -89,8 +89,8 @@ class ServeConfig:
                 "rate_limit_rps": self.rate_limit_rps, "rate_limit_burst": self.rate_limit_burst}
 
 
-ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impression", "bundle_take_rate",
-                  "realized_discount")
+ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impression", "revenue_per_impression_capped",
+                  "bundle_take_rate", "realized_discount")
 """Per-arm metrics of an online experiment (bundlerec.experiments.analysis)."""
 
 
@@ -98,16 +98,31 @@ ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impressi
 class PromotionRule:
     """When an online experiment moves ``champion`` (bundlerec.experiments.lifecycle.decide)."""
 
-    metric: str = "revenue_per_impression"
-    """The primary metric the challenger must improve."""
+    metric: str = "revenue_per_impression_capped"
+    """The primary metric the challenger must improve (default: revenue with each user's revenue capped
+    at ``revenue_cap_quantile`` of the buyers', robust to a few very large baskets)."""
     confidence: float = 0.95
-    """One-sided confidence that it is better: the (1 - confidence) bootstrap quantile of the
-    difference (challenger - control) must be > 0. An A/A test promotes with probability <= 1 - confidence."""
+    """Confidence that the challenger is better: the lower bound of the difference (challenger -
+    control) at this level must be > 0. An A/A test promotes with probability <= 1 - confidence, at
+    one look (``sequential: false``) or at any number of looks (``sequential: true``)."""
+    sequential: bool = True
+    """Read the always-valid (mSPRT) interval, so that running the report after every batch of users
+    and promoting at the first look that qualifies keeps the false-positive rate at 1 - confidence;
+    false: the one-sided bootstrap quantiles, valid for one look at a horizon fixed in advance."""
+    horizon_units: int = 500
+    """Users per arm at which the always-valid interval is narrowest (its mixing scale): about where
+    the experiment is expected to end. Any value keeps the guarantee; the interval is wider far from it."""
+    cuped: bool = True
+    """Reduce variance with each user's pre-period sums (``experiment.cuped_days`` before the first
+    impression) in the always-valid test."""
+    revenue_cap_quantile: float = 0.99
+    """``revenue_per_impression_capped`` caps a user's revenue at this quantile of the buyers' revenue."""
     guardrails: list = field(default_factory=lambda: ["ctr", "conversion"])
-    """Metrics that must not be worse: the challenger is refused when the upper (confidence) quantile
-    of a guardrail's difference is < 0."""
-    min_units: int = 100
-    """Users (assignment units) per arm before any decision."""
+    """Metrics that must not be worse: the challenger is refused when the upper bound (the same kind
+    of bound, at ``confidence``) of a guardrail's difference is < 0."""
+    min_units: int = 50
+    """Users (assignment units) per arm before any decision (the always-valid test's normal
+    approximation needs some)."""
     srm_p: float = 0.001
     """Sample-ratio mismatch: a chi-square p-value below this stops the decision (assignment is broken)."""
 
@@ -116,6 +131,8 @@ class PromotionRule:
         _check(not set(self.guardrails) - set(ONLINE_METRICS), f"experiment.promotion.guardrails: one of {ONLINE_METRICS}")
         _check(0.5 < self.confidence < 1, "experiment.promotion.confidence must lie in (0.5, 1)")
         _check(self.min_units >= 1 and 0 < self.srm_p < 1, "experiment.promotion: min_units >= 1, 0 < srm_p < 1")
+        _check(self.horizon_units >= 1 and 0.5 <= self.revenue_cap_quantile <= 1,
+               "experiment.promotion: horizon_units >= 1, revenue_cap_quantile in [0.5, 1]")
 
 
 @dataclass
@@ -137,6 +154,9 @@ class ExperimentConfig:
     """Bootstrap resamples (over users) behind every interval of the report."""
     seed: int = 0
     """Seed of the bootstrap."""
+    cuped_days: float = 28.0
+    """The pre-period CUPED reads: the users' logged impressions and feedback in these days before the
+    experiment's first impression (0: none)."""
     promotion: PromotionRule = field(default_factory=PromotionRule)
 
     def __post_init__(self) -> None:

@@ -24,17 +24,18 @@ import numpy as np
 import pandas as pd
 
 from bundlerec import storage
-from bundlerec.config import ONLINE_METRICS
+from bundlerec.config import ONLINE_METRICS, PromotionRule
 
 log = logging.getLogger(__name__)
 
-IMPRESSION_COLUMNS = ["impression_id", "experiment", "arm", "model_version", "endpoint", "user_id",
+IMPRESSION_COLUMNS = ["impression_id", "event_time", "experiment", "arm", "model_version", "endpoint", "user_id",
                       "bundle_list_prices"]
 FEEDBACK_COLUMNS = ["impression_id", "event_id", "item_id", "feedback_type", "revenue", "price", "quantity",
                     "bundle_index", "experiment"]
 # metric -> (numerator column, denominator column) of the per-user sums
 RATIOS = {"ctr": ("clicked", "impressions"), "add_to_cart_rate": ("carted", "impressions"),
           "conversion": ("converted", "impressions"), "revenue_per_impression": ("revenue", "impressions"),
+          "revenue_per_impression_capped": ("revenue_capped", "impressions"),
           "bundle_take_rate": ("accepted", "bundle_impressions"), "realized_discount": ("discount", "accepted")}
 assert set(RATIOS) == set(ONLINE_METRICS)
 
@@ -62,8 +63,10 @@ def read_logs(event_log_dir: str, experiment: str) -> tuple[pd.DataFrame, pd.Dat
     return imp, rows_of("feedback", FEEDBACK_COLUMNS)
 
 
-def per_user(imp: pd.DataFrame, fb: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """One row per (arm, user) with the sums every metric is a ratio of; and the log's accounting."""
+def per_user(imp: pd.DataFrame, fb: pd.DataFrame, cap_quantile: float = 0.99) -> tuple[pd.DataFrame, dict]:
+    """One row per (arm, user) with the sums every metric is a ratio of; and the log's accounting.
+    ``revenue_capped`` is a user's revenue capped at the ``cap_quantile`` of the buyers' revenue over
+    every arm (``revenue_cap`` in the accounting): the same cap for every arm, whatever it served."""
     n_raw = len(fb)
     fb = fb.drop_duplicates(["impression_id", "event_id", "item_id"])
     buys = fb.feedback_type.isin(["purchase", "bundle_accept"])  # a shown item is bought once per answer
@@ -95,7 +98,11 @@ def per_user(imp: pd.DataFrame, fb: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     df["impressions"] = 1.0
     df["bundle_impressions"] = (df.endpoint == "bundles").astype(float)
     cols = ["impressions", "bundle_impressions", "clicked", "carted", "converted", "revenue", "accepted", "discount"]
-    return df.groupby(["arm", "user_id"], as_index=False)[cols].sum(), accounting
+    users = df.groupby(["arm", "user_id"], as_index=False)[cols].sum()
+    buyers = users.revenue[users.revenue > 0]
+    cap = float(buyers.quantile(cap_quantile)) if len(buyers) else float("inf")
+    accounting["revenue_cap"] = cap if np.isfinite(cap) else None
+    return users.assign(revenue_capped=users.revenue.clip(upper=cap)), accounting
 
 
 def _at(prices, i: int) -> float:
@@ -118,6 +125,35 @@ def _replicates(users: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[s
         return {m: sums[a] / sums[b] for m, (a, b) in RATIOS.items()}
 
 
+def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float) -> Optional[pd.DataFrame]:
+    """The experiment's users' per-user sums over the ``days`` before its first impression, from every
+    impression logged then (any experiment or none) and its feedback: the CUPED covariates. None when
+    nothing was logged before."""
+    import ray.data
+    from ray.data.expressions import col
+
+    start = pd.Timestamp(imp.event_time.min())
+    units = sorted(set(imp.user_id.dropna().astype(str)))
+    try:
+        ds = ray.data.read_parquet(storage.join(event_log_dir, "impressions"), columns=IMPRESSION_COLUMNS,
+                                   file_extensions=["parquet"])
+        pre = ds.filter(expr=(col("event_time") < start.to_pydatetime())
+                        & (col("event_time") >= (start - pd.Timedelta(days=days)).to_pydatetime())
+                        & col("user_id").is_in(units)).to_pandas()
+    except (FileNotFoundError, ValueError):
+        return None
+    if pre.empty:
+        return None
+    try:
+        fb = (ray.data.read_parquet(storage.join(event_log_dir, "feedback"), columns=FEEDBACK_COLUMNS,
+                                    file_extensions=["parquet"])
+              .filter(expr=col("impression_id").is_in(pre.impression_id.tolist())).to_pandas())
+    except (FileNotFoundError, ValueError):
+        fb = pd.DataFrame(columns=FEEDBACK_COLUMNS)
+    users, _ = per_user(pre.assign(arm="pre"), fb)
+    return users
+
+
 def _ratio(users: pd.DataFrame, metric: str) -> float:
     a, b = RATIOS[metric]
     den = users[b].sum()
@@ -137,11 +173,18 @@ def srm(units: dict, shares: dict) -> dict:
 
 
 def report(imp: pd.DataFrame, fb: pd.DataFrame, spec: dict, bootstrap: int = 2000, seed: int = 0,
-           confidence: float = 0.95) -> dict:
+           rule: Optional[PromotionRule] = None, pre: Optional[pd.DataFrame] = None) -> dict:
     """The experiment report: per arm (users, impressions, model versions, each metric with its 95 %
-    interval), per non-control arm the difference to control (estimate, 95 % interval and the
-    one-sided ``confidence`` bounds ``lower``/``upper`` the promotion rule reads), and the SRM check."""
-    users, accounting = per_user(imp, fb)
+    interval), per non-control arm the difference to control (estimate, 95 % bootstrap interval, the
+    always-valid interval at the rule's confidence with CUPED on ``pre``, the users' pre-period sums,
+    and the bounds ``lower``/``upper`` the promotion rule reads: the always-valid ones when
+    ``rule.sequential``, else the one-sided bootstrap quantiles), and the SRM check."""
+    from bundlerec.experiments import sequential
+
+    rule = rule or PromotionRule()
+    confidence = rule.confidence
+    users, accounting = per_user(imp, fb, rule.revenue_cap_quantile)
+    users = sequential.with_pre_period(users, pre)
     rng = np.random.default_rng(seed)
     arms, reps = {}, {}
     for arm in sorted(spec["arms"]):
@@ -163,12 +206,19 @@ def report(imp: pd.DataFrame, fb: pd.DataFrame, spec: dict, bootstrap: int = 200
             est = arms[arm]["metrics"][m]["estimate"] - arms[control]["metrics"][m]["estimate"]
             base = arms[control]["metrics"][m]["estimate"]
             lo, hi = _quantiles(d, 1 - confidence, confidence)
+            av = sequential.always_valid(users[users.arm == control], users[users.arm == arm], *RATIOS[m],
+                                         confidence=confidence, horizon_units=rule.horizon_units, cuped=rule.cuped)
+            if rule.sequential:
+                lo, hi = av["interval"]
             diffs[arm][m] = {"estimate": est, "ci95": _quantiles(d, 0.025, 0.975), "lower": lo, "upper": hi,
-                             "relative": est / base if base else float("nan")}
+                             "relative": est / base if base else float("nan"), "always_valid": av}
     versions = {a: max(v["model_versions"], key=v["model_versions"].get) for a, v in arms.items() if v["model_versions"]}
     return {"experiment": spec["name"], "control": control, "arms": arms, "differences": diffs, "versions": versions,
             "srm": srm({a: v["units"] for a, v in arms.items()}, {a: spec["arms"][a]["share"] for a in spec["arms"]}),
-            "confidence": confidence, "bootstrap": bootstrap, **accounting}
+            "confidence": confidence, "bootstrap": bootstrap,
+            "bounds": "always-valid (mSPRT" + (", CUPED" if rule.cuped else "") + ")" if rule.sequential else "bootstrap",
+            "pre_period_users": int((users.filter(like=sequential.PRE_PREFIX).sum(axis=1) > 0).sum()) if pre is not None else 0,
+            **accounting}
 
 
 def _quantiles(x: np.ndarray, lo: float, hi: float) -> list:
@@ -186,7 +236,7 @@ def plot(rep: dict, path: str) -> Optional[str]:
     import matplotlib.pyplot as plt
 
     arms = sorted(rep["arms"])
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6))
     for ax, m in zip(axes.flat, RATIOS):
         est = [rep["arms"][a]["metrics"][m]["estimate"] for a in arms]
         ci = np.array([rep["arms"][a]["metrics"][m]["ci95"] for a in arms], float)
@@ -194,6 +244,8 @@ def plot(rep: dict, path: str) -> Optional[str]:
         ax.bar(arms, est, yerr=np.nan_to_num(err), capsize=4,
                color=["#888" if a == rep["control"] else "#2a7" for a in arms])
         ax.set_title(m, fontsize=10)
+    for ax in list(axes.flat)[len(RATIOS):]:
+        ax.axis("off")
     fig.suptitle(f"experiment {rep['experiment']}: per-arm metrics, 95 % bootstrap intervals over users "
                  f"(SRM p={rep['srm']['p_value']:.3g})", fontsize=10)
     fig.tight_layout()

@@ -136,7 +136,8 @@ def decide(report: dict, rule: PromotionRule, control: str) -> dict:
         reasons.append("no arm qualifies")
     return {"promote": promote, "reasons": reasons, "rule": {"metric": rule.metric, "confidence": rule.confidence,
                                                               "guardrails": list(rule.guardrails),
-                                                              "min_units": rule.min_units, "srm_p": rule.srm_p}}
+                                                              "min_units": rule.min_units, "srm_p": rule.srm_p,
+                                                              "sequential": rule.sequential, "cuped": rule.cuped}}
 
 
 def promote(client, model_name: str, spec: dict, report: dict, decision: dict) -> dict:
@@ -170,9 +171,10 @@ def promote(client, model_name: str, spec: dict, report: dict, decision: dict) -
 
 
 # ---------------------------------------------------------------- the jobs' bodies
-def run_report(cfg, promote_now: bool = False) -> dict:
+def run_report(cfg, promote_now: bool = False, replay: Optional[dict] = None) -> dict:
     """jobs.experiment_report: read the logs, report, log to the versions' MLflow runs, decide and
-    (``promote_now``) apply the decision; a promotion ends the experiment."""
+    (``promote_now``) apply the decision; a promotion ends the experiment. ``replay`` ({runs,
+    look_every, lifts}): the rule measured on these users re-randomized (bundlerec.experiments.sequential.replay)."""
     import os
     import tempfile
 
@@ -188,7 +190,8 @@ def run_report(cfg, promote_now: bool = False) -> dict:
     if spec is None or spec["name"] != exp.name:  # stopped already: the config says what it was
         spec = spec_of(exp)
     imp, fb = analysis.read_logs(cfg.serve.event_log_dir, spec["name"])
-    rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed, exp.promotion.confidence)
+    pre = analysis.read_pre_period(cfg.serve.event_log_dir, imp, exp.cuped_days) if exp.cuped_days > 0 else None
+    rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed, exp.promotion, pre)
     decision = decide(rep, exp.promotion, spec["control"])
     rep["decision"] = decision
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,6 +224,12 @@ def run_report(cfg, promote_now: bool = False) -> dict:
     out = {"report": rep, "decision": decision, "report_path": report_path,
            "summary": {a: {"units": v["units"], "impressions": v["impressions"],
                            **{k: round(m["estimate"], 4) for k, m in v["metrics"].items()}} for a, v in rep["arms"].items()}}
+    if replay:
+        from bundlerec.experiments import sequential
+
+        users = sequential.with_pre_period(analysis.per_user(imp, fb, exp.promotion.revenue_cap_quantile)[0], pre)
+        out["replay"] = [sequential.replay(users, exp.promotion, replay["runs"], replay["look_every"], lift, exp.seed)
+                         for lift in replay["lifts"]]
     if promote_now:
         out["promotion"] = promote(client, name, spec, rep, decision)
         if out["promotion"].get("promoted"):
@@ -273,7 +282,7 @@ def aa_false_positives(cfg, runs: int, users: int, token: Optional[str], seed: i
         shown = sum(t["impressions"] for t in sim["truth"].values())
         analysis.wait_for_rows(cfg.serve.event_log_dir, exp.name, shown, timeout_s=10 * cfg.serve.event_flush_s + 30)
         imp, fb = analysis.read_logs(cfg.serve.event_log_dir, exp.name)
-        rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed + r, rule.confidence)
+        rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed + r, rule)
         d = decide(rep, rule, "a")
         results.append({"experiment": exp.name, "promote": d["promote"], "srm_p": rep["srm"]["p_value"],
                         "units": {a: v["units"] for a, v in rep["arms"].items()},

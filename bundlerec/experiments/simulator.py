@@ -80,7 +80,8 @@ def _post(url: str, body: dict, token: Optional[str], timeout: float = 60.0, pat
             time.sleep(1)
 
 
-def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, duplicate_rate: float) -> dict:
+def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, duplicate_rate: float,
+             visit: int = 0) -> dict:
     rng = np.random.default_rng([seed, i])
     intents = rng.choice(len(world.groups), size=int(rng.integers(1, 3)), replace=False)
     groups = {world.groups[g] for g in intents}
@@ -88,6 +89,8 @@ def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, du
     bundle = world.bundles_by_group[g][rng.integers(len(world.bundles_by_group[g]))]
     anchors = list(rng.permutation(bundle)[:1 if len(bundle) <= 2 else int(rng.integers(1, 3))])
     price_ref = float(np.mean([world.price[x] for x in bundle])) * float(rng.lognormal(0, 0.3))
+    if visit:  # the same shopper (intents, planted bundle, first items, price reference) on another visit
+        rng = np.random.default_rng([seed, i, visit])
     now = datetime.now(timezone.utc)
     events = []
     for a in anchors:
@@ -158,9 +161,12 @@ def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, du
 
 
 def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, seed: int = 0,
-             concurrency: int = 4, duplicate_rate: float = 0.05, progress=None, collect_ids: bool = False) -> dict:
+             concurrency: int = 4, duplicate_rate: float = 0.05, progress=None, collect_ids: bool = False,
+             visit: int = 0) -> dict:
     """Play ``users`` shoppers against the endpoint at ``url``; returns the truth per arm (and, with
-    ``collect_ids``, every impression id the shoppers received)."""
+    ``collect_ids``, every impression id the shoppers received). ``visit`` > 0 brings the same
+    shoppers (same seed: same session ids, intents, planted bundle and price reference) back with new
+    choices: visit 0 before an experiment starts is the pre-period its report's CUPED reads."""
     world = World(prep_dir)
     req = urllib.request.Request(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -171,7 +177,7 @@ def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, s
     truth: dict = defaultdict(lambda: defaultdict(float))
     t0, done, ids = time.time(), 0, []
     with ThreadPoolExecutor(concurrency) as pool:
-        for r in pool.map(lambda i: _shopper(i, world, url, token, seed, duplicate_rate), range(users)):
+        for r in pool.map(lambda i: _shopper(i, world, url, token, seed, duplicate_rate, visit), range(users)):
             arm = r["arms"][0] if len(set(r["arms"])) == 1 else "MIXED"  # sticky: both answers in one arm
             t = truth[str(arm)]
             t["users"] += 1
@@ -181,6 +187,6 @@ def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, s
             done += 1
             if progress and (done % max(1, users // 10) == 0 or done == users):
                 progress(done, users, time.time() - t0)
-    out = {"users": users, "seed": seed, "seconds": round(time.time() - t0, 1),
+    out = {"users": users, "seed": seed, "visit": visit, "seconds": round(time.time() - t0, 1),
            "truth": {a: dict(v) for a, v in sorted(truth.items())}}
     return {**out, "impression_ids": ids} if collect_ids else out

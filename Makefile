@@ -65,8 +65,10 @@ stop:
 lint: setup
 	$(VENV)/bin/ruff check bundlerec jobs serve tests
 
+# Two pytest workers: every test on the suite's Ray cluster on one, in file order; the rest on the
+# other (tests/conftest.py, pytest_collection_modifyitems).
 test: setup lint
-	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 tests
+	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 -n 2 --dist loadgroup tests
 
 # The tiers: unit (no Ray, about a minute), integration (real services on 127.0.0.1), end to end.
 test-fast test-unit: setup

@@ -24,6 +24,16 @@ setup_env()
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs two workers, ``--dist loadgroup``) every test that uses the
+    suite's Ray cluster runs on one worker, in file order: one Ray instance on the machine, as the
+    fixed job-agent port and 2 cores want. The tests without Ray (the unit tier, the MLflow-only
+    integration tests) run on the other worker meanwhile, while the Ray tests mostly wait on processes."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A fresh local Ray instance (LOCAL_NUM_CPUS logical CPUs, 1 GiB object store, dashboard + job API).

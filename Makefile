@@ -65,10 +65,18 @@ stop:
 lint: setup
 	$(VENV)/bin/ruff check bundlerec jobs serve tests
 
-# Two pytest workers: every test on the suite's Ray cluster on one, in file order; the rest on the
-# other (tests/conftest.py, pytest_collection_modifyitems).
+# Two pytest processes side by side: the tests on the suite's Ray cluster (marked `ray` by
+# tests/conftest.py) in file order, and the others; the second one's output follows the first's.
 test: setup lint
-	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 -n 2 --dist loadgroup tests
+	@mkdir -p runs/test-artifacts; \
+	timeout 5400 $(VENV)/bin/python -m pytest -q --durations=10 -m "not ray" -p no:cacheprovider \
+	  --basetemp=$$(mktemp -d /tmp/bundlerec-not-ray-XXXXXX) tests \
+	  > runs/test-artifacts/pytest-not-ray.log 2>&1 & other=$$!; \
+	timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 -m ray tests; ray_rc=$$?; \
+	wait $$other; other_rc=$$?; \
+	echo "---- the tests without Ray (pytest -m 'not ray', run beside the above): exit $$other_rc"; \
+	cat runs/test-artifacts/pytest-not-ray.log; \
+	exit $$(( ray_rc != 0 ? ray_rc : other_rc ))
 
 # The tiers: unit (no Ray, about a minute), integration (real services on 127.0.0.1), end to end.
 test-fast test-unit: setup

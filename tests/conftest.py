@@ -24,14 +24,15 @@ setup_env()
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs two workers, ``--dist loadgroup``) every test that uses the
-    suite's Ray cluster runs on one worker, in file order: one Ray instance on the machine, as the
-    fixed job-agent port and 2 cores want. The tests without Ray (the unit tier, the MLflow-only
-    integration tests) run on the other worker meanwhile, while the Ray tests mostly wait on processes."""
+    """Every test that uses the suite's Ray cluster is marked ``ray``. `make test` runs ``-m ray`` (one
+    Ray instance on the machine, in file order) and, in a second pytest process beside it,
+    ``-m "not ray"`` (the unit tier and the MLflow-only integration tests), because the Ray tests
+    mostly wait on processes and leave the 2 cores half idle."""
     for item in items:
         if "ray_cluster" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from bundlerec.config.base import ConfigError
 from bundlerec.config.data import DataConfig, SyntheticConfig
 from bundlerec.config.training import ModelConfig, TrainConfig, TuneConfig
 from bundlerec.config.evaluation import EvalConfig, MlflowConfig, PricingConfig
-from bundlerec.config.serving import ONLINE_METRICS, ExperimentConfig, PromotionRule, ServeConfig
+from bundlerec.config.serving import ONLINE_METRICS, ExperimentConfig, PromotionRule, ServeConfig, check_price_policy
 from bundlerec.config.pipeline import PipelineConfig
 from bundlerec.config.loader import apply_overrides, config_hash, flatten, from_dict, load_config, to_dict
 
-__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "MlflowConfig", "ModelConfig", "ONLINE_METRICS", "PipelineConfig", "PricingConfig", "PromotionRule", "ServeConfig", "SyntheticConfig", "TrainConfig", "TuneConfig", "apply_overrides", "config_hash", "flatten", "from_dict", "load_config", "to_dict"]
+__all__ = ["ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig", "MlflowConfig", "ModelConfig", "ONLINE_METRICS", "PipelineConfig", "PricingConfig", "PromotionRule", "ServeConfig", "SyntheticConfig", "TrainConfig", "TuneConfig", "apply_overrides", "check_price_policy", "config_hash", "flatten", "from_dict", "load_config", "to_dict"]

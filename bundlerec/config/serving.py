@@ -94,6 +94,31 @@ ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impressi
 """Per-arm metrics of an online experiment (bundlerec.experiments.analysis)."""
 
 
+PRICE_POLICY_KEYS = ("max_discount", "min_margin", "price_ending")
+
+
+def check_price_policy(policy: object, where: str = "pricing policy") -> dict:
+    """A pricing policy (an experiment arm's, or the one promoted onto the champion): limits that
+    tighten every bundle request's (``max_discount`` at most, ``min_margin`` at least, a
+    ``price_ending``). Returns it with float values; ValueError names what is wrong."""
+    if not isinstance(policy, dict):
+        raise ValueError(f"{where}: an object of {PRICE_POLICY_KEYS}, not {type(policy).__name__}")
+    unknown = set(policy) - set(PRICE_POLICY_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {PRICE_POLICY_KEYS}")
+    out = {}
+    for k, v in policy.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise ValueError(f"{where}: {k} must be a number")
+        out[k] = float(v)
+    if not 0 <= out.get("max_discount", 0) <= 1 or not 0 <= out.get("min_margin", 0) <= 10 \
+            or not 0 <= out.get("price_ending", 0) < 1:
+        raise ValueError(f"{where}: max_discount in [0, 1], min_margin in [0, 10], price_ending in [0, 1)")
+    return out
+
+
 @dataclass
 class PromotionRule:
     """When an online experiment moves ``champion`` (bundlerec.experiments.lifecycle.decide)."""
@@ -157,6 +182,10 @@ class ExperimentConfig:
     cuped_days: float = 28.0
     """The pre-period CUPED reads: the users' logged impressions and feedback in these days before the
     experiment's first impression (0: none)."""
+    pricing: dict = field(default_factory=dict)
+    """Arm name -> pricing policy (``max_discount``, ``min_margin``, ``price_ending``: limits that tighten
+    each bundle request's), so that two price policies on one model version can be compared; the
+    promoted arm's policy then prices every bundle of the champion (registry tag ``bundlerec.pricing``)."""
     promotion: PromotionRule = field(default_factory=PromotionRule)
 
     def __post_init__(self) -> None:
@@ -172,3 +201,10 @@ class ExperimentConfig:
                "experiment.shares must be > 0 and sum to 1")
         _check(self.control in self.arms, "experiment.control must be one of experiment.arms")
         _check(self.bootstrap >= 100, "experiment.bootstrap must be >= 100")
+        _check(isinstance(self.pricing, dict) and set(self.pricing) <= set(self.arms),
+               "experiment.pricing: arm name -> pricing policy, for arms of experiment.arms")
+        for a, pol in self.pricing.items():
+            try:
+                self.pricing[a] = check_price_policy(pol, f"experiment.pricing.{a}")
+            except ValueError as e:
+                _check(False, str(e))

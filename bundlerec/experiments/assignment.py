@@ -149,3 +149,7 @@ class Experiment:
     def route(self, unit: str):
         arm = assign(self.spec, unit)
         return arm, self.arms[arm]
+
+    def pricing(self, arm: str) -> Optional[dict]:
+        """The arm's pricing policy (bundlerec.config.check_price_policy), or None."""
+        return self.spec["arms"][arm].get("pricing")

@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 TAG = "bundlerec.experiment"
 
 
+PRICING_TAG = "bundlerec.pricing"
+"""The pricing policy promoted onto the champion (JSON; absent: the request's limits alone)."""
+
+
 def spec_of(cfg: ExperimentConfig) -> dict:
-    """The registry form of an experiment (what replicas read)."""
+    """The registry form of an experiment (what replicas read); an arm with a pricing policy carries it."""
     return {"name": cfg.name, "salt": cfg.salt or cfg.name, "control": cfg.control,
-            "arms": {a: {"model": str(cfg.arms[a]), "share": float(cfg.shares[a])} for a in sorted(cfg.arms)}}
+            "arms": {a: {"model": str(cfg.arms[a]), "share": float(cfg.shares[a]),
+                         **({"pricing": dict(cfg.pricing[a])} if cfg.pricing.get(a) else {})} for a in sorted(cfg.arms)}}
 
 
 def resolve(client, model_name: str, ref: str) -> str:
@@ -75,7 +80,7 @@ def check_spec(spec: object) -> dict:
                 raise ValueError(f"no {k!r}")
         ExperimentConfig(name=spec["name"], arms={a: v["model"] for a, v in arms.items()},
                          shares={a: float(v["share"]) for a, v in arms.items()}, control=spec["control"],
-                         salt=spec["salt"])
+                         salt=spec["salt"], pricing={a: v["pricing"] for a, v in arms.items() if "pricing" in v})
     except ValueError as e:
         raise ExperimentSpecError(f"malformed experiment tag {TAG}: {e}") from None
     return spec
@@ -91,6 +96,19 @@ def read(client, model_name: str) -> Optional[dict]:
     except ValueError:
         raise ExperimentSpecError(f"malformed experiment tag {TAG}: not JSON") from None
     return check_spec(spec)
+
+
+def read_pricing(client, model_name: str) -> Optional[dict]:
+    """The pricing policy promoted onto ``model_name``'s champion (checked), or None."""
+    from bundlerec.config import check_price_policy
+
+    raw = client.get_registered_model(model_name).tags.get(PRICING_TAG)
+    if not raw:
+        return None
+    try:
+        return check_price_policy(json.loads(raw), f"registry tag {PRICING_TAG}")
+    except ValueError as e:
+        raise ExperimentSpecError(str(e)) from None
 
 
 def stop(client, model_name: str) -> Optional[dict]:
@@ -164,7 +182,14 @@ def promote(client, model_name: str, spec: dict, report: dict, decision: dict) -
     set_alias(client, model_name, "champion", new)
     now = current_champion(client, model_name)
     out.update(promoted=str(now.version) == str(new), champion=str(now.version), previous=str(expected))
-    if out["promoted"]:
+    if out["promoted"] and any("pricing" in a for a in spec["arms"].values()):  # an experiment on price policies
+        policy = spec["arms"][arm].get("pricing")
+        if policy:
+            client.set_registered_model_tag(model_name, PRICING_TAG, json.dumps(policy, sort_keys=True))
+        elif PRICING_TAG in client.get_registered_model(model_name).tags:
+            client.delete_registered_model_tag(model_name, PRICING_TAG)
+        out["pricing"] = policy or None
+    if out["promoted"] and str(new) != str(expected):
         set_alias(client, model_name, "challenger", expected)
         log.info("experiment %s: champion %s -> %s (%s)", spec["name"], expected, new, arm)
     return out

@@ -41,6 +41,16 @@ class PriceLimits:
     """Cents every price ends in, e.g. 0.99."""
 
 
+def tightened(limits: PriceLimits, policy: Optional[dict]) -> PriceLimits:
+    """A request's limits under a pricing policy (:func:`bundlerec.config.check_price_policy`): the
+    smaller maximum discount, the larger minimum margin, the policy's price ending where it sets one."""
+    if not policy:
+        return limits
+    return PriceLimits(min(limits.max_discount, policy.get("max_discount", 1.0)),
+                       max(limits.min_margin, policy.get("min_margin", 0.0)),
+                       policy.get("price_ending", limits.price_ending))
+
+
 class NoFeasiblePrice(ValueError):
     """No price in whole cents meets the limits (e.g. the minimum margin is above the list price)."""
 

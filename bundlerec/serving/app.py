@@ -40,6 +40,7 @@ from bundlerec.serving.feedback import feedback_rows
 from bundlerec.serving.following import RegistryFollower
 from bundlerec.serving.guards import require_token
 from bundlerec.serving.loading import Loaded, load
+from bundlerec.pricing.demand import tightened
 from bundlerec.serving.process import bind_internal_grpc_to_node_ip, lower_this_threads_priority
 from bundlerec.serving.schemas import (
     ERROR_RESPONSES,
@@ -144,6 +145,7 @@ class BundlerecService(RegistryFollower):
         from bundlerec.serving.dedup import SharedKeys  # ... and across the application's replicas
 
         self.shared_keys = SharedKeys(serve.get_replica_context().replica_id.deployment_id.app_name) if self.log else None
+        self.pricing_policy: Optional[dict] = None  # promoted onto the champion (registry tag bundlerec.pricing)
         self.experiment = None  # bundlerec.experiments.assignment.Experiment while one runs
         self.experiment_refused: Optional[dict] = None
         self._experiment_key: Optional[str] = None
@@ -170,6 +172,12 @@ class BundlerecService(RegistryFollower):
             return self.current, None, None, unit, new
         arm, m = exp.route(unit)
         return m, exp.name, arm, unit, new
+
+    def _policy(self, exp: Optional[str], arm: Optional[str]) -> Optional[dict]:
+        """The pricing policy of a request's arm, else the one promoted onto the champion."""
+        e = self.experiment
+        own = e.pricing(arm) if e is not None and exp == e.name and arm in e.spec["arms"] else None
+        return own if own is not None else self.pricing_policy
 
     def _impression(self, m: Loaded, exp: Optional[str], arm: Optional[str], unit: str, new_session: Optional[str],
                     endpoint: str, items: list, bundles: list) -> dict:
@@ -246,7 +254,7 @@ class BundlerecService(RegistryFollower):
         try:
             m, exp, arm, unit, new = self._route(req.user_id, req.session_id)
             kw = dict(n=req.n, max_size=req.max_size, budget=req.budget, allow_repeats=req.allow_repeats,
-                      limits=req.limits())
+                      limits=tightened(req.limits(), self._policy(exp, arm)))
             loop = asyncio.get_running_loop()
             if req.query is not None and req.user_id is None and req.events is None:
                 out = await loop.run_in_executor(self._bundle_pool, lambda: m.rec.query_bundles(req.query, **kw))
@@ -354,6 +362,7 @@ class BundlerecService(RegistryFollower):
                                   if self.shared_keys is not None else None),
                 "base_model": m.rec.meta.get("base_model"),
                 "pricing": m.rec.bundle_engine.pricing_info if m.rec.bundle_engine else None,
+                "pricing_policy": self.pricing_policy,
                 "bundle_engine": m.rec.bundle_engine.params.__dict__ if m.rec.bundle_engine else None}
 
 

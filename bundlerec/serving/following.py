@@ -70,6 +70,20 @@ class RegistryFollower:
         self._remember(new)
         log.info("bundlerec: reloaded %s -> version %s", self.model_uri, new.info.version)
 
+    def _sync_pricing(self, client) -> None:
+        """Follow the pricing policy promoted onto the champion (registry tag ``bundlerec.pricing``); a
+        malformed one is logged and the policy served stays as it was."""
+        from bundlerec.experiments import lifecycle
+
+        try:
+            policy = lifecycle.read_pricing(client, self.model_name)
+        except lifecycle.ExperimentSpecError as e:
+            log.error("bundlerec: pricing policy refused, keeping %s: %s", self.pricing_policy, e)
+            return
+        if policy != self.pricing_policy:
+            log.info("bundlerec: pricing policy %s -> %s", self.pricing_policy, policy)
+            self.pricing_policy = policy
+
     def _sync_experiment(self) -> None:
         """Follow the registry's experiment tag: load and check every arm's version (reusing loaded
         ones) beside what serves, then swap the experiment in one assignment. An experiment whose
@@ -85,6 +99,7 @@ class RegistryFollower:
         try:
             client = mlflow.MlflowClient(self.tracking_uri)
             with one_try(10):
+                self._sync_pricing(client)
                 spec = lifecycle.read(client, self.model_name)
                 versions = {a: lifecycle.resolve(client, self.model_name, arm["model"])
                             for a, arm in (spec or {}).get("arms", {}).items()}

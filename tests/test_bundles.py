@@ -109,6 +109,45 @@ def test_price_limits_are_met_exactly_or_refused(prices, cost_share, max_discoun
         assert round(p * 100) % 100 == round(ending * 100)
 
 
+@settings(max_examples=150, deadline=None)
+@given(prices=st.lists(st.floats(0.5, 500.0).map(lambda x: round(x, 2)), min_size=1, max_size=5),
+       max_discount=st.floats(0.0, 1.0), ending=st.one_of(st.none(), st.just(0.99)), width=st.floats(0.01, 0.5),
+       seed=st.integers(0, 2**31))
+def test_explored_prices_stay_inside_the_limits_and_say_how_they_were_drawn(prices, max_discount, ending, width, seed):
+    """pricing policy ``explore``: the shown price is one of at most 5 feasible prices within width x
+    list of the optimum, drawn with the propensity the answer gives; the limits hold exactly."""
+    from bundlerec.pricing.demand import EXPLORE_POINTS
+
+    m, L = PricingModel(), sum(prices)
+    try:
+        best = m.price(prices, max_discount=max_discount, price_ending=ending)
+    except NoFeasiblePrice:
+        return
+    rng = np.random.default_rng(seed)
+    drawn = [m.price_many([dict(item_prices=prices)], max_discount=max_discount, price_ending=ending, explore=width,
+                          rng=rng)[0] for _ in range(40)]
+    if best["offer"] != "bundle":
+        assert all(d["bundle_price"] is None and d["price_propensity"] == 1.0 and d["optimal_price"] is None for d in drawn)
+        return
+    shown = {d["bundle_price"] for d in drawn}
+    assert all(d["optimal_price"] == best["bundle_price"] for d in drawn)
+    assert len(shown) <= EXPLORE_POINTS and all(abs(p - best["bundle_price"]) <= width * L + 0.01 for p in shown)
+    for d in drawn:
+        p = d["bundle_price"]
+        assert L * (1 - max_discount) - 1e-9 <= p <= L + 1e-9 and abs(p * 100 - round(p * 100)) < 1e-6
+        assert ending is None or round(p * 100) % 100 == 99
+        assert 1 / EXPLORE_POINTS <= d["price_propensity"] <= 1 and d["discount"] == pytest.approx(1 - p / L)
+        assert d["expected_revenue"] == pytest.approx(p * m.purchase_probability(np.array([p]), L, mu=m.mu(
+            m.features(prices)[None])[0])[0])
+    # the propensities are the draw's: uniform over the candidate prices
+    k = round(1 / drawn[0]["price_propensity"])
+    many = [m.price_many([dict(item_prices=prices)], max_discount=max_discount, price_ending=ending, explore=width,
+                         rng=rng)[0]["bundle_price"] for _ in range(60 * k)] if k > 1 else []
+    if many:
+        counts = np.unique(many, return_counts=True)[1]
+        assert len(counts) == k and counts.min() > 60 * 0.4
+
+
 def test_best_jaccard_matching():
     total, g, t = match([[1, 2, 3], [4, 5]], [[1, 2], [4, 5], [6, 7]])
     assert (g, t) == (2, 3) and total == pytest.approx(2 / 3 + 1.0)

@@ -162,6 +162,37 @@ def test_a_malformed_experiment_tag_is_refused_with_the_reason():
             check_spec(spec)
 
 
+def test_an_arm_can_be_a_pricing_policy_on_the_same_model_version():
+    """experiment.pricing: arm -> limits that tighten each bundle request's; the registry form carries
+    them, the replica's check refuses a malformed one, and a request's limits only ever get tighter."""
+    from bundlerec.config import ConfigError
+    from bundlerec.experiments.assignment import Experiment
+    from bundlerec.experiments.lifecycle import ExperimentSpecError, check_spec
+    from bundlerec.pricing.demand import PriceLimits, tightened
+
+    cfg = ExperimentConfig(name="price-1", arms={"control": "champion", "treatment": "champion"},
+                           pricing={"treatment": {"max_discount": 0.1, "price_ending": 0.99}})
+    spec = spec_of(cfg)
+    assert "pricing" not in spec["arms"]["control"] and spec["arms"]["treatment"]["pricing"] == {
+        "max_discount": 0.1, "price_ending": 0.99}
+    assert check_spec(spec) == spec
+    exp = Experiment(spec, {"control": None, "treatment": None})
+    assert exp.pricing("control") is None and exp.pricing("treatment")["max_discount"] == 0.1
+    for bad, why in (({"discount": 0.1}, "unknown key"), ({"max_discount": 2}, "max_discount in"),
+                     ({"max_discount": "0.1"}, "must be a number"), ([0.1], "an object")):
+        with pytest.raises(ConfigError, match=why):
+            ExperimentConfig(arms={"a": "champion", "b": "champion"}, shares={"a": 0.5, "b": 0.5}, control="a",
+                             pricing={"b": bad})
+        with pytest.raises(ExperimentSpecError, match=why):
+            check_spec({**spec, "arms": {**spec["arms"], "treatment": {**spec["arms"]["treatment"], "pricing": bad}}})
+    with pytest.raises(ConfigError, match="for arms of"):
+        ExperimentConfig(pricing={"nobody": {"max_discount": 0.1}})
+    asked = PriceLimits(max_discount=0.3, min_margin=0.2, price_ending=None)
+    assert tightened(asked, None) == asked
+    assert tightened(asked, {"max_discount": 0.5, "min_margin": 0.1}) == asked  # never looser than the request
+    assert tightened(asked, {"max_discount": 0.1, "min_margin": 0.4, "price_ending": 0.99}) == PriceLimits(0.1, 0.4, 0.99)
+
+
 def test_experiment_config_is_validated():
     from bundlerec.config import ConfigError
 
@@ -682,6 +713,9 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         assert aa["false_positives"] == 0 and only[aa["rule"]]["lower"] <= 0, aa  # not "better"
         assert only["srm_p"] > 0.001 and sum(only["units"].values()) == 100
 
+        # --- two price policies on one model version: compared, and the better one promoted onto it
+        _price_policies(overrides, url, token, prep, logs, client, name, v_good["version"])
+
         # --- the write-ahead disk fills up under the running deployment
         if unmountable is None:
             _a_full_write_ahead_disk_over_http(url, token, wal, logs)
@@ -691,6 +725,71 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         serve.shutdown()
         if unmountable is None:
             unmount(wal)
+
+
+def _price_policies(overrides, url, token, prep, logs, client, name, version):
+    """Both arms serve one version; control sells at list price (max_discount 0), the treatment may
+    discount up to 40 %. Simulated shoppers accept discounted bundles more often: the report on
+    bundle take rate promotes the treatment's policy, which then prices every bundle of the champion."""
+    from bundlerec.client import http_json
+    from bundlerec.experiments.lifecycle import PRICING_TAG, wait_for_experiment
+    from bundlerec.experiments.simulator import simulate
+    from jobs import experiment as experiment_job, experiment_report
+
+    price = [*overrides, "experiment.name=price-1", "experiment.arms={control: champion, treatment: champion}",
+             "experiment.pricing={control: {max_discount: 0.0}, treatment: {max_discount: 0.4}}",
+             "experiment.promotion.metric=bundle_take_rate", "experiment.promotion.guardrails=[]",
+             "experiment.promotion.sequential=false"]  # one look, at a horizon fixed here
+    experiment_job.main(["start", *price])
+    wait_for_experiment(url, token, "price-1")
+    sim = simulate(url, prep, 300, token, seed=3)
+    analysis.wait_for_rows(str(logs), "price-1", sum(t["impressions"] for t in sim["truth"].values()))
+    out = experiment_report.main([*price, "--promote"])
+    rep = out["report"]
+    assert set(rep["versions"].values()) == {version}  # one model version, two policies
+    assert rep["arms"]["control"]["metrics"]["realized_discount"]["estimate"] == pytest.approx(0, abs=1e-6)
+    assert 0 < rep["arms"]["treatment"]["metrics"]["realized_discount"]["estimate"] <= 0.4
+    assert out["decision"]["promote"] == "treatment", out["decision"]
+    assert out["promotion"]["promoted"] and out["promotion"]["pricing"] == {"max_discount": 0.4}, out["promotion"]
+    assert json.loads(client.get_registered_model(name).tags[PRICING_TAG]) == {"max_discount": 0.4}
+    assert client.get_model_version_by_alias(name, "champion").version == version
+    wait_for_experiment(url, token, None)
+    deadline, streak = time.time() + 60, 0  # every replica follows the promoted policy
+    while streak < 8 and time.time() < deadline:
+        streak = streak + 1 if http_json(f"{url}/v1/model", token=token)["pricing_policy"] == {"max_discount": 0.4} else 0
+        time.sleep(0.25)
+    assert streak >= 8
+    events = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-11-30T10:00:00Z"}]
+    code, b = _post(f"{url}/v1/bundles", {"events": events, "n": 3, "max_discount": 0.9}, token)
+    assert code == 200 and b["bundles"] and all((x["discount"] or 0) <= 0.4 + 1e-9 for x in b["bundles"]), b
+    assert all(x["optimal_price"] is None for x in b["bundles"])  # no exploration in this policy
+
+    # the same policy exploring prices: each offered bundle's price is drawn around the optimum, and
+    # the answer and the impression log say where the optimum was and how likely the price shown
+    explore = {"max_discount": 0.4, "explore": 0.1}
+    client.set_registered_model_tag(name, PRICING_TAG, json.dumps(explore))
+    deadline, streak = time.time() + 60, 0
+    while streak < 8 and time.time() < deadline:
+        streak = streak + 1 if http_json(f"{url}/v1/model", token=token)["pricing_policy"] == explore else 0
+        time.sleep(0.25)
+    answers = [_post(f"{url}/v1/bundles", {"events": events, "n": 3, "max_discount": 0.9}, token)[1] for _ in range(12)]
+    offered = [(a["impression_id"], j, x) for a in answers for j, x in enumerate(a["bundles"]) if x["offer"] == "bundle"]
+    assert offered, answers
+    for _, _, x in offered:
+        assert x["optimal_price"] and 0.2 <= x["price_propensity"] <= 1 and x["discount"] <= 0.4 + 1e-9
+        assert abs(x["bundle_price"] - x["optimal_price"]) <= 0.1 * x["list_price"] + 0.01
+    assert any(x["bundle_price"] != x["optimal_price"] for _, _, x in offered), offered  # it did explore
+    deadline = time.time() + 30
+    wanted = {i for i, _, _ in offered}
+    while True:  # the impressions reach Parquet at the replicas' next flush
+        t = pq.read_table(logs / "impressions").to_pandas()
+        rows = t[t.impression_id.isin(wanted)].set_index("impression_id")
+        if len(rows) == len(wanted) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for i, j, x in offered:
+        assert rows.bundle_prices[i][j] == x["bundle_price"] and rows.bundle_optimal_prices[i][j] == x["optimal_price"]
+        assert rows.bundle_price_propensities[i][j] == x["price_propensity"]
 
 
 def _post_with_headers(url, body, token) -> tuple:

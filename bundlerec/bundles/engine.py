@@ -409,8 +409,9 @@ class BundleEngine:
             items, costs = bundles[k], [self.costs[i] for i in bundles[k]]
             specs.append(dict(item_prices=[max(self.prices[i], 0.0) for i in items], item_names=[self.titles[i] for i in items],
                               item_ids=[self.item_ids[i] for i in items], costs=costs if all(np.isfinite(costs)) else None))
-        for k, res in zip(todo, self.pricing.price_many(specs, max_discount=limits.max_discount,
-                                                         min_margin=limits.min_margin, price_ending=limits.price_ending)):
+        for k, res in zip(todo, self.pricing.price_many(specs, max_discount=limits.max_discount, min_margin=limits.min_margin,
+                                                         price_ending=limits.price_ending, explore=limits.explore,
+                                                         rng=np.random.default_rng() if limits.explore else None)):
             out[k] = ({}, f"none ({res})") if isinstance(res, NoFeasiblePrice) else (res, "")
         return out
 
@@ -423,7 +424,8 @@ class BundleEngine:
                            "price": None if self.prices[i] < 0 else self.prices[i],
                            "reason": self.reason(i, items, seen)} for i in items],
                 **{k: priced.get(k) for k in ("list_price", "bundle_price", "discount", "expected_revenue",
-                                               "expected_revenue_separately", "offer", "offer_reason")},
+                                               "expected_revenue_separately", "offer", "offer_reason", "optimal_price",
+                                               "price_propensity")},
                 "price_source": self.pricing_info["source"] if priced else why}
 
     def name(self, items: list[int]) -> str:

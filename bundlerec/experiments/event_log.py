@@ -43,7 +43,8 @@ IMPRESSION_SCHEMA = pa.schema([
     ("model_name", pa.string()), ("model_version", pa.string()), ("endpoint", pa.string()),
     ("user_id", pa.string()), ("session_id", pa.string()), ("items", pa.list_(pa.string())),
     ("bundle_items", pa.list_(pa.list_(pa.string()))), ("bundle_list_prices", pa.list_(pa.float64())),
-    ("bundle_prices", pa.list_(pa.float64())),
+    ("bundle_prices", pa.list_(pa.float64())), ("bundle_optimal_prices", pa.list_(pa.float64())),
+    ("bundle_price_propensities", pa.list_(pa.float64())),
 ])
 FEEDBACK_SCHEMA = pa.schema([
     ("event_time", TS), ("event_type", pa.string()), ("user_id", pa.string()), ("session_id", pa.string()),

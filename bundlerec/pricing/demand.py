@@ -39,6 +39,15 @@ class PriceLimits:
     """The price is at least the items' summed catalog ``cost`` times (1 + min_margin)."""
     price_ending: Optional[float] = None
     """Cents every price ends in, e.g. 0.99."""
+    explore: float = 0.0
+    """Safe price exploration (a pricing policy's, never a request's): the shown price is drawn
+    uniformly from up to :data:`EXPLORE_POINTS` feasible prices within ``explore`` x the list price of
+    the optimum, and the answer carries the optimum and the propensity of the price shown."""
+
+
+EXPLORE_POINTS = 5
+"""How many candidate prices an exploring bundle's price is drawn from (fewer where the limits leave
+fewer whole-cent prices): a few, so that an off-policy estimate finds its target's prices among them."""
 
 
 def tightened(limits: PriceLimits, policy: Optional[dict]) -> PriceLimits:
@@ -48,7 +57,7 @@ def tightened(limits: PriceLimits, policy: Optional[dict]) -> PriceLimits:
         return limits
     return PriceLimits(min(limits.max_discount, policy.get("max_discount", 1.0)),
                        max(limits.min_margin, policy.get("min_margin", 0.0)),
-                       policy.get("price_ending", limits.price_ending))
+                       policy.get("price_ending", limits.price_ending), policy.get("explore", limits.explore))
 
 
 class NoFeasiblePrice(ValueError):
@@ -170,12 +179,14 @@ class PricingModel:
 
     def price_many(self, bundles: Sequence[dict], max_discount: float = PriceLimits.max_discount,
                    min_margin: float = PriceLimits.min_margin, price_ending: Optional[float] = PriceLimits.price_ending,
-                   grid: int = 400, compare_separately: bool = True) -> list:
+                   grid: int = 400, compare_separately: bool = True, explore: float = 0.0,
+                   rng: Optional[np.random.Generator] = None) -> list:
         """:meth:`price` for several bundles (dicts of its per-bundle arguments: ``item_prices`` and
         optionally ``item_names``, ``item_genres``, ``bundle_name``, ``costs``, ``item_ids``) with one
         model call for all of them and their items sold alone; each entry is the price dict, or the
         :class:`NoFeasiblePrice` of that bundle. ``compare_separately=False``: the bundle's best price
-        whether or not it beats selling the items separately (``offer`` is then always "bundle")."""
+        whether or not it beats selling the items separately (``offer`` is then always "bundle").
+        ``explore`` > 0 draws an offered bundle's price around its optimum (:attr:`PriceLimits.explore`)."""
         if not 0 <= max_discount <= 1 or min_margin < 0:
             raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
         end = None if price_ending is None else int(round(price_ending * 100))
@@ -201,12 +212,35 @@ class PricingModel:
         out, r = [], 0
         for L, costs, alone, alone_costs in plans:
             try:
-                out.append(self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
-                                            min_margin, end, grid, alone_costs, compare_separately))
+                best = self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
+                                        min_margin, end, grid, alone_costs, compare_separately)
+                grid_prices = best.pop("_grid", None)
+                out.append(self._explored(best, grid_prices, L, costs, mus[r], explore, rng) if explore > 0 else best)
             except NoFeasiblePrice as e:
                 out.append(e)
             r += 1 + len(alone)
         return out
+
+    def _explored(self, best: dict, cand: Optional[np.ndarray], L: float, costs, mu: float, width: float,
+                  rng: Optional[np.random.Generator]) -> dict:
+        """``best`` with its price drawn uniformly from the feasible grid prices within ``width`` x L of
+        the optimum that are nearest to :data:`EXPLORE_POINTS` evenly spaced points of that window (the
+        limits hold: they made the grid); ``optimal_price`` and ``price_propensity`` (the probability of the
+        price shown) say what was done. A bundle not offered as a bundle is not explored."""
+        if best["offer"] != "bundle" or cand is None:
+            return {**best, "optimal_price": None, "price_propensity": 1.0}
+        p_star = best["bundle_price"]
+        window = cand[np.abs(cand - p_star) <= width * L + 1e-9]  # holds p_star itself
+        targets = np.linspace(p_star - width * L, p_star + width * L, EXPLORE_POINTS)
+        near = np.unique(window[np.abs(window[None, :] - targets[:, None]).argmin(axis=1)])
+        shown = float(near[(rng or np.random.default_rng()).integers(len(near))])
+        prob = float(self.purchase_probability(np.array([shown]), L, mu=mu)[0])
+        cost = float(np.sum(costs)) if costs is not None else 0.0
+        return {**best, "bundle_price": shown, "discount": 1 - shown / L, "purchase_probability": prob,
+                "expected_revenue": shown * prob, "expected_margin": (shown - cost) * prob if costs is not None else None,
+                "revenue_lift_vs_separate": float(shown * prob / best["expected_revenue_separately"] - 1)
+                if best["expected_revenue_separately"] > 0 else None,
+                "optimal_price": p_star, "price_propensity": 1.0 / len(near)}
 
     def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
                     min_margin: float, end: Optional[int], grid: int, alone_costs: Optional[np.ndarray] = None,
@@ -244,7 +278,7 @@ class PricingModel:
                               else (bundle["expected_revenue"], sep, "revenue"))
         if p_star >= L or ours > theirs or not compare_separately:
             return {**bundle, "offer": "bundle", "offer_reason": f"expected {what} {ours:.2f} as a bundle at "
-                    f"{p_star:.2f}, {theirs:.2f} sold separately"}
+                    f"{p_star:.2f}, {theirs:.2f} sold separately", "_grid": cand}
         return {"list_price": round(L, 2), "bundle_price": None, "discount": 0.0, "purchase_probability": None,
                 "expected_revenue": sep, "expected_margin": sep_margin if costs is not None else None,
                 "expected_revenue_separately": sep, "revenue_lift_vs_separate": 0.0,

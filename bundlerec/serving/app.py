@@ -190,7 +190,9 @@ class BundlerecService(RegistryFollower):
                 "model_version": m.info.version, "endpoint": endpoint, "user_id": unit, "session_id": new_session,
                 "items": items, "bundle_items": [[i["item_id"] for i in b["items"]] for b in bundles],
                 "bundle_list_prices": [b.get("list_price") for b in bundles],
-                "bundle_prices": [b.get("bundle_price") for b in bundles]}])
+                "bundle_prices": [b.get("bundle_price") for b in bundles],
+                "bundle_optimal_prices": [b.get("optimal_price") for b in bundles],
+                "bundle_price_propensities": [b.get("price_propensity") for b in bundles]}])
         return {"impression_id": iid, "experiment": {"experiment": exp, "arm": arm} if exp else None,
                 "session_id": new_session}
 

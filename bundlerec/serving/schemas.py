@@ -154,6 +154,10 @@ class Bundle(BaseModel):
                                  'margin with item costs, beats selling the items separately); "separately": no discount, '
                                  'the items at their own prices (a discount would earn less); null: not priced')
     offer_reason: Optional[str] = Field(default=None, description="both expected figures behind the offer")
+    optimal_price: Optional[float] = Field(default=None, description="under a pricing policy that explores: the "
+                                           "pricing model's optimum, around which bundle_price was drawn")
+    price_propensity: Optional[float] = Field(default=None, description="under a pricing policy that explores: the "
+                                              "probability with which bundle_price was drawn (1: not explored)")
     price_source: str = Field(description='"fitted": the export\'s fitted pricing model (GET /v1/model has its fit '
                                           'metadata); "default": no fitted model, a fixed optimal discount is assumed; '
                                           '"none (...)": not priced, with the reason (no item prices, no price meets '

@@ -24,15 +24,28 @@ setup_env()
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+TRAINING_FILES = {"test_train.py", "test_tune.py"}
+"""Ray Train and Tune tests: `make test` runs them on a second Ray cluster of their own (below)."""
+
+
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the suite's Ray cluster is marked ``ray``. `make test` runs ``-m ray`` (one
-    Ray instance on the machine, in file order) and, in a second pytest process beside it,
-    ``-m "not ray"`` (the unit tier and the MLflow-only integration tests), because the Ray tests
-    mostly wait on processes and leave the 2 cores half idle."""
+    """Every test that uses the suite's Ray cluster is marked ``ray``, those of TRAINING_FILES also
+    ``training``. `make test` runs two pytest processes side by side, each with its own Ray cluster
+    when it needs one: ``-m "ray and not training"`` (the job API, Serve, the pipeline), and
+    ``-m "not ray or training"`` (the unit tier, the MLflow-only integration tests, then training and
+    tuning). The Ray tests mostly wait on processes and leave the 2 cores half idle."""
     for item in items:
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
+            if item.path.name in TRAINING_FILES:
+                item.add_marker(pytest.mark.training)
+
+
+def _cpu_log() -> Path:
+    """This pytest process's free-CPU log (``BUNDLEREC_TEST_STREAM`` names the process in `make test`)."""
+    tag = os.environ.get("BUNDLEREC_TEST_STREAM", "")
+    return Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / f"ray_cpus{'-' + tag if tag else ''}.log"
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +59,7 @@ def ray_cluster():
     # (an environment variable: pytest's conftest module and `from tests.support import` may be two modules)
     os.environ["BUNDLEREC_TEST_AGENT_PORT_TAKEN"] = "1" if _listening(JOB_AGENT_PORT) else ""
 
-    (Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "ray_cpus.log").unlink(missing_ok=True)  # this run's only
+    _cpu_log().unlink(missing_ok=True)  # this run's only
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
     ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
                    dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,
@@ -62,7 +75,7 @@ def ray_cluster():
 @pytest.fixture(autouse=True)
 def _ray_cpus_after_each_test(request):
     """After each test, the suite cluster's free logical CPUs, one line per test in
-    runs/test-artifacts/ray_cpus.log: a test that leaves CPUs held (a replica, an actor pool, a
+    runs/test-artifacts/ray_cpus-{a,b}.log (one per pytest process of `make test`): a test that leaves CPUs held (a replica, an actor pool, a
     running job) shows as the line where the count drops and stays down. Each line also has the
     test's wall time (its call and function-scoped set-up) and the clock, so a running suite's slow
     parts can be read while it runs."""
@@ -86,7 +99,7 @@ def _ray_cpus_after_each_test(request):
     th.start()
     th.join(20)
     free = box.get("free", "unanswered in 20 s (the driver's GCS connection is stuck)")
-    log = Path(__file__).resolve().parents[1] / "runs" / "test-artifacts" / "ray_cpus.log"
+    log = _cpu_log()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"{request.node.nodeid} free_cpus={free} took_s={took:.1f} at={time.strftime('%H:%M:%S')}\n")

@@ -696,7 +696,7 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
         primary = rep["differences"]["treatment"][cfg.experiment.promotion.metric]
         assert primary["lower"] > 0 and [primary["lower"], primary["upper"]] == primary["always_valid"]["interval"]
         # CUPED read the returning shoppers' pre-period from the same Parquet logs
-        assert rep["bounds"] == "always-valid (mSPRT, CUPED)" and 140 <= rep["pre_period_users"] <= 151, rep["pre_period_users"]
+        assert rep["bounds"] == "always-valid (mSPRT, CUPED)" and rep["pre_period_users"] >= 150, rep["pre_period_users"]  # + the steady clients
         assert primary["always_valid"]["cuped_variance_reduction"] > 0
         assert out["promotion"]["promoted"] and client.get_model_version_by_alias(name, "champion").version == v_good["version"]
         tags = client.get_model_version(name, v_good["version"]).tags

@@ -153,11 +153,6 @@ def test_pipeline_on_s3_storage_and_a_postgres_registry_through_ray_job_submit(b
 
     # a sweep on the same bucket: Tune's state, the trials' checkpoints and exports, sweep.json and the
     # best trial's export (amended with pricing, evaluated, registered) are bucket objects
-    # a second job from the same tree: Ray would reuse the first job's working_dir package by its
-    # content hash, and can delete it from the GCS once that job is over while this one starts
-    # ("Failed to download runtime_env file package ...": ray-project/ray#36703, #46625). A changed
-    # file gives this submission a package of its own, as a user's next commit would.
-    (tree / "SUBMISSION").write_text("sweep\n")
     sweep = [str(Path(sys.executable).with_name("bundlerec")), "submit", "--address", ray_cluster,
              "--runtime-env", str(renv), "pipeline", "--config", "jobs/configs/tiny.yaml",
              f"output_root={tmp_path}", f"data.output_dir={prefix}/prep", f"train.storage_path={prefix}/ray_results",

@@ -24,22 +24,17 @@ setup_env()
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-TRAINING_FILES = {"test_train.py", "test_tune.py"}
-"""Ray Train and Tune tests: `make test` runs them on a second Ray cluster of their own (below)."""
-
-
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the suite's Ray cluster is marked ``ray``, those of TRAINING_FILES also
-    ``training``. `make test` runs two pytest processes side by side, each with its own Ray cluster
-    when it needs one: ``-m "ray and not training"`` (the job API, Serve, the pipeline), and
-    ``-m "not ray or training"`` (the unit tier, the MLflow-only integration tests, then training and
-    tuning). The Ray tests mostly wait on processes and leave the 2 cores half idle."""
+    """Every test that uses the suite's Ray cluster is marked ``ray``. `make test` runs ``-m ray`` (one
+    Ray instance on the machine, in file order) and, in a second pytest process beside it,
+    ``-m "not ray"`` (the unit tier and the MLflow-only integration tests), because the Ray tests
+    mostly wait on processes and leave the 2 cores half idle. (A second Ray cluster for the Train
+    and Tune tests was tried: while it started, a job on the first cluster could not fetch its
+    working_dir package from that cluster's GCS.)"""
     for item in items:
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
-            if item.path.name in TRAINING_FILES:
-                item.add_marker(pytest.mark.training)
 
 
 def _cpu_log() -> Path:
@@ -75,7 +70,7 @@ def ray_cluster():
 @pytest.fixture(autouse=True)
 def _ray_cpus_after_each_test(request):
     """After each test, the suite cluster's free logical CPUs, one line per test in
-    runs/test-artifacts/ray_cpus-{a,b}.log (one per pytest process of `make test`): a test that leaves CPUs held (a replica, an actor pool, a
+    runs/test-artifacts/ray_cpus-a.log (`make test`; ray_cpus.log otherwise): a test that leaves CPUs held (a replica, an actor pool, a
     running job) shows as the line where the count drops and stays down. Each line also has the
     test's wall time (its call and function-scoped set-up) and the clock, so a running suite's slow
     parts can be read while it runs."""

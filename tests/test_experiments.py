@@ -727,6 +727,16 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
             unmount(wal)
 
 
+def _every_replica(get, want, agree: int = 8, timeout_s: float = 60.0) -> None:
+    """Until ``agree`` answers in a row of ``get()`` (any replica) are ``want``."""
+    deadline, streak, got = time.time() + timeout_s, 0, None
+    while streak < agree and time.time() < deadline:
+        got = get()
+        streak = streak + 1 if got == want else 0
+        time.sleep(0.25)
+    assert streak >= agree, f"replicas still answer {got!r}, not {want!r}, after {timeout_s:.0f}s"
+
+
 def _price_policies(overrides, url, token, prep, logs, client, name, version):
     """Both arms serve one version; control sells at list price (max_discount 0), the treatment may
     discount up to 40 %. Simulated shoppers accept discounted bundles more often: the report on
@@ -754,11 +764,8 @@ def _price_policies(overrides, url, token, prep, logs, client, name, version):
     assert json.loads(client.get_registered_model(name).tags[PRICING_TAG]) == {"max_discount": 0.4}
     assert client.get_model_version_by_alias(name, "champion").version == version
     wait_for_experiment(url, token, None)
-    deadline, streak = time.time() + 60, 0  # every replica follows the promoted policy
-    while streak < 8 and time.time() < deadline:
-        streak = streak + 1 if http_json(f"{url}/v1/model", token=token)["pricing_policy"] == {"max_discount": 0.4} else 0
-        time.sleep(0.25)
-    assert streak >= 8
+    policy = lambda: http_json(f"{url}/v1/model", token=token)["pricing_policy"]  # noqa: E731
+    _every_replica(policy, {"max_discount": 0.4})  # every replica follows the promoted policy
     events = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-11-30T10:00:00Z"}]
     code, b = _post(f"{url}/v1/bundles", {"events": events, "n": 3, "max_discount": 0.9}, token)
     assert code == 200 and b["bundles"] and all((x["discount"] or 0) <= 0.4 + 1e-9 for x in b["bundles"]), b
@@ -768,10 +775,7 @@ def _price_policies(overrides, url, token, prep, logs, client, name, version):
     # the answer and the impression log say where the optimum was and how likely the price shown
     explore = {"max_discount": 0.4, "explore": 0.1}
     client.set_registered_model_tag(name, PRICING_TAG, json.dumps(explore))
-    deadline, streak = time.time() + 60, 0
-    while streak < 8 and time.time() < deadline:
-        streak = streak + 1 if http_json(f"{url}/v1/model", token=token)["pricing_policy"] == explore else 0
-        time.sleep(0.25)
+    _every_replica(policy, explore)
     answers = [_post(f"{url}/v1/bundles", {"events": events, "n": 3, "max_discount": 0.9}, token)[1] for _ in range(12)]
     offered = [(a["impression_id"], j, x) for a in answers for j, x in enumerate(a["bundles"]) if x["offer"] == "bundle"]
     assert offered, answers

@@ -123,12 +123,14 @@ def tiny_prep(ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_prep, tmp_path_factory):
-    """A 2-worker ZeRO-2 training of the tiny encoder on the tiny data (3 epochs x 12 steps), exported."""
-    from bundlerec.train.fit import fit
+    """A 2-worker ZeRO-2 training of the tiny encoder on the tiny data (3 epochs x 12 steps), exported.
+    Its MLflow server is down from the 1st checkpoint to the 2nd (tests.support.fit_through_a_tracking_outage:
+    one shared run serves the tracking-fault check and the uninterrupted reference)."""
+    from tests.support import fit_through_a_tracking_outage
 
     prep_cfg, _ = tiny_prep
     root = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(f"data.output_dir={prep_cfg.data.output_dir}", f"train.storage_path={root}/ray",
                       f"results_path={root}/results.json", "train.zero_stage=2", "train.epochs=3",
                       "train.max_steps_per_epoch=12")
-    return cfg, fit(cfg, cfg.data.output_dir), root
+    return cfg, fit_through_a_tracking_outage(cfg, root), root

@@ -111,6 +111,72 @@ def mlflow_get(uri: str, endpoint: str, **params) -> dict:
 TINY_ENCODER = Path(tempfile.gettempdir()) / "bundlerec-tiny-bert-v1"
 
 
+def registered_checkpoints(storage: Path) -> int:
+    """Checkpoints Ray Train has registered under ``storage`` (not merely started uploading)."""
+    import glob
+    import json
+
+    n = 0
+    for snap in glob.glob(f"{storage}/*/checkpoint_manager_snapshot.json"):
+        try:
+            n += len(json.load(open(snap))["checkpoint_results"])
+        except (ValueError, KeyError, OSError):
+            pass
+    return n
+
+
+def fit_through_a_tracking_outage(cfg, root: Path) -> dict:
+    """``fit(cfg)`` logging to its own MLflow server, which is stopped once the 1st checkpoint is
+    registered and restarted (same port, same store) after the 2nd: training must not wait for it.
+    What happened goes to ``root/outage.json`` (the seconds epoch 2 took while the server was down,
+    the train_loss history MLflow holds at the end, and the one training computed), which
+    tests/test_train.py::test_mlflow_outage_during_training_loses_no_metric checks; the returned run
+    is the suite's shared trained model (the outage changes nothing it trains)."""
+    import dataclasses
+    import json
+    import threading
+
+    from bundlerec.tracking import start_run
+    from bundlerec.train.fit import fit
+
+    (root / "mlflow").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc, uri = start_mlflow(root / "mlflow", port)
+    storage, box = Path(cfg.train.storage_path), {}
+    try:
+        run_id = start_run(uri, "test-outage", "outage-in-training", {}, {})
+        logged = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
+
+        def run():
+            try:
+                box["out"] = fit(logged, cfg.data.output_dir, run_id=run_id)
+            except BaseException as e:  # raised below
+                box["err"] = e
+
+        th = threading.Thread(target=run, daemon=True)
+        th.start()
+        deadline = time.time() + 400
+        while registered_checkpoints(storage) < 1 and time.time() < deadline and th.is_alive():
+            time.sleep(0.1)
+        stop_mlflow(proc)  # the outage from here
+        t_down = time.time()
+        while registered_checkpoints(storage) < 2 and time.time() < deadline and th.is_alive():
+            time.sleep(0.1)
+        record = {"checkpoints_while_down": registered_checkpoints(storage),
+                  "epoch2_seconds_while_down": round(time.time() - t_down, 1)}
+        proc, uri = start_mlflow(root / "mlflow", port)  # back
+        th.join(timeout=400)
+        if "out" not in box:
+            raise RuntimeError(f"training did not finish: {box.get('err')!r}")
+        hist = mlflow_get(uri, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
+        record["mlflow_train_loss"] = sorted((h["step"], round(h["value"], 6)) for h in hist)
+        record["trained"] = [(h["epoch"], round(h["train_loss"], 6)) for h in box["out"]["history"]]
+        (root / "outage.json").write_text(json.dumps(record, indent=2))
+        return box["out"]
+    finally:
+        stop_mlflow(proc)
+
+
 def tiny_encoder() -> str:
     """A tiny random-init BERT (2 layers, hidden 64: ~1.3 M parameters + embeddings) with MiniLM's
     tokenizer, saved as a normal HF model directory. For tests whose subject is the machinery

@@ -912,6 +912,39 @@ def test_retention_deletes_event_files_older_than_the_limit_and_only_those(tmp_p
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_the_report_reads_the_same_rows_with_ray_data_and_with_arrow(ray_cluster, tmp_path):
+    """experiment.ray_data_min_mb: a log that large is read by Ray Data, a smaller one by Arrow in the
+    report's process; both push the same filters down (the experiment; the pre-period's window, users
+    and their impressions' feedback) and return the same rows, across many small files."""
+    t0 = 1_700_000_000_000_000
+    el, fb = EventLog(str(tmp_path), "impressions", str(tmp_path / "_wal")), EventLog(str(tmp_path), "feedback", str(tmp_path / "_wal"))
+    day = 86_400_000_000
+    for i in range(60):  # a flush per 4 rows: 15 files; the first 20 rows before the experiment, one too early
+        exp = "e" if i >= 20 else None
+        when = t0 + i if i else t0 - 40 * day
+        el.append([{**_imp(i), "event_time": when, "experiment": exp, "arm": "a" if exp else None, "user_id": f"u{i % 25}"}])
+        fb.append([{"event_time": when, "event_type": "click", "user_id": f"u{i % 25}", "item_id": "I1", "price": 9.0,
+                    "quantity": 1, "impression_id": f"i{i}", "event_id": f"c{i}", "feedback_type": "click",
+                    "experiment": exp, "arm": "a" if exp else None, "revenue": 0.0, "received_time": when}])
+        if i % 4 == 3:
+            el.flush(), fb.flush()
+    el.close(), fb.close()
+    got = {}
+    for mb in (0.0, 256.0):  # Ray Data, then Arrow
+        imp, feedback = analysis.read_logs(str(tmp_path), "e", mb)
+        pre = analysis.read_pre_period(str(tmp_path), imp, 28, mb)
+        got[mb] = [imp.sort_values("impression_id", ignore_index=True),
+                   feedback.sort_values("impression_id", ignore_index=True),
+                   pre.sort_values("user_id", ignore_index=True)]
+    assert len(got[0.0][0]) == 40 and len(got[0.0][1]) == 40
+    # the pre-period: impressions 1-19 of the experiment's users (u0's first row is 40 days before)
+    assert got[0.0][2].impressions.sum() == 19 and got[0.0][2].clicked.sum() == 19
+    for a, b in zip(got[0.0], got[256.0]):
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_shared_feedback_keys_give_one_yes_per_key_across_replicas(ray_cluster):
     """The application's FeedbackKeys actor (what every replica claims through): handles made by two

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bundlerec.train.fit import fit
-from tests.support import ROOT, mlflow_get, tiny_config
+from tests.support import ROOT, mlflow_get, registered_checkpoints, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -25,16 +25,8 @@ def _ckpts(root):
 
 
 def _registered(root) -> int:
-    """Checkpoints Ray Train has registered (not merely started uploading)."""
-    import json
-
-    n = 0
-    for snap in glob.glob(f"{root}/ray/*/checkpoint_manager_snapshot.json"):
-        try:
-            n += len(json.load(open(snap))["checkpoint_results"])
-        except (ValueError, KeyError, OSError):
-            pass
-    return n
+    """Checkpoints Ray Train has registered under ``root/ray``."""
+    return registered_checkpoints(Path(root) / "ray")
 
 
 def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=None) -> dict:
@@ -268,47 +260,22 @@ def test_a_large_catalog_is_indexed_by_ray_data_batch_inference_as_the_driver_wo
 
 
 @pytest.mark.e2e
-def test_mlflow_outage_during_training_loses_no_metric(tiny_trained, tmp_path):
-    """The tracking server is stopped after the 1st epoch was logged and restarted (same port, same
-    store) after the 2nd checkpoint: training goes on without waiting for it, rank 0 buffers epoch 2,
-    and the run ends with every epoch in MLflow once, with the values training computed."""
-    from bundlerec.tracking import start_run
-    from tests.support import free_port, start_mlflow, stop_mlflow
-
-    ref_cfg, _, _ = tiny_trained
-    port = free_port()
-    proc, uri = start_mlflow(tmp_path, port)
-    try:
-        cfg = _cfg(ref_cfg, tmp_path, "train.epochs=3", f"mlflow.tracking_uri={uri}")
-        run_id = start_run(uri, "test-outage", "outage-in-training", {}, {})
-        box: dict = {}
-        th = threading.Thread(target=lambda: box.update(out=fit(cfg, cfg.data.output_dir, run_id=run_id)), daemon=True)
-        th.start()
-        deadline = time.time() + 400
-        while _registered(tmp_path) < 1 and time.time() < deadline and th.is_alive():
-            time.sleep(0.1)
-        stop_mlflow(proc)  # outage from here
-        t_down = time.time()
-        while _registered(tmp_path) < 2 and time.time() < deadline and th.is_alive():
-            time.sleep(0.1)
-        # epoch 2 finished while the server was down (epoch 3 too when stopping the server took longer
-        # than a tiny-model epoch: then the end-of-run flush sends both; either way none may be lost)
-        assert _registered(tmp_path) >= 2, "epoch 2 never finished while MLflow was down"
-        epoch2_s = time.time() - t_down
-        proc, uri = start_mlflow(tmp_path, port)  # back
-        th.join(timeout=400)
-        assert "out" in box, "training did not finish"
-        hist = mlflow_get(uri, "metrics/get-history", run_id=run_id, metric_key="train_loss")["metrics"]
-        got = sorted((h["step"], round(h["value"], 6)) for h in hist)
-        want = [(h["epoch"], round(h["train_loss"], 6)) for h in box["out"]["history"]]
-        (ROOT / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
-        (ROOT / "runs" / "test-artifacts" / "mlflow_outage_in_training.json").write_text(json.dumps(
-            {"epoch2_seconds_while_down": round(epoch2_s, 1), "mlflow_train_loss": got, "trained": want}, indent=2))
-        assert got == want, (got, want)
-        # no stall: epoch 2 (training + validation + checkpoint) took about as with the server up
-        assert epoch2_s < 120, epoch2_s
-    finally:
-        stop_mlflow(proc)
+def test_mlflow_outage_during_training_loses_no_metric(tiny_trained):
+    """The shared run's tracking server was stopped after the 1st epoch's checkpoint and restarted
+    (same port, same store) after the 2nd (tests.support.fit_through_a_tracking_outage): training went
+    on without waiting for it, rank 0 buffered epoch 2, and the run ended with every epoch in MLflow
+    once, with the values training computed."""
+    _, _, root = tiny_trained
+    record = json.loads((root / "outage.json").read_text())
+    (ROOT / "runs" / "test-artifacts").mkdir(parents=True, exist_ok=True)
+    (ROOT / "runs" / "test-artifacts" / "mlflow_outage_in_training.json").write_text(json.dumps(record, indent=2))
+    # epoch 2 finished while the server was down (epoch 3 too when stopping the server took longer
+    # than a tiny-model epoch: then the end-of-run flush sends both; either way none may be lost)
+    assert record["checkpoints_while_down"] >= 2, "epoch 2 never finished while MLflow was down"
+    got, want = record["mlflow_train_loss"], record["trained"]
+    assert got == want and [e for e, _ in want] == [1, 2, 3], (got, want)
+    # no stall: epoch 2 (training + validation + checkpoint) took about as with the server up
+    assert record["epoch2_seconds_while_down"] < 120, record
 
 
 @pytest.fixture

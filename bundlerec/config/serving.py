@@ -185,6 +185,9 @@ class ExperimentConfig:
     cuped_days: float = 28.0
     """The pre-period CUPED reads: the users' logged impressions and feedback in these days before the
     experiment's first impression (0: none)."""
+    ray_data_min_mb: float = 256.0
+    """The report reads event logs this large or larger with Ray Data (parallel read tasks), smaller
+    ones in its own process with Arrow (a Ray Data read's task start-up costs seconds)."""
     pricing: dict = field(default_factory=dict)
     """Arm name -> pricing policy (``max_discount``, ``min_margin``, ``price_ending``: limits that tighten
     each bundle request's; ``explore``: safe price exploration around the optimum, its propensity
@@ -205,6 +208,7 @@ class ExperimentConfig:
                "experiment.shares must be > 0 and sum to 1")
         _check(self.control in self.arms, "experiment.control must be one of experiment.arms")
         _check(self.bootstrap >= 100, "experiment.bootstrap must be >= 100")
+        _check(float(self.ray_data_min_mb) >= 0, "experiment.ray_data_min_mb must be >= 0")
         _check(isinstance(self.pricing, dict) and set(self.pricing) <= set(self.arms),
                "experiment.pricing: arm name -> pricing policy, for arms of experiment.arms")
         for a, pol in self.pricing.items():

@@ -40,22 +40,42 @@ RATIOS = {"ctr": ("clicked", "impressions"), "add_to_cart_rate": ("carted", "imp
 assert set(RATIOS) == set(ONLINE_METRICS)
 
 
-def read_logs(event_log_dir: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Ray Data reads the experiment's rows of ``<event_log_dir>/{impressions,feedback}`` (local or
-    object store); the (small) per-user aggregation that follows runs in pandas."""
-    import ray.data
+def _scan(event_log_dir: str, kind: str, columns: list[str], where, ray_data_min_mb: float) -> pd.DataFrame:
+    """The rows of ``<event_log_dir>/<kind>`` (local or object store) for which ``where(field, isin)``
+    holds, the filter pushed down to the Parquet reader. Ray Data reads a log of ``ray_data_min_mb`` or
+    more (parallel read tasks); a smaller one is read here by Arrow's dataset scanner, since a Ray Data
+    read costs seconds of task start-up (12 s against 0.2 s on 150 files of 40 rows: the replicas
+    write a file per flush). FileNotFoundError when the folder holds no Parquet file."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
 
-    def rows_of(kind: str, columns: list[str]) -> pd.DataFrame:
-        path = storage.join(event_log_dir, kind)
-        try:
-            ds = ray.data.read_parquet(path, columns=columns, file_extensions=["parquet"])
-        except (FileNotFoundError, ValueError) as e:
-            if kind == "feedback":  # no feedback at all yet is a valid (if dull) report
-                return pd.DataFrame(columns=columns)
-            raise FileNotFoundError(f"no {kind} logged under {path}: {e}") from None
+    path = storage.join(event_log_dir, kind)
+    fs, base = pafs.FileSystem.from_uri(path if storage.is_uri(path) else storage.absolute(path))
+    files = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+             if f.type == pafs.FileType.File and f.base_name.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"no {kind} logged under {path}")
+    if sum(f.size for f in files) >= ray_data_min_mb * 2**20:
+        import ray.data
         from ray.data.expressions import col
 
-        return ds.filter(expr=col("experiment") == experiment).to_pandas()  # an Arrow filter, not per row
+        return (ray.data.read_parquet(path, file_extensions=["parquet"]).select_columns(columns)
+                .filter(expr=where(col, lambda e, v: e.is_in(v))).to_pandas())
+    ds = pads.dataset([f.path for f in files], filesystem=fs, format="parquet")
+    return ds.to_table(columns=columns, filter=where(pads.field, lambda e, v: e.isin(v))).to_pandas()
+
+
+def read_logs(event_log_dir: str, experiment: str, ray_data_min_mb: float = 256.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The experiment's rows of ``<event_log_dir>/{impressions,feedback}`` (:func:`_scan`); the (small)
+    per-user aggregation that follows runs in pandas."""
+
+    def rows_of(kind: str, columns: list[str]) -> pd.DataFrame:
+        try:
+            return _scan(event_log_dir, kind, columns, lambda f, _: f("experiment") == experiment, ray_data_min_mb)
+        except FileNotFoundError as e:
+            if kind == "feedback":  # no feedback at all yet is a valid (if dull) report
+                return pd.DataFrame(columns=columns)
+            raise FileNotFoundError(f"{e}") from None
 
     imp = rows_of("impressions", IMPRESSION_COLUMNS)
     if imp.empty:
@@ -125,30 +145,27 @@ def _replicates(users: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[s
         return {m: sums[a] / sums[b] for m, (a, b) in RATIOS.items()}
 
 
-def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float) -> Optional[pd.DataFrame]:
+def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float,
+                    ray_data_min_mb: float = 256.0) -> Optional[pd.DataFrame]:
     """The experiment's users' per-user sums over the ``days`` before its first impression, from every
     impression logged then (any experiment or none) and its feedback: the CUPED covariates. None when
     nothing was logged before."""
-    import ray.data
-    from ray.data.expressions import col
-
     start = pd.Timestamp(imp.event_time.min())
     units = sorted(set(imp.user_id.dropna().astype(str)))
+    lo, hi = (start - pd.Timedelta(days=days)).to_pydatetime(), start.to_pydatetime()
     try:
-        ds = ray.data.read_parquet(storage.join(event_log_dir, "impressions"), columns=IMPRESSION_COLUMNS,
-                                   file_extensions=["parquet"])
-        pre = ds.filter(expr=(col("event_time") < start.to_pydatetime())
-                        & (col("event_time") >= (start - pd.Timedelta(days=days)).to_pydatetime())
-                        & col("user_id").is_in(units)).to_pandas()
-    except (FileNotFoundError, ValueError):
+        pre = _scan(event_log_dir, "impressions", IMPRESSION_COLUMNS,
+                    lambda f, isin: (f("event_time") < hi) & (f("event_time") >= lo) & isin(f("user_id"), units),
+                    ray_data_min_mb)
+    except FileNotFoundError:
         return None
     if pre.empty:
         return None
+    ids = pre.impression_id.tolist()
     try:
-        fb = (ray.data.read_parquet(storage.join(event_log_dir, "feedback"), columns=FEEDBACK_COLUMNS,
-                                    file_extensions=["parquet"])
-              .filter(expr=col("impression_id").is_in(pre.impression_id.tolist())).to_pandas())
-    except (FileNotFoundError, ValueError):
+        fb = _scan(event_log_dir, "feedback", FEEDBACK_COLUMNS, lambda f, isin: isin(f("impression_id"), ids),
+                   ray_data_min_mb)
+    except FileNotFoundError:
         fb = pd.DataFrame(columns=FEEDBACK_COLUMNS)
     users, _ = per_user(pre.assign(arm="pre"), fb)
     return users

@@ -214,8 +214,9 @@ def run_report(cfg, promote_now: bool = False, replay: Optional[dict] = None) ->
     spec = read(client, name)
     if spec is None or spec["name"] != exp.name:  # stopped already: the config says what it was
         spec = spec_of(exp)
-    imp, fb = analysis.read_logs(cfg.serve.event_log_dir, spec["name"])
-    pre = analysis.read_pre_period(cfg.serve.event_log_dir, imp, exp.cuped_days) if exp.cuped_days > 0 else None
+    imp, fb = analysis.read_logs(cfg.serve.event_log_dir, spec["name"], exp.ray_data_min_mb)
+    pre = (analysis.read_pre_period(cfg.serve.event_log_dir, imp, exp.cuped_days, exp.ray_data_min_mb)
+           if exp.cuped_days > 0 else None)
     rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed, exp.promotion, pre)
     decision = decide(rep, exp.promotion, spec["control"])
     rep["decision"] = decision
@@ -306,7 +307,7 @@ def aa_false_positives(cfg, runs: int, users: int, token: Optional[str], seed: i
             stop(client, name)
         shown = sum(t["impressions"] for t in sim["truth"].values())
         analysis.wait_for_rows(cfg.serve.event_log_dir, exp.name, shown, timeout_s=10 * cfg.serve.event_flush_s + 30)
-        imp, fb = analysis.read_logs(cfg.serve.event_log_dir, exp.name)
+        imp, fb = analysis.read_logs(cfg.serve.event_log_dir, exp.name, exp.ray_data_min_mb)
         rep = analysis.report(imp, fb, spec, exp.bootstrap, exp.seed + r, rule)
         d = decide(rep, rule, "a")
         results.append({"experiment": exp.name, "promote": d["promote"], "srm_p": rep["srm"]["p_value"],

@@ -33,7 +33,7 @@ def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
                  "cv_discount_mae_median_baseline": cv["discount_mae"]["median"]})
     with amend(export_dir, "export"):
         model.save(export_dir, meta)
-    info = {"source": "fitted", **meta}
+    info = {"source": "transferred", **meta}
     log.info("pricing: fitted on %d Steam bundles, cv discount MAE %.4f (median baseline %.4f)",
              info["n_bundles"], info["cv_discount_mae"], info["cv_discount_mae_median_baseline"])
     return info
@@ -63,9 +63,10 @@ def run_price_stage(cfg: PipelineConfig, results: dict | None = None) -> dict:
     integrity.publish(local, target)
     write_text(cfg.results_path, json.dumps(results, indent=2, default=str))
     pricing = results["pricing"]
-    if results.get("run_id") and pricing.get("source") == "fitted":
+    if results.get("run_id") and pricing.get("source") == "transferred":
         mlflow.MlflowClient(cfg.mlflow.tracking_uri).log_batch(results["run_id"], metrics=[
             Metric(f"pricing/{k}", float(pricing[k]), int(time.time() * 1000), 0)
             for k in ("cv_discount_mae", "cv_discount_mae_median_baseline", "n_bundles") if k in pricing])
     print(f"[bundlerec] price: {pricing.get('source')} pricing in {target}", flush=True)
     return results
+

@@ -44,6 +44,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "experiment": ("jobs.experiment", "start / status / stop an online experiment (arms = registry versions)"),
     "experiment-report": ("jobs.experiment_report", "per-arm online metrics with intervals, SRM; --promote"),
     "simulate-traffic": ("jobs.simulate_traffic", "simulated shoppers against the live endpoint (A/B, A/A)"),
+    "fit-demand": ("jobs.fit_demand", "refit the bundle demand model on the endpoint's offers and feedback; register it"),
+    "bench-demand": ("jobs.bench_demand", "the pricing loop in the simulator: explore, refit, compare with the oracle"),
 }
 NO_AGENT = "No available agent to submit job"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

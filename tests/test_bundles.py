@@ -212,10 +212,10 @@ def test_fitted_pricing_round_trips_without_pickle(tmp_path):
     seal(str(tmp_path))  # an (empty) committed export: attaching verifies it first, then re-seals
     info = attach_pricing(PipelineConfig(pricing=PricingConfig(data_dir=STEAM)), str(tmp_path))
     assert verify(str(tmp_path)) == (True, "ok")
-    assert info["source"] == "fitted" and info["n_bundles"] > 500
+    assert info["source"] == "transferred" and info["n_bundles"] > 500
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "pricing.skops").exists()
     model, meta = PricingModel.load(str(tmp_path))
-    assert meta["source"] == "fitted" and meta["cv_discount_mae"] == info["cv_discount_mae"]
+    assert meta["source"] == "transferred" and meta["cv_discount_mae"] == info["cv_discount_mae"]
     games = model.price([19.99, 9.99, 4.99], ["Space Shooter", "Puzzle Quest", "Space Shooter Soundtrack"],
                         compare_separately=False)
     addons = model.price([19.99, 1.99, 1.99, 1.99], ["Racer", "Racer DLC pack", "Racer skin", "Racer OST"],
@@ -332,7 +332,7 @@ def test_the_price_stage_fits_pricing_into_the_trained_export_and_reseals_it(tmp
         run_price_stage(cfg)
     (tmp_path / "results.json").write_text(json.dumps({"export_dir": str(export), "metrics": {}}))
     out = run_price_stage(cfg)
-    assert out["pricing"]["source"] == "fitted" and out["pricing"]["cv_discount_mae"] > 0
+    assert out["pricing"]["source"] == "transferred" and out["pricing"]["cv_discount_mae"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["pricing"] == out["pricing"]
     assert integrity.verify(str(export)) == (True, "ok")
     model, meta = PricingModel.load(str(export))

@@ -715,6 +715,8 @@ def test_an_experiment_over_http_finds_the_better_arm_and_promotes_it(tiny_train
 
         # --- two price policies on one model version: compared, and the better one promoted onto it
         _price_policies(overrides, url, token, prep, logs, client, name, v_good["version"])
+        # --- the demand model refitted on the explored offers and their feedback, then serving
+        _demand_refit(overrides, url, token, prep, logs, client, name)
 
         # --- the write-ahead disk fills up under the running deployment
         if unmountable is None:
@@ -794,6 +796,41 @@ def _price_policies(overrides, url, token, prep, logs, client, name, version):
     for i, j, x in offered:
         assert rows.bundle_prices[i][j] == x["bundle_price"] and rows.bundle_optimal_prices[i][j] == x["optimal_price"]
         assert rows.bundle_price_propensities[i][j] == x["price_propensity"]
+
+
+def _demand_refit(overrides, url, token, prep, logs, client, name):
+    """Shoppers with known willingness to pay (the simulator's Demand) meet the champion's exploring
+    policy; `jobs.fit_demand` fits the demand model on every priced offer logged (Ray Data) and the
+    bundle_accept feedback, and registers it as a new version (challenger: a price model changes no
+    offline metric). Made champion, it is what prices every replica's bundles: price_source "feedback"."""
+    from bundlerec.client import http_json
+    from bundlerec.experiments.simulator import Demand, simulate
+    from bundlerec.registry.promotion import set_alias
+    from jobs import fit_demand
+
+    sim = simulate(url, prep, 150, token, seed=5, collect_ids=True, demand=Demand())
+    accepted, shown = sim["truth"]["None"]["accepted"], set(sim["impression_ids"])
+    deadline = time.time() + 60  # the last offers and acceptances reach Parquet at the next flush
+    while time.time() < deadline:
+        imp = set(pq.read_table(logs / "impressions", columns=["impression_id"]).column(0).to_pylist())
+        fb = pq.read_table(logs / "feedback", columns=["impression_id", "feedback_type", "event_id"]).to_pandas()
+        took = fb[fb.impression_id.isin(shown) & (fb.feedback_type == "bundle_accept")].drop_duplicates(["impression_id", "event_id"])
+        if shown <= imp and len(took) >= accepted:
+            break
+        time.sleep(0.5)
+    out = fit_demand.main(overrides)
+    fit, reg = out["fit"], out["registered"]
+    assert fit["n_offers"] >= 300 and fit["explored_share"] > 0.5 and fit["n_accepted"] >= accepted, fit
+    assert reg["alias"] == "challenger" and 0.01 < fit["s"] < 5, out
+    tag = json.loads(client.get_model_version(name, reg["version"]).tags["bundlerec.demand"])
+    assert tag["n_offers"] == fit["n_offers"] and tag["theta"] == [round(t, 6) for t in fit["theta"]]
+    set_alias(client, name, "champion", reg["version"])
+    _every_replica(lambda: http_json(f"{url}/v1/model", token=token)["pricing"]["source"], "feedback")
+    events = [{"item_id": "I000001", "event_type": "view", "event_time": "2026-11-30T10:00:00Z"}]
+    code, b = _post(f"{url}/v1/bundles", {"events": events, "n": 3}, token)
+    priced = [x for x in b["bundles"] if x["list_price"]]
+    assert code == 200 and priced and {x["price_source"] for x in priced} == {"feedback"}, b
+    assert all((x["discount"] or 0) <= 0.4 + 1e-9 for x in priced)  # the promoted policy's limit still holds
 
 
 def _post_with_headers(url, body, token) -> tuple:

@@ -467,10 +467,11 @@ def test_serve_endpoint_over_http_and_reload_on_alias_move(registered, ray_clust
         assert code == 200 and both["history_source"] == "query+user" and both["bundles"], both
         assert _post(f"{base}/v1/bundles", {"query": "kit", "user_id": user, "events": events})[0] == 422
         assert _post(f"{base}/v1/bundles", {"query": "   "})[0] == 422
-        # prices come from the fitted model the export carries, and depend on what is in the bundle
-        assert {b["price_source"] for b in body["bundles"]} == {"fitted"}
+        # prices come from the model fitted on the Steam bundles that the export carries (transferred to
+        # this catalog), and depend on what is in the bundle
+        assert {b["price_source"] for b in body["bundles"]} == {"transferred"}
         code, info = _get(f"{base}/v1/model")
-        assert info["pricing"]["source"] == "fitted" and info["pricing"]["n_bundles"] > 500
+        assert info["pricing"]["source"] == "transferred" and info["pricing"]["n_bundles"] > 500
         assert info["pricing"]["cv_discount_mae"] < info["pricing"]["cv_discount_mae_median_baseline"]
         considered = set()  # the model's best discount per bundle: offered, or named in the reason for not offering it
         for u in load_split(cfg.data.output_dir, "test").user_id.astype(str).unique()[:8]:
@@ -626,7 +627,7 @@ def _serve_metrics_reach_rays_metrics_endpoint(timeout_s: float = 90.0) -> None:
         "refused by the proxy 401": lambda ls: _metric(ls, "ray_bundlerec_edge_refused_total", status="401"),
         "refused by the proxy 403": lambda ls: _metric(ls, "ray_bundlerec_edge_refused_total", status="403"),
         "cold starts": lambda ls: _metric(ls, "ray_bundlerec_answers_total", history_source="cold_start"),
-        "fitted prices": lambda ls: _metric(ls, "ray_bundlerec_bundles_priced_total", price_source="fitted"),
+        "transferred prices": lambda ls: _metric(ls, "ray_bundlerec_bundles_priced_total", price_source="transferred"),
         "shed bundles": lambda ls: _metric(ls, "ray_bundlerec_bundles_shed_total"),
         "latency": lambda ls: _metric(ls, "ray_bundlerec_request_latency_ms_count", route="/v1/recommendations"),
     }

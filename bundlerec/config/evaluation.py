@@ -54,7 +54,7 @@ class PricingConfig:
 
     data_dir: Optional[str] = None
     """Steam-bundles directory (bundles.csv.gz + bundle_items.csv.gz) to fit on at export time;
-    None: no fitted model, and served bundles say price_source "default"."""
+    None: no fitted model, and served bundles say price_source "default" (with one, "transferred")."""
     s: float = 0.3
     """Logistic scale of willingness to pay (an assumption: it sets purchase probabilities)."""
 

@@ -13,7 +13,8 @@ bundle of them, viewing (and often clicking) one or two of its items -- the live
 * a clicked item is carted with probability 0.5 x relevance, a carted one bought with probability
   ``1 / (1 + price / (2 x the shopper's price reference))`` -- price sensitivity;
 * a shown bundle is accepted with probability ``0.6 x mean relevance x (0.4 + 3 x discount) / (1 + j)``
-  (capped at 1; j = its position) at its offered price.
+  (capped at 1; j = its position) at its offered price; or, given a :class:`Demand` (known
+  willingness-to-pay curves), ``min(1, 0.6 x mean relevance / (1 + j)) x P(WTP >= price)``.
 
 Every shopper draws from its own generator (seed, shopper index) and sends its own session id, so a
 run is deterministic whatever the concurrency. Some feedback is sent twice on purpose (the
@@ -30,6 +31,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Optional
 
@@ -37,6 +39,45 @@ import numpy as np
 import pandas as pd
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Known willingness to pay for a bundle of n items with list price L: ``L * exp(mu_i + eps)``,
+    ``eps ~ Logistic(0, s)``, ``mu_i = mu + per_item * log(n / 2) + spread * z_i`` with z_i ~ N(0, 1)
+    one shopper's own (heterogeneous shoppers when ``spread`` > 0). In the refitted demand model's
+    coordinates (bundlerec.pricing.feedback) the truth is theta = (mu, 0, per_item) and s."""
+
+    mu: float = -0.1
+    s: float = 0.15
+    per_item: float = -0.1
+    spread: float = 0.0
+
+    def buys(self, ratio: float, n: int, z: float) -> float:
+        """P(WTP >= price) at ``ratio`` = price / L for a shopper with trait ``z``."""
+        m = self.mu + self.per_item * np.log(max(n, 1) / 2) + self.spread * z
+        return float(1.0 / (1.0 + np.exp(-(m - np.log(max(ratio, 1e-9))) / self.s)))
+
+    def population(self, ratio: np.ndarray, n: int, draws: int = 4001) -> np.ndarray:
+        """P(WTP >= price) over all shoppers (the mixture over z), at each of ``ratio``."""
+        from scipy.special import erfinv
+
+        z = np.sqrt(2) * erfinv(np.linspace(-1, 1, draws + 2)[1:-1])  # evenly spaced N(0, 1) quantiles
+        m = self.mu + self.per_item * np.log(max(n, 1) / 2) + self.spread * z
+        return (1.0 / (1.0 + np.exp(-(m[None, :] - np.log(np.asarray(ratio, float))[:, None]) / self.s))).mean(1)
+
+    def optimal_ratio(self, n: int, lo: float = 0.0) -> float:
+        """The revenue-optimal price / L of a bundle of ``n`` items for the whole population (no
+        personal prices), at least ``lo``."""
+        r = np.linspace(max(lo, 0.05), 1.0, 1901)
+        return float(r[np.argmax(r * self.population(r, n))])
+
+    def oracle_theta(self) -> list[float]:
+        """theta of the demand model (with this ``s``) whose optimum is the population optimum at 2
+        and at 4 items (exact for homogeneous shoppers, where it is (mu, 0, per_item))."""
+        off = self.s * np.log((1 - self.s) / self.s)  # log r* = theta . z - off under the model
+        a, b = (np.log(self.optimal_ratio(n)) + off for n in (2, 4))
+        return [float(a), 0.0, float((b - a) / np.log(2))]
 
 
 class World:
@@ -81,7 +122,8 @@ def _post(url: str, body: dict, token: Optional[str], timeout: float = 60.0, pat
 
 
 def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, duplicate_rate: float,
-             visit: int = 0) -> dict:
+             visit: int = 0, demand: Optional[Demand] = None) -> dict:
+    trait = float(np.random.default_rng([seed, i, 7]).normal()) if demand else 0.0  # the shopper's own WTP
     rng = np.random.default_rng([seed, i])
     intents = rng.choice(len(world.groups), size=int(rng.integers(1, 3)), replace=False)
     groups = {world.groups[g] for g in intents}
@@ -140,7 +182,12 @@ def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, du
         value = float(np.mean([relevance(x) for x in items]))
         price = b.get("bundle_price") or b.get("list_price") or sum(world.price[x] for x in items)
         discount = float(b.get("discount") or 0.0)
-        if rng.random() < min(1.0, 0.6 * value * (0.4 + 3 * discount) / (1 + j)):
+        if demand is not None:
+            listed = sum(world.price[x] for x in items)
+            p_accept = min(1.0, 0.6 * value / (1 + j)) * demand.buys(float(price) / listed, len(items), trait)
+        else:
+            p_accept = min(1.0, 0.6 * value * (0.4 + 3 * discount) / (1 + j))
+        if rng.random() < p_accept:
             n += 1
             feedback.append({"impression_id": bun["impression_id"], "event_id": f"e{n}", "type": "bundle_accept",
                              "bundle_index": j, "items": items, "price": round(float(price), 2)})
@@ -162,11 +209,12 @@ def _shopper(i: int, world: World, url: str, token: Optional[str], seed: int, du
 
 def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, seed: int = 0,
              concurrency: int = 4, duplicate_rate: float = 0.05, progress=None, collect_ids: bool = False,
-             visit: int = 0) -> dict:
+             visit: int = 0, demand: Optional[Demand] = None) -> dict:
     """Play ``users`` shoppers against the endpoint at ``url``; returns the truth per arm (and, with
     ``collect_ids``, every impression id the shoppers received). ``visit`` > 0 brings the same
     shoppers (same seed: same session ids, intents, planted bundle and price reference) back with new
-    choices: visit 0 before an experiment starts is the pre-period its report's CUPED reads."""
+    choices: visit 0 before an experiment starts is the pre-period its report's CUPED reads.
+    ``demand``: bundles are accepted by known willingness-to-pay curves (:class:`Demand`)."""
     world = World(prep_dir)
     req = urllib.request.Request(f"{url}/v1/model", headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=30) as r:
@@ -177,7 +225,7 @@ def simulate(url: str, prep_dir: str, users: int, token: Optional[str] = None, s
     truth: dict = defaultdict(lambda: defaultdict(float))
     t0, done, ids = time.time(), 0, []
     with ThreadPoolExecutor(concurrency) as pool:
-        for r in pool.map(lambda i: _shopper(i, world, url, token, seed, duplicate_rate, visit), range(users)):
+        for r in pool.map(lambda i: _shopper(i, world, url, token, seed, duplicate_rate, visit, demand), range(users)):
             arm = r["arms"][0] if len(set(r["arms"])) == 1 else "MIXED"  # sticky: both answers in one arm
             t = truth[str(arm)]
             t["users"] += 1

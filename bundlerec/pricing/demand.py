@@ -74,9 +74,16 @@ class PricingModel:
     """Revenue-optimal discount assumed before fitting (the median Steam bundle discount)."""
     context: Optional[PricingContext] = None
     """Earlier bundles for the overlap/seller features (empty context: their fallbacks)."""
+    linear: Optional[dict] = None
+    """The demand model refitted on the shop's feedback (bundlerec.pricing.feedback): ``theta`` (mu =
+    theta . z on its FEEDBACK_FEATURES) and ``take_rate``; ``s`` is then fitted, not assumed."""
 
     def features(self, item_prices, item_names=None, item_genres=None, bundle_name: str = "",
                  item_ids: Optional[Sequence] = None) -> np.ndarray:
+        if self.linear is not None:
+            from bundlerec.pricing.feedback import demand_features
+
+            return demand_features(item_prices)
         ctx = self.context or PricingContext([], [], {})
         return np.concatenate([bundle_features(item_prices, item_names, item_genres, bundle_name), ctx.features(item_ids)])
 
@@ -98,9 +105,19 @@ class PricingModel:
 
         import skops.io as sio
 
+        os.makedirs(out_dir, exist_ok=True)
+        if self.linear is not None:  # the feedback refit: its parameters are the whole model
+            from bundlerec.pricing.feedback import FEEDBACK_FEATURES
+
+            for stale in ("pricing.skops", "pricing_context.json"):  # a transferred model's files
+                if os.path.exists(os.path.join(out_dir, stale)):
+                    os.remove(os.path.join(out_dir, stale))
+            with open(os.path.join(out_dir, "pricing.json"), "w") as f:
+                json.dump({**meta, "s": self.s, "source": "feedback", "features": list(FEEDBACK_FEATURES),
+                           "linear": self.linear}, f, indent=2)
+            return
         if self.regressor is None:
             raise ValueError("only a fitted pricing model is saved (the unfitted default needs no file)")
-        os.makedirs(out_dir, exist_ok=True)
         sio.dump(self.regressor, os.path.join(out_dir, "pricing.skops"))
         with open(os.path.join(out_dir, "pricing.json"), "w") as f:
             json.dump({"s": self.s, "seed": self.seed, "features": list(FEATURES), **meta}, f, indent=2)
@@ -120,6 +137,15 @@ class PricingModel:
             return cls(), {"source": "default", "note": f"no fitted pricing model: a fixed {cls.default_discount:.0%} "
                                                         f"optimal discount is assumed (set pricing.data_dir)"}
         meta = json.load(open(meta_path))
+        if meta.get("source") == "feedback":
+            from bundlerec.pricing.feedback import FEEDBACK_FEATURES
+
+            if list(meta.get("features", [])) != list(FEEDBACK_FEATURES):
+                raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the demand model")
+            lin = meta["linear"]
+            model = cls(s=float(meta["s"]), linear={"theta": [float(t) for t in lin["theta"]],
+                                                     "take_rate": [float(q) for q in lin["take_rate"]]})
+            return model, {k: v for k, v in meta.items() if k not in ("features", "linear")}
         if list(meta.get("features", [])) != list(FEATURES):
             raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the pricing model")
         path = os.path.join(export_dir, "pricing.skops")
@@ -132,7 +158,8 @@ class PricingModel:
         ctx_path = os.path.join(export_dir, "pricing_context.json")
         if os.path.exists(ctx_path):
             model.context = PricingContext(**json.load(open(ctx_path)))
-        return model, {"source": "fitted", **{k: v for k, v in meta.items() if k != "features"}}
+        # fitted elsewhere (the Steam bundles) and applied to this catalog
+        return model, {"source": "transferred", **{k: v for k, v in meta.items() if k not in ("features", "source")}}
 
     def offset(self) -> float:
         """s * logit(1 - s): how far below mean WTP the revenue-optimal price sits."""
@@ -142,6 +169,8 @@ class PricingModel:
     def mu(self, X: np.ndarray) -> np.ndarray:
         """Location of log(WTP / list price) implied by the fitted optimal discount, for each row of
         ``X`` (one model call for all rows: it does not depend on the price asked)."""
+        if self.linear is not None:
+            return np.atleast_2d(X) @ np.asarray(self.linear["theta"], dtype=float)
         d = self.predict_discount(np.atleast_2d(X))
         return np.log(np.maximum(1.0 - d, 1e-6)) + self.offset()
 
@@ -155,6 +184,10 @@ class PricingModel:
 
     def predict_discount(self, X: np.ndarray) -> np.ndarray:
         """Unconstrained revenue-optimal discount for each row of X."""
+        if self.linear is not None:  # s >= 1: revenue rises with the price up to the list price
+            if self.s >= 1:
+                return np.zeros(len(np.atleast_2d(X)))
+            return np.clip(1.0 - np.exp(self.mu(X) - self.offset()), 0.0, 0.95)
         if self.regressor is None:
             return np.full(len(X), self.default_discount)
         return np.clip(self.regressor.predict(X), 0.0, 0.95)

@@ -158,8 +158,11 @@ class Bundle(BaseModel):
                                            "pricing model's optimum, around which bundle_price was drawn")
     price_propensity: Optional[float] = Field(default=None, description="under a pricing policy that explores: the "
                                               "probability with which bundle_price was drawn (1: not explored)")
-    price_source: str = Field(description='"fitted": the export\'s fitted pricing model (GET /v1/model has its fit '
-                                          'metadata); "default": no fitted model, a fixed optimal discount is assumed; '
+    price_source: str = Field(description='"feedback": the demand model refitted on this shop\'s offers and '
+                                          'feedback (jobs.fit_demand); "transferred": the model fitted elsewhere '
+                                          '(the Steam bundles) and applied to this catalog (GET /v1/model has the '
+                                          'fit metadata of either); "default": no fitted model, a fixed optimal '
+                                          'discount is assumed; '
                                           '"none (...)": not priced, with the reason (no item prices, no price meets '
                                           'the request\'s limits, min_margin without item costs)')
 

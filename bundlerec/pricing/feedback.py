@@ -1,0 +1,98 @@
+"""A demand model fitted on the shop's own traffic: every bundle an answer offered at a price
+(the impression log: list price, the price shown, its position, and under an exploring policy the
+propensity of that price) and whether the shopper accepted it (``bundle_accept`` feedback).
+
+Model (docs/pricing.md, "Refitted from the shop's feedback"). A shopper who considers the bundle
+at position j (probability ``q_j``, the take rate a perfect price would get; a position effect)
+buys it at price p when their willingness to pay ``L * exp(theta . z + eps)``, ``eps ~ Logistic(0, s)``,
+is above p, with z = (1, log list price - log 50, log items - log 2):
+
+    P(accept | p, j) = q_j * sigmoid((theta . z - log(p / L)) / s)
+
+``theta``, ``s`` and ``q`` are fitted by maximum likelihood (scipy's L-BFGS-B; a small ridge on
+theta). The revenue-optimal price depends on theta and s only (``q_j`` scales revenue at every
+price alike), so serving prices with :class:`bundlerec.pricing.demand.PricingModel` in its
+``linear`` form. ``s`` is identified by price variation that is not chosen from what the shopper
+would accept: exploration (``pricing`` policy ``explore``) provides it; without it the fit
+says how little the prices varied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+FEEDBACK_FEATURES = ("const", "log_list_over_50", "log_items_over_2")
+POSITIONS = 3
+"""Take rates fitted per position: 1st, 2nd, 3rd and later offers."""
+
+
+def demand_features(item_prices) -> np.ndarray:
+    """z of one bundle (or one item alone) from its items' list prices (FEEDBACK_FEATURES)."""
+    p = np.asarray(item_prices, dtype=float)
+    return np.array([1.0, math.log(max(float(p.sum()), 1e-6) / 50.0), math.log(max(len(p), 1) / 2.0)])
+
+
+def offers(imp: pd.DataFrame, fb: pd.DataFrame, item_prices: dict) -> pd.DataFrame:
+    """One row per bundle an answer showed with a list price (at its bundle price, or at the list
+    price where it was offered separately): its features, log price ratio, position, propensity and
+    whether it was accepted (a ``bundle_accept`` of that impression and index, counted once).
+    ``item_prices``: item id -> list price."""
+    acc = fb[fb.feedback_type == "bundle_accept"][["impression_id", "bundle_index"]].dropna().drop_duplicates()
+    taken = set(zip(acc.impression_id, acc.bundle_index.astype(int)))
+    rows = []
+    for r in imp.itertuples(index=False):
+        items, lists, prices = r.bundle_items, r.bundle_list_prices, r.bundle_prices
+        if items is None or prices is None:
+            continue
+        props = r.bundle_price_propensities if r.bundle_price_propensities is not None else [None] * len(prices)
+        for j, (its, L, p) in enumerate(zip(items, lists, prices)):
+            known = [item_prices.get(str(x)) for x in its]
+            if L is None or not L > 0 or any(v is None for v in known):
+                continue  # not priced, or an item the catalog no longer prices
+            p = L if p is None else p  # offered separately: the items at their own prices, no discount
+            if not p > 0:
+                continue
+            z = demand_features(known)
+            rows.append({"impression_id": r.impression_id, "position": j, "z0": z[0], "z1": z[1], "z2": z[2],
+                         "log_ratio": math.log(p / L), "propensity": props[j] if j < len(props) else None,
+                         "accepted": float((r.impression_id, j) in taken)})
+    return pd.DataFrame(rows, columns=["impression_id", "position", "z0", "z1", "z2", "log_ratio", "propensity",
+                                       "accepted"])
+
+
+def fit(rows: pd.DataFrame, ridge: float = 1e-3) -> dict:
+    """Maximum-likelihood theta, s and q_j of :data:`__doc__`'s model on :func:`offers` rows; with the
+    data's accounting (offers, acceptances, the spread of the log price ratio that identifies s)."""
+    from scipy.optimize import minimize
+    from scipy.special import expit, log_expit
+
+    if len(rows) < 50 or rows.accepted.sum() < 10:
+        raise ValueError(f"{len(rows)} priced bundle offers with {int(rows.accepted.sum())} acceptances: too few to fit "
+                         "a demand model (at least 50 offers and 10 acceptances)")
+    Z = rows[["z0", "z1", "z2"]].to_numpy(float)
+    lr, y = rows.log_ratio.to_numpy(float), rows.accepted.to_numpy(float)
+    pos = np.minimum(rows.position.to_numpy(int), POSITIONS - 1)
+    k = Z.shape[1]
+
+    def nll(w):
+        theta, s, lq = w[:k], math.exp(w[k]), log_expit(w[k + 1:])[pos]
+        lp = lq + log_expit((Z @ theta - lr) / s)
+        return -(y * lp + (1 - y) * np.log1p(-np.minimum(np.exp(lp), 1 - 1e-12))).sum() + ridge * float(theta @ theta)
+
+    w0 = np.r_[np.zeros(k), math.log(0.3), np.zeros(POSITIONS)]
+    res = minimize(nll, w0, method="L-BFGS-B", bounds=[(-5, 5)] * k + [(math.log(0.01), math.log(5.0))]
+                   + [(-8, 8)] * POSITIONS)
+    theta, s = res.x[:k], float(math.exp(res.x[k]))
+    return {"theta": [float(t) for t in theta], "s": s, "take_rate": [float(q) for q in expit(res.x[k + 1:])],
+            "features": list(FEEDBACK_FEATURES), "n_offers": int(len(rows)), "n_accepted": int(y.sum()),
+            "log_price_ratio_sd": float(np.std(lr)), "explored_share": float((rows.propensity.fillna(1.0) < 1).mean()),
+            "converged": bool(res.success), "neg_log_likelihood": float(res.fun)}
+
+
+def elasticity(theta, s: float, z: np.ndarray, log_ratio: float) -> float:
+    """d log P(accept) / d log p of the model at one price: the price sensitivity a fit is judged by."""
+    sig = 1.0 / (1.0 + math.exp(-(float(np.dot(theta, z)) - log_ratio) / s))
+    return -(1.0 - sig) / s

@@ -65,16 +65,17 @@ stop:
 lint: setup
 	$(VENV)/bin/ruff check bundlerec jobs serve tests
 
-# Two pytest processes side by side: the tests on the suite's Ray cluster (marked `ray` by
-# tests/conftest.py) in file order, and the others, whose output follows.
+# Two pytest processes side by side, each with its own Ray cluster when it needs one (tests/conftest.py
+# marks the tests): the job API, Serve and pipeline tests (`ray and not training`), and the tests
+# without Ray followed by the Train and Tune tests (`not ray or training`), whose output follows.
 test: setup lint
 	@mkdir -p runs/test-artifacts; \
-	BUNDLEREC_TEST_STREAM=b timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=10 -m "not ray" \
+	BUNDLEREC_TEST_STREAM=b timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=15 -m "not ray or training" \
 	  -p no:cacheprovider --basetemp=$$(mktemp -d /tmp/bundlerec-tests-b-XXXXXX) tests \
 	  > runs/test-artifacts/pytest-b.log 2>&1 & other=$$!; \
-	BUNDLEREC_TEST_STREAM=a timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=25 -m ray tests; \
+	BUNDLEREC_TEST_STREAM=a timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=20 -m "ray and not training" tests; \
 	a_rc=$$?; wait $$other; b_rc=$$?; \
-	echo "---- beside it: pytest -m 'not ray' (exit $$b_rc)"; \
+	echo "---- beside it: pytest -m 'not ray or training' (exit $$b_rc)"; \
 	cat runs/test-artifacts/pytest-b.log; \
 	exit $$(( a_rc != 0 ? a_rc : b_rc ))
 

@@ -24,17 +24,22 @@ setup_env()
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+TRAINING_FILES = {"test_train.py", "test_tune.py"}
+"""Ray Train and Tune tests: `make test` runs them on a second Ray cluster of their own (:func:`ray_cluster`)."""
+
+
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Every test that uses the suite's Ray cluster is marked ``ray``. `make test` runs ``-m ray`` (one
-    Ray instance on the machine, in file order) and, in a second pytest process beside it,
-    ``-m "not ray"`` (the unit tier and the MLflow-only integration tests), because the Ray tests
-    mostly wait on processes and leave the 2 cores half idle. (A second Ray cluster for the Train
-    and Tune tests was tried: while it started, a job on the first cluster could not fetch its
-    working_dir package from that cluster's GCS.)"""
+    """Every test that uses the suite's Ray cluster is marked ``ray``, those of TRAINING_FILES also
+    ``training``. `make test` runs two pytest processes side by side, each with its own Ray cluster
+    when it needs one: ``-m "ray and not training"`` (the job API, Serve, the pipeline), and
+    ``-m "not ray or training"`` (the unit tier, the MLflow-only integration tests, then training and
+    tuning), because the Ray tests mostly wait on processes and leave the 2 cores half idle."""
     for item in items:
         if "ray_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
+            if item.path.name in TRAINING_FILES:
+                item.add_marker(pytest.mark.training)
 
 
 def _cpu_log() -> Path:
@@ -48,7 +53,11 @@ def ray_cluster():
     """A fresh local Ray instance (LOCAL_NUM_CPUS logical CPUs, 1 GiB object store, dashboard + job API).
     Another Ray instance on this machine (``make services``, a job started by hand) holds the job
     agent's fixed port, and this one's job API would never take a job: the tests that submit jobs
-    fail at once saying so (:func:`require_job_agent`)."""
+    fail at once saying so (:func:`require_job_agent`). In `make test`'s second pytest process
+    (``BUNDLEREC_TEST_STREAM=b``: the Train and Tune tests, which submit no job) the instance is a
+    ``ray start --head --block`` with every port its own, the dashboard agent's included: two agents on
+    Ray's fixed port would share its connections, and a job submitted to the first cluster could be
+    handed to the second's agent, which cannot find its working_dir package."""
     import ray
 
     # (an environment variable: pytest's conftest module and `from tests.support import` may be two modules)
@@ -56,15 +65,64 @@ def ray_cluster():
 
     _cpu_log().unlink(missing_ok=True)  # this run's only
     tmp = tempfile.mkdtemp(prefix="brt-", dir="/tmp")  # short: unix socket path limit
-    ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
-                   dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,
-                   runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    head = None
+    if os.environ.get("BUNDLEREC_TEST_STREAM") == "b":
+        head, gcs, url = _own_ports_head(tmp)
+        ray.init(address=gcs, runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+    else:
+        ctx = ray.init(address="local", num_cpus=LOCAL_NUM_CPUS, object_store_memory=1 << 30, include_dashboard=True,
+                       dashboard_host="127.0.0.1", dashboard_port=free_port(), _temp_dir=tmp,
+                       runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        url = "http://" + ctx.dashboard_url
     ray.data.DataContext.get_current().enable_progress_bars = False
-    url = "http://" + ctx.dashboard_url
-    wait_http(url + "/api/gcs_healthz", 60)  # open route; everything else needs the Ray auth token
-    yield url
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        wait_http(url + "/api/gcs_healthz", 60)  # open route; everything else needs the Ray auth token
+        yield url
+    finally:
+        ray.shutdown()
+        if head is not None:
+            _stop_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _own_ports_head(tmp: str):
+    """``ray start --head --block`` on ports of its own (free ones; Ray's defaults left to the other
+    cluster), its processes in one process group; returns (process, GCS address, dashboard URL)."""
+    import subprocess
+
+    ports = {k: free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                      "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+                                      "node-manager-port", "object-manager-port")}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--temp-dir={tmp}",
+           "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+           f"--num-cpus={LOCAL_NUM_CPUS}", f"--object-store-memory={1 << 30}", "--disable-usage-stats",
+           *(f"--{k}={v}" for k, v in ports.items())]
+    log = open(os.path.join(tmp, "ray-start.log"), "w")
+    # its processes (Train's placement-group cleaner among them) find it by RAY_ADDRESS, not by looking
+    # for a single Ray instance on the machine: there are two
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ports['port']}"}
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    url = f"http://127.0.0.1:{ports['dashboard-port']}"
+    try:
+        wait_http(url + "/api/gcs_healthz", 120)
+    except BaseException:
+        _stop_head(head)
+        raise RuntimeError(f"ray start did not come up: {open(os.path.join(tmp, 'ray-start.log')).read()[-3000:]}")
+    return head, f"127.0.0.1:{ports['port']}", url
+
+
+def _stop_head(head) -> None:
+    """SIGTERM to the head's process group (``--block`` then stops what it started), SIGKILL after 60 s."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(autouse=True)

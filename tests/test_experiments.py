@@ -254,6 +254,23 @@ def test_online_log_flushes_on_time_and_on_close(tmp_path):
     assert wal_dir_for("s3://b/x").endswith(".cache/bundlerec/wal") and wal_dir_for(str(tmp_path)).endswith("_wal")
 
 
+def test_a_flush_writes_a_hidden_file_then_renames_it(tmp_path, monkeypatch):
+    """A reader listing the folder while a replica flushes (the report, a notebook, Spark) never
+    meets a half-written Parquet file: it is written as a dot file, which readers skip, then renamed."""
+    from bundlerec.experiments import event_log
+
+    written, real = [], event_log.pq.write_table
+    monkeypatch.setattr(event_log.pq, "write_table", lambda t, path, **kw: (written.append(str(path)), real(t, path, **kw)))
+    el = EventLog(str(tmp_path), "impressions", str(tmp_path / "_wal"))
+    el.append([_imp(0)])
+    el.flush()
+    el.close()
+    assert len(written) == 1 and os.path.basename(written[0]).startswith("."), written
+    files = sorted(p.name for p in (tmp_path / "impressions").iterdir())
+    assert len(files) == 1 and files[0].endswith(".parquet") and not files[0].startswith(".")
+    assert pq.read_table(tmp_path / "impressions").num_rows == 1
+
+
 def test_appends_never_wait_for_a_slow_store(tmp_path, monkeypatch):
     """The flush thread converts a sealed segment to Parquet while the store takes 2 s to answer (an
     object-store PUT on a bad day): appends meanwhile return at local-disk speed, and every row
@@ -820,7 +837,8 @@ def _demand_refit(overrides, url, token, prep, logs, client, name):
         time.sleep(0.5)
     out = fit_demand.main(overrides)
     fit, reg = out["fit"], out["registered"]
-    assert fit["n_offers"] >= 300 and fit["explored_share"] > 0.5 and fit["n_accepted"] >= accepted, fit
+    # every priced offer of the model in the log: this part's explored ones and the earlier parts' others
+    assert fit["n_offers"] >= 300 and fit["explored_share"] > 0 and fit["n_accepted"] >= accepted, fit
     assert reg["alias"] == "challenger" and 0.01 < fit["s"] < 5, out
     tag = json.loads(client.get_model_version(name, reg["version"]).tags["bundlerec.demand"])
     assert tag["n_offers"] == fit["n_offers"] and tag["theta"] == [round(t, 6) for t in fit["theta"]]

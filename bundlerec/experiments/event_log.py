@@ -214,7 +214,8 @@ class EventLog:
             fs, p = pafs.FileSystem.from_uri(target)
             pq.write_table(table, p, filesystem=fs)  # one PUT: the object appears whole
         else:
-            tmp = f"{target}.{uuid.uuid4().hex[:8]}.tmp"
+            # hidden until renamed: Arrow, Ray Data and Spark skip dot files when they list the folder
+            tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
             pq.write_table(table, tmp)
             os.replace(tmp, target)
         self.written += len(rows)

@@ -16,7 +16,7 @@ import numpy as np
 
 from bundlerec.config import PipelineConfig, config_hash, flatten, to_dict
 from bundlerec import integrity
-from bundlerec.price import pricing_step
+from bundlerec.price import pricing_step, require_pricing_data
 from bundlerec.runtime import versions
 from bundlerec.storage import absolute, exists, is_uri, join, parent, read_text, write_text
 
@@ -340,6 +340,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     t0 = time.time()
     check_server(cfg.mlflow.tracking_uri)
+    require_pricing_data(cfg)
     summary: dict = {"mlflow_url": cfg.mlflow.tracking_uri, "experiment": cfg.mlflow.experiment,
                      "prep_dir": cfg.data.output_dir, "stages": list(cfg.stages)}
     bundle_source = cfg.data.source == "bundlerec_intent"

@@ -15,6 +15,18 @@ from bundlerec.storage import exists, read_text, write_text
 log = logging.getLogger(__name__)
 
 
+def require_pricing_data(cfg: PipelineConfig) -> None:
+    """Before any compute is spent: a set ``pricing.data_dir`` that a stage will fit on holds the Steam
+    bundles format (otherwise the error would come after training, from the pricing step)."""
+    from bundlerec.storage import join
+
+    if cfg.pricing.data_dir and {"train", "tune", "price"} & set(cfg.stages) \
+            and not exists(join(cfg.pricing.data_dir, "bundles.csv.gz")):
+        raise FileNotFoundError(f"pricing.data_dir={cfg.pricing.data_dir!r} has no bundles.csv.gz (the steam_bundles "
+                                "format); point it at a steam_bundles folder (an absolute path, or one relative to "
+                                "output_root) or set pricing.data_dir=null")
+
+
 def attach_pricing(cfg: PipelineConfig, export_dir: str) -> dict:
     """The price stage: the bundle-pricing model fitted on ``cfg.pricing.data_dir`` (Steam bundles
     format), cross-validated there (:func:`bundlerec.eval.pricing.evaluate_pricing`), and saved into

@@ -338,3 +338,18 @@ def test_the_price_stage_fits_pricing_into_the_trained_export_and_reseals_it(tmp
     model, meta = PricingModel.load(str(export))
     assert meta["n_bundles"] == out["pricing"]["n_bundles"]
     assert pricing_step(tiny_config("stages=[prep, train, price]"), str(export)) == {"source": "the price stage"}
+
+
+def test_a_pricing_folder_without_steam_bundles_fails_before_any_compute(tmp_path):
+    """The pipeline checks pricing.data_dir before prep and training (it used to fail in the pricing
+    step, after the training it had just paid for); stages that fit no pricing do not need it."""
+    from bundlerec.config import PipelineConfig, PricingConfig
+    from bundlerec.price import require_pricing_data
+
+    cfg = PipelineConfig(pricing=PricingConfig(data_dir=str(tmp_path)), stages=["prep", "train", "register"])
+    with pytest.raises(FileNotFoundError, match="no bundles.csv.gz"):
+        require_pricing_data(cfg)
+    require_pricing_data(PipelineConfig(pricing=PricingConfig(data_dir=str(tmp_path)), stages=["prep", "deploy"]))
+    require_pricing_data(PipelineConfig(pricing=PricingConfig(data_dir=None), stages=["train"]))
+    (tmp_path / "bundles.csv.gz").write_bytes(b"")
+    require_pricing_data(cfg)

@@ -835,7 +835,14 @@ def _demand_refit(overrides, url, token, prep, logs, client, name):
         if shown <= imp and len(took) >= accepted:
             break
         time.sleep(0.5)
-    out = fit_demand.main(overrides)
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"file://{logs.parent}/not-the-registry")  # the job names its own, as a new process does
+    try:
+        out = fit_demand.main(overrides)
+    finally:
+        mlflow.set_tracking_uri(before)
     fit, reg = out["fit"], out["registered"]
     # every priced offer of the model in the log: this part's explored ones and the earlier parts' others
     assert fit["n_offers"] >= 300 and fit["explored_share"] > 0 and fit["n_accepted"] >= accepted, fit

@@ -35,9 +35,9 @@ DEMAND_TAG = "bundlerec.demand"
 def reprice(cfg, source: str, pricing) -> dict:
     """A copy of the export of ``source`` (an alias or a version of ``serve.model_name``, verified
     against its pinned digest) whose pricing is ``pricing(export_dir)`` (a PricingModel and its
-    metadata), re-sealed and registered as a new version, judged as the source was (its history
-    length and primary metric: the same validation data). A price model changes no offline metric,
-    so the new version becomes challenger."""
+    metadata), re-sealed and registered as a new version with the source's validation evidence (a
+    price model changes no ranking): on that tie the champion stays, and the new version becomes
+    challenger."""
     import os
     import shutil
     import tempfile
@@ -47,6 +47,7 @@ def reprice(cfg, source: str, pricing) -> dict:
     from bundlerec.integrity import amend
     from bundlerec.registry.promotion import EXPORT_DIGEST_TAG, export_dir_of, load_verified, register
 
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)  # models:/ URIs resolve against the global registry
     name, client = cfg.serve.model_name, mlflow.MlflowClient(cfg.mlflow.tracking_uri)
     mv = client.get_model_version(name, source) if source.isdigit() else client.get_model_version_by_alias(name, source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +59,7 @@ def reprice(cfg, source: str, pricing) -> dict:
         with amend(out, "export"):
             model.save(out, {**meta, "from_version": str(mv.version)})
         reg = register(out, cfg.data.output_dir, cfg.mlflow.tracking_uri, cfg.mlflow.experiment, model_name=name,
-                       history_len=rec.history_len, primary_metric=mv.tags.get("primary_metric", "ndcg@10"))
+                       history_len=rec.history_len, primary_metric=mv.tags.get("primary_metric", "ndcg@10"), ranks_as=mv)
     return {**reg, "from_version": str(mv.version)}
 
 

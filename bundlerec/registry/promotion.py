@@ -222,10 +222,13 @@ def settle_champion(client, model_name: str, data_id: str, prep_dir: str, histor
 
 
 def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str, run_id: Optional[str] = None,
-             model_name: str = MODEL_NAME, history_len: Optional[int] = None, primary_metric: str = "ndcg@10") -> dict:
+             model_name: str = MODEL_NAME, history_len: Optional[int] = None, primary_metric: str = "ndcg@10",
+             ranks_as=None) -> dict:
     """Log ``export_dir`` as a pyfunc, register a new version, then settle champion/challenger on
     validation merit in ``primary_metric`` (:data:`SCORERS`, :func:`settle_champion`). Returns a
-    summary. A torn or altered export is refused before anything is registered (bundlerec.integrity)."""
+    summary. A torn or altered export is refused before anything is registered (bundlerec.integrity).
+    ``ranks_as``: a registered version whose ranking the export shares (a repricing): its validation
+    evidence is taken, not recomputed, so the tie keeps the incumbent."""
     from bundlerec.tracking import check_server
     from bundlerec.inference.recommender import Recommender
 
@@ -238,8 +241,11 @@ def register(export_dir: str, prep_dir: str, tracking_uri: str, experiment: str,
     cand = Recommender.from_export(export_dir)  # verifies the export's manifest
     if primary_metric not in SCORERS:
         raise ValueError(f"primary_metric must be one of {sorted(SCORERS)}, not {primary_metric!r}")
-    cand_score = SCORERS[primary_metric](cand, prep_dir, history_len)
-    data_id = validation_data_id(prep_dir, history_len, primary_metric)
+    if ranks_as is not None and ranks_as.tags.get("val_data") and score_tag(primary_metric) in ranks_as.tags:
+        data_id, cand_score = ranks_as.tags["val_data"], float(ranks_as.tags[score_tag(primary_metric)])
+    else:
+        cand_score = SCORERS[primary_metric](cand, prep_dir, history_len)
+        data_id = validation_data_id(prep_dir, history_len, primary_metric)
     label = f"val {primary_metric}"
 
     mlflow.set_experiment(experiment)

@@ -66,17 +66,19 @@ lint: setup
 	$(VENV)/bin/ruff check bundlerec jobs serve tests
 
 # Two pytest processes side by side, each with its own Ray cluster when it needs one (tests/conftest.py
-# marks the tests): the job API, Serve and pipeline tests (`ray and not training`), and the tests
-# without Ray followed by the Train and Tune tests (`not ray or training`), whose output follows.
+# marks the tests): the job API, Serve and pipeline tests (`ray and not training`, the job-submitting
+# ones first), and the tests without Ray followed by the Train and Tune tests (`not ray or training`),
+# whose cluster starts once the job submissions are done; its output follows.
 test: setup lint
 	@mkdir -p runs/test-artifacts; \
+	export BUNDLEREC_TEST_JOBS_DONE=$$(mktemp -u /tmp/bundlerec-jobs-done-XXXXXX); \
 	BUNDLEREC_TEST_STREAM=b timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=15 -m "not ray or training" \
 	  -p no:cacheprovider --basetemp=$$(mktemp -d /tmp/bundlerec-tests-b-XXXXXX) tests \
 	  > runs/test-artifacts/pytest-b.log 2>&1 & other=$$!; \
 	BUNDLEREC_TEST_STREAM=a timeout 5400 $(VENV)/bin/python -m pytest -x -q --durations=20 -m "ray and not training" tests; \
 	a_rc=$$?; wait $$other; b_rc=$$?; \
 	echo "---- beside it: pytest -m 'not ray or training' (exit $$b_rc)"; \
-	cat runs/test-artifacts/pytest-b.log; \
+	cat runs/test-artifacts/pytest-b.log; rm -f "$$BUNDLEREC_TEST_JOBS_DONE"; \
 	exit $$(( a_rc != 0 ? a_rc : b_rc ))
 
 # The tiers: unit (no Ray, about a minute), integration (real services on 127.0.0.1), end to end.

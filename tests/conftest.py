@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 
 TRAINING_FILES = {"test_train.py", "test_tune.py"}
 """Ray Train and Tune tests: `make test` runs them on a second Ray cluster of their own (:func:`ray_cluster`)."""
+JOB_FILES = ("test_backends.py", "test_cli.py", "test_make_demo.py")
+"""Tests that submit Ray jobs. `make test` runs them first, and starts the second cluster only once they
+are done (``BUNDLEREC_TEST_JOBS_DONE``, a flag file): twice a job submitted while the second cluster
+ran could not fetch its working_dir package from the first cluster's GCS (docs/CHANGELOG.md, sessions 23-24)."""
 
 
 @pytest.hookimpl(tryfirst=True)  # before the `-m` selection reads the marks
@@ -40,6 +45,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
             if item.path.name in TRAINING_FILES:
                 item.add_marker(pytest.mark.training)
+    if os.environ.get("BUNDLEREC_TEST_STREAM") == "a":
+        items.sort(key=lambda it: it.path.name not in JOB_FILES)  # stable: the job-submitting files first
+    elif os.environ.get("BUNDLEREC_TEST_STREAM") == "b" and os.environ.get("BUNDLEREC_TEST_JOBS_DONE"):
+        first = next((it for it in items if "ray_cluster" in it.fixturenames), None)
+        if first is not None:  # its set-up may wait up to JOBS_WAIT_S for the other process (ray_cluster)
+            first.add_marker(pytest.mark.timeout(JOBS_WAIT_S + 900))
+
+
+JOBS_WAIT_S = 1800
+"""How long stream b's cluster waits for stream a's job submissions to finish."""
+
+
+def _jobs_done() -> None:
+    """Stream a's signal to stream b: no more job submissions (the flag file of `make test`)."""
+    flag = os.environ.get("BUNDLEREC_TEST_JOBS_DONE")
+    if flag and os.environ.get("BUNDLEREC_TEST_STREAM") == "a" and not os.path.exists(flag):
+        Path(flag).touch()
+
+
+def pytest_runtest_setup(item):
+    if item.path.name not in JOB_FILES:
+        _jobs_done()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _jobs_done()  # also when stream a stops early: stream b must not wait for it
 
 
 def _cpu_log() -> Path:
@@ -90,6 +121,11 @@ def _own_ports_head(tmp: str):
     cluster), its processes in one process group; returns (process, GCS address, dashboard URL)."""
     import subprocess
 
+    flag, deadline = os.environ.get("BUNDLEREC_TEST_JOBS_DONE"), time.time() + JOBS_WAIT_S
+    if flag and not os.path.exists(flag):
+        print(f"\n[tests] waiting for the other pytest process's job submissions to finish ({flag})", flush=True)
+    while flag and not os.path.exists(flag) and time.time() < deadline:
+        time.sleep(2)
     ports = {k: free_port() for k in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                       "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
                                       "node-manager-port", "object-manager-port")}

@@ -125,6 +125,26 @@ def registered_checkpoints(storage: Path) -> int:
     return n
 
 
+def fit_in_thread(cfg, run_id: str | None = None):
+    """``fit(cfg)`` started in a daemon thread (so that a test can break things while it trains);
+    returns (thread, box): ``box["out"]`` is the result, ``box["err"]`` what it raised."""
+    import threading
+
+    from bundlerec.train.fit import fit
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["out"] = fit(cfg, cfg.data.output_dir, run_id=run_id)
+        except BaseException as e:  # the caller surfaces it
+            box["err"] = e
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th, box
+
+
 def fit_through_a_tracking_outage(cfg, root: Path) -> dict:
     """``fit(cfg)`` logging to its own MLflow server, which is stopped once the 1st checkpoint is
     registered and restarted (same port, same store) after the 2nd: training must not wait for it.
@@ -134,27 +154,17 @@ def fit_through_a_tracking_outage(cfg, root: Path) -> dict:
     is the suite's shared trained model (the outage changes nothing it trains)."""
     import dataclasses
     import json
-    import threading
 
     from bundlerec.tracking import start_run
-    from bundlerec.train.fit import fit
 
     (root / "mlflow").mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc, uri = start_mlflow(root / "mlflow", port)
-    storage, box = Path(cfg.train.storage_path), {}
+    storage = Path(cfg.train.storage_path)
     try:
         run_id = start_run(uri, "test-outage", "outage-in-training", {}, {})
         logged = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
-
-        def run():
-            try:
-                box["out"] = fit(logged, cfg.data.output_dir, run_id=run_id)
-            except BaseException as e:  # raised below
-                box["err"] = e
-
-        th = threading.Thread(target=run, daemon=True)
-        th.start()
+        th, box = fit_in_thread(logged, run_id)
         deadline = time.time() + 400
         while registered_checkpoints(storage) < 1 and time.time() < deadline and th.is_alive():
             time.sleep(0.1)

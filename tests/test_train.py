@@ -8,14 +8,13 @@ import glob
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from bundlerec.train.fit import fit
-from tests.support import ROOT, mlflow_get, registered_checkpoints, tiny_config
+from tests.support import ROOT, fit_in_thread, mlflow_get, registered_checkpoints, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -37,19 +36,10 @@ def _fit_with_a_fault(cfg, run_id, root, after_checkpoints: int, before_kill=Non
 
     import ray
 
-    box: dict = {}
     # this process's cluster, by address: with none given, the state API asks the Ray instance started
     # last on this machine, which may be another test's (CI of stop 36 polled one with no Train workers)
     address = ray.get_runtime_context().gcs_address
-
-    def run():
-        try:
-            box["out"] = fit(cfg, cfg.data.output_dir, run_id=run_id)
-        except BaseException as e:  # surfaced below
-            box["err"] = e
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
+    th, box = fit_in_thread(cfg, run_id)
     deadline = time.time() + 400
     pids: list = []
     started = time.time() + 150  # the workers are normally up within 15 s

@@ -40,7 +40,7 @@ RATIOS = {"ctr": ("clicked", "impressions"), "add_to_cart_rate": ("carted", "imp
 assert set(RATIOS) == set(ONLINE_METRICS)
 
 
-def _scan(event_log_dir: str, kind: str, columns: list[str], where, ray_data_min_mb: float) -> pd.DataFrame:
+def scan(event_log_dir: str, kind: str, columns: list[str], where, ray_data_min_mb: float) -> pd.DataFrame:
     """The rows of ``<event_log_dir>/<kind>`` (local or object store) for which ``where(field, isin)``
     holds, the filter pushed down to the Parquet reader. Ray Data reads a log of ``ray_data_min_mb`` or
     more (parallel read tasks); a smaller one is read here by Arrow's dataset scanner, since a Ray Data
@@ -66,12 +66,12 @@ def _scan(event_log_dir: str, kind: str, columns: list[str], where, ray_data_min
 
 
 def read_logs(event_log_dir: str, experiment: str, ray_data_min_mb: float = 256.0) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The experiment's rows of ``<event_log_dir>/{impressions,feedback}`` (:func:`_scan`); the (small)
+    """The experiment's rows of ``<event_log_dir>/{impressions,feedback}`` (:func:`scan`); the (small)
     per-user aggregation that follows runs in pandas."""
 
     def rows_of(kind: str, columns: list[str]) -> pd.DataFrame:
         try:
-            return _scan(event_log_dir, kind, columns, lambda f, _: f("experiment") == experiment, ray_data_min_mb)
+            return scan(event_log_dir, kind, columns, lambda f, _: f("experiment") == experiment, ray_data_min_mb)
         except FileNotFoundError as e:
             if kind == "feedback":  # no feedback at all yet is a valid (if dull) report
                 return pd.DataFrame(columns=columns)
@@ -133,7 +133,7 @@ def _at(prices, i: int) -> float:
         return np.nan
 
 
-def _replicates(users: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def replicates(users: pd.DataFrame, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Poisson-bootstrap replicates (n,) of every metric for one arm's users."""
     sums = {c: np.zeros(n) for c in {c for pair in RATIOS.values() for c in pair}}
     x = {c: users[c].to_numpy(float) for c in sums}
@@ -154,7 +154,7 @@ def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float,
     units = sorted(set(imp.user_id.dropna().astype(str)))
     lo, hi = (start - pd.Timedelta(days=days)).to_pydatetime(), start.to_pydatetime()
     try:
-        pre = _scan(event_log_dir, "impressions", IMPRESSION_COLUMNS,
+        pre = scan(event_log_dir, "impressions", IMPRESSION_COLUMNS,
                     lambda f, isin: (f("event_time") < hi) & (f("event_time") >= lo) & isin(f("user_id"), units),
                     ray_data_min_mb)
     except FileNotFoundError:
@@ -163,7 +163,7 @@ def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float,
         return None
     ids = pre.impression_id.tolist()
     try:
-        fb = _scan(event_log_dir, "feedback", FEEDBACK_COLUMNS, lambda f, isin: isin(f("impression_id"), ids),
+        fb = scan(event_log_dir, "feedback", FEEDBACK_COLUMNS, lambda f, isin: isin(f("impression_id"), ids),
                    ray_data_min_mb)
     except FileNotFoundError:
         fb = pd.DataFrame(columns=FEEDBACK_COLUMNS)
@@ -171,7 +171,7 @@ def read_pre_period(event_log_dir: str, imp: pd.DataFrame, days: float,
     return users
 
 
-def _ratio(users: pd.DataFrame, metric: str) -> float:
+def ratio(users: pd.DataFrame, metric: str) -> float:
     a, b = RATIOS[metric]
     den = users[b].sum()
     return float(users[a].sum() / den) if den > 0 else float("nan")
@@ -206,11 +206,11 @@ def report(imp: pd.DataFrame, fb: pd.DataFrame, spec: dict, bootstrap: int = 200
     arms, reps = {}, {}
     for arm in sorted(spec["arms"]):
         u = users[users.arm == arm]
-        reps[arm] = _replicates(u, bootstrap, rng) if len(u) else {m: np.full(bootstrap, np.nan) for m in RATIOS}
+        reps[arm] = replicates(u, bootstrap, rng) if len(u) else {m: np.full(bootstrap, np.nan) for m in RATIOS}
         served = imp[imp.arm == arm].model_version.value_counts()
         arms[arm] = {"units": int(len(u)), "impressions": int(u.impressions.sum()) if len(u) else 0,
                      "model_versions": {str(k): int(v) for k, v in served.items()},
-                     "metrics": {m: {"estimate": _ratio(u, m) if len(u) else float("nan"),
+                     "metrics": {m: {"estimate": ratio(u, m) if len(u) else float("nan"),
                                      "ci95": _quantiles(reps[arm][m], 0.025, 0.975)} for m in RATIOS}}
     control = spec["control"]
     diffs = {}

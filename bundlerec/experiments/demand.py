@@ -82,10 +82,10 @@ def refit_demand(cfg, source: str = "champion") -> dict:
     name, logs = cfg.serve.model_name, cfg.serve.event_log_dir
     cols = ["impression_id", "model_name", "endpoint", "bundle_items", "bundle_list_prices", "bundle_prices",
             "bundle_price_propensities"]
-    imp = analysis._scan(logs, "impressions", cols, lambda f, _: (f("endpoint") == "bundles") & (f("model_name") == name), 0)
+    imp = analysis.scan(logs, "impressions", cols, lambda f, _: (f("endpoint") == "bundles") & (f("model_name") == name), 0)
     ids = imp.impression_id.tolist()
     try:
-        fb = analysis._scan(logs, "feedback", ["impression_id", "feedback_type", "bundle_index"],
+        fb = analysis.scan(logs, "feedback", ["impression_id", "feedback_type", "bundle_index"],
                             lambda f, isin: (f("feedback_type") == "bundle_accept") & isin(f("impression_id"), ids), 0)
     except FileNotFoundError:
         fb = pd.DataFrame(columns=["impression_id", "feedback_type", "bundle_index"])
@@ -128,8 +128,8 @@ def _intervals(imp, fb, arms: list[str], control: str, boot: int, seed: int) -> 
     reps, out = {}, {}
     for a in arms:
         u = users[users.arm == a]
-        reps[a] = analysis._replicates(u, boot, rng)
-        out[a] = {"users": int(len(u)), **{m: {"estimate": analysis._ratio(u, m),
+        reps[a] = analysis.replicates(u, boot, rng)
+        out[a] = {"users": int(len(u)), **{m: {"estimate": analysis.ratio(u, m),
                                                "interval": [float(x) for x in np.nanquantile(reps[a][m], [0.025, 0.975])]}
                                            for m in ("revenue_per_impression", "bundle_take_rate", "realized_discount")}}
     for a in arms:

@@ -19,19 +19,22 @@ def command(config: Config = None, overrides: Overrides = None,
             per_item: Annotated[float, typer.Option(help="true change of mu per log(items / 2)")] = 0.0,
             spread: Annotated[float, typer.Option(help="sd of the shoppers' own mu (0: homogeneous)")] = 0.0,
             seed: Annotated[int, typer.Option(help="the shoppers' seed")] = 0,
+            rounds: Annotated[int, typer.Option(help="explore-and-refit rounds (each explores around the last refit)")] = 1,
             out: Annotated[Optional[str], path_option("--out", help="write the record as JSON here", output=True)] = None) -> dict:
     """On a deployed endpoint of a synthetic prep (auth on, an event log): the champion explores
     prices for --explore-users simulated shoppers whose willingness to pay is known (--mu, --s,
-    --per-item, --spread); fit-demand refits the demand model on the logs; a three-arm experiment
+    --per-item, --spread); fit-demand refits the demand model on the logs (--rounds times: the refit
+    explores for as many shoppers again and is refitted on every round's offers); a three-arm experiment
     (transferred = the champion, feedback = the refit, oracle = the true curves) serves --ab-users
     more. The record: the fit against the truth (elasticity at the oracle price), revenue per
-    impression per arm with 95 % bootstrap intervals, each arm's ratio to the oracle. It registers two
-    versions and leaves the champion where it was.
+    impression per arm with 95 % bootstrap intervals, each arm's ratio to the oracle. It registers
+    --rounds + 1 versions (each refit, the oracle) and leaves the champion where it was.
 
     \b
     Examples (`python -m jobs.bench_demand` takes the same arguments):
       bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --out demand.json
       bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --spread 0.2
+      bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --rounds 4
     """
     from bundlerec.experiments.demand import measure
     from bundlerec.experiments.simulator import Demand
@@ -43,8 +46,8 @@ def command(config: Config = None, overrides: Overrides = None,
     init_ray()  # fit-demand reads the logs with Ray Data
     token = read_token(cfg.serve.token_file) if cfg.serve.auth else None
     res = measure(cfg, token, Demand(mu=mu, s=s, per_item=per_item, spread=spread), explore_users, ab_users, explore,
-                  seed, progress=lambda done, total, sec: print(f"[bench-demand] {done}/{total} shoppers, {sec:.0f}s",
-                                                               flush=True))
+                  seed, rounds=rounds,
+                  progress=lambda done, total, sec: print(f"[bench-demand] {done}/{total} shoppers, {sec:.0f}s", flush=True))
     print(json.dumps(res, indent=2, default=float))
     if out:
         with open(out, "w") as f:

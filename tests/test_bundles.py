@@ -115,7 +115,8 @@ def test_price_limits_are_met_exactly_or_refused(prices, cost_share, max_discoun
        seed=st.integers(0, 2**31))
 def test_explored_prices_stay_inside_the_limits_and_say_how_they_were_drawn(prices, max_discount, ending, width, seed):
     """pricing policy ``explore``: the shown price is one of at most 5 feasible prices within width x
-    list of the optimum, drawn with the propensity the answer gives; the limits hold exactly."""
+    list of the optimum (of the list price, selling separately among them, where the model would
+    sell separately), drawn with the propensity the answer gives; the limits hold exactly."""
     from bundlerec.pricing.demand import EXPLORE_POINTS
 
     m, L = PricingModel(), sum(prices)
@@ -126,14 +127,22 @@ def test_explored_prices_stay_inside_the_limits_and_say_how_they_were_drawn(pric
     rng = np.random.default_rng(seed)
     drawn = [m.price_many([dict(item_prices=prices)], max_discount=max_discount, price_ending=ending, explore=width,
                           rng=rng)[0] for _ in range(40)]
-    if best["offer"] != "bundle":
-        assert all(d["bundle_price"] is None and d["price_propensity"] == 1.0 and d["optimal_price"] is None for d in drawn)
-        return
+    separately = best["offer"] != "bundle"
+    if separately:  # explored below the list price, selling separately one of the choices
+        assert all(d["optimal_price"] == round(L, 2) for d in drawn)
+        assert all(d["offer"] == "separately" and d["discount"] == 0.0 for d in drawn if d["bundle_price"] is None)
+        assert all(d["offer"] == "bundle" and d["offer_reason"].startswith("explored") for d in drawn
+                   if d["bundle_price"] is not None)
+    else:
+        assert all(d["optimal_price"] == best["bundle_price"] for d in drawn)
     shown = {d["bundle_price"] for d in drawn}
-    assert all(d["optimal_price"] == best["bundle_price"] for d in drawn)
-    assert len(shown) <= EXPLORE_POINTS and all(abs(p - best["bundle_price"]) <= width * L + 0.01 for p in shown)
+    centre = L if separately else best["bundle_price"]
+    assert len(shown) <= EXPLORE_POINTS and all(p is None or abs(p - centre) <= width * L + 0.01 for p in shown)
     for d in drawn:
         p = d["bundle_price"]
+        if p is None:
+            assert 1 / EXPLORE_POINTS <= d["price_propensity"] <= 1
+            continue
         assert L * (1 - max_discount) - 1e-9 <= p <= L + 1e-9 and abs(p * 100 - round(p * 100)) < 1e-6
         assert ending is None or round(p * 100) % 100 == 99
         assert 1 / EXPLORE_POINTS <= d["price_propensity"] <= 1 and d["discount"] == pytest.approx(1 - p / L)
@@ -144,7 +153,7 @@ def test_explored_prices_stay_inside_the_limits_and_say_how_they_were_drawn(pric
     many = [m.price_many([dict(item_prices=prices)], max_discount=max_discount, price_ending=ending, explore=width,
                          rng=rng)[0]["bundle_price"] for _ in range(60 * k)] if k > 1 else []
     if many:
-        counts = np.unique(many, return_counts=True)[1]
+        counts = np.unique([-1.0 if p is None else p for p in many], return_counts=True)[1]
         assert len(counts) == k and counts.min() > 60 * 0.4
 
 

@@ -5,7 +5,8 @@ shoppers' willingness to pay is known (:class:`bundlerec.experiments.simulator.D
 
 1. the champion (its pricing model transferred from the Steam bundles) serves shoppers with an
    exploring price policy, and the endpoint logs every offer and acceptance;
-2. ``jobs.fit_demand`` refits the demand model on those logs (a new version, challenger);
+2. ``jobs.fit_demand`` refits the demand model on those logs (a new version, challenger); with
+   ``rounds`` > 1 the refit explores in its turn and is refitted on every round's offers;
 3. an oracle version: the champion's export pricing with the true curves;
 4. a three-arm experiment (transferred, feedback, oracle; no exploration) on new shoppers: revenue
    per impression per arm with bootstrap intervals over users, and the refit's ratio to the oracle.
@@ -96,8 +97,8 @@ def refit_demand(cfg, source: str = "champion") -> dict:
         prices = {str(i): float(p) for i, p in zip(items.item_id, items.price) if p == p and p >= 0}
         fitted.update(feedback.fit(feedback.offers(imp, fb, prices)))
         meta = {"fitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(), "event_log_dir": logs,
-                **{k: v for k, v in fitted.items() if k not in ("theta", "s", "take_rate", "features")}}
-        return PricingModel(s=fitted["s"], linear={"theta": fitted["theta"], "take_rate": fitted["take_rate"]}), meta
+                **{k: v for k, v in fitted.items() if k not in ("theta", "s", "take_rate", "min_ratio", "features")}}
+        return PricingModel(s=fitted["s"], linear={k: fitted[k] for k in ("theta", "take_rate", "min_ratio")}), meta
 
     reg = reprice(cfg, source, pricing)
     fit = fitted
@@ -140,31 +141,55 @@ def _intervals(imp, fb, arms: list[str], control: str, boot: int, seed: int) -> 
     return out
 
 
+def _explore(cfg, client, token, version: str, k: int, explore: float, users: int, seed: int, demand: Demand,
+             progress) -> dict:
+    """Round ``k`` of exploration: ``users`` shoppers meet ``version`` with the pricing policy
+    ``explore`` (an experiment whose two arms serve it alike), their offers reach the event log."""
+    from bundlerec.experiments.lifecycle import start, stop, wait_for_experiment
+
+    exp = dataclasses.replace(cfg.experiment, name=f"explore-{k}-{int(time.time())}", arms={"a": version, "b": version},
+                              shares={"a": 0.5, "b": 0.5}, control="a", salt="",
+                              pricing={"a": {"explore": explore}, "b": {"explore": explore}})
+    start(client, cfg.serve.model_name, exp)
+    try:
+        wait_for_experiment(cfg.serve.url, token, exp.name)
+        sim = simulate(cfg.serve.url, cfg.data.output_dir, users, token, seed=seed, demand=demand, progress=progress)
+    finally:
+        stop(client, cfg.serve.model_name)
+    time.sleep(3 * cfg.serve.event_flush_s + 1)  # the last offers reach Parquet
+    return sim
+
+
 def measure(cfg, token: Optional[str], demand: Demand, explore_users: int = 2000, ab_users: int = 3000,
-            explore: float = 0.15, seed: int = 0, bootstrap: int = 2000, progress=print) -> dict:
-    """The loop of the module docstring on the deployed endpoint of ``cfg``; returns the fit, the
-    truth it is judged against (the population elasticity at the oracle price of a 2-item bundle)
-    and the three arms' revenue."""
+            explore: float = 0.15, seed: int = 0, bootstrap: int = 2000, rounds: int = 1, progress=print) -> dict:
+    """The loop of the module docstring on the deployed endpoint of ``cfg``, with ``rounds`` rounds
+    of steps 1-2 (round k explores around round k-1's refit, and each refit pools every round's
+    offers: the trust region of :mod:`bundlerec.pricing.feedback` moves one step a round); returns
+    each round's fit, the truth the last is judged against (the population elasticity at the oracle
+    price of a 2-item bundle) and the three arms' revenue."""
     import mlflow
 
     from bundlerec.experiments import analysis
-    from bundlerec.experiments.lifecycle import PRICING_TAG, start, stop, wait_for_experiment
+    from bundlerec.experiments.lifecycle import start, stop, wait_for_experiment
     from bundlerec.pricing import feedback
 
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
     name, client, url = cfg.serve.model_name, mlflow.MlflowClient(cfg.mlflow.tracking_uri), cfg.serve.url
     champion = client.get_model_version_by_alias(name, "champion").version
-    t0 = time.time()
-    client.set_registered_model_tag(name, PRICING_TAG, json.dumps({"explore": explore}))
-    time.sleep(3 * cfg.serve.poll_s + 1)  # every replica has read the policy
-    sim = simulate(url, cfg.data.output_dir, explore_users, token, seed=seed, demand=demand, progress=progress)
-    client.delete_registered_model_tag(name, PRICING_TAG)
-    time.sleep(3 * cfg.serve.event_flush_s + 1)  # the last offers reach Parquet
-    refit = refit_demand(cfg, str(champion))
+    t0, served, history, explored = time.time(), str(champion), [], {}
+    for k in range(rounds):
+        sim = _explore(cfg, client, token, served, k, explore, explore_users, seed + 10 * k, demand, progress)
+        explored[str(k)] = sim["truth"]
+        refit = refit_demand(cfg, str(champion))
+        history.append({"round": k + 1, "explored": served, "version": refit["registered"]["version"],
+                        **{key: refit["fit"][key] for key in ("s", "theta", "take_rate", "take_rate_size", "min_ratio",
+                                                              "n_offers", "n_accepted", "explored_share")}})
+        served = refit["registered"]["version"]
     fit = refit["fit"]
     oracle = _oracle_version(cfg, demand, str(champion))
     exp = dataclasses.replace(cfg.experiment, name=f"demand-{int(time.time())}",
-                              arms={"transferred": str(champion), "feedback": refit["registered"]["version"],
-                                    "oracle": oracle},
+                              arms={"transferred": str(champion), "feedback": served, "oracle": oracle},
                               shares={"transferred": 1 / 3, "feedback": 1 / 3, "oracle": 1 / 3},
                               control="transferred", salt="", pricing={})
     start(client, name, exp)
@@ -183,10 +208,10 @@ def measure(cfg, token: Optional[str], demand: Demand, explore_users: int = 2000
     truth_el = float(np.gradient(np.log(pop), np.log(r))[np.argmin(np.abs(r - r_star))])
     z = feedback.demand_features([25.0, 25.0])
     fit_el = feedback.elasticity(fit["theta"], fit["s"], z, float(np.log(r_star)))
-    return {"demand": dataclasses.asdict(demand), "explore": explore, "explore_users": explore_users,
-            "ab_users": ab_users, "seed": seed, "fit": fit, "oracle_theta": demand.oracle_theta(),
-            "versions": {"transferred": str(champion), "feedback": refit["registered"]["version"], "oracle": oracle},
+    return {"demand": dataclasses.asdict(demand), "explore": explore, "explore_users": explore_users, "rounds": rounds,
+            "ab_users": ab_users, "seed": seed, "fit": fit, "rounds_fit": history, "oracle_theta": demand.oracle_theta(),
+            "versions": {"transferred": str(champion), "feedback": served, "oracle": oracle},
             "elasticity_at_oracle_price": {"truth": truth_el, "fitted": fit_el, "relative_error": fit_el / truth_el - 1},
             "s_relative_error": fit["s"] / demand.s - 1 if demand.spread == 0 else None,
-            "oracle_discount_2_items": 1 - r_star, "arms": arms, "explore_truth": sim["truth"],
+            "oracle_discount_2_items": 1 - r_star, "arms": arms, "explore_truth": explored,
             "seconds": round(time.time() - t0, 1)}

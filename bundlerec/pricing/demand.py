@@ -76,7 +76,8 @@ class PricingModel:
     """Earlier bundles for the overlap/seller features (empty context: their fallbacks)."""
     linear: Optional[dict] = None
     """The demand model refitted on the shop's feedback (bundlerec.pricing.feedback): ``theta`` (mu =
-    theta . z on its FEEDBACK_FEATURES) and ``take_rate``; ``s`` is then fitted, not assumed."""
+    theta . z on its FEEDBACK_FEATURES), ``take_rate`` and its trust region ``min_ratio`` (no price
+    below that share of the list price); ``s`` is then fitted, not assumed."""
 
     def features(self, item_prices, item_names=None, item_genres=None, bundle_name: str = "",
                  item_ids: Optional[Sequence] = None) -> np.ndarray:
@@ -144,7 +145,8 @@ class PricingModel:
                 raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the demand model")
             lin = meta["linear"]
             model = cls(s=float(meta["s"]), linear={"theta": [float(t) for t in lin["theta"]],
-                                                     "take_rate": [float(q) for q in lin["take_rate"]]})
+                                                     "take_rate": [float(q) for q in lin["take_rate"]],
+                                                     "min_ratio": float(lin.get("min_ratio", 0.0))})
             return model, {k: v for k, v in meta.items() if k not in ("features", "linear")}
         if list(meta.get("features", [])) != list(FEATURES):
             raise ValueError(f"{meta_path}: fitted on other features than this code computes; refit the pricing model")
@@ -259,32 +261,47 @@ class PricingModel:
         """``best`` with its price drawn uniformly from the feasible grid prices within ``width`` x L of
         the optimum that are nearest to :data:`EXPLORE_POINTS` evenly spaced points of that window (the
         limits hold: they made the grid); ``optimal_price`` and ``price_propensity`` (the probability of the
-        price shown) say what was done. A bundle not offered as a bundle is not explored."""
-        if best["offer"] != "bundle" or cand is None:
+        price shown) say what was done. A bundle the model would sell separately (at the list price) is
+        explored too, below the list price: selling separately is then one of the choices (its
+        ``optimal_price`` None), so that a refit sees how shoppers answer a discount the model did not offer."""
+        if cand is None or len(cand) == 0:
             return {**best, "optimal_price": None, "price_propensity": 1.0}
-        p_star = best["bundle_price"]
-        window = cand[np.abs(cand - p_star) <= width * L + 1e-9]  # holds p_star itself
+        separately = best["offer"] != "bundle"
+        p_star = L if separately else best["bundle_price"]
+        window = cand[np.abs(cand - p_star) <= width * L + 1e-9]
         targets = np.linspace(p_star - width * L, p_star + width * L, EXPLORE_POINTS)
-        near = np.unique(window[np.abs(window[None, :] - targets[:, None]).argmin(axis=1)])
-        shown = float(near[(rng or np.random.default_rng()).integers(len(near))])
+        if separately:  # below the list price only; the last point is selling separately
+            targets, window = np.linspace(L - width * L, L, EXPLORE_POINTS)[:-1], window[window < L - 0.005]
+        near = list(np.unique(window[np.abs(window[None, :] - targets[:, None]).argmin(axis=1)])) if len(window) else []
+        choices = near + [None] if separately else near
+        shown = choices[int((rng or np.random.default_rng()).integers(len(choices)))]
+        if shown is None:
+            return {**best, "optimal_price": round(L, 2), "price_propensity": 1.0 / len(choices)}
+        shown = float(shown)
         prob = float(self.purchase_probability(np.array([shown]), L, mu=mu)[0])
         cost = float(np.sum(costs)) if costs is not None else 0.0
-        return {**best, "bundle_price": shown, "discount": 1 - shown / L, "purchase_probability": prob,
-                "expected_revenue": shown * prob, "expected_margin": (shown - cost) * prob if costs is not None else None,
-                "revenue_lift_vs_separate": float(shown * prob / best["expected_revenue_separately"] - 1)
-                if best["expected_revenue_separately"] > 0 else None,
-                "optimal_price": p_star, "price_propensity": 1.0 / len(near)}
+        sep = best["expected_revenue_separately"]
+        explored = {"offer": "bundle", "offer_reason": f"explored: {shown:.2f} drawn below the list price, where the "
+                    f"model sells separately ({best['offer_reason']})"} if separately else {}
+        return {**best, **explored, "list_price": round(L, 2), "bundle_price": shown, "discount": 1 - shown / L,
+                "purchase_probability": prob, "expected_revenue": shown * prob,
+                "expected_margin": (shown - cost) * prob if costs is not None else None,
+                "revenue_lift_vs_separate": float(shown * prob / sep - 1) if sep > 0 else None,
+                "optimal_price": round(L, 2) if separately else p_star, "price_propensity": 1.0 / len(choices)}
 
     def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
                     min_margin: float, end: Optional[int], grid: int, alone_costs: Optional[np.ndarray] = None,
                     compare_separately: bool = True) -> dict:
         """The best whole-cent price of one bundle (list price ``L``, location ``mu``) on the grid, and
         whether offering it pays: a discounted bundle is offered only where its expected revenue (margin,
-        with costs) is above selling the items separately at their own prices under the same model;
+        with costs) is above selling the items separately at their own prices under the same model (a
+        refit's: this bundle's own curve at its list price, which is how its logs saw the items sold
+        separately, so a refit offers the bundle wherever a discount pays);
         otherwise the offer is the items at their own prices (``offer: "separately"``: no bundle price,
         no discount) and ``offer_reason`` gives both figures."""
         cost = float(np.sum(costs)) if costs is not None else 0.0
-        lo = max(L * (1 - max_discount), cost * (1 + min_margin))
+        floor = float((self.linear or {}).get("min_ratio", 0.0))  # a refit's trust region (pricing.feedback.TRUST)
+        lo = max(L * (1 - max_discount), cost * (1 + min_margin), L * floor)
         cents_lo, cents_hi = math.ceil(round(lo * 100, 6)), math.floor(round(L * 100, 6))  # whole cents inside [lo, L]
         if cents_lo > cents_hi:
             raise NoFeasiblePrice(f"no price in whole cents within [{lo:.4f}, {L:.2f}] (minimum margin or maximum discount)")
@@ -299,9 +316,13 @@ class PricingModel:
         objective = (cand - cost) * prob
         best = int(np.argmax(objective))
         p_star = float(cand[best])
-        p_alone = self.purchase_probability(alone, alone, mu=mu_alone) if len(alone) else np.zeros(0)
-        sep = float(np.sum(alone * p_alone))
-        sep_margin = float(np.sum((alone - (alone_costs if alone_costs is not None else 0.0)) * p_alone))
+        if self.linear is not None:  # a refit measured "separately" as this bundle shown at its list price
+            at_list = float(self.purchase_probability(np.array([L]), L, mu=mu)[0])
+            sep, sep_margin = L * at_list, (L - cost) * at_list
+        else:
+            p_alone = self.purchase_probability(alone, alone, mu=mu_alone) if len(alone) else np.zeros(0)
+            sep = float(np.sum(alone * p_alone))
+            sep_margin = float(np.sum((alone - (alone_costs if alone_costs is not None else 0.0)) * p_alone))
         bundle = {"list_price": round(L, 2), "bundle_price": p_star, "discount": 1 - p_star / L,
                   "purchase_probability": float(prob[best]), "expected_revenue": float(p_star * prob[best]),
                   "expected_margin": float(objective[best]) if costs is not None else None,
@@ -316,4 +337,5 @@ class PricingModel:
                 "expected_revenue": sep, "expected_margin": sep_margin if costs is not None else None,
                 "expected_revenue_separately": sep, "revenue_lift_vs_separate": 0.0,
                 "offer": "separately", "offer_reason": f"no discount: selling the items separately is expected to earn "
-                f"{theirs:.2f} ({what}), the best bundle price {p_star:.2f} ({1 - p_star / L:.0%} off) {ours:.2f}"}
+                f"{theirs:.2f} ({what}), the best bundle price {p_star:.2f} ({1 - p_star / L:.0%} off) {ours:.2f}",
+                "_grid": cand}

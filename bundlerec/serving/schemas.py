@@ -155,7 +155,8 @@ class Bundle(BaseModel):
                                  'the items at their own prices (a discount would earn less); null: not priced')
     offer_reason: Optional[str] = Field(default=None, description="both expected figures behind the offer")
     optimal_price: Optional[float] = Field(default=None, description="under a pricing policy that explores: the "
-                                           "pricing model's optimum, around which bundle_price was drawn")
+                                           "pricing model's optimum, around which bundle_price was drawn (the "
+                                           "list price where the model would sell the items separately)")
     price_propensity: Optional[float] = Field(default=None, description="under a pricing policy that explores: the "
                                               "probability with which bundle_price was drawn (1: not explored)")
     price_source: str = Field(description='"feedback": the demand model refitted on this shop\'s offers and '

@@ -20,6 +20,9 @@ def command(config: Config = None, overrides: Overrides = None,
             spread: Annotated[float, typer.Option(help="sd of the shoppers' own mu (0: homogeneous)")] = 0.0,
             seed: Annotated[int, typer.Option(help="the shoppers' seed")] = 0,
             rounds: Annotated[int, typer.Option(help="explore-and-refit rounds (each explores around the last refit)")] = 1,
+            challenger: Annotated[Optional[list[float]], typer.Option(
+                help="a shift price policy to estimate off-policy from round 1's logs, then measure online (repeatable)")] = None,
+            challenger_users: Annotated[int, typer.Option(help="shoppers of the challengers' online experiment")] = 4000,
             out: Annotated[Optional[str], path_option("--out", help="write the record as JSON here", output=True)] = None) -> dict:
     """On a deployed endpoint of a synthetic prep (auth on, an event log): the champion explores
     prices for --explore-users simulated shoppers whose willingness to pay is known (--mu, --s,
@@ -35,6 +38,7 @@ def command(config: Config = None, overrides: Overrides = None,
       bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --out demand.json
       bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --spread 0.2
       bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --rounds 4
+      bundlerec bench-demand --config jobs/configs/tiny.yaml output_root=/tmp/dm serve.auth=true --challenger -0.075
     """
     from bundlerec.experiments.demand import measure
     from bundlerec.experiments.simulator import Demand
@@ -46,7 +50,7 @@ def command(config: Config = None, overrides: Overrides = None,
     init_ray()  # fit-demand reads the logs with Ray Data
     token = read_token(cfg.serve.token_file) if cfg.serve.auth else None
     res = measure(cfg, token, Demand(mu=mu, s=s, per_item=per_item, spread=spread), explore_users, ab_users, explore,
-                  seed, rounds=rounds,
+                  seed, rounds=rounds, challengers=tuple(challenger or ()), challenger_users=challenger_users,
                   progress=lambda done, total, sec: print(f"[bench-demand] {done}/{total} shoppers, {sec:.0f}s", flush=True))
     print(json.dumps(res, indent=2, default=float))
     if out:

@@ -814,6 +814,17 @@ def _price_policies(overrides, url, token, prep, logs, client, name, version):
         assert rows.bundle_prices[i][j] == x["bundle_price"] and rows.bundle_optimal_prices[i][j] == x["optimal_price"]
         assert rows.bundle_price_propensities[i][j] == x["price_propensity"]
 
+    # a challenger price policy (an off-policy estimate's subject): every price moved by 5 % of its list price
+    shift = {"max_discount": 0.4, "shift": -0.05}
+    client.set_registered_model_tag(name, PRICING_TAG, json.dumps(shift))
+    _every_replica(policy, shift)
+    code, b = _post(f"{url}/v1/bundles", {"events": events, "n": 3, "max_discount": 0.9}, token)
+    assert code == 200 and b["bundles"], b
+    for x in b["bundles"]:
+        assert x["bundle_price"] is not None and x["price_propensity"] == 1.0 and x["discount"] <= 0.4 + 1e-9, x
+        want = max(x["optimal_price"] - 0.05 * x["list_price"], 0.6 * x["list_price"])
+        assert abs(x["bundle_price"] - want) <= 0.01 + x["list_price"] / 400, x
+
 
 def _demand_refit(overrides, url, token, prep, logs, client, name):
     """Shoppers with known willingness to pay (the simulator's Demand) meet the champion's exploring

@@ -411,7 +411,8 @@ class BundleEngine:
                               item_ids=[self.item_ids[i] for i in items], costs=costs if all(np.isfinite(costs)) else None))
         for k, res in zip(todo, self.pricing.price_many(specs, max_discount=limits.max_discount, min_margin=limits.min_margin,
                                                          price_ending=limits.price_ending, explore=limits.explore,
-                                                         rng=np.random.default_rng() if limits.explore else None)):
+                                                         rng=np.random.default_rng() if limits.explore else None,
+                                                         shift=limits.shift)):
             out[k] = ({}, f"none ({res})") if isinstance(res, NoFeasiblePrice) else (res, "")
         return out
 

@@ -94,14 +94,15 @@ ONLINE_METRICS = ("ctr", "add_to_cart_rate", "conversion", "revenue_per_impressi
 """Per-arm metrics of an online experiment (bundlerec.experiments.analysis)."""
 
 
-PRICE_POLICY_KEYS = ("max_discount", "min_margin", "price_ending", "explore")
+PRICE_POLICY_KEYS = ("max_discount", "min_margin", "price_ending", "explore", "shift")
 
 
 def check_price_policy(policy: object, where: str = "pricing policy") -> dict:
     """A pricing policy (an experiment arm's, or the one promoted onto the champion): limits that
     tighten every bundle request's (``max_discount`` at most, ``min_margin`` at least, a
-    ``price_ending``) and ``explore``, the width (share of the list price) of safe price exploration
-    around the optimum (bundlerec.pricing.demand.PriceLimits.explore). Returns it with float values;
+    ``price_ending``), ``explore``, the width (share of the list price) of safe price exploration
+    around the optimum (bundlerec.pricing.demand.PriceLimits.explore), or ``shift``, a move of every
+    price by that share of the list price (PriceLimits.shift). Returns it with float values;
     ValueError names what is wrong."""
     if not isinstance(policy, dict):
         raise ValueError(f"{where}: an object of {PRICE_POLICY_KEYS}, not {type(policy).__name__}")
@@ -116,9 +117,12 @@ def check_price_policy(policy: object, where: str = "pricing policy") -> dict:
             raise ValueError(f"{where}: {k} must be a number")
         out[k] = float(v)
     if not 0 <= out.get("max_discount", 0) <= 1 or not 0 <= out.get("min_margin", 0) <= 10 \
-            or not 0 <= out.get("price_ending", 0) < 1 or not 0 <= out.get("explore", 0) <= 0.5:
+            or not 0 <= out.get("price_ending", 0) < 1 or not 0 <= out.get("explore", 0) <= 0.5 \
+            or not -0.5 <= out.get("shift", 0) <= 0.5:
         raise ValueError(f"{where}: max_discount in [0, 1], min_margin in [0, 10], price_ending in [0, 1), "
-                         "explore in [0, 0.5]")
+                         "explore in [0, 0.5], shift in [-0.5, 0.5]")
+    if out.get("explore") and out.get("shift"):
+        raise ValueError(f"{where}: explore and shift are two policies; set one")
     return out
 
 

@@ -157,16 +157,60 @@ def _explore(cfg, client, token, version: str, k: int, explore: float, users: in
     finally:
         stop(client, cfg.serve.model_name)
     time.sleep(3 * cfg.serve.event_flush_s + 1)  # the last offers reach Parquet
-    return sim
+    return {**sim, "experiment": exp.name}
+
+
+def _before_exposure(cfg, client, token, champion: str, explored: str, shifts, width: float, users: int, seed: int,
+                     demand: Demand, bootstrap: int, progress) -> dict:
+    """Issue 29 §4 in the simulator: each ``shift`` policy's revenue per impression estimated from
+    the champion's exploration logs (experiment ``explored``; :mod:`bundlerec.experiments.offpolicy`),
+    then measured online: control (the champion's own prices) and one arm per shift, ``users`` new shoppers."""
+    from bundlerec.experiments import analysis, offpolicy
+    from bundlerec.experiments.lifecycle import start, stop, wait_for_experiment
+    from bundlerec.experiments.simulator import World
+
+    name, logs = cfg.serve.model_name, cfg.serve.event_log_dir
+    cols = ["impression_id", "arm", "user_id", "endpoint", "bundle_items", "bundle_list_prices", "bundle_prices",
+            "bundle_optimal_prices", "bundle_price_propensities"]
+    imp = analysis.scan(logs, "impressions", cols, lambda f, _: f("experiment") == explored, cfg.experiment.ray_data_min_mb)
+    fb = analysis.scan(logs, "feedback", analysis.FEEDBACK_COLUMNS, lambda f, _: f("experiment") == explored,
+                       cfg.experiment.ray_data_min_mb)
+    est = offpolicy.estimate(imp, fb, World(cfg.data.output_dir).price, shifts, width, bootstrap, seed)
+    arms = {f"shift{k}": float(x) for k, x in enumerate(shifts)}
+    exp = dataclasses.replace(cfg.experiment, name=f"offpolicy-{int(time.time())}",
+                              arms={"control": champion, **{a: champion for a in arms}},
+                              shares={a: 1 / (1 + len(arms)) for a in ["control", *arms]}, control="control", salt="",
+                              pricing={a: {"shift": x} for a, x in arms.items()})
+    start(client, name, exp)
+    try:
+        wait_for_experiment(cfg.serve.url, token, exp.name)
+        simulate(cfg.serve.url, cfg.data.output_dir, users, token, seed=seed, demand=demand, progress=progress)
+    finally:
+        stop(client, name)
+    time.sleep(3 * cfg.serve.event_flush_s + 1)
+    imp2, fb2 = analysis.read_logs(logs, exp.name, cfg.experiment.ray_data_min_mb)
+    online = _intervals(imp2, fb2, list(exp.arms), "control", bootstrap, seed)
+    out = {"estimated_from": explored, "width": width, "logging": est["logging"], "reward_model": est["reward_model"],
+           "online_control": online["control"]["revenue_per_impression"], "policies": {}}
+    for a, x in arms.items():
+        on = online[a]["revenue_per_impression"]
+        e = est[str(x)]
+        out["policies"][str(x)] = {**e, "online": on, "users": online[a]["users"],
+                                   **{f"{k}_inside_online_interval": bool(on["interval"][0] <= e[k]["estimate"]
+                                                                          <= on["interval"][1]) for k in ("ips", "dr")}}
+    return out
 
 
 def measure(cfg, token: Optional[str], demand: Demand, explore_users: int = 2000, ab_users: int = 3000,
-            explore: float = 0.15, seed: int = 0, bootstrap: int = 2000, rounds: int = 1, progress=print) -> dict:
+            explore: float = 0.15, seed: int = 0, bootstrap: int = 2000, rounds: int = 1, challengers=(),
+            challenger_users: int = 4000, progress=print) -> dict:
     """The loop of the module docstring on the deployed endpoint of ``cfg``, with ``rounds`` rounds
     of steps 1-2 (round k explores around round k-1's refit, and each refit pools every round's
     offers: the trust region of :mod:`bundlerec.pricing.feedback` moves one step a round); returns
     each round's fit, the truth the last is judged against (the population elasticity at the oracle
-    price of a 2-item bundle) and the three arms' revenue."""
+    price of a 2-item bundle) and the three arms' revenue. ``challengers`` (shifts): their off-policy
+    estimates from round 1's logs, then an online experiment on ``challenger_users`` shoppers
+    (:func:`_before_exposure`)."""
     import mlflow
 
     from bundlerec.experiments import analysis
@@ -177,10 +221,13 @@ def measure(cfg, token: Optional[str], demand: Demand, explore_users: int = 2000
         raise ValueError("rounds must be >= 1")
     name, client, url = cfg.serve.model_name, mlflow.MlflowClient(cfg.mlflow.tracking_uri), cfg.serve.url
     champion = client.get_model_version_by_alias(name, "champion").version
-    t0, served, history, explored = time.time(), str(champion), [], {}
+    t0, served, history, explored, before = time.time(), str(champion), [], {}, None
     for k in range(rounds):
         sim = _explore(cfg, client, token, served, k, explore, explore_users, seed + 10 * k, demand, progress)
         explored[str(k)] = sim["truth"]
+        if k == 0 and challengers:  # the champion's logs, before any shopper sees a challenger
+            before = _before_exposure(cfg, client, token, str(champion), sim["experiment"], challengers, explore,
+                                      challenger_users, seed + 2, demand, bootstrap, progress)
         refit = refit_demand(cfg, str(champion))
         history.append({"round": k + 1, "explored": served, "version": refit["registered"]["version"],
                         **{key: refit["fit"][key] for key in ("s", "theta", "take_rate", "take_rate_size", "min_ratio",
@@ -213,5 +260,5 @@ def measure(cfg, token: Optional[str], demand: Demand, explore_users: int = 2000
             "versions": {"transferred": str(champion), "feedback": served, "oracle": oracle},
             "elasticity_at_oracle_price": {"truth": truth_el, "fitted": fit_el, "relative_error": fit_el / truth_el - 1},
             "s_relative_error": fit["s"] / demand.s - 1 if demand.spread == 0 else None,
-            "oracle_discount_2_items": 1 - r_star, "arms": arms, "explore_truth": explored,
+            "oracle_discount_2_items": 1 - r_star, "arms": arms, "explore_truth": explored, "before_exposure": before,
             "seconds": round(time.time() - t0, 1)}

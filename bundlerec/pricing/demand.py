@@ -43,6 +43,11 @@ class PriceLimits:
     """Safe price exploration (a pricing policy's, never a request's): the shown price is drawn
     uniformly from up to :data:`EXPLORE_POINTS` feasible prices within ``explore`` x the list price of
     the optimum, and the answer carries the optimum and the propensity of the price shown."""
+    shift: float = 0.0
+    """A price policy's move of every price (never a request's): the feasible price nearest to the
+    optimum + ``shift`` x the list price (a bundle the model sells separately: at a negative shift,
+    offered that far below its list price). A challenger policy whose revenue an off-policy estimate
+    reads from an exploring policy's logs (bundlerec.experiments.offpolicy) before anyone sees it."""
 
 
 EXPLORE_POINTS = 5
@@ -57,7 +62,8 @@ def tightened(limits: PriceLimits, policy: Optional[dict]) -> PriceLimits:
         return limits
     return PriceLimits(min(limits.max_discount, policy.get("max_discount", 1.0)),
                        max(limits.min_margin, policy.get("min_margin", 0.0)),
-                       policy.get("price_ending", limits.price_ending), policy.get("explore", limits.explore))
+                       policy.get("price_ending", limits.price_ending), policy.get("explore", limits.explore),
+                       policy.get("shift", limits.shift))
 
 
 class NoFeasiblePrice(ValueError):
@@ -215,13 +221,14 @@ class PricingModel:
     def price_many(self, bundles: Sequence[dict], max_discount: float = PriceLimits.max_discount,
                    min_margin: float = PriceLimits.min_margin, price_ending: Optional[float] = PriceLimits.price_ending,
                    grid: int = 400, compare_separately: bool = True, explore: float = 0.0,
-                   rng: Optional[np.random.Generator] = None) -> list:
+                   rng: Optional[np.random.Generator] = None, shift: float = 0.0) -> list:
         """:meth:`price` for several bundles (dicts of its per-bundle arguments: ``item_prices`` and
         optionally ``item_names``, ``item_genres``, ``bundle_name``, ``costs``, ``item_ids``) with one
         model call for all of them and their items sold alone; each entry is the price dict, or the
         :class:`NoFeasiblePrice` of that bundle. ``compare_separately=False``: the bundle's best price
         whether or not it beats selling the items separately (``offer`` is then always "bundle").
-        ``explore`` > 0 draws an offered bundle's price around its optimum (:attr:`PriceLimits.explore`)."""
+        ``explore`` > 0 draws an offered bundle's price around its optimum (:attr:`PriceLimits.explore`);
+        ``shift`` moves it (:attr:`PriceLimits.shift`)."""
         if not 0 <= max_discount <= 1 or min_margin < 0:
             raise ValueError("max_discount must be in [0, 1] and min_margin >= 0")
         end = None if price_ending is None else int(round(price_ending * 100))
@@ -250,7 +257,8 @@ class PricingModel:
                 best = self._best_price(L, costs, mus[r], alone, mus[r + 1:r + 1 + len(alone)], max_discount,
                                         min_margin, end, grid, alone_costs, compare_separately)
                 grid_prices = best.pop("_grid", None)
-                out.append(self._explored(best, grid_prices, L, costs, mus[r], explore, rng) if explore > 0 else best)
+                out.append(self._explored(best, grid_prices, L, costs, mus[r], explore, rng) if explore > 0
+                           else self._shifted(best, grid_prices, L, costs, mus[r], shift) if shift else best)
             except NoFeasiblePrice as e:
                 out.append(e)
             r += 1 + len(alone)
@@ -261,9 +269,9 @@ class PricingModel:
         """``best`` with its price drawn uniformly from the feasible grid prices within ``width`` x L of
         the optimum that are nearest to :data:`EXPLORE_POINTS` evenly spaced points of that window (the
         limits hold: they made the grid); ``optimal_price`` and ``price_propensity`` (the probability of the
-        price shown) say what was done. A bundle the model would sell separately (at the list price) is
-        explored too, below the list price: selling separately is then one of the choices (its
-        ``optimal_price`` None), so that a refit sees how shoppers answer a discount the model did not offer."""
+        price shown) say what was done. A bundle the model would sell separately (at the list price, its
+        ``optimal_price``) is explored too, below the list price, selling separately one of the
+        choices: a refit then sees how shoppers answer a discount the model did not offer."""
         if cand is None or len(cand) == 0:
             return {**best, "optimal_price": None, "price_propensity": 1.0}
         separately = best["offer"] != "bundle"
@@ -271,23 +279,44 @@ class PricingModel:
         window = cand[np.abs(cand - p_star) <= width * L + 1e-9]
         targets = np.linspace(p_star - width * L, p_star + width * L, EXPLORE_POINTS)
         if separately:  # below the list price only; the last point is selling separately
-            targets, window = np.linspace(L - width * L, L, EXPLORE_POINTS)[:-1], window[window < L - 0.005]
+            targets, window = np.linspace(L - width * L, L, EXPLORE_POINTS)[:-1], window[window < L - 0.01 + 1e-9]
         near = list(np.unique(window[np.abs(window[None, :] - targets[:, None]).argmin(axis=1)])) if len(window) else []
         choices = near + [None] if separately else near
         shown = choices[int((rng or np.random.default_rng()).integers(len(choices)))]
         if shown is None:
             return {**best, "optimal_price": round(L, 2), "price_propensity": 1.0 / len(choices)}
-        shown = float(shown)
-        prob = float(self.purchase_probability(np.array([shown]), L, mu=mu)[0])
+        return self._at(best, float(shown), L, costs, mu, "explored: {price:.2f} drawn below the list price, where the "
+                        "model sells separately", optimal=round(L, 2) if separately else p_star,
+                        propensity=1.0 / len(choices))
+
+    def _shifted(self, best: dict, cand: Optional[np.ndarray], L: float, costs, mu: float, shift: float) -> dict:
+        """``best`` at the grid price nearest to its optimum + ``shift`` x L (:attr:`PriceLimits.shift`);
+        a bundle sold separately stays so at a shift >= 0."""
+        if cand is None or len(cand) == 0:
+            return best
+        separately = best["offer"] != "bundle"
+        centre = L if separately else best["bundle_price"]
+        price = float(cand[np.argmin(np.abs(cand - (centre + shift * L)))])
+        if separately and price > L - 0.01 + 1e-9:  # the top of the grid: the list price in whole cents
+            return {**best, "optimal_price": round(L, 2), "price_propensity": 1.0}
+        return self._at(best, price, L, costs, mu, f"price policy: {{price:.2f}}, {shift:+.1%} of the list price from "
+                        f"the model's price", optimal=round(L, 2) if separately else centre, propensity=1.0)
+
+    def _at(self, best: dict, price: float, L: float, costs, mu: float, reason: str, optimal: float,
+            propensity: float) -> dict:
+        """``best`` offered as a bundle at ``price`` instead of its optimum (exploration, a shift): the
+        model's figures at that price; ``reason`` (a format of ``price``) replaces the offer reason of a
+        bundle the model would sell separately."""
+        prob = float(self.purchase_probability(np.array([price]), L, mu=mu)[0])
         cost = float(np.sum(costs)) if costs is not None else 0.0
         sep = best["expected_revenue_separately"]
-        explored = {"offer": "bundle", "offer_reason": f"explored: {shown:.2f} drawn below the list price, where the "
-                    f"model sells separately ({best['offer_reason']})"} if separately else {}
-        return {**best, **explored, "list_price": round(L, 2), "bundle_price": shown, "discount": 1 - shown / L,
-                "purchase_probability": prob, "expected_revenue": shown * prob,
-                "expected_margin": (shown - cost) * prob if costs is not None else None,
-                "revenue_lift_vs_separate": float(shown * prob / sep - 1) if sep > 0 else None,
-                "optimal_price": round(L, 2) if separately else p_star, "price_propensity": 1.0 / len(choices)}
+        moved = {} if best["offer"] == "bundle" else {
+            "offer": "bundle", "offer_reason": f"{reason.format(price=price)} ({best['offer_reason']})"}
+        return {**best, **moved, "list_price": round(L, 2), "bundle_price": price, "discount": 1 - price / L,
+                "purchase_probability": prob, "expected_revenue": price * prob,
+                "expected_margin": (price - cost) * prob if costs is not None else None,
+                "revenue_lift_vs_separate": float(price * prob / sep - 1) if sep > 0 else None,
+                "optimal_price": optimal, "price_propensity": propensity}
 
     def _best_price(self, L: float, costs, mu: float, alone: np.ndarray, mu_alone: np.ndarray, max_discount: float,
                     min_margin: float, end: Optional[int], grid: int, alone_costs: Optional[np.ndarray] = None,

@@ -48,11 +48,15 @@ def demand_features(item_prices) -> np.ndarray:
     return np.array([1.0, math.log(max(float(p.sum()), 1e-6) / 50.0), math.log(max(len(p), 1) / 2.0)])
 
 
+OFFER_COLUMNS = ["impression_id", "position", "z0", "z1", "z2", "log_ratio", "propensity", "accepted", "list_price",
+                 "price", "optimal_price"]
+
+
 def offers(imp: pd.DataFrame, fb: pd.DataFrame, item_prices: dict) -> pd.DataFrame:
     """One row per bundle an answer showed with a list price (at its bundle price, or at the list
     price where it was offered separately): its features, log price ratio, position, propensity and
-    whether it was accepted (a ``bundle_accept`` of that impression and index, counted once).
-    ``item_prices``: item id -> list price."""
+    whether it was accepted (a ``bundle_accept`` of that impression and index, counted once), the list
+    and shown prices and the policy's optimum where it was logged. ``item_prices``: item id -> list price."""
     acc = fb[fb.feedback_type == "bundle_accept"][["impression_id", "bundle_index"]].dropna().drop_duplicates()
     taken = set(zip(acc.impression_id, acc.bundle_index.astype(int)))
     rows = []
@@ -69,11 +73,12 @@ def offers(imp: pd.DataFrame, fb: pd.DataFrame, item_prices: dict) -> pd.DataFra
             if not p > 0:
                 continue
             z = demand_features(known)
+            opt = getattr(r, "bundle_optimal_prices", None)
             rows.append({"impression_id": r.impression_id, "position": j, "z0": z[0], "z1": z[1], "z2": z[2],
                          "log_ratio": math.log(p / L), "propensity": props[j] if j < len(props) else None,
-                         "accepted": float((r.impression_id, j) in taken)})
-    return pd.DataFrame(rows, columns=["impression_id", "position", "z0", "z1", "z2", "log_ratio", "propensity",
-                                       "accepted"])
+                         "accepted": float((r.impression_id, j) in taken), "list_price": float(L), "price": float(p),
+                         "optimal_price": opt[j] if opt is not None and j < len(opt) else None})
+    return pd.DataFrame(rows, columns=OFFER_COLUMNS)
 
 
 def fit(rows: pd.DataFrame, ridge: float = 1e-3, trust: float = TRUST, size_term: bool = True) -> dict:

@@ -84,7 +84,12 @@ def test_the_refit_recovers_the_planted_demand_and_prices_near_the_oracle(spread
     assert fit["take_rate"][0] > fit["take_rate"][1] > fit["take_rate"][2]
 
 
-def test_interest_that_differs_by_size_is_not_read_as_willingness_to_pay_and_refits_reach_the_oracle():
+def _through_parquet(df: pd.DataFrame, path) -> pd.DataFrame:
+    df.to_parquet(path)
+    return pd.read_parquet(path)
+
+
+def test_interest_that_differs_by_size_is_not_read_as_willingness_to_pay_and_refits_reach_the_oracle(tmp_path):
     """The simulator's design (issue 29 §1's failed run): interest falls with bundle size, the
     transferred model prices at list (explored below it) and the optimum is far below every price it
     tried. Each refit moves only inside its trust region; explored around the last refit's prices,
@@ -96,7 +101,11 @@ def test_interest_that_differs_by_size_is_not_read_as_willingness_to_pay_and_ref
     rows = []
     for k in range(4):
         imp, fb, prices = _logs(demand, 3000, _served_by(model), seed=k, interest_by_size=True)
+        imp = _through_parquet(imp, tmp_path / f"imp{k}.parquet")  # as the event log hands them to the job
         rows.append(feedback.offers(imp, fb, prices))
+        assert len(rows[-1]) == 3 * 3000  # offers at list price (a null price, NaN in numpy) are offers too
+        if k == 0:  # what the first model sells separately is explored below the list price
+            assert 0.1 < (rows[0].log_ratio == 0).mean() < 0.5 and (rows[0].log_ratio < 0).mean() > 0.5
         fit = feedback.fit(pd.concat(rows, ignore_index=True))
         assert fit["min_ratio"] == pytest.approx(max(0.05, np.exp(min(x.log_ratio.min() for x in rows)) - feedback.TRUST))
         model = _model(fit)

@@ -69,7 +69,7 @@ def offers(imp: pd.DataFrame, fb: pd.DataFrame, item_prices: dict) -> pd.DataFra
             known = [item_prices.get(str(x)) for x in its]
             if L is None or not L > 0 or any(v is None for v in known):
                 continue  # not priced, or an item the catalog no longer prices
-            p = L if p is None else p  # offered separately: the items at their own prices, no discount
+            p = L if p is None or p != p else p  # separately (null; NaN once Arrow made it numpy): at list price
             if not p > 0:
                 continue
             z = demand_features(known)

@@ -1026,7 +1026,8 @@ def test_shared_feedback_keys_give_one_yes_per_key_across_replicas(ray_cluster):
     """The application's FeedbackKeys actor (what every replica claims through): handles made by two
     replicas reach one actor; racing claims of one key get exactly one True; an event (a group of
     keys) sharing any key with a claimed one is a duplicate and records nothing; released keys can be
-    claimed again; the oldest keys go beyond its capacity."""
+    claimed again; the oldest keys go beyond its capacity. (A handle waits for the actor to be up: a
+    claim racing the actor's process start on a busy box timed out in one fresh-clone run.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     import ray

@@ -24,6 +24,8 @@ log = logging.getLogger("ray.serve")
 
 CAPACITY = 1_000_000
 CALL_TIMEOUT_S = 2.0
+READY_TIMEOUT_S = 30.0
+"""How long a replica waits at start for the actor (created by the first replica) to answer."""
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -59,10 +61,15 @@ class FeedbackKeys:
 class SharedKeys:
     """A replica's handle on its application's :class:`FeedbackKeys` (created by the first replica)."""
 
-    def __init__(self, app_name: str, capacity: int = CAPACITY):
+    def __init__(self, app_name: str, capacity: int = CAPACITY, ready_timeout_s: float = READY_TIMEOUT_S):
         self.name = f"bundlerec-feedback-keys:{app_name}"
         self.actor = FeedbackKeys.options(name=self.name, lifetime="detached", get_if_exists=True).remote(capacity)
         self.last_error: Optional[str] = None
+        try:  # a new actor's process starts in seconds on a busy node: longer than one claim may wait
+            ray.get(self.actor.size.remote(), timeout=ready_timeout_s)
+        except Exception as e:
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            log.warning("bundlerec: the shared feedback keys are not up yet (this replica's own keys decide): %s", e)
 
     def claim(self, groups: list[list[bytes]]) -> Optional[list[bool]]:
         """:meth:`FeedbackKeys.claim`, or None when the actor cannot answer in time (the caller then
